@@ -1,30 +1,23 @@
-"""Hand-written metrics for ArtExtract: numpy arrays in, Python numbers out.
+"""Hand-written metrics: numpy arrays in (callers do `.cpu().numpy()`), Python numbers out.
 
     import metrics
     rep = metrics.classification_report(y_true, y_pred, n_classes, names=classes)
     print(metrics.format_report(rep))
-    metrics.topk_accuracy(y_true, logits, k=5)
     metrics.retrieval_metrics(I, gt, ks=(1, 5))   # D, I = index.search(xq, k)
-    metrics.map_at_k(rel, n_relevant, k=10), metrics.random_map_at_k(n_relevant, n_cand, k=10)
 
-Pure numpy, no torch: callers pass `.cpu().numpy()` arrays. Bad shapes, dtypes or label
-ranges raise ValueError.
-
-Zero-division rule (sklearn's zero_division=0, FAISS counts_to_PR): a ratio whose
-denominator is 0 is undefined. Per class, precision is undefined for a class never
-predicted, recall for a class with no true samples, F1 = 2tp / (predicted + support) when
-both are; the report gives None there and lists the class names. Every average and every
-scalar result counts an undefined value as 0. Averages run over all n_classes labels, so a
-class absent from y_true and never predicted still enters the macro average as 0, exactly as
-sklearn's precision_recall_fscore_support(labels=range(n_classes), zero_division=0) does.
-One exception: map_at_k and random_map_at_k leave queries with no relevant item out of the
-mean (their AP has no meaning), and return 0.0 if no query has any.
+Zero-division rule (sklearn zero_division=0, FAISS counts_to_PR): a ratio with denominator 0
+is undefined: precision of a class never predicted, recall of a class with no true samples,
+F1 = 2tp / (predicted + support) when both. Per class the report gives None there; every
+average and scalar result counts it as 0. Averages run over all n_classes labels, so a class
+absent from y_true and never predicted enters the macro average as 0, exactly as sklearn's
+precision_recall_fscore_support(labels=range(n_classes), zero_division=0). One exception:
+(random_)map_at_k leave queries with no relevant item out of the mean (0.0 if none has one).
+Bad shapes, dtypes or labels raise ValueError.
 """
 
 import numpy as np
 
 # --- input checks ---
-
 
 def _labels(a, n_classes, name):
     """1-D int64 array with every label in [0, n_classes)."""
@@ -38,17 +31,25 @@ def _labels(a, n_classes, name):
     return a.astype(np.int64)
 
 
+def _positive_int(x, name):
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
+        raise ValueError(f"{name} must be a positive int, got {x!r}")
+
+
 def _check_k(k, limit=None, what="columns"):
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    _positive_int(k, "k")
     if limit is not None and k > limit:
         raise ValueError(f"k={k} exceeds the {limit} {what} available")
 
 
-def _rel(rel, ndim):
+def _rel(rel, ndim, k=None):
+    """Checked bool relevance array; with k, (nq >= 1, >= k) and cut to the first k columns."""
     rel = np.asarray(rel)
-    if rel.ndim != ndim or rel.dtype != bool:
+    if rel.ndim != ndim or rel.dtype != bool or (k is not None and len(rel) == 0):
         raise ValueError(f"rel must be a {ndim}-D bool array, got shape {rel.shape} {rel.dtype}")
+    if k is not None:
+        _check_k(k, rel.shape[1], "ranked results per query")
+        rel = rel[:, :k]
     return rel
 
 
@@ -57,9 +58,7 @@ def _counts(x, name, n=None):
     x = np.atleast_1d(np.asarray(x))
     n = len(x) if n is None else n
     if x.ndim != 1 or x.dtype.kind not in "iu" or len(x) not in (1, n) or (x < 0).any():
-        raise ValueError(
-            f"{name} must be a non-negative int or ({n},) int array, got {x.shape} {x.dtype}"
-        )
+        raise ValueError(f"{name} must be a count >= 0 or ({n},) counts, got {x.shape} {x.dtype}")
     return np.broadcast_to(x, (n,)).astype(np.int64)
 
 
@@ -71,11 +70,9 @@ def _div(num, den):
 
 # --- classification ---
 
-
 def confusion_matrix(y_true, y_pred, n_classes):
     """(n_classes, n_classes) int64 counts: rows are the true class, columns the predicted."""
-    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
-        raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
+    _positive_int(n_classes, "n_classes")
     y_true = _labels(y_true, n_classes, "y_true")
     y_pred = _labels(y_pred, n_classes, "y_pred")
     if y_true.shape != y_pred.shape:
@@ -105,14 +102,10 @@ def classification_report(y_true, y_pred, n_classes, names=None):
     tp, predicted, support = np.diag(cm), cm.sum(0), cm.sum(1)
     p, r, f1 = _prf(tp, predicted, support)
     per_class = [
-        {
-            "name": names[c],
-            "precision": float(p[c]) if predicted[c] else None,
-            "recall": float(r[c]) if support[c] else None,
-            "f1": float(f1[c]) if predicted[c] + support[c] else None,
-            "support": int(support[c]),
-            "predicted": int(predicted[c]),
-        }
+        {"name": names[c], "precision": float(p[c]) if predicted[c] else None,
+         "recall": float(r[c]) if support[c] else None,
+         "f1": float(f1[c]) if predicted[c] + support[c] else None,
+         "support": int(support[c]), "predicted": int(predicted[c])}
         for c in range(n_classes)
     ]
     return {
@@ -129,11 +122,10 @@ def classification_report(y_true, y_pred, n_classes, names=None):
 
 def format_report(report, digits=3):
     """Fixed-width text table laid out like sklearn's classification_report; n/a = undefined."""
+    width = max(len("weighted avg"), *(len(c["name"]) for c in report["per_class"]))
 
     def num(x):
         return "n/a" if x is None else f"{x:.{digits}f}"
-
-    width = max(len("weighted avg"), *(len(c["name"]) for c in report["per_class"]))
 
     def row(name, *cells):
         return f"{name:>{width}} " + "".join(f" {cell:>9}" for cell in cells)
@@ -147,12 +139,9 @@ def format_report(report, digits=3):
     for avg in ("macro", "weighted", "micro"):
         a = report[avg]
         lines.append(row(f"{avg} avg", num(a["precision"]), num(a["recall"]), num(a["f1"]), n))
-    lines += [
-        "",
-        "n/a = undefined: precision of a class never predicted, recall of a class with no "
-        "true samples; each counts as 0 in the macro and weighted averages "
-        "(sklearn zero_division=0).",
-    ]
+    lines += ["", "n/a = undefined: precision of a class never predicted, recall of a class "
+              "with no true samples; counted as 0 in macro and weighted avg (sklearn "
+              "zero_division=0)."]
     return "\n".join(lines)
 
 
@@ -171,7 +160,6 @@ def topk_accuracy(y_true, scores, k):
 
 
 # --- retrieval ---
-
 
 def retrieval_metrics(I, gt, ks=(1, 5)):
     """top1, recall@k (each k in ks other than 1) and MRR for one correct id per query.
@@ -218,10 +206,8 @@ def map_at_k(rel, n_relevant, k):
     rel: (nq, >=k) bool, ranked best first; n_relevant: int or (nq,) relevant items per
     query in the collection. Dividing by min(n_relevant, k) lets a perfect top k score 1
     (the common mAP@k). Queries with n_relevant == 0 are excluded from the mean."""
-    rel = _rel(rel, 2)
-    _check_k(k, rel.shape[1], "ranked results per query")
-    n_rel = _counts(n_relevant, "n_relevant", len(rel))
-    top = rel[:, :k]
+    top = _rel(rel, 2, k)
+    n_rel = _counts(n_relevant, "n_relevant", len(top))
     if (top.sum(1) > n_rel).any():
         raise ValueError("a query has more hits in its first k than its n_relevant")
     keep = n_rel > 0
@@ -232,11 +218,8 @@ def map_at_k(rel, n_relevant, k):
 
 def precision_at_k(rel, k):
     """Mean over queries of (hits in the first k) / k. rel: (nq, >=k) bool."""
-    rel = _rel(rel, 2)
-    _check_k(k, rel.shape[1], "ranked results per query")
-    if len(rel) == 0:
-        raise ValueError("precision_at_k needs at least one query")
-    return float(rel[:, :k].sum(1).mean() / k)
+    top = _rel(rel, 2, k)
+    return float(top.sum(1).mean() / k)
 
 
 def _random_args(n_relevant, n_candidates, k):
