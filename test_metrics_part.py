@@ -15,13 +15,13 @@ import metrics
 #   y_true = 0 0 0 1 1 2     -> support   [3, 2, 1, 0, 0]  (d, e never true)
 #   y_pred = 0 1 1 1 3 0     -> predicted [2, 3, 0, 1, 0]  (c, e never predicted)
 #   hits at samples 0 and 3  -> tp        [1, 1, 0, 0, 0]
-HAND_TRUE = [0, 0, 0, 1, 1, 2]
-HAND_PRED = [0, 1, 1, 1, 3, 0]
-HAND_NAMES = ["a", "b", "c", "d", "e"]
+CLS_TRUE = [0, 0, 0, 1, 1, 2]
+CLS_PRED = [0, 1, 1, 1, 3, 0]
+CLS_NAMES = ["a", "b", "c", "d", "e"]
 
 
 def test_metrics_confusion_matrix_hand():
-    cm = metrics.confusion_matrix(HAND_TRUE, HAND_PRED, 5)
+    cm = metrics.confusion_matrix(CLS_TRUE, CLS_PRED, 5)
     expected = [
         [1, 2, 0, 0, 0],  # true a: predicted a once, b twice
         [0, 1, 0, 1, 0],  # true b: b once, d once
@@ -34,7 +34,7 @@ def test_metrics_confusion_matrix_hand():
 
 
 def test_metrics_classification_report_hand():
-    rep = metrics.classification_report(HAND_TRUE, HAND_PRED, 5, names=HAND_NAMES)
+    rep = metrics.classification_report(CLS_TRUE, CLS_PRED, 5, names=CLS_NAMES)
     got = [(c["precision"], c["recall"], c["f1"]) for c in rep["per_class"]]
     expected = [
         (1 / 2, 1 / 3, 2 / 5),  # a: tp 1 / pred 2, tp 1 / support 3, 2*1 / (2+3)
@@ -44,7 +44,7 @@ def test_metrics_classification_report_hand():
         (None, None, None),  # e: in neither y_true nor y_pred
     ]
     for g, e in zip(got, expected, strict=True):
-        assert _close_with_none(g, e), (g, e)
+        assert _metrics_close(g, e), (g, e)
     assert [c["support"] for c in rep["per_class"]] == [3, 2, 1, 0, 0]
     assert [c["predicted"] for c in rep["per_class"]] == [2, 3, 0, 1, 0]
     assert rep["accuracy"] == pytest.approx(2 / 6)
@@ -61,7 +61,7 @@ def test_metrics_classification_report_hand():
     assert rep["n"] == 6
 
 
-def _close_with_none(got, expected):
+def _metrics_close(got, expected):
     return all(
         (g is None and e is None) or (g is not None and e is not None and abs(g - e) < 1e-12)
         for g, e in zip(got, expected, strict=True)
@@ -75,7 +75,7 @@ def test_metrics_classification_report_default_names():
 
 
 def test_metrics_format_report_hand():
-    rep = metrics.classification_report(HAND_TRUE, HAND_PRED, 5, names=HAND_NAMES)
+    rep = metrics.classification_report(CLS_TRUE, CLS_PRED, 5, names=CLS_NAMES)
     text = metrics.format_report(rep)
     rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
     assert rows["a"] == ["0.500", "0.333", "0.400", "3"]
@@ -93,7 +93,7 @@ def test_metrics_format_report_hand():
     assert "0.50 " in metrics.format_report(rep, digits=2)
 
 
-def _sklearn_case(seed, n=300, n_classes=7):
+def _metrics_sklearn_case(seed, n=300, n_classes=7):
     """Labels where class 4 is never predicted, 5 never true, 6 in neither."""
     rng = np.random.default_rng(seed)
     y_true = rng.choice([0, 1, 2, 3, 4], size=n)
@@ -105,7 +105,7 @@ def _sklearn_case(seed, n=300, n_classes=7):
 @pytest.mark.parametrize("seed", range(5))
 def test_metrics_classification_matches_sklearn(seed):
     skm = pytest.importorskip("sklearn.metrics")
-    y_true, y_pred, n_classes = _sklearn_case(seed)
+    y_true, y_pred, n_classes = _metrics_sklearn_case(seed)
     labels = list(range(n_classes))
     rep = metrics.classification_report(y_true, y_pred, n_classes)
     assert rep["undefined_precision"] == ["4", "6"] and rep["undefined_recall"] == ["5", "6"]
@@ -133,14 +133,14 @@ def test_metrics_classification_matches_sklearn(seed):
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: metrics.confusion_matrix([0, 3], [0, 1], 3), r"outside \[0, 3\)"),  # label 3 out of [0, 3)
+        (lambda: metrics.confusion_matrix([0, 3], [0, 1], 3), r"outside \[0, 3\)"),
         (lambda: metrics.confusion_matrix([0, -1], [0, 1], 3), r"outside \[0, 3\)"),
-        (lambda: metrics.confusion_matrix([0, 1], [0, 1, 1], 3), "lengths differ"),  # lengths differ
-        (lambda: metrics.confusion_matrix([0.0, 1.0], [0, 1], 3), "1-D int array"),  # float labels
-        (lambda: metrics.confusion_matrix([[0, 1]], [[0, 1]], 3), "1-D int array"),  # 2-D
+        (lambda: metrics.confusion_matrix([0, 1], [0, 1, 1], 3), "lengths differ"),
+        (lambda: metrics.confusion_matrix([0.0, 1.0], [0, 1], 3), "1-D int array"),
+        (lambda: metrics.confusion_matrix([[0, 1]], [[0, 1]], 3), "1-D int array"),
         (lambda: metrics.confusion_matrix([0], [0], 0), "n_classes must be a positive int"),
-        (lambda: metrics.classification_report([], [], 3), "at least one sample"),  # no samples
-        (lambda: metrics.classification_report([0], [0], 2, names=["only-one"]), "1 names for 2 classes"),
+        (lambda: metrics.classification_report([], [], 3), "at least one sample"),
+        (lambda: metrics.classification_report([0], [0], 2, names=["a"]), "1 names for 2"),
     ],
 )
 def test_metrics_classification_bad_input(call, match):
@@ -178,12 +178,12 @@ def test_metrics_topk_matches_brute_force():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: metrics.topk_accuracy([0, 1], np.zeros((3, 4)), 1), "matching scores"),  # n differs
-        (lambda: metrics.topk_accuracy([0, 4], np.zeros((2, 4)), 1), r"outside \[0, 4\)"),  # label 4 of 4 classes
-        (lambda: metrics.topk_accuracy([0], np.zeros(4), 1), "scores must be"),  # 1-D scores
-        (lambda: metrics.topk_accuracy([0], np.zeros((1, 4), dtype=int), 1), "scores must be"),  # int scores
+        (lambda: metrics.topk_accuracy([0, 1], np.zeros((3, 4)), 1), "matching scores"),
+        (lambda: metrics.topk_accuracy([0, 4], np.zeros((2, 4)), 1), r"outside \[0, 4\)"),
+        (lambda: metrics.topk_accuracy([0], np.zeros(4), 1), "scores must be"),  # 1-D
+        (lambda: metrics.topk_accuracy([0], np.zeros((1, 4), int), 1), "scores must be"),
         (lambda: metrics.topk_accuracy([0], np.full((1, 4), np.nan), 1), "scores must be"),
-        (lambda: metrics.topk_accuracy([0], np.zeros((1, 4)), 0), "k must be a positive int"),  # k < 1
+        (lambda: metrics.topk_accuracy([0], np.zeros((1, 4)), 0), "k must be a positive"),
     ],
 )
 def test_metrics_topk_bad_input(call, match):
@@ -214,14 +214,17 @@ def test_metrics_retrieval_default_keys_and_missing():
     assert out == pytest.approx({"top1": 0.0, "recall@5": 0.5, "mrr": (0 + 1 / 5) / 2})
 
 
+I_ZEROS = np.zeros((2, 3), int)
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: metrics.retrieval_metrics(np.zeros((2, 3), int), np.array([1, -1]), ks=(1,)), "gt must be"),  # gt < 0
-        (lambda: metrics.retrieval_metrics(np.zeros((2, 3), int), np.array([1, 2, 3]), ks=(1,)), "gt must be"),
-        (lambda: metrics.retrieval_metrics(np.zeros((2, 3), int), np.array([1, 2]), ks=(1, 5)), "k=5 exceeds"),
-        (lambda: metrics.retrieval_metrics(np.zeros((2, 3)), np.array([1, 2]), ks=(1,)), "I must be"),  # float I
-        (lambda: metrics.retrieval_metrics(np.zeros(3, int), np.array([1]), ks=(1,)), "I must be"),  # 1-D I
+        (lambda: metrics.retrieval_metrics(I_ZEROS, np.array([1, -1]), ks=(1,)), "gt must be"),
+        (lambda: metrics.retrieval_metrics(I_ZEROS, np.array([1, 2, 3]), ks=(1,)), "gt must be"),
+        (lambda: metrics.retrieval_metrics(I_ZEROS, np.array([1, 2]), ks=(1, 5)), "k=5 exceeds"),
+        (lambda: metrics.retrieval_metrics(I_ZEROS * 1.0, np.array([1, 2])), "I must be"),
+        (lambda: metrics.retrieval_metrics(I_ZEROS[0], np.array([1])), "I must be"),
     ],
 )
 def test_metrics_retrieval_bad_input(call, match):
@@ -239,7 +242,7 @@ def test_metrics_average_precision_hand():
     assert metrics.average_precision(np.array([0, 1], bool)) == pytest.approx(1 / 2)
 
 
-REL = np.array(
+RANKED = np.array(
     [
         [1, 0, 1, 0],
         [0, 1, 0, 0],
@@ -252,12 +255,12 @@ REL = np.array(
 def test_metrics_map_at_k_hand():
     # k=3: query 0: (P@1 + P@3) / min(2, 3) = (1 + 2/3) / 2 = 5/6
     #      query 1: P@2 / min(5, 3) = (1/2) / 3 = 1/6; query 2: n_relevant 0, excluded
-    assert metrics.map_at_k(REL, [2, 5, 0], 3) == pytest.approx((5 / 6 + 1 / 6) / 2)
+    assert metrics.map_at_k(RANKED, [2, 5, 0], 3) == pytest.approx((5 / 6 + 1 / 6) / 2)
     # same, but query 2 has one relevant item it never found: AP 0 joins the mean
-    assert metrics.map_at_k(REL, [2, 5, 1], 3) == pytest.approx((5 / 6 + 1 / 6 + 0) / 3)
+    assert metrics.map_at_k(RANKED, [2, 5, 1], 3) == pytest.approx((5 / 6 + 1 / 6 + 0) / 3)
     # k=2: query 0: 1 / min(2, 2) = 1/2; query 1: (1/2) / min(5, 2) = 1/4
-    assert metrics.map_at_k(REL, [2, 5, 0], 2) == pytest.approx((1 / 2 + 1 / 4) / 2)
-    assert metrics.map_at_k(REL[2:], 0, 4) == 0.0  # no query with a relevant item
+    assert metrics.map_at_k(RANKED, [2, 5, 0], 2) == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert metrics.map_at_k(RANKED[2:], 0, 4) == 0.0  # no query with a relevant item
 
 
 def test_metrics_map_at_k_equals_ap_when_k_covers_all():
@@ -271,28 +274,28 @@ def test_metrics_map_at_k_equals_ap_when_k_covers_all():
 
 
 def test_metrics_precision_at_k_hand():
-    assert metrics.precision_at_k(REL, 1) == pytest.approx((1 + 0 + 0) / 3)
-    assert metrics.precision_at_k(REL, 3) == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
-    assert metrics.precision_at_k(REL, 4) == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
+    assert metrics.precision_at_k(RANKED, 1) == pytest.approx((1 + 0 + 0) / 3)
+    assert metrics.precision_at_k(RANKED, 3) == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
+    assert metrics.precision_at_k(RANKED, 4) == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
 
 
 @pytest.mark.parametrize(
     "call,match",
     [
         (lambda: metrics.average_precision(np.array([1, 0, 1])), "1-D bool"),  # int, not bool
-        (lambda: metrics.average_precision(REL), "1-D bool"),  # 2-D
-        (lambda: metrics.average_precision(np.array([1, 1], bool), n_relevant=1), "below the 2 hits"),  # 2 hits > 1
-        (lambda: metrics.map_at_k(REL, [2, 5, 0], 5), "k=5 exceeds"),  # k > 4 columns
-        (lambda: metrics.map_at_k(REL, [2, 5], 3), "n_relevant must be"),  # n_relevant length 2 for 3 queries
-        (lambda: metrics.map_at_k(REL, [1, 5, 0], 3), "more hits"),  # query 0 has 2 hits but n_relevant 1
-        (lambda: metrics.map_at_k(REL[0], 2, 3), "2-D bool"),  # 1-D rel
-        (lambda: metrics.precision_at_k(REL, 0), "k must be a positive int"),
-        (lambda: metrics.precision_at_k(REL.astype(int), 1), "2-D bool"),
-        (lambda: metrics.precision_at_k(np.zeros((0, 4), bool), 1), "2-D bool"),  # no queries
-        (lambda: metrics.map_at_k(np.zeros((0, 4), bool), 1, 1), "2-D bool"),
-        (lambda: metrics.random_map_at_k(5, 4, 2), "n_relevant <= n_candidates"),  # n_relevant > n_candidates
-        (lambda: metrics.random_map_at_k(1, 4, 5), "k=5 exceeds"),  # k > n_candidates
-        (lambda: metrics.random_precision_at_k([1, 2], [4, 4, 4], 2), "n_relevant must be"),  # lengths differ
+        (lambda: metrics.average_precision(RANKED), "1-D bool"),
+        (lambda: metrics.average_precision(np.ones(2, bool), n_relevant=1), "below the 2 hits"),
+        (lambda: metrics.map_at_k(RANKED, [2, 5, 0], 5), "k=5 exceeds"),  # RANKED has 4 columns
+        (lambda: metrics.map_at_k(RANKED, [2, 5], 3), "n_relevant must be"),  # 3 queries
+        (lambda: metrics.map_at_k(RANKED, [1, 5, 0], 3), "more hits"),  # query 0 has 2 hits
+        (lambda: metrics.map_at_k(RANKED[0], 2, 3), "2-D bool"),
+        (lambda: metrics.map_at_k(np.zeros((0, 4), bool), 1, 1), "2-D bool"),  # no queries
+        (lambda: metrics.precision_at_k(RANKED, 0), "k must be a positive int"),
+        (lambda: metrics.precision_at_k(RANKED.astype(int), 1), "2-D bool"),
+        (lambda: metrics.precision_at_k(np.zeros((0, 4), bool), 1), "2-D bool"),
+        (lambda: metrics.random_map_at_k(5, 4, 2), "n_relevant <= n_candidates"),
+        (lambda: metrics.random_map_at_k(1, 4, 5), "k=5 exceeds"),
+        (lambda: metrics.random_precision_at_k([1, 2], [4, 4, 4], 2), "n_relevant must be"),
         (lambda: metrics.random_precision_at_k(-1, 4, 2), "n_relevant must be"),
     ],
 )
