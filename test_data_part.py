@@ -48,7 +48,7 @@ def write_lists(d):
     for name, rows in (("style_train.csv", train), ("style_val.csv", val)):
         with open(os.path.join(d, name), "wb") as f:  # CRLF, no header, UTF-8 bytes
             f.write("".join(f"{p},{y}\r\n" for p, y in rows).encode("utf-8"))
-    # genre: a conflicting duplicate in val, and a cross-task split conflict (style val, genre train)
+    # genre: a conflicting duplicate in val; a cross-task split conflict (style val, genre train)
     g_train = [("Baroque/artist-1_work-0(1).jpg", 1), ("Baroque/artist-1_work-1(1).jpg", 4)]
     g_val = [("Cubism/artist-2_work-3(1).jpg", 1), ("Cubism/artist-2_work-3(1).jpg", 4),
              (MOJI, 0)]

@@ -1,0 +1,368 @@
+"""Benchmarks: ArtExtract's paths against the naive way, side by side in one run.
+
+Shell:
+    python bench.py --quick                 # under 2 minutes on 2 CPU cores
+    python bench.py                         # the full run behind the README's table
+    python bench.py --only load,search --out bench.json
+
+Notebook:
+    import bench; bench.main(["--quick"])
+
+Each section times the naive way and ours in the same process on the same inputs, and prints
+one table (naive, ours, ratio, target) that also goes to bench.json. "Naive" is what published
+art-classification code tends to do: decode full-size JPEGs every epoch, embed one image at a
+time in fp32, search a flat index one query at a time. The scripts call data.tune_malloc() at
+start; so does this process (both sides of every comparison run under it, as the table says),
+and the embedding section also reruns ours in a child process without it to show what it buys.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+import data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def row(section, name, naive, ours, unit, target=None, higher_better=True, note=""):
+    """One table line; ratio > 1 means ours is better whichever way the unit points."""
+    ratio = None
+    if naive and ours:
+        ratio = ours / naive if higher_better else naive / ours
+    met = None if target is None or ratio is None else ratio >= target
+    return {"section": section, "name": name, "naive": naive, "ours": ours, "unit": unit,
+            "ratio": ratio, "target": target, "met": met, "note": note}
+
+
+def timed(fn, repeat=1):
+    """Best wall time of `repeat` calls, seconds (the least disturbed by other processes)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ----------------------------------------------------------------------------- 1. image loading
+
+def make_big_jpegs(folder, n, size=(2400, 1800), seed=0):
+    """Painting-like JPEGs of WikiArt/NGA original size: a demo painting upscaled, plus grain
+    for a scan's entropy: about 1.2 bits/pixel (650 KB at 2400x1800, q90). Entropy matters:
+    draft mode skips IDCT work, never Huffman decoding, which grows with the file's bits."""
+    rng = np.random.default_rng(seed)
+    hands = data.demo_artists(rng)
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i in range(n):
+        style = data.DEMO_STYLES[i % len(data.DEMO_STYLES)]
+        genre = data.DEMO_GENRES[i % len(data.DEMO_GENRES)]
+        im = data.demo_painting(style, genre, hands[i % len(hands)], rng, short=240)
+        im = im.resize(size, Image.BICUBIC)
+        a = np.asarray(im, np.int16) + rng.normal(0, 2, (size[1], size[0], 1)).astype(np.int16)
+        p = os.path.join(folder, f"big{i}.jpg")
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(p, quality=90)
+        paths.append(f"big{i}.jpg")
+    return paths
+
+
+def bench_loading(args, tmp):
+    src, cache = os.path.join(tmp, "big"), os.path.join(tmp, "cache")
+    paths = make_big_jpegs(src, 6 if args.quick else 24)
+    tf = data.make_transform(224)
+    mb = np.mean([os.path.getsize(os.path.join(src, p)) for p in paths]) / 2**20
+
+    def full():  # the naive way: decode every pixel, then shrink
+        for p in paths:
+            with Image.open(os.path.join(src, p)) as im:
+                tf(im.convert("RGB"))
+
+    def draft():
+        for p in paths:
+            tf(data.load_image(os.path.join(src, p), 224))
+
+    def cached():
+        for p in paths:
+            tf(data.load_image(os.path.join(cache, p), 224))
+
+    data.write_csv(os.path.join(tmp, "big.csv"), ["path"], [[p] for p in paths])
+    t_resize = timed(lambda: data.main(["resize", "--manifest", os.path.join(tmp, "big.csv"),
+                                        "--root", src, "--out", cache, "--size", "256",
+                                        "--workers", "1"]))
+    n, rep = len(paths), 2
+    t_full, t_draft, t_cache = timed(full, rep), timed(draft, rep), timed(cached, rep)
+    note = f"{n} JPEGs 2400x1800, {mb:.2f} MB each, to a 224 px tensor, 1 thread"
+    return [
+        row("load", "draft-mode decode vs full decode", n / t_full, n / t_draft, "img/s", 3,
+            note=note),
+        row("load", "resized cache (256 px) vs full decode", n / t_full, n / t_cache, "img/s",
+            10, note=f"one-off cache build: {n / t_resize:.1f} img/s with 1 thread"),
+    ]
+
+
+# ----------------------------------------------------------------------------- 2. embedding
+
+def demo_tensors(n, size=224, seed=0):
+    """n painting-like images (data.py's synthetic painter) as a normalised (n, 3, S, S) batch."""
+    import torch
+    rng = np.random.default_rng(seed)
+    hands, tf = data.demo_artists(rng), data.make_transform(size)
+    ims = [data.demo_painting(data.DEMO_STYLES[i % 6], data.DEMO_GENRES[i % 4], hands[i % 6],
+                              rng, short=size) for i in range(n)]
+    return torch.stack([tf(im) for im in ims])
+
+
+def embed_models():
+    """The naive model (torchvision resnet50, fc dropped, fp32) and ours (retrieve.py's embedder,
+    avg pooling, channels_last), with the same seeded random weights."""
+    import torch
+
+    import retrieve
+    naive = retrieve.trunk("resnet50", "none", seed=0)
+    naive = torch.nn.Sequential(naive, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    cfg = {"ckpt": None, "backbone": "resnet50", "weights": "none", "init_seed": 0,
+           "pool": "avg", "grid": 1, "img_size": 224}
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        ours = retrieve.load_model(cfg, torch.device("cpu"))
+    return naive, ours
+
+
+def embed_rates(x, batch=32):
+    """img/s of naive (one image at a time, fp32, no_grad) and ours (batched, channels_last,
+    inference_mode, bf16 autocast where the CPU has it), and both sets of embeddings."""
+    import torch
+
+    import retrieve
+    naive, ours = embed_models()
+    cpu, amp = torch.device("cpu"), data.autocast_dtype(torch.device("cpu"))
+
+    def run_naive():
+        with torch.no_grad():
+            return np.concatenate([naive(x[i:i + 1]).numpy() for i in range(len(x))])
+
+    def run_ours():
+        return np.concatenate([retrieve.forward(ours, x[i:i + batch], cpu, amp)
+                               for i in range(0, len(x), batch)])
+
+    run_ours()  # warm-up: oneDNN primitive creation, allocator growth
+    t_ours = timed(run_ours, 2)
+    run_naive()
+    t_naive = timed(run_naive, 2)
+    return len(x) / t_naive, len(x) / t_ours, run_naive(), run_ours(), str(amp)
+
+
+def agreement(a, b, k=5):
+    """Mean cosine of matching rows, and top-k neighbour overlap within the set."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    cos = float(np.mean(np.sum(a * b, axis=1)))
+    na = np.argsort(-(a @ a.T), axis=1)[:, 1:k + 1]
+    nb = np.argsort(-(b @ b.T), axis=1)[:, 1:k + 1]
+    overlap = np.mean([len(set(p) & set(q)) / k for p, q in zip(na, nb, strict=True)])
+    return cos, float(overlap)
+
+
+def bench_embedding(args, tmp):
+    n = 32 if args.quick else 128
+    x = demo_tensors(n)
+    r_naive, r_ours, e_naive, e_ours, amp = embed_rates(x)
+    cos, overlap = agreement(e_naive, e_ours)
+    rows = [row("embed", "ResNet50 224 px: batched bf16 vs 1-by-1 fp32", r_naive, r_ours,
+                "img/s", 4, note=f"{n} images; ours: batch 32, channels_last, autocast {amp}; "
+                f"fp32 agreement: mean cosine {cos:.4f} (>=0.99), top-5 overlap {overlap:.2f} "
+                f"(>=0.9); both sides with malloc tuning")]
+    child = subprocess.run(
+        [sys.executable, "-c", f"import bench; bench.embed_child({n})"], capture_output=True,
+        text=True, env={**os.environ, "ARTEXTRACT_NO_MALLOC_TUNING": "1"}, cwd=HERE)
+    if child.returncode == 0:
+        d_naive, d_ours = json.loads(child.stdout.strip().splitlines()[-1])
+        rows.append(row("embed", "malloc tuning vs glibc default, ours", d_ours, r_ours, "img/s",
+                        note=f"naive under glibc's default: {d_naive:.1f} img/s (child process)"))
+    else:
+        print(f"note: the default-malloc child failed: {child.stderr.strip()[-300:]}")
+    return rows
+
+
+def embed_child(n):
+    """Run in a child process with ARTEXTRACT_NO_MALLOC_TUNING=1: glibc malloc as it comes."""
+    r_naive, r_ours, *_ = embed_rates(demo_tensors(n))
+    print(json.dumps([r_naive, r_ours]))
+
+
+# ----------------------------------------------------------------------------- 4. search
+
+def synthetic_embeddings(n, d=2048, seed=0, latent=64, clusters=500):
+    """Unit vectors shaped like CNN embeddings: clusters on a 64-d subspace plus isotropic noise.
+    (Uniform random unit vectors in 2048-d are all nearly orthogonal: no neighbours to find.)"""
+    rng = np.random.default_rng(seed)
+    basis = np.random.default_rng(12345).standard_normal((latent, d), dtype=np.float32)
+    centres = np.random.default_rng(54321).standard_normal((clusters, latent), dtype=np.float32)
+    z = centres[rng.integers(clusters, size=n)] + 0.6 * rng.standard_normal((n, latent),
+                                                                             dtype=np.float32)
+    x = z @ basis / np.sqrt(latent) + 0.5 * rng.standard_normal((n, d), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def latencies(search_one, xq):
+    """ms per single-query search, one query at a time (what an interactive user waits)."""
+    search_one(xq[0])
+    t, I = [], []
+    for q in xq:
+        t0 = time.perf_counter()
+        I.append(search_one(q))
+        t.append((time.perf_counter() - t0) * 1e3)
+    return np.percentile(t, 50), np.percentile(t, 99), np.array(I)
+
+
+def recall_at(I, gt, k=5):
+    """|top-k found & exact top-k| / k, averaged over queries."""
+    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(I, gt, strict=True)]))
+
+
+def our_index(xb, flags):
+    import retrieve
+    args = retrieve.build_parser().parse_args(["--build", *flags])
+    t0 = time.perf_counter()
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        _, index = retrieve.index_from_vectors(xb, args)
+    return index, time.perf_counter() - t0
+
+
+SEARCH_SETTINGS = [  # (name, retrieve.py flags, search-time params)
+    ("faiss flat (exact)", ["--index-type", "flat"], {}),
+    ("hnsw M32 efSearch 32", ["--index-type", "hnsw"], {"efSearch": 32}),
+    ("hnsw M32 efSearch 64", ["--index-type", "hnsw"], {"efSearch": 64}),
+    ("hnsw M32 efSearch 128 (default)", ["--index-type", "hnsw"], {"efSearch": 128}),
+    ("ivfpq nprobe 16 (default)", ["--index-type", "ivfpq"], {"nprobe": 16}),
+    ("ivfpq nprobe 64", ["--index-type", "ivfpq"], {"nprobe": 64}),
+    ("pca 256 + flat", ["--index-type", "flat", "--pca", "256"], {}),
+    ("pca 256 + hnsw efSearch 128", ["--index-type", "hnsw", "--pca", "256"], {"efSearch": 128}),
+]
+
+
+def set_knobs(index, knobs):
+    import retrieve
+    inner = retrieve.inner(index)
+    for name, v in knobs.items():
+        target = inner.hnsw if name == "efSearch" else inner
+        setattr(target, name, v)
+
+
+def bench_search(args, tmp):
+    import faiss
+    rows, k = [], 5
+    for n in [10_000] if args.quick else [10_000, 100_000]:
+        xb = synthetic_embeddings(n, seed=1)
+        xq = synthetic_embeddings(100 if args.quick else 300, seed=2)
+        exact = faiss.IndexFlatIP(xb.shape[1])
+        exact.add(xb)
+        gt = exact.search(xq, k)[1]
+
+        def brute(q, xb=xb):  # the naive way: matrix-vector product, partial sort in numpy
+            s = xb @ q
+            top = np.argpartition(-s, k)[:k]
+            return top[np.argsort(-s[top])]
+
+        n50, n99, I = latencies(brute, xq)
+        rows.append(row("search", f"n={n // 1000}k numpy brute force", n50, n50, "ms", None,
+                        False, f"p99 {n99:.2f} ms, recall@5 {recall_at(I, gt):.3f}"))
+        built = {}
+        for name, flags, knobs in SEARCH_SETTINGS:
+            key = tuple(flags)
+            if key not in built:
+                built[key] = our_index(xb, flags)
+            index, t_build = built[key]
+            set_knobs(index, knobs)
+            p50, p99, I = latencies(lambda q, ix=index: ix.search(q[None], k)[1][0], xq)
+            r = recall_at(I, gt)
+            fast = p50 <= 5 and r >= 0.95
+            rows.append(row("search", f"n={n // 1000}k {name}", n50, p50, "ms", None, False,
+                            f"p99 {p99:.2f} ms, recall@5 {r:.3f}, build {t_build:.1f} s"
+                            f"{', meets p50<=5ms & recall>=0.95' if fast else ''}"))
+        del built
+    return rows
+
+
+# ----------------------------------------------------------------------------- command line
+
+SECTIONS = {"load": bench_loading, "embed": bench_embedding, "search": bench_search}
+
+
+def machine():
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def fmt(v, unit):
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if unit in ("ms", "x") or v < 100 else f"{v:.0f}"
+
+
+def print_table(rows):
+    print(f"\n{'section':<8} {'comparison':<52} {'naive':>9} {'ours':>9} {'unit':<7} "
+          f"{'ratio':>7} {'target':>7}  met")
+    for r in rows:
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.1f}x"
+        target = "-" if r["target"] is None else f">={r['target']}x"
+        met = {None: "", True: "yes", False: "NO"}[r["met"]]
+        print(f"{r['section']:<8} {r['name']:<52} {fmt(r['naive'], r['unit']):>9} "
+              f"{fmt(r['ours'], r['unit']):>9} {r['unit']:<7} {ratio:>7} {target:>7}  {met}")
+        if r["note"]:
+            print(f"{'':<8}   {r['note']}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes: under 2 min on 2 cores")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    p.add_argument("--out", default="bench.json", help="JSON results")
+    p.add_argument("--tmp", help="scratch folder (default: a fresh temp dir)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"bench.py: error: unknown section {unknown[0]!r} "
+                         f"(known: {', '.join(SECTIONS)})")
+    tuned = data.tune_malloc()
+    info = {**machine(), "malloc_tuned": tuned, "quick": args.quick}
+    print(f"bench: {json.dumps(info)}")
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for s in only:
+            t0 = time.time()
+            rows += SECTIONS[s](args, tmp)
+            print(f"[{s}] done in {time.time() - t0:.0f} s", flush=True)
+    print_table(rows)
+    info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    data.atomic_write(args.out, json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
