@@ -142,6 +142,10 @@ def fmt_seconds(s):
     return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once: os.umask can only be read by setting it
+
+
 def atomic_write(path, data, mode="w"):
     """Write text or bytes to a temp file beside `path`, then rename: never a half file."""
     d = os.path.dirname(os.path.abspath(path))
@@ -152,6 +156,7 @@ def atomic_write(path, data, mode="w"):
                                      "newline": ""}
         with os.fdopen(fd, mode, **kw) as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

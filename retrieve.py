@@ -1,0 +1,900 @@
+"""Painting similarity search: embed a collection, index it with FAISS, query it, evaluate it.
+
+Shell:
+    python data.py demo                      # synthetic paintings in demo/ (no download needed)
+    python retrieve.py --build               # demo/images + demo/gallery.csv -> demo/index
+    python retrieve.py --query demo/images/Cubism/leon-voss_cityscape-7.jpg -k 5
+    python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg   # indexed; minus itself
+    python retrieve.py --eval                # self-retrieval, copy detection, label retrieval
+    python retrieve.py --build --images nga/images --manifest nga/manifest.csv --index nga/index \\
+        --index-type hnsw --pca 256
+    python retrieve.py --add --manifest nga/manifest.csv --index nga/index   # only new paths
+    python retrieve.py --build --ckpt runs/crnn/best.pt --index demo/style_index  # learned style
+
+Notebook:
+    import retrieve
+    D, I = retrieve.main(["--query", "demo/images/Cubism/leon-voss_cityscape-7.jpg", "-k", "5"])
+
+Offline (no ImageNet download): add `--weights none` (seeded random init) or `--weights PATH`.
+
+The index folder (--index DIR): embeddings.npy ((n, dim) float32, unit rows), meta.csv (path and
+the manifest's columns in the same row order: row number = FAISS id), index.faiss, config.json
+(what is needed to embed a query the same way: queries rebuild the model from it), skipped.csv
+(missing or unreadable images), log.jsonl, eval.json, query_sheet.png.
+Bad input (a query that is not an image, an empty folder, an index from another version or
+model, k above the number of indexed images) ends with one line on stderr and exit status 1.
+Non-image files in a folder are skipped and counted; unreadable images are listed in skipped.csv.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import data
+import metrics
+
+# FAISS names used below: xb (n, d) float32 database vectors, xq (nq, d) query vectors, k results
+# per query. index.search(xq, k) returns D (nq, k) scores, here inner products of unit vectors
+# (= cosine similarity, best first), and I (nq, k) ids = row numbers of embeddings.npy and
+# meta.csv (-1 where an approximate index found fewer than k).
+
+FORMAT, VERSION = "artextract-retrieve-index", 1
+FILES = ("config.json", "embeddings.npy", "meta.csv", "index.faiss")
+DEFAULT_IMAGES, DEFAULT_MANIFEST, DEFAULT_INDEX = "demo/images", "demo/gallery.csv", "demo/index"
+# These flags default to None so that a value the user typed can be told from the default: at
+# --query/--query-id/--add/--eval, a typed value that differs from config.json is refused.
+MODEL_DEFAULTS = {"backbone": "resnet50", "weights": "imagenet", "ckpt": None, "img_size": 224,
+                  "pool": "grid", "grid": 2, "index_type": "flat", "pca": None}
+LABEL_COLUMNS = ("style", "artist", "genre", "attribution")
+CHUNK = 65536  # rows per index.add / copy from a memmap: bounded RAM at any n
+TRAIN_MAX = 100_000  # ivfpq / pca training sample, rows
+EVAL_MAX = 2000  # self and label protocols: a seeded sample of queries beyond this (SE ~0.01)
+GPU_PQ_M = (64, 56, 48, 40, 32, 28, 24, 20, 16, 12, 8, 4, 3, 2, 1)  # m that GPU IVFPQ accepts
+
+
+# ----------------------------------------------------------------------------- model
+
+class Embedder(nn.Module):
+    """CNN trunk + pooling -> (B, dim) unit vectors.
+
+    avg: global mean; gem: generalised mean, p=3 (Radenovic et al. 2018), stresses strong
+    activations; grid: mean over G x G cells, each cell a unit vector, cells kept in place
+    (dim = C * G * G): layout, i.e. composition and pose, stays in the vector."""
+
+    def __init__(self, body, pool="grid", grid=2):
+        super().__init__()
+        self.body, self.pool, self.grid = body, pool, grid
+
+    def forward(self, x):
+        f = self.body(x).float()  # pool in fp32: GeM's cube overflows fp16
+        if self.pool == "avg":
+            z = f.mean((2, 3))
+        elif self.pool == "gem":
+            z = f.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)
+        else:
+            g = F.adaptive_avg_pool2d(f, self.grid).permute(0, 2, 3, 1)  # (B, G, G, C)
+            z = F.normalize(g, dim=3).flatten(1)
+        return F.normalize(z, dim=1)
+
+
+class CkptEmbedder(nn.Module):
+    """A crnn.py model's embed() (attention-pooled RNN states: learned style), unit length."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return F.normalize(self.model.embed(x).float(), dim=1)
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def imagenet_model(name):
+    """torchvision `name` with its default ImageNet weights (downloaded once to the torch cache)."""
+    from torchvision import models
+    weights = models.get_model_weights(name).DEFAULT
+    print(f"loading {weights} (downloaded to the torch cache on first use)")
+    try:  # torch.hub writes its own "Downloading:" line to stderr: keep the error to one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            return models.get_model(name, weights=weights, progress=False)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated file RuntimeError
+        raise data.UserError(f"cannot get the ImageNet weights for {name} ({e}): offline, pass "
+                             "--weights none (random init) or --weights PATH (a state_dict)") \
+            from None
+
+
+def local_model(name, path):
+    """torchvision `name` with a local state_dict (loaded with weights_only=True)."""
+    from torchvision import models
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors share no base class
+        raise data.UserError(f"cannot read weights {path}: not a torch state_dict file "
+                             f"({type(e).__name__}: {e})") from None
+    if isinstance(sd, dict) and "model" in sd and "args" in sd:
+        raise data.UserError(f"{path} is a crnn.py checkpoint: pass it as --ckpt {path}")
+    model = models.get_model(name, weights=None)
+    head = ("fc.", "classifier.")  # unused here: a fine-tuned head of any size is fine
+    try:
+        res = model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(head)},
+                                    strict=False)
+    except (RuntimeError, TypeError, AttributeError) as e:  # torch lists the keys after line 1
+        why = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()][-1][:160]
+        raise data.UserError(f"{path} does not fit --backbone {name}: {why}") from None
+    bad = [k for k in res.missing_keys if not k.startswith(head)] + res.unexpected_keys
+    if bad:
+        raise data.UserError(f"{path} does not fit --backbone {name}: {len(bad)} missing or "
+                             f"unexpected keys, e.g. {bad[0]}")
+    return model
+
+
+def trunk(name, weights, seed=0):
+    """The convolutional trunk of a torchvision classifier: no global pool, no fc."""
+    from torchvision import models
+    if name not in models.list_models(module=models):
+        raise data.UserError(f"unknown --backbone {name} (e.g. resnet18, resnet50, resnet101)")
+    if weights == "imagenet":
+        model = imagenet_model(name)
+    elif weights == "none":  # seeded, so that a query rebuilds the very same random model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = models.get_model(name, weights=None)
+    else:
+        model = local_model(name, weights)
+    if hasattr(model, "layer4"):  # ResNet family: the children up to layer4
+        names = [n for n, _ in model.named_children()]
+        return nn.Sequential(*list(model.children())[:names.index("layer4") + 1])
+    if hasattr(model, "features"):  # VGG, DenseNet, EfficientNet, ConvNeXt, MobileNet
+        return model.features
+    raise data.UserError(f"--backbone {name}: no layer4 or features trunk to pool")
+
+
+def load_model(cfg, device):
+    """The embedder that cfg describes, on device, eval mode; fills cfg["dim"] when unset."""
+    if cfg["ckpt"]:
+        import crnn  # only --ckpt needs it
+        model = CkptEmbedder(crnn.load_checkpoint(cfg["ckpt"])[0])
+    else:
+        body = trunk(cfg["backbone"], cfg["weights"], cfg["init_seed"])
+        model = Embedder(body, cfg["pool"], cfg["grid"])
+    model = model.eval().to(device, memory_format=torch.channels_last)
+    with torch.inference_mode():
+        dim = model(torch.zeros(1, 3, cfg["img_size"], cfg["img_size"], device=device)).shape[1]
+    if cfg.get("dim") not in (None, dim):
+        raise data.UserError(f"the model gives {dim}-d embeddings, the index holds {cfg['dim']}-d")
+    cfg["dim"] = int(dim)
+    return model
+
+
+def forward(model, x, device, amp_dtype):
+    """(B, 3, S, S) batch -> (B, dim) float32 numpy unit vectors."""
+    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype,
+                                                enabled=amp_dtype is not None):
+        z = model(x)
+    return F.normalize(z.float(), dim=1).cpu().numpy()
+
+
+def embed_pils(model, images, cfg, args, device):
+    """PIL images -> (len, dim) float32, batched."""
+    tf, out = data.make_transform(cfg["img_size"]), []
+    for i in range(0, len(images), args.batch_size):
+        x = torch.stack([tf(im) for im in images[i:i + args.batch_size]])
+        out.append(forward(model, x, device, args.amp_dtype))
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- embeddings file
+
+def embed_to_npy(model, paths, root, cfg, args, device, out_path):
+    """Embed root/paths into a (n_good, dim) .npy written batch by batch; returns good ids.
+
+    Rows stream into a memory-mapped file (never all in RAM); unreadable images are left out
+    and the file compacted, so row j of out_path is paths[good[j]]."""
+    s = cfg["img_size"]
+    ds = data.ImageDataset(paths, root, data.make_transform(s), size=s)  # JPEG draft decode
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
+                                         collate_fn=data.collate_skip,
+                                         pin_memory=device.type == "cuda")
+    tmp = out_path + ".tmp.npy"
+    xb = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(paths), cfg["dim"]))
+    good, tried, prog = [], 0, data.Progress(len(paths), "embed")
+    for batch in loader:
+        step = min(args.batch_size, len(paths) - tried)  # batches come in order (no shuffle)
+        tried += step
+        if batch is not None:  # None: every image of the batch failed to decode
+            x, idx = batch
+            xb[len(good):len(good) + len(idx)] = forward(model, x, device, args.amp_dtype)
+            good.extend(idx.tolist())
+        prog.update(step, f"{tried - len(good)} unreadable" if tried > len(good) else "")
+    xb.flush()
+    del xb
+    if good:
+        copy_rows(out_path, [(tmp, len(good))])  # compacts when some rows failed
+    os.remove(tmp)
+    return good
+
+
+def copy_rows(dst, parts):
+    """dst = the first n rows of each (.npy path, n) in parts, streamed CHUNK rows at a time."""
+    srcs = [(np.load(p, mmap_mode="r"), n) for p, n in parts]
+    dim = srcs[0][0].shape[1]
+    out = np.lib.format.open_memmap(dst, "w+", np.float32, (sum(n for _, n in srcs), dim))
+    at = 0
+    for a, n in srcs:
+        for i in range(0, n, CHUNK):
+            j = min(i + CHUNK, n)
+            out[at + i:at + j] = a[i:j]
+        at += n
+    out.flush()
+
+
+# ----------------------------------------------------------------------------- collection
+
+def scan_images(root, skip_dir=None):
+    """Sorted relative paths of the images under root (not under skip_dir); other files count."""
+    paths, others = [], 0
+    skip = os.path.abspath(skip_dir) if skip_dir else None
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if os.path.abspath(os.path.join(d, x)) != skip)
+        for f in sorted(files):
+            if f.lower().endswith(data.IMAGE_EXTS) and not f.startswith("."):
+                paths.append(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/"))
+            else:
+                others += 1
+    return paths, others
+
+
+def read_collection(root, manifest, index_dir):
+    """(header, rows) of the images to index: the manifest's rows, or a scan of root."""
+    if not os.path.isdir(root):
+        raise data.UserError(f"image folder not found: {root}")
+    if manifest:
+        rows = data.read_manifest(manifest)
+        first = {}
+        for r in rows:
+            first.setdefault(r["path"], r)
+        uniq = list(first.values())
+        if len(uniq) < len(rows):
+            print(f"note: {len(rows) - len(uniq)} repeated paths in {manifest} indexed once")
+        return list(rows[0]), uniq
+    paths, others = scan_images(root, index_dir)
+    if others:
+        print(f"skipped {others} non-image files under {root}")
+    if not paths:
+        raise data.UserError(f"no images under {root} (extensions {' '.join(data.IMAGE_EXTS)})")
+    return ["path"], [{"path": p} for p in paths]
+
+
+def embed_collection(model, rows, root, cfg, args, device, out_path):
+    """Embed rows to out_path; returns (rows that decoded, n skipped, seconds). The others are
+    listed in INDEX/skipped.csv."""
+    found = [os.path.isfile(data.safe_join(root, r["path"])) for r in rows]
+    todo = [r for r, ok in zip(rows, found, strict=True) if ok]
+    skipped = [(r["path"], "missing") for r, ok in zip(rows, found, strict=True) if not ok]
+    t0 = time.time()
+    good = embed_to_npy(model, [r["path"] for r in todo], root, cfg, args, device, out_path) \
+        if todo else []
+    kept = set(good)
+    skipped += [(r["path"], "unreadable") for i, r in enumerate(todo) if i not in kept]
+    data.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
+    dt = time.time() - t0
+    print(f"embedded {len(good)} images in {dt:.1f} s ({len(good) / max(dt, 1e-9):.1f} img/s)"
+          + (f"; skipped {len(skipped)}, listed in {args.index}/skipped.csv" if skipped else ""))
+    if not good:
+        raise data.UserError(f"none of the {len(rows)} images under {root} could be read")
+    return [todo[i] for i in good], len(skipped), dt
+
+
+# ----------------------------------------------------------------------------- faiss index
+
+def ivfpq_params(d, n_train, args):
+    """nlist ~ 4 sqrt(n) with >= 39 training points per list; m the largest GPU-friendly divisor
+    of d up to 64 (bytes per code); nbits 8, fewer when n_train is under 39 * 256."""
+    nlist = args.nlist or max(1, min(round(4 * math.sqrt(n_train)), n_train // 39))
+    m = args.pq_m or next(m for m in GPU_PQ_M if d % m == 0)
+    nbits = args.nbits or min(8, int(math.log2(max(n_train / 39, 1))))
+    if d % m:
+        raise data.UserError(f"--pq-m {m} must divide the vector size {d}")
+    if nbits < 4 or n_train < 2 ** nbits or n_train < nlist:
+        raise data.UserError(f"ivfpq cannot train on {n_train} vectors (nbits={nbits}, "
+                             f"nlist={nlist}; needs >= 624): use --index-type flat (exact)")
+    return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(args.nprobe or 16, nlist)}
+
+
+def index_params(kind, d, n, args):
+    if kind == "hnsw":  # efSearch 128: recall@5 0.997 (64: 0.985) on 100k x 256 synthetic
+        return {"M": args.hnsw_m or 32, "ef_construction": args.ef_construction or 200,
+                "ef_search": args.ef_search or 128}
+    if kind == "ivfpq":
+        return ivfpq_params(d, min(n, TRAIN_MAX), args)
+    return {}
+
+
+def check_pca(pca, dim, n):
+    """The vector size the index sees: pca, or dim without it."""
+    if pca is None:
+        return dim
+    if not 1 <= pca < min(dim, n):
+        raise data.UserError(f"--pca {pca}: needs 1 <= D < min(embedding size {dim}, images {n})")
+    return pca
+
+
+def index_from_vectors(xb, args):
+    """(index config, trained and filled index) for xb (n, dim) under the flags in args."""
+    n, dim = xb.shape
+    kind = args.index_type or MODEL_DEFAULTS["index_type"]
+    d = check_pca(args.pca, dim, n)
+    icfg = {"metric": "inner_product", "dim": dim, "index_type": kind, "pca": args.pca,
+            "index_dim": d, "index_params": index_params(kind, d, n, args)}
+    return icfg, fill_index(new_index(icfg), xb, args.seed)
+
+
+def new_index(cfg):
+    """Empty FAISS index from cfg: [PCA-whitening, re-normalisation,] then the index type."""
+    import faiss
+    d, p, ip = cfg["index_dim"], cfg["index_params"], faiss.METRIC_INNER_PRODUCT
+    if cfg["index_type"] == "hnsw":
+        index = faiss.IndexHNSWFlat(d, p["M"], ip)
+        index.hnsw.efConstruction = p["ef_construction"]
+    elif cfg["index_type"] == "ivfpq":
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, p["nlist"], p["m"], p["nbits"], ip)
+    else:
+        index = faiss.IndexFlatIP(d)
+    if cfg["pca"]:  # inside the saved index, so queries get the same transform for free
+        index = faiss.IndexPreTransform(index)
+        index.prepend_transform(faiss.NormalizationTransform(d, 2.0))  # back on the sphere
+        index.prepend_transform(faiss.PCAMatrix(cfg["dim"], d, -0.5))  # -0.5: whitening
+    set_search_params(index, p)
+    return index
+
+
+def inner(index):
+    import faiss
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) \
+        else index
+
+
+def set_search_params(index, p):
+    """efSearch (hnsw) and nprobe (ivf): search-time knobs, stored, overridable per query."""
+    idx = inner(index)
+    if hasattr(idx, "hnsw") and p.get("ef_search"):
+        idx.hnsw.efSearch = p["ef_search"]
+    if hasattr(idx, "nprobe") and p.get("nprobe"):
+        idx.nprobe = p["nprobe"]
+
+
+def fill_index(index, xb, seed=0):
+    """Train on a seeded sample of <= TRAIN_MAX rows when needed, then add xb in chunks."""
+    if not index.is_trained:
+        pick = np.random.default_rng(seed).choice(len(xb), min(len(xb), TRAIN_MAX), replace=False)
+        index.train(np.ascontiguousarray(xb[np.sort(pick)], dtype=np.float32))
+    add_rows(index, xb)
+    return index
+
+
+def add_rows(index, xb, start=0):
+    prog = data.Progress(len(xb) - start, "index", unit="vec")
+    for i in range(start, len(xb), CHUNK):
+        chunk = np.ascontiguousarray(xb[i:i + CHUNK], dtype=np.float32)
+        index.add(chunk)
+        prog.update(len(chunk))
+
+
+def search(index, xq, k, chunk=4096):
+    """D, I for xq, chunk queries at a time (bounded RAM for many queries)."""
+    parts = [index.search(np.ascontiguousarray(xq[i:i + chunk], dtype=np.float32), k)
+             for i in range(0, len(xq), chunk)]
+    return np.concatenate([D for D, _ in parts]), np.concatenate([I for _, I in parts])
+
+
+def to_search_device(index, cfg, device):
+    """A GPU copy for search when faiss has GPU support and we run on cuda (hnsw: CPU only)."""
+    import faiss
+    if device.type != "cuda" or cfg["index_type"] == "hnsw" or \
+            not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        return index
+    co = faiss.GpuMultipleClonerOptions()
+    co.useFloat16 = cfg["index_type"] == "ivfpq"  # m=64 lookup tables fit shared memory in fp16
+    try:
+        gpu = faiss.index_cpu_to_all_gpus(index, co)
+    except RuntimeError as e:  # e.g. IVFPQ sub-vectors wider than the GPU kernels support
+        print(f"note: the index stays on the CPU ({str(e).strip().splitlines()[0]})")
+        return index
+    print(f"index on {faiss.get_num_gpus()} GPU(s)")
+    return gpu
+
+
+# ----------------------------------------------------------------------------- index folder
+
+def write_index(folder, index, header, rows, cfg, embeddings):
+    """Move the new embeddings in, then index.faiss, meta.csv and config.json last, each written
+    to a temp file and renamed: a reader never sees half a file."""
+    import faiss
+    os.replace(embeddings, os.path.join(folder, "embeddings.npy"))
+    tmp = os.path.join(folder, ".index.faiss.tmp")
+    faiss.write_index(index, tmp)
+    os.replace(tmp, os.path.join(folder, "index.faiss"))
+    data.write_csv(os.path.join(folder, "meta.csv"), header,
+                   [[r.get(c) or "" for c in header] for r in rows])
+    cfg["n"] = len(rows)
+    data.atomic_write(os.path.join(folder, "config.json"), json.dumps(cfg, indent=1) + "\n")
+
+
+def read_config(folder):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise data.UserError(f"no index in {folder} (config.json missing): build one with --build")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise data.UserError(f"{path} is unreadable ({e}): rebuild with --build") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
+        found = cfg.get("version") if isinstance(cfg, dict) else None
+        raise data.UserError(f"{folder} is not a version-{VERSION} retrieve.py index (found "
+                             f"version {found}): rebuild it with --build")
+    return cfg
+
+
+def open_index(folder):
+    """(cfg, meta rows, xb memmap, index) of an index folder, checked for version and sizes."""
+    import faiss
+    cfg = read_config(folder)
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise data.UserError(f"{folder} lacks {', '.join(missing)}: rebuild with --build")
+    try:
+        xb = np.load(os.path.join(folder, "embeddings.npy"), mmap_mode="r")
+        index = faiss.read_index(os.path.join(folder, "index.faiss"))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise data.UserError(f"{folder}: corrupt index files ({e}): rebuild with --build") from None
+    meta = data.read_csv(os.path.join(folder, "meta.csv"), required=("path",), what="meta.csv")
+    if not len(xb) == len(meta) == index.ntotal == cfg.get("n") or xb.shape[1] != cfg["dim"]:
+        raise data.UserError(f"{folder} is inconsistent ({len(xb)} embeddings, {len(meta)} "
+                             f"meta rows, {index.ntotal} indexed): rebuild with --build")
+    return cfg, meta, xb, index
+
+
+def check_same_model(args, cfg):
+    """Refuse typed flags that differ from how the index was built, and changed weight files."""
+    for key in MODEL_DEFAULTS:
+        val, was = getattr(args, key), cfg.get(key)
+        if val is None or val == was:
+            continue
+        if key in ("weights", "ckpt") and os.path.isfile(val) and \
+                file_sha256(val) == cfg.get(f"{key}_sha256"):
+            continue  # the same file under another name
+        flag = "--" + key.replace("_", "-")
+        built = f"{flag} {was}" if was is not None else f"no {flag}" + \
+            (f" (--ckpt {cfg['ckpt']})" if cfg.get("ckpt") else "")
+        raise data.UserError(f"{args.index} was built with {built}, not {val}: drop {flag} to "
+                             "use the index's own setting, or rebuild with --build")
+    for key in ("weights", "ckpt"):
+        path, sha = cfg.get(key), cfg.get(f"{key}_sha256")
+        if sha and (not os.path.isfile(path) or file_sha256(path) != sha):
+            raise data.UserError(f"--{key} file {path} is missing or changed since the index was "
+                                 "built: restore it or rebuild with --build")
+
+
+def model_config(args):
+    """config.json's model half: the typed flags, else MODEL_DEFAULTS (--ckpt: its own args)."""
+    cfg = {"format": FORMAT, "version": VERSION}
+    cfg.update({k: MODEL_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
+                for k in MODEL_DEFAULTS})
+    cfg["init_seed"] = args.seed  # --weights none: the random init is seeded
+    for key in ("weights", "ckpt"):
+        path = cfg[key] if cfg[key] not in (None, "imagenet", "none") else None
+        if path and not os.path.isfile(path):
+            raise data.UserError(f"--{key} file not found: {path}")
+        cfg[f"{key}_sha256"] = file_sha256(path) if path else None
+    if cfg["ckpt"]:
+        import crnn  # only --ckpt needs it
+        typed = [f"--{k.replace('_', '-')}" for k in ("backbone", "weights", "pool", "grid",
+                                                        "img_size") if getattr(args, k)]
+        if typed:
+            raise data.UserError(f"--ckpt embeds with the checkpoint's own model and image "
+                                 f"size: drop {' '.join(typed)}")
+        ck_args = crnn.load_checkpoint(cfg["ckpt"])[1]["args"]
+        cfg.update(backbone=ck_args.get("backbone"), weights=None, weights_sha256=None,
+                   pool=None, grid=None, img_size=int(ck_args["img_size"]))
+    if cfg["grid"] is not None and cfg["grid"] < 1 or cfg["img_size"] < 32:
+        raise data.UserError("--grid must be >= 1 and --img-size >= 32")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- build and add
+
+def cmd_build(args, device):
+    root = args.images or DEFAULT_IMAGES
+    manifest = args.manifest or (DEFAULT_MANIFEST if root == DEFAULT_IMAGES and
+                                 os.path.isfile(DEFAULT_MANIFEST) else None)
+    header, rows = read_collection(root, manifest, args.index)
+    cfg = model_config(args)
+    model = load_model(cfg, device)
+    # refuse a hopeless --pca or ivfpq before the (long) embedding pass, not after it
+    index_params(cfg["index_type"], check_pca(args.pca, cfg["dim"], len(rows)), len(rows), args)
+    os.makedirs(args.index, exist_ok=True)
+    emb = os.path.join(args.index, ".embeddings.new.npy")  # the old index stays valid till the end
+    rows, n_skip, dt = embed_collection(model, rows, root, cfg, args, device, emb)
+    icfg, index = index_from_vectors(np.load(emb, mmap_mode="r"), args)
+    cfg.update(icfg, images=root, manifest=manifest, seed=args.seed,
+               amp=str(args.amp_dtype).replace("torch.", ""),
+               created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    write_index(args.index, index, header, rows, cfg, emb)
+    log(args.index, event="build", n=len(rows), skipped=n_skip, seconds=round(dt, 2),
+        img_per_s=round(len(rows) / max(dt, 1e-9), 2), config=cfg)
+    pca = f" -> pca {cfg['pca']}" if cfg["pca"] else ""
+    print(f"indexed {len(rows)} images in {args.index} ({cfg['index_type']}, {cfg['dim']}-d{pca})")
+    return cfg
+
+
+def cmd_add(args, device):
+    """Embed only the paths not yet in meta.csv; append them to the embeddings and the index."""
+    cfg, meta, xb, index = open_index(args.index)
+    check_same_model(args, cfg)
+    root = cfg["images"] = args.images or cfg["images"]  # same collection, maybe moved
+    manifest = args.manifest or (cfg["manifest"] if not args.images and cfg["manifest"] and
+                                 os.path.isfile(cfg["manifest"]) else None)
+    header, rows = read_collection(root, manifest, args.index)
+    have = {r["path"] for r in meta}
+    new = [r for r in rows if r["path"] not in have]
+    print(f"{len(rows) - len(new)} of {len(rows)} images are indexed already")
+    if not new:
+        return cfg
+    part = os.path.join(args.index, ".embeddings.add.npy")
+    new, n_skip, dt = embed_collection(load_model(cfg, device), new, root, cfg, args, device, part)
+    emb = os.path.join(args.index, ".embeddings.new.npy")
+    copy_rows(emb, [(os.path.join(args.index, "embeddings.npy"), len(xb)), (part, len(new))])
+    os.remove(part)
+    add_rows(index, np.load(emb, mmap_mode="r"), start=len(xb))  # trained transforms are kept
+    header = list(dict.fromkeys(list(meta[0]) + header))  # old columns, then any new ones
+    write_index(args.index, index, header, meta + new, cfg, emb)
+    log(args.index, event="add", n_new=len(new), n=cfg["n"], skipped=n_skip, seconds=round(dt, 2))
+    print(f"added {len(new)} images: {cfg['n']} in {args.index}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- query
+
+def open_for_search(args, device):
+    """Index folder checked against the typed flags, with search-time overrides applied."""
+    cfg, meta, xb, index = open_index(args.index)
+    check_same_model(args, cfg)
+    cfg["images"] = args.images or cfg["images"]  # the images may have moved since the build
+    p = dict(cfg["index_params"])
+    p.update({k: v for k, v in (("ef_search", args.ef_search), ("nprobe", args.nprobe)) if v})
+    set_search_params(index, p)
+    return cfg, meta, xb, to_search_device(index, cfg, device)
+
+
+def check_k(k, n):
+    if not 1 <= k <= n:
+        raise data.UserError(f"-k {k}: the index has {n} candidates (1 <= k <= {n})")
+
+
+def load_query(path, size):
+    if not os.path.isfile(path):
+        raise data.UserError(f"query image not found: {path}")
+    try:
+        return data.load_image(path, size)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise data.UserError(f"query is not a readable image: {path} ({e})") from None
+
+
+def cmd_query(args, device):
+    cfg, meta, xb, index = open_for_search(args, device)
+    ims = [load_query(p, cfg["img_size"]) for p in args.query]
+    check_k(args.k, len(xb))
+    xq = embed_pils(load_model(cfg, device), ims, cfg, args, device)
+    D, I = search(index, xq, args.k)
+    return report(args, cfg, meta, list(args.query), D, I)
+
+
+def cmd_query_id(args, device):
+    """Search with an indexed painting's stored vector; k + 1 results minus itself."""
+    cfg, meta, xb, index = open_for_search(args, device)
+    row = {r["path"]: i for i, r in enumerate(meta)}
+    rel = [p if p in row else os.path.relpath(p, cfg["images"]).replace(os.sep, "/")
+           for p in args.query_id]
+    for p, r in zip(args.query_id, rel, strict=True):
+        if r not in row:
+            raise data.UserError(f"not in the index: {p} (paths as in meta.csv, e.g. "
+                                 f"{meta[0]['path']})")
+    check_k(args.k, len(xb) - 1)
+    ids = np.array([row[r] for r in rel])
+    D, I = search(index, xb[ids], args.k + 1)
+    keep = drop_self(I, ids, args.k)
+    D, I = D[keep].reshape(len(ids), args.k), I[keep].reshape(len(ids), args.k)
+    files = [data.safe_join(cfg["images"], r) for r in rel]
+    return report(args, cfg, meta, files, D, I)
+
+
+def drop_self(I, ids, k):
+    """Mask keeping k results per row: all but the query's own id (or, absent, the last)."""
+    keep = I != ids[:, None]
+    keep[keep.all(1), -1] = False
+    return keep & (np.cumsum(keep, 1) <= k)
+
+
+def report(args, cfg, meta, queries, D, I):
+    """Print the ranked lists, write the contact sheet; returns (D, I)."""
+    for q, d_row, i_row in zip(queries, D, I, strict=True):
+        print(f"query: {q}\n  rank  score  path  [title - attribution]")
+        for rank, (score, i) in enumerate(zip(d_row, i_row, strict=True), 1):
+            if i >= 0:
+                r = meta[i]
+                label = " - ".join(x for x in (r.get("title"), r.get("attribution")) if x)
+                print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}")
+    sheet = args.sheet or os.path.join(args.index, "query_sheet.png")
+    contact_sheet(sheet, queries, D, I, meta, cfg["images"])
+    print(f"contact sheet: {sheet}")
+    return D, I
+
+
+THUMB, PAD, CAPTION = 160, 8, 34  # px
+
+
+def font():
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=12)  # scalable since Pillow 10.1
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def fit(text, f, width):
+    """text, cut with an ellipsis to fit `width` px."""
+    if f.getlength(text) <= width:
+        return text
+    while text and f.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def thumb(path):
+    from PIL import Image, ImageOps
+    try:
+        return ImageOps.contain(data.load_image(path, THUMB), (THUMB, THUMB))
+    except (OSError, ValueError, SyntaxError):
+        return Image.new("RGB", (THUMB, THUMB), (200, 200, 200))  # moved or unreadable
+
+
+def contact_sheet(out, queries, D, I, meta, root):
+    """One row per query: the query (framed), then its top k with rank, score and title."""
+    from PIL import Image, ImageDraw
+    f, cell_w, cell_h = font(), THUMB + PAD, THUMB + CAPTION + PAD
+    sheet = Image.new("RGB", (3 * PAD + cell_w * (I.shape[1] + 1), PAD + cell_h * len(queries)),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, q in enumerate(queries):
+        y = PAD + row * cell_h
+        cells = [(q, "query", os.path.basename(q))]
+        cells += [(data.safe_join(root, meta[i]["path"]), f"{rank}. {s:.3f}",
+                   meta[i].get("title") or os.path.basename(meta[i]["path"]))
+                  for rank, (s, i) in enumerate(zip(D[row], I[row], strict=True), 1) if i >= 0]
+        for col, (path, line1, line2) in enumerate(cells):
+            x = PAD + col * cell_w + (PAD if col else 0)
+            im = thumb(path)
+            sheet.paste(im, (x + (THUMB - im.width) // 2, y + (THUMB - im.height) // 2))
+            if col == 0:
+                draw.rectangle([x - 3, y - 3, x + THUMB + 2, y + THUMB + 2], outline=(30, 90, 200),
+                               width=2)
+            draw.text((x, y + THUMB + 3), fit(line1, f, THUMB), fill=(0, 0, 0), font=f)
+            draw.text((x, y + THUMB + 18), fit(line2, f, THUMB), fill=(70, 70, 70), font=f)
+    buf = io.BytesIO()
+    sheet.save(buf, "PNG")
+    data.atomic_write(out, buf.getvalue(), "wb")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def copy_of(im, rng):
+    """A seeded near-duplicate: crop 50-90% of the area (aspect 3:4..4:3), rotate +-10 deg,
+    resize x0.6-1.4, jitter brightness/contrast/saturation x0.7-1.3, grayscale 20% of the
+    time, JPEG re-compression at quality 30-70."""
+    from PIL import Image, ImageEnhance
+    w, h = im.size
+    area, ratio = rng.uniform(0.5, 0.9), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw = min(w, round(math.sqrt(area * w * h * ratio)))
+    ch = min(h, round(math.sqrt(area * w * h / ratio)))
+    x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    im = im.crop((x0, y0, x0 + cw, y0 + ch)).rotate(rng.uniform(-10, 10), Image.BILINEAR)
+    s = rng.uniform(0.6, 1.4)
+    im = im.resize((max(16, round(cw * s)), max(16, round(ch * s))), Image.BILINEAR)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        im = enhance(im).enhance(rng.uniform(0.7, 1.3))
+    if rng.random() < 0.2:
+        im = im.convert("L").convert("RGB")
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=int(rng.integers(30, 71)))
+    return data.load_image(io.BytesIO(buf.getvalue()))
+
+
+def original(cfg, rel):
+    path = data.safe_join(cfg["images"], rel)
+    try:
+        return data.load_image(path, 2 * cfg["img_size"])  # 2x: the crop is enlarged later
+    except (OSError, ValueError, SyntaxError) as e:
+        raise data.UserError(f"copy detection needs the indexed images: {path} ({e}); "
+                             "pass --images ROOT if they moved") from None
+
+
+def eval_copies(model, index, meta, cfg, args, device, ids):
+    """Copy detection: a transformed copy of each id searched against the full index."""
+    rng, xq = np.random.default_rng(args.seed), []
+    prog = data.Progress(len(ids), "copies")
+    for i in range(0, len(ids), args.batch_size):
+        ims = [copy_of(original(cfg, meta[j]["path"]), rng) for j in ids[i:i + args.batch_size]]
+        xq.append(embed_pils(model, ims, cfg, args, device))
+        prog.update(len(ims))
+    _, I = search(index, np.concatenate(xq), 10)
+    return {"queries": len(ids), **metrics.retrieval_metrics(I, ids, ks=(1, 5))}
+
+
+def eval_labels(meta, I, ids, n):
+    """Leave-one-out label retrieval per label column with >= 2 classes: mAP@10, P@5 and their
+    random-ranking baselines. I: (len(ids), 10) results without the query itself.
+
+    Candidates are all other indexed images (unlabelled ones count as not relevant), and the
+    baselines use the same candidates: n_relevant = same-label count - 1 per query."""
+    out = {}
+    for col in LABEL_COLUMNS:
+        labels = np.array([r.get(col) or "" for r in meta], dtype=object)
+        names, counts = np.unique(labels[labels != ""], return_counts=True)
+        if len(names) < 2:
+            continue
+        q = ids[labels[ids] != ""]
+        res = I[labels[ids] != ""]
+        rel = (labels[res] == labels[q][:, None]) & (res >= 0)
+        n_rel = counts[np.searchsorted(names, labels[q])] - 1
+        out[col] = {"queries": len(q), "classes": len(names),
+                    "map@10": metrics.map_at_k(rel, n_rel, 10),
+                    "p@5": metrics.precision_at_k(rel, 5),
+                    "random_map@10": metrics.random_map_at_k(n_rel, n - 1, 10),
+                    "random_p@5": metrics.random_precision_at_k(n_rel, n - 1, 5)}
+    return out
+
+
+def cmd_eval(args, device):
+    cfg, meta, xb, index = open_for_search(args, device)
+    n = len(xb)
+    if n < 11:
+        raise data.UserError(f"--eval needs >= 11 indexed images (the query and 10 neighbours); "
+                             f"{args.index} has {n}")
+    rng = np.random.default_rng(args.seed)
+    ids = np.sort(rng.choice(n, size=min(n, EVAL_MAX), replace=False))
+    _, I = search(index, xb[ids], 11)
+    res = {"n": n, "self": {"queries": len(ids), **metrics.retrieval_metrics(I[:, :10], ids)}}
+    cids = np.sort(rng.choice(n, size=min(n, args.eval_queries or 200), replace=False))
+    res["copy"] = eval_copies(load_model(cfg, device), index, meta, cfg, args, device, cids)
+    res["labels"] = eval_labels(meta, I[drop_self(I, ids, 10)].reshape(len(ids), 10), ids, n)
+    print(eval_table(res))
+    data.atomic_write(os.path.join(args.index, "eval.json"),
+                      json.dumps({**res, "config": cfg}, indent=1) + "\n")
+    log(args.index, event="eval", **res)
+    return res
+
+
+def eval_table(res):
+    cols = ("queries", "top1", "recall@5", "mrr", "map@10", "p@5", "random_map@10", "random_p@5")
+    head = ("queries", "Top-1", "R@5", "MRR@10", "mAP@10", "P@5", "rnd mAP", "rnd P@5")
+    rows = [("self-retrieval *", res["self"]), ("copy detection", res["copy"])]
+    rows += [(f"label: {c} ({v['classes']} cl.)", v) for c, v in res["labels"].items()]
+
+    def cell(v):
+        return "-" if v is None else str(v) if isinstance(v, int) else f"{v:.3f}"
+
+    w = max(len(r[0]) for r in rows)
+    lines = [f"{'protocol':<{w}}" + "".join(f"{h:>8}" for h in head)]
+    lines += [f"{name:<{w}}" + "".join(f"{cell(r.get(c)):>8}" for c in cols) for name, r in rows]
+    lines.append(f"{res['n']} images indexed. * a sanity check only: 1.0 for any injective "
+                 "embedding.\nrnd = expected under a random ranking of the same candidates.")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+def log(folder, **record):
+    with open(os.path.join(folder, "log.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.time(), **record}, default=str) + "\n")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--build", action="store_true", help="embed the collection, write an index")
+    mode.add_argument("--add", action="store_true", help="embed and add the images not indexed")
+    mode.add_argument("--query", nargs="+", metavar="IMG", help="image files to search for")
+    mode.add_argument("--query-id", nargs="+", metavar="PATH",
+                      help="indexed paths (as in meta.csv) to search for, minus themselves")
+    mode.add_argument("--eval", action="store_true", help="self, copy-detection, label retrieval")
+    p.add_argument("--images", help=f"image root; paths are stored relative to it (default: "
+                   f"{DEFAULT_IMAGES} for --build, else the index's root)")
+    p.add_argument("--manifest", help=f"CSV with a path column (default: {DEFAULT_MANIFEST} "
+                   "with the default --images if it exists, else every image under --images; "
+                   "--add: the index's manifest unless --images is given)")
+    p.add_argument("--index", default=DEFAULT_INDEX, help="index folder (default: %(default)s)")
+    m = p.add_argument_group("model, recorded in config.json (--query/--add/--eval reuse it)")
+    m.add_argument("--backbone", help="torchvision CNN (default: resnet50)")
+    m.add_argument("--weights", help="imagenet | none (seeded random) | PATH of a state_dict "
+                   "(default: imagenet)")
+    m.add_argument("--ckpt", help="crnn.py checkpoint: embed with its learned model instead")
+    m.add_argument("--img-size", type=int, help="px: shorter side, then centre crop (default: 224)")
+    m.add_argument("--pool", choices=("avg", "gem", "grid"), help="global average, GeM (p=3), or "
+                   "a grid of cells that keeps the layout (default: grid)")
+    m.add_argument("--grid", type=int, help="--pool grid: G x G cells (default: 2)")
+    x = p.add_argument_group("faiss index (defaults sized from the collection)")
+    x.add_argument("--index-type", choices=("flat", "hnsw", "ivfpq"), help="flat: exact; hnsw, "
+                   "ivfpq: approximate, for 100k+ images (default: flat)")
+    x.add_argument("--pca", type=int, metavar="D", help="PCA-whiten to D dims, then re-normalise "
+                   "(default: off)")
+    x.add_argument("--hnsw-m", type=int, help="hnsw links per node (default: 32)")
+    x.add_argument("--ef-construction", type=int, help="hnsw build beam (default: 200)")
+    x.add_argument("--ef-search", type=int, help="hnsw search beam; also at query time "
+                   "(default: 128)")
+    x.add_argument("--nlist", type=int, help="ivfpq lists (default: 4 sqrt(n), <= n/39)")
+    x.add_argument("--pq-m", type=int, help="ivfpq bytes per vector (default: the largest "
+                   "divisor of the size <= 64)")
+    x.add_argument("--nbits", type=int, help="ivfpq bits per code (default: 8, fewer for small n)")
+    x.add_argument("--nprobe", type=int, help="ivfpq lists searched; also at query time "
+                   "(default: 16)")
+    q = p.add_argument_group("query and eval")
+    q.add_argument("-k", type=int, default=5, help="results per query (default: %(default)s)")
+    q.add_argument("--sheet", help="contact sheet PNG (default: INDEX/query_sheet.png)")
+    q.add_argument("--eval-queries", type=int, help="copy-detection queries (default: "
+                   "min(200, n))")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image decoding processes (default: %(default)s)")
+    r.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, mps, then cpu)")
+    r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 on CPUs with native bf16, fp16 on CUDA (default: %(default)s)")
+    r.add_argument("--seed", type=int, default=0, help="init, samples, copies "
+                   "(default: %(default)s)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    print("args:", json.dumps(vars(args)))
+    data.tune_malloc()
+    try:
+        device = data.pick_device(args.device)
+        args.amp_dtype = data.autocast_dtype(device) if args.amp else None
+        if args.build:
+            return cmd_build(args, device)
+        if args.add:
+            return cmd_add(args, device)
+        if args.query:
+            return cmd_query(args, device)
+        if args.query_id:
+            return cmd_query_id(args, device)
+        return cmd_eval(args, device)
+    except data.UserError as e:
+        raise SystemExit(f"retrieve.py: error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
