@@ -1,0 +1,1316 @@
+"""ArtExtract's tests: CPU only, no network, no downloaded weights, nothing outside tmp_path.
+
+Three layers (STYLE.md): hand-computed metric cases and scikit-learn cross-checks; seeded
+synthetic data for indexes and models; CPU smoke runs of each script's main([...]) on small
+demo data. Run: python -m pytest -q test_all.py
+"""
+
+import csv
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import threading
+import time
+import urllib.error
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import faiss
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import crnn
+import data
+import metrics
+import retrieve
+
+# ============================================================================
+# shared fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core box two processes each spinning 2 OpenMP threads
+    ran 10x slower (244 s vs 24 s measured); with 64 px images one thread is also the faster."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """120 synthetic demo images (data.py demo), shared by the crnn and retrieve tests."""
+    out = tmp_path_factory.mktemp("shared") / "demo"
+    data.main(["demo", "--out", str(out), "--n", "120"])
+    return out
+
+
+
+# ============================================================================
+# data
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def jpeg_bytes(size=(64, 48), color=(200, 30, 30)):
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def read_rows(path):
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+MOJI = "Art_Nouveau_Modern/eugã¨ne-grasset_la-belle\u00adjardini\u00a0re.jpg"
+
+
+def write_lists(d):
+    """Small ArtGAN-format lists with the real quirks."""
+    os.makedirs(d, exist_ok=True)
+    styles = ["Art_Nouveau", "Baroque", "Cubism", "Tiny"]
+    with open(os.path.join(d, "style_class.txt"), "w", newline="") as f:
+        f.write("".join(f"{i} {n}\n" for i, n in enumerate(styles)))
+    with open(os.path.join(d, "genre_class"), "w", newline="") as f:
+        f.write("0 landscape\n1 portrait\n2 still_life\n3 cityscape\n4 religious_painting\n")
+    with open(os.path.join(d, "artist_class"), "w", newline="") as f:
+        f.write("0 Rembrandt\n1 Eugene_Grasset\n")
+    train, val = [], []
+    for c, name in enumerate(styles[:3]):
+        folder = "Art_Nouveau_Modern" if name == "Art_Nouveau" else name
+        for i in range(20):
+            (val if i % 4 == 0 else train).append((f"{folder}/artist-{c}_work-{i}(1).jpg", c))
+    train.append((MOJI, 0))
+    train += [("Tiny/a_b.jpg", 3), ("Tiny/a_c.jpg", 3)]
+    for name, rows in (("style_train.csv", train), ("style_val.csv", val)):
+        with open(os.path.join(d, name), "wb") as f:  # CRLF, no header, UTF-8 bytes
+            f.write("".join(f"{p},{y}\r\n" for p, y in rows).encode("utf-8"))
+    # genre: a conflicting duplicate in val; a cross-task split conflict (style val, genre train)
+    g_train = [("Baroque/artist-1_work-0(1).jpg", 1), ("Baroque/artist-1_work-1(1).jpg", 4)]
+    g_val = [("Cubism/artist-2_work-3(1).jpg", 1), ("Cubism/artist-2_work-3(1).jpg", 4),
+             (MOJI, 0)]
+    for name, rows in (("genre_train.csv", g_train), ("genre_val.csv", g_val)):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write("".join(f"{p},{y}\r\n" for p, y in rows).encode("utf-8"))
+    with open(os.path.join(d, "artist_train"), "w", newline="") as f:
+        f.write("(Path to image),, (Groundtruth class) \n\n")
+        f.write("Baroque/artist-1_work-2(1).jpg,,0\n" + f"{MOJI},,1\n")
+    with open(os.path.join(d, "artist_val"), "w", newline="") as f:
+        f.write("(Path to image),, (Groundtruth class)\n\nBaroque/artist-1_work-5(1).jpg,,0\n")
+    return train + val
+
+
+# ----------------------------------------------------------------------------- wikiart
+
+
+def test_data_wikiart_real_list_formats(tmp_path, capsys):
+    write_lists(tmp_path / "lists")
+    out = tmp_path / "out"
+    assert data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
+                      "--per-class", "12", "--min-per-class", "5", "--seed", "3"]) == 0
+    log = capsys.readouterr().out
+    rows = read_rows(out / "manifest.csv")
+    assert list(rows[0]) == ["path", "style", "artist", "genre", "split"]
+    counts = {}
+    for r in rows:
+        counts[r["style"]] = counts.get(r["style"], 0) + 1
+    assert counts == {"Art_Nouveau": 12, "Baroque": 12, "Cubism": 12}  # Tiny (2) dropped
+    assert "dropped class Tiny" in log
+    assert "conflicting labels" in log
+    assert all(r["split"] in ("train", "val") for r in rows)
+    for c in counts:  # stratified: every class has val images, ~20%
+        n_val = sum(1 for r in rows if r["style"] == c and r["split"] == "val")
+        assert 1 <= n_val <= 4
+    classes = __import__("json").loads((out / "classes.json").read_text())
+    assert classes["style"] == ["Art_Nouveau", "Baroque", "Cubism"]
+
+
+def test_data_wikiart_labels_bytes_and_conflicts(tmp_path):
+    write_lists(tmp_path / "lists")
+    out = tmp_path / "out"
+    data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
+               "--per-class", "0", "--min-per-class", "1"])
+    rows = {r["path"]: r for r in read_rows(out / "manifest.csv")}
+    assert MOJI in rows  # soft hyphen, no-break space and mojibake kept byte for byte
+    assert rows[MOJI]["artist"] == "Eugene_Grasset" and rows[MOJI]["genre"] == "landscape"
+    assert rows["Baroque/artist-1_work-1(1).jpg"]["genre"] == "religious_painting"
+    assert rows["Cubism/artist-2_work-3(1).jpg"]["genre"] == ""  # listed as 1 and 4: dropped
+    assert rows["Baroque/artist-1_work-5(1).jpg"]["artist"] == "Rembrandt"
+    assert rows["Baroque/artist-1_work-3(1).jpg"]["artist"] == ""
+    assert len(rows) == 63  # one split column: a path cannot be in both splits
+
+
+def test_data_wikiart_deterministic_for_seed(tmp_path):
+    write_lists(tmp_path / "lists")
+    outs = []
+    for i, seed in enumerate([1, 1, 2]):
+        out = tmp_path / f"o{i}"
+        data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
+                   "--per-class", "10", "--seed", str(seed)])
+        outs.append((out / "manifest.csv").read_bytes())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_data_wikiart_images_filter(tmp_path, capsys):
+    items = write_lists(tmp_path / "lists")
+    root = tmp_path / "img"
+    for p, _ in items:
+        if "work-7" in p:
+            continue  # missing on disk
+        os.makedirs(os.path.dirname(root / p), exist_ok=True)
+        body = jpeg_bytes()
+        (root / p).write_bytes(body[: len(body) // 3] if "work-9" in p else body)
+    out = tmp_path / "out"
+    data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
+               "--per-class", "0", "--images", str(root)])
+    rows = read_rows(out / "manifest.csv")
+    assert not any("work-7" in r["path"] or "work-9" in r["path"] for r in rows)
+    bad = read_rows(out / "unusable.csv")
+    assert sorted({b["reason"] for b in bad}) == ["corrupt", "missing"]
+    assert len(bad) == 6
+    assert "3 missing and 3 corrupt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--lists", "NOPE"], "list folder not found"),
+    (["--tasks", "style,colour"], "unknown task 'colour'"),
+    (["--min-per-class", "1000"], "nothing left after filtering"),
+])
+def test_data_wikiart_bad_input(tmp_path, argv, msg):
+    write_lists(tmp_path / "lists")
+    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=msg) as e:
+        data.main(base + argv)
+    assert "\n" not in str(e.value)
+
+
+def test_data_wikiart_missing_list_file(tmp_path):
+    write_lists(tmp_path / "lists")
+    os.remove(tmp_path / "lists" / "artist_val")
+    with pytest.raises(SystemExit, match="no artist val list"):
+        data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o")])
+
+
+# ----------------------------------------------------------------------------- nga
+
+OBJECTS = (
+    # header drift: a leading uuid column, columns in another order than the 2025 exports
+    "uuid,objectid,accessionnum,title,displaydate,medium,dimensions,attributioninverted,"
+    "attribution,classification\r\n"
+    'u1,101,1949.6.1,Self-Portrait,c. 1630,oil on canvas,"overall: 74.6 × 65.1 cm\r\n'
+    'framed: 99.7 × 91.1 cm","Leyster, Judith",Judith Leyster,Painting\n'
+    'u2,102,1963.10.1,"The Boating Party, with ""quotes""",1893/1894,oil,"a\nb",'
+    '"Cassatt, Mary",Mary Cassatt,Painting\n'
+    "u3,103,1.1,No Image Yet,1900,oil,,,,Painting\n"
+    "u4,104,1.2,A Drawing,1900,chalk,,,,Drawing\n"
+    "u5,105,1.3,Portrait of a Man,1650,oil,,,,Painting\n"
+)
+IMAGES = (
+    "uuid,iiifurl,iiifthumburl,viewtype,sequence,width,height,maxpixels,openaccess,created,"
+    "modified,depictstmsobjectid,assistivetext\n"
+    "a1,https://api.nga.gov/iiif/a1,t,alternate,0,10,10,,1,,,101,\n"
+    "p1,https://api.nga.gov/iiif/p1,t,primary,1,10,10,,1,,,101,\n"
+    "p0,https://api.nga.gov/iiif/p0,t,primary,0,10,10,,1,,,101,\"multi\nline\"\n"
+    "p2,https://api.nga.gov/iiif/p2,t,primary,0,10,10,,1,,,102,\n"
+    "p4,https://api.nga.gov/iiif/p4,t,primary,0,10,10,,1,,,104,\n"
+    "p5,https://api.nga.gov/iiif/p5,t,primary,0,10,10,,0,,,105,\n"
+)
+
+
+def write_nga(d):
+    os.makedirs(d, exist_ok=True)
+    (d / "objects.csv").write_bytes(OBJECTS.encode())
+    (d / "published_images.csv").write_bytes(IMAGES.encode())
+
+
+def test_data_nga_one_primary_image_per_painting(tmp_path):
+    write_nga(tmp_path)
+    data.main(["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
+               str(tmp_path / "published_images.csv"), "--out", str(tmp_path / "o")])
+    rows = read_rows(tmp_path / "o" / "manifest.csv")
+    assert [r["objectid"] for r in rows] == ["101", "102", "105"]
+    assert rows[0]["url"] == "https://api.nga.gov/iiif/p0/full/!512,512/0/default.jpg"
+    assert rows[0]["attribution"] == "Judith Leyster" and rows[0]["path"] == "101.jpg"
+    assert rows[1]["title"] == 'The Boating Party, with "quotes"'
+    for col in ("path", "objectid", "title", "attribution", "displaydate", "url"):
+        assert col in rows[0]
+
+
+def test_data_nga_filters(tmp_path):
+    write_nga(tmp_path)
+    base = ["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
+            str(tmp_path / "published_images.csv"), "--out", str(tmp_path / "o")]
+    data.main(base + ["--open-access", "--title-contains", "portrait", "--size", "256"])
+    rows = read_rows(tmp_path / "o" / "manifest.csv")
+    assert [r["objectid"] for r in rows] == ["101"]  # 105 is not open access
+    assert rows[0]["url"].endswith("/full/!256,256/0/default.jpg")
+    data.main(base + ["--limit", "1"])
+    assert len(read_rows(tmp_path / "o" / "manifest.csv")) == 1
+
+
+def test_data_nga_missing_column(tmp_path):
+    write_nga(tmp_path)
+    (tmp_path / "bad.csv").write_text("uuid,url,objectid\nx,y,101\n")
+    with pytest.raises(SystemExit, match="no column iiifurl, depictstmsobjectid"):
+        data.main(["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
+                   str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o")])
+
+
+# ----------------------------------------------------------------------------- download
+
+
+class Server:
+    """127.0.0.1 image server: 503-then-200, 429 with Retry-After, truncated JPEG, 404."""
+
+    def __init__(self):
+        self.hits, self.times, self.agents = {}, {}, set()
+        self.inflight = self.max_inflight = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                with server.lock:
+                    server.inflight += 1
+                    server.max_inflight = max(server.max_inflight, server.inflight)
+                    n = server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                    server.times.setdefault(self.path, []).append(time.time())
+                    server.agents.add(self.headers.get("User-Agent"))
+                try:
+                    time.sleep(0.05)  # let requests overlap, to observe concurrency
+                    self.respond(n)
+                finally:
+                    with server.lock:
+                        server.inflight -= 1
+
+            def respond(self, n):
+                body = jpeg_bytes()
+                if self.path.startswith("/flaky") and n == 1:
+                    return self.send_error(503)
+                if self.path.startswith("/slow") and n == 1:
+                    self.send_response(429)
+                    self.send_header("Retry-After", "1")
+                    self.end_headers()
+                    return
+                if self.path.startswith("/missing"):
+                    return self.send_error(404)
+                if self.path.startswith("/trunc"):
+                    body = body[: len(body) // 2]
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+
+
+def test_data_download_retries_failures_and_resume(tmp_path, server, capsys):
+    names = [f"ok{i}" for i in range(6)] + ["flaky", "slow", "trunc", "missing"]
+    rows = [[f"sub/{n}.jpg", f"{server.url}/{n}.jpg"] for n in names]
+    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
+    root = tmp_path / "img"
+    os.makedirs(root / "sub")
+    (root / "sub" / "ok0.jpg").write_bytes(jpeg_bytes()[:100])  # a partial file from a crash
+    argv = ["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(root),
+            "--workers", "2", "--backoff", "0.01", "--retries", "2", "--size", "0"]
+    assert data.main(argv) == 1  # two failed
+    for n in names[:8]:
+        assert data.check_image(root / "sub" / f"{n}.jpg"), n
+    assert not (root / "sub" / "trunc.jpg").exists() and not (root / "sub" / "missing.jpg").exists()
+    assert not [f for f in os.listdir(root / "sub") if f.endswith(".part")]
+    assert server.hits["/flaky.jpg"] == 2 and server.hits["/missing.jpg"] == 1
+    assert server.hits["/trunc.jpg"] == 3  # retried: a bad body may be a transfer glitch
+    t = server.times["/slow.jpg"]
+    assert t[1] - t[0] >= 0.95  # Retry-After: 1 honoured
+    assert server.max_inflight <= 2
+    assert all(a and a.startswith("ArtExtract/") for a in server.agents)
+    fails = read_rows(root / "download_failures.csv")
+    assert sorted(f["path"] for f in fails) == ["sub/missing.jpg", "sub/trunc.jpg"]
+    capsys.readouterr()
+    before = dict(server.hits)
+    assert data.main(argv) == 1  # resumed: finished files are not fetched again
+    assert server.hits["/ok1.jpg"] == before["/ok1.jpg"]
+    assert server.hits["/flaky.jpg"] == before["/flaky.jpg"]
+    assert server.hits["/missing.jpg"] == before["/missing.jpg"] + 1
+    assert "8 already here, 2 to fetch" in capsys.readouterr().out
+
+
+def test_data_download_rejects_escaping_paths(tmp_path):
+    data.write_csv(tmp_path / "m.csv", ["path", "url"], [["../evil.jpg", "http://127.0.0.1:9/x"]])
+    with pytest.raises(SystemExit, match="escapes the image root"):
+        data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path)])
+
+
+def test_data_download_empty_manifest(tmp_path):
+    (tmp_path / "m.csv").write_text("path,url\n")
+    with pytest.raises(SystemExit, match="manifest is empty"):
+        data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path)])
+
+
+def test_data_retry_after_and_iiif_size():
+    assert data.retry_after("7") == 7.0
+    assert data.retry_after(None) is None
+    later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 <= data.retry_after(later) <= 31
+    url = "https://api.nga.gov/iiif/x/full/!512,512/0/default.jpg"
+    assert data.resize_iiif(url, 256) == "https://api.nga.gov/iiif/x/full/!256,256/0/default.jpg"
+
+
+# ----------------------------------------------------------------------------- resize + loading
+
+
+def write_odd_images(root):
+    os.makedirs(root, exist_ok=True)
+    Image.new("CMYK", (300, 200), (0, 255, 255, 0)).save(root / "cmyk.jpg")  # red
+    Image.fromarray(np.full((200, 300), 32896, np.uint16)).save(root / "gray16.png")
+    p = Image.new("P", (200, 200), 0)
+    p.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)
+    p.paste(1, (50, 50, 150, 150))
+    p.save(root / "palette.png", transparency=0)  # blue is transparent
+    im = Image.new("RGB", (400, 200), (0, 128, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 CW on display: 200 wide, 400 high
+    im.save(root / "rotated.jpg", exif=exif)
+    (root / "trunc.jpg").write_bytes(jpeg_bytes((300, 300))[:300])
+    Image.new("L", (256, 512), 90).save(root / "gray.jpg")
+
+
+def test_data_resize_odd_images(tmp_path, capsys):
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    write_odd_images(src)
+    names = ["cmyk.jpg", "gray16.png", "palette.png", "rotated.jpg", "trunc.jpg", "gray.jpg"]
+    data.write_csv(tmp_path / "m.csv", ["path"], [[n] for n in names])
+    argv = ["resize", "--manifest", str(tmp_path / "m.csv"), "--root", str(src),
+            "--out", str(cache), "--size", "64", "--workers", "2"]
+    assert data.main(argv) == 0
+    ims = {n: Image.open(cache / n) for n in names if n != "trunc.jpg"}
+    assert all(im.mode == "RGB" and min(im.size) == 64 for im in ims.values())
+    r, g, b = ims["cmyk.jpg"].getpixel((32, 32))
+    assert r > 200 and g < 60 and b < 60
+    assert abs(ims["gray16.png"].getpixel((10, 10))[0] - 128) <= 2  # scaled, not clipped to 255
+    assert ims["palette.png"].getpixel((2, 2)) == (255, 255, 255)  # transparent -> white
+    assert ims["palette.png"].getpixel((32, 32)) == (255, 0, 0)
+    assert ims["rotated.jpg"].size == (64, 128)  # EXIF orientation applied
+    assert ims["gray.jpg"].size == (64, 128)
+    assert not (cache / "trunc.jpg").exists()
+    assert [r["path"] for r in read_rows(cache / "unreadable.csv")] == ["trunc.jpg"]
+    capsys.readouterr()
+    mtimes = {n: os.path.getmtime(cache / n) for n in ims}
+    data.main(argv)  # second run: nothing to do but the unreadable one
+    assert "5 already cached, 1 to resize" in capsys.readouterr().out
+    assert mtimes == {n: os.path.getmtime(cache / n) for n in ims}
+
+
+def test_data_load_image_draft_decodes_smaller(tmp_path):
+    Image.new("RGB", (2000, 1500), (10, 20, 30)).save(tmp_path / "big.jpg", quality=90)
+    full = data.load_image(tmp_path / "big.jpg")
+    small = data.load_image(tmp_path / "big.jpg", 224)
+    assert full.size == (2000, 1500)
+    assert small.size == (500, 375)  # DCT scaling 1/4, shorter side still >= 224
+
+
+def test_data_image_dataset_skips_unreadable(tmp_path):
+    write_odd_images(tmp_path)
+    ds = data.ImageDataset(["cmyk.jpg", "trunc.jpg"], tmp_path, size=32)
+    assert ds[0][0].mode == "RGB" and ds[0][1] == 0
+    assert ds[1] is None
+    batch = data.collate_skip([(np.zeros(2), 0), None, (np.ones(2), 2)])
+    assert batch[1].tolist() == [0, 2]
+    with pytest.raises(data.UserError, match="escapes"):
+        data.ImageDataset(["../x.jpg"], tmp_path)
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def test_data_demo_formats(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert data.main(["demo", "--out", str(out), "--n", "48"]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    raw = (out / "lists" / "style_train.csv").read_bytes()
+    assert raw.count(b"\r\n") == raw.count(b"\n") > 0
+    art = (out / "lists" / "artist_train").read_text(encoding="utf-8").split("\n")
+    assert art[0].startswith("(Path to image),,") and art[1] == "" and ",," in art[2]
+    rows = read_rows(out / "manifest.csv")
+    assert len(rows) == 48 and list(rows[0]) == ["path", "style", "artist", "genre", "split"]
+    assert all(os.path.isfile(out / "images" / r["path"]) for r in rows)
+    assert any("ã" in r["path"] for r in rows)
+    gallery = read_rows(out / "gallery.csv")
+    assert len(gallery) == 48 and gallery[0]["attribution"]
+
+
+# ============================================================================
+# metrics: Tests for metrics.py: hand-computed cases, sklearn cross-checks, random-baseline checks.
+
+# --- hand-computed classification case ---
+# 5 classes a..e, n = 6:
+#   y_true = 0 0 0 1 1 2     -> support   [3, 2, 1, 0, 0]  (d, e never true)
+#   y_pred = 0 1 1 1 3 0     -> predicted [2, 3, 0, 1, 0]  (c, e never predicted)
+#   hits at samples 0 and 3  -> tp        [1, 1, 0, 0, 0]
+CLS_TRUE = [0, 0, 0, 1, 1, 2]
+CLS_PRED = [0, 1, 1, 1, 3, 0]
+CLS_NAMES = ["a", "b", "c", "d", "e"]
+
+
+def test_metrics_confusion_matrix_hand():
+    cm = metrics.confusion_matrix(CLS_TRUE, CLS_PRED, 5)
+    expected = [
+        [1, 2, 0, 0, 0],  # true a: predicted a once, b twice
+        [0, 1, 0, 1, 0],  # true b: b once, d once
+        [1, 0, 0, 0, 0],  # true c: predicted a
+        [0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0],
+    ]
+    assert cm.dtype == np.int64 and cm.shape == (5, 5)
+    np.testing.assert_array_equal(cm, expected)
+
+
+def test_metrics_classification_report_hand():
+    rep = metrics.classification_report(CLS_TRUE, CLS_PRED, 5, names=CLS_NAMES)
+    got = [(c["precision"], c["recall"], c["f1"]) for c in rep["per_class"]]
+    expected = [
+        (1 / 2, 1 / 3, 2 / 5),  # a: tp 1 / pred 2, tp 1 / support 3, 2*1 / (2+3)
+        (1 / 3, 1 / 2, 2 / 5),  # b: 1/3, 1/2, 2*1 / (3+2)
+        (None, 0.0, 0.0),  # c: never predicted; recall 0/1; f1 0 / (0+1)
+        (0.0, None, 0.0),  # d: never true; precision 0/1; f1 0 / (1+0)
+        (None, None, None),  # e: in neither y_true nor y_pred
+    ]
+    for g, e in zip(got, expected, strict=True):
+        assert _metrics_close(g, e), (g, e)
+    assert [c["support"] for c in rep["per_class"]] == [3, 2, 1, 0, 0]
+    assert [c["predicted"] for c in rep["per_class"]] == [2, 3, 0, 1, 0]
+    assert rep["accuracy"] == pytest.approx(2 / 6)
+    # macro over all 5 classes, undefined as 0: p (1/2 + 1/3) / 5 = 1/6, r same,
+    # f1 (2/5 + 2/5) / 5 = 4/25
+    assert rep["macro"] == pytest.approx({"precision": 1 / 6, "recall": 1 / 6, "f1": 4 / 25})
+    # weighted by support 3,2,1,0,0 over 6: p (3/2 + 2/3 + 0) / 6 = 13/36,
+    # r (1 + 1 + 0) / 6 = 1/3, f1 (6/5 + 4/5 + 0) / 6 = 1/3
+    assert rep["weighted"] == pytest.approx({"precision": 13 / 36, "recall": 1 / 3, "f1": 1 / 3})
+    # micro: tp 2, predicted 6, support 6 -> 1/3 each
+    assert rep["micro"] == pytest.approx({"precision": 1 / 3, "recall": 1 / 3, "f1": 1 / 3})
+    assert rep["undefined_precision"] == ["c", "e"]
+    assert rep["undefined_recall"] == ["d", "e"]
+    assert rep["n"] == 6
+
+
+def _metrics_close(got, expected):
+    return all(
+        (g is None and e is None) or (g is not None and e is not None and abs(g - e) < 1e-12)
+        for g, e in zip(got, expected, strict=True)
+    )
+
+
+def test_metrics_classification_report_default_names():
+    rep = metrics.classification_report([0, 1], [0, 0], 3)
+    assert [c["name"] for c in rep["per_class"]] == ["0", "1", "2"]
+    assert rep["undefined_precision"] == ["1", "2"] and rep["undefined_recall"] == ["2"]
+
+
+def test_metrics_format_report_hand():
+    rep = metrics.classification_report(CLS_TRUE, CLS_PRED, 5, names=CLS_NAMES)
+    text = metrics.format_report(rep)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.strip()}
+    assert rows["a"] == ["0.500", "0.333", "0.400", "3"]
+    assert rows["c"] == ["n/a", "0.000", "0.000", "1"]
+    assert rows["d"] == ["0.000", "n/a", "0.000", "0"]
+    assert rows["e"] == ["n/a", "n/a", "n/a", "0"]
+    assert rows["accuracy"] == ["0.333", "6"]
+    assert rows["macro"] == ["avg", "0.167", "0.167", "0.160", "6"]
+    assert rows["weighted"] == ["avg", "0.361", "0.333", "0.333", "6"]  # 13/36 = 0.3611
+    assert rows["micro"] == ["avg", "0.333", "0.333", "0.333", "6"]
+    assert "n/a" in text.splitlines()[-1] and "0" in text.splitlines()[-1]
+    # fixed width: header, class rows and average rows all end in the same column
+    table = [line for line in text.splitlines()[:-1] if line.strip()]
+    assert len({len(line) for line in table}) == 1
+    assert "0.50 " in metrics.format_report(rep, digits=2)
+
+
+def _metrics_sklearn_case(seed, n=300, n_classes=7):
+    """Labels where class 4 is never predicted, 5 never true, 6 in neither."""
+    rng = np.random.default_rng(seed)
+    y_true = rng.choice([0, 1, 2, 3, 4], size=n)
+    y_pred = np.where(rng.random(n) < 0.5, y_true, rng.choice([0, 1, 2, 3, 5], size=n))
+    y_pred[y_pred == 4] = 0
+    return y_true, y_pred, n_classes
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_classification_matches_sklearn(seed):
+    skm = pytest.importorskip("sklearn.metrics")
+    y_true, y_pred, n_classes = _metrics_sklearn_case(seed)
+    labels = list(range(n_classes))
+    rep = metrics.classification_report(y_true, y_pred, n_classes)
+    assert rep["undefined_precision"] == ["4", "6"] and rep["undefined_recall"] == ["5", "6"]
+
+    p, r, f1, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, average=None, zero_division=0
+    )
+    for c, row in enumerate(rep["per_class"]):
+        for key, ref in (("precision", p), ("recall", r), ("f1", f1)):
+            assert (row[key] or 0.0) == pytest.approx(ref[c], abs=1e-12, rel=0)
+        assert row["support"] == support[c]
+    for avg in ("macro", "weighted", "micro"):
+        ref = skm.precision_recall_fscore_support(
+            y_true, y_pred, labels=labels, average=avg, zero_division=0
+        )[:3]
+        got = (rep[avg]["precision"], rep[avg]["recall"], rep[avg]["f1"])
+        assert got == pytest.approx(ref, abs=1e-12, rel=0)
+    assert rep["accuracy"] == pytest.approx(skm.accuracy_score(y_true, y_pred), abs=1e-12)
+    np.testing.assert_array_equal(
+        metrics.confusion_matrix(y_true, y_pred, n_classes),
+        skm.confusion_matrix(y_true, y_pred, labels=labels),
+    )
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: metrics.confusion_matrix([0, 3], [0, 1], 3), r"outside \[0, 3\)"),
+        (lambda: metrics.confusion_matrix([0, -1], [0, 1], 3), r"outside \[0, 3\)"),
+        (lambda: metrics.confusion_matrix([0, 1], [0, 1, 1], 3), "lengths differ"),
+        (lambda: metrics.confusion_matrix([0.0, 1.0], [0, 1], 3), "1-D int array"),
+        (lambda: metrics.confusion_matrix([[0, 1]], [[0, 1]], 3), "1-D int array"),
+        (lambda: metrics.confusion_matrix([0], [0], 0), "n_classes must be a positive int"),
+        (lambda: metrics.classification_report([], [], 3), "at least one sample"),
+        (lambda: metrics.classification_report([0], [0], 2, names=["a"]), "1 names for 2"),
+    ],
+)
+def test_metrics_classification_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# --- top-k ---
+
+
+def test_metrics_topk_hand():
+    scores = np.array([[0.1, 0.5, 0.4], [0.3, 0.3, 0.2], [0.2, 0.1, 0.7]])
+    y_true = [1, 1, 1]
+    # true class 1 ranks: row 0 first; row 1 second (tie with class 0, lower index first);
+    # row 2 third
+    assert metrics.topk_accuracy(y_true, scores, 1) == pytest.approx(1 / 3)
+    assert metrics.topk_accuracy(y_true, scores, 2) == pytest.approx(2 / 3)
+    assert metrics.topk_accuracy(y_true, scores, 3) == 1.0
+    assert metrics.topk_accuracy(y_true, scores, 10) == 1.0  # clamped to 3 classes
+
+
+def test_metrics_topk_matches_brute_force():
+    rng = np.random.default_rng(1)
+    n, n_classes = 300, 6
+    scores = rng.integers(0, 4, size=(n, n_classes)).astype(float)  # many ties
+    y_true = rng.integers(0, n_classes, size=n)
+    for k in range(1, n_classes + 2):
+        hits = 0
+        for s, t in zip(scores, y_true, strict=True):
+            ranked = sorted(range(n_classes), key=lambda c, s=s: -s[c])  # stable: low index first
+            hits += t in ranked[:k]
+        assert metrics.topk_accuracy(y_true, scores, k) == pytest.approx(hits / n)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: metrics.topk_accuracy([0, 1], np.zeros((3, 4)), 1), "matching scores"),
+        (lambda: metrics.topk_accuracy([0, 4], np.zeros((2, 4)), 1), r"outside \[0, 4\)"),
+        (lambda: metrics.topk_accuracy([0], np.zeros(4), 1), "scores must be"),  # 1-D
+        (lambda: metrics.topk_accuracy([0], np.zeros((1, 4), int), 1), "scores must be"),
+        (lambda: metrics.topk_accuracy([0], np.full((1, 4), np.nan), 1), "scores must be"),
+        (lambda: metrics.topk_accuracy([0], np.zeros((1, 4)), 0), "k must be a positive"),
+    ],
+)
+def test_metrics_topk_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# --- retrieval ---
+
+
+def test_metrics_retrieval_hand():
+    I = np.array([[5, 7, 9], [3, 1, -1], [2, -1, -1], [8, 8, 4]])
+    gt = np.array([9, 3, 6, 8])
+    # query 0: id 9 at rank 3 -> rr 1/3; query 1: rank 1 -> 1;
+    # query 2: absent (only -1 after rank 1) -> 0; query 3: rank 1 (first of a duplicate) -> 1
+    out = metrics.retrieval_metrics(I, gt, ks=(1, 2, 3))
+    assert list(out) == ["top1", "recall@2", "recall@3", "mrr"]
+    assert out["top1"] == pytest.approx(2 / 4)  # queries 1, 3
+    assert out["recall@2"] == pytest.approx(2 / 4)  # query 0 needs rank 3
+    assert out["recall@3"] == pytest.approx(3 / 4)  # all but query 2
+    assert out["mrr"] == pytest.approx((1 / 3 + 1 + 0 + 1) / 4)  # = 7/12
+
+
+def test_metrics_retrieval_default_keys_and_missing():
+    I = np.array([[-1, -1, -1, -1, -1], [4, 3, 2, 1, 0]])
+    out = metrics.retrieval_metrics(I, np.array([0, 0]))  # ks=(1, 5)
+    # query 0 returned nothing; query 1 finds id 0 at rank 5 -> rr 1/5
+    assert out == pytest.approx({"top1": 0.0, "recall@5": 0.5, "mrr": (0 + 1 / 5) / 2})
+
+
+I_ZEROS = np.zeros((2, 3), int)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: metrics.retrieval_metrics(I_ZEROS, np.array([1, -1]), ks=(1,)), "gt must be"),
+        (lambda: metrics.retrieval_metrics(I_ZEROS, np.array([1, 2, 3]), ks=(1,)), "gt must be"),
+        (lambda: metrics.retrieval_metrics(I_ZEROS, np.array([1, 2]), ks=(1, 5)), "k=5 exceeds"),
+        (lambda: metrics.retrieval_metrics(I_ZEROS * 1.0, np.array([1, 2])), "I must be"),
+        (lambda: metrics.retrieval_metrics(I_ZEROS[0], np.array([1])), "I must be"),
+    ],
+)
+def test_metrics_retrieval_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_metrics_average_precision_hand():
+    rel = np.array([1, 0, 1, 0, 0, 1], dtype=bool)
+    # hits at ranks 1, 3, 6: precision 1/1, 2/3, 3/6, sum 13/6
+    assert metrics.average_precision(rel) == pytest.approx(13 / 6 / 3)  # = 13/18
+    assert metrics.average_precision(rel, n_relevant=4) == pytest.approx(13 / 6 / 4)  # one missed
+    assert metrics.average_precision(np.zeros(4, bool)) == 0.0
+    assert metrics.average_precision(np.zeros(4, bool), n_relevant=2) == 0.0
+    assert metrics.average_precision(np.array([0, 1], bool)) == pytest.approx(1 / 2)
+
+
+RANKED = np.array(
+    [
+        [1, 0, 1, 0],
+        [0, 1, 0, 0],
+        [0, 0, 0, 0],
+    ],
+    dtype=bool,
+)
+
+
+def test_metrics_map_at_k_hand():
+    # k=3: query 0: (P@1 + P@3) / min(2, 3) = (1 + 2/3) / 2 = 5/6
+    #      query 1: P@2 / min(5, 3) = (1/2) / 3 = 1/6; query 2: n_relevant 0, excluded
+    assert metrics.map_at_k(RANKED, [2, 5, 0], 3) == pytest.approx((5 / 6 + 1 / 6) / 2)
+    # same, but query 2 has one relevant item it never found: AP 0 joins the mean
+    assert metrics.map_at_k(RANKED, [2, 5, 1], 3) == pytest.approx((5 / 6 + 1 / 6 + 0) / 3)
+    # k=2: query 0: 1 / min(2, 2) = 1/2; query 1: (1/2) / min(5, 2) = 1/4
+    assert metrics.map_at_k(RANKED, [2, 5, 0], 2) == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert metrics.map_at_k(RANKED[2:], 0, 4) == 0.0  # no query with a relevant item
+
+
+def test_metrics_map_at_k_equals_ap_when_k_covers_all():
+    rng = np.random.default_rng(2)
+    rel = rng.random((50, 12)) < 0.3
+    n_rel = rel.sum(1) + rng.integers(0, 3, 50)  # some relevant items never retrieved
+    n_rel = np.minimum(n_rel, 12)  # so min(n_rel, k) == n_rel
+    keep = n_rel > 0
+    aps = [metrics.average_precision(r, n) for r, n in zip(rel[keep], n_rel[keep], strict=True)]
+    assert metrics.map_at_k(rel, n_rel, 12) == pytest.approx(np.mean(aps), abs=1e-12)
+
+
+def test_metrics_precision_at_k_hand():
+    assert metrics.precision_at_k(RANKED, 1) == pytest.approx((1 + 0 + 0) / 3)
+    assert metrics.precision_at_k(RANKED, 3) == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
+    assert metrics.precision_at_k(RANKED, 4) == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: metrics.average_precision(np.array([1, 0, 1])), "1-D bool"),  # int, not bool
+        (lambda: metrics.average_precision(RANKED), "1-D bool"),
+        (lambda: metrics.average_precision(np.ones(2, bool), n_relevant=1), "below the 2 hits"),
+        (lambda: metrics.map_at_k(RANKED, [2, 5, 0], 5), "k=5 exceeds"),  # RANKED has 4 columns
+        (lambda: metrics.map_at_k(RANKED, [2, 5], 3), "n_relevant must be"),  # 3 queries
+        (lambda: metrics.map_at_k(RANKED, [1, 5, 0], 3), "more hits"),  # query 0 has 2 hits
+        (lambda: metrics.map_at_k(RANKED[0], 2, 3), "2-D bool"),
+        (lambda: metrics.map_at_k(np.zeros((0, 4), bool), 1, 1), "2-D bool"),  # no queries
+        (lambda: metrics.precision_at_k(RANKED, 0), "k must be a positive int"),
+        (lambda: metrics.precision_at_k(RANKED.astype(int), 1), "2-D bool"),
+        (lambda: metrics.precision_at_k(np.zeros((0, 4), bool), 1), "2-D bool"),
+        (lambda: metrics.random_map_at_k(5, 4, 2), "n_relevant <= n_candidates"),
+        (lambda: metrics.random_map_at_k(1, 4, 5), "k=5 exceeds"),
+        (lambda: metrics.random_precision_at_k([1, 2], [4, 4, 4], 2), "n_relevant must be"),
+        (lambda: metrics.random_precision_at_k(-1, 4, 2), "n_relevant must be"),
+    ],
+)
+def test_metrics_ranking_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# --- random baselines ---
+
+
+def test_metrics_random_baselines_hand():
+    # 1 relevant of 2: rank 1 (AP 1) or rank 2 (AP 1/2), each with probability 1/2 -> 3/4
+    assert metrics.random_map_at_k(1, 2, 2) == pytest.approx(3 / 4)
+    # 2 relevant of 4, k=2, the 6 equally likely placements:
+    # {1,2}: 1; {1,3},{1,4}: 1/2 each; {2,3},{2,4}: (1/2)/2 each; {3,4}: 0 -> 2.5/6 = 5/12
+    assert metrics.random_map_at_k(2, 4, 2) == pytest.approx(5 / 12)
+    assert metrics.random_map_at_k([1, 0], [2, 2], 2) == pytest.approx(3 / 4)  # 0 excluded
+    assert metrics.random_precision_at_k([2, 5], [10, 20], 3) == pytest.approx((0.2 + 0.25) / 2)
+
+
+@pytest.mark.parametrize("n_rel,n_cand,k", [(3, 6, 4), (1, 5, 3), (4, 7, 2), (5, 5, 5)])
+def test_metrics_random_map_exact_by_enumeration(n_rel, n_cand, k):
+    # every placement of n_rel relevant items among n_cand ranks is equally likely
+    rows = []
+    for pos in itertools.combinations(range(n_cand), n_rel):
+        row = np.zeros(n_cand, bool)
+        row[list(pos)] = True
+        rows.append(row)
+    exact = metrics.map_at_k(np.array(rows), n_rel, k)
+    assert metrics.random_map_at_k(n_rel, n_cand, k) == pytest.approx(exact, abs=1e-12)
+
+
+def test_metrics_random_baselines_monte_carlo():
+    rng = np.random.default_rng(0)
+    nq, n_cand, k = 40_000, 30, 10
+    n_rel = rng.integers(0, 8, size=nq)
+    ranks = rng.permuted(np.tile(np.arange(n_cand), (nq, 1)), axis=1)
+    rel = ranks < n_rel[:, None]  # item at each rank is relevant if its id < n_rel
+    # AP@10 per query has std <= 0.5, so the standard error of the mean over ~35k queries
+    # is below 0.003; precision@10 is tighter still. Tolerance 0.01 is > 3 standard errors.
+    assert metrics.map_at_k(rel, n_rel, k) == pytest.approx(
+        metrics.random_map_at_k(n_rel, n_cand, k), abs=0.01
+    )
+    assert metrics.precision_at_k(rel, k) == pytest.approx(
+        metrics.random_precision_at_k(n_rel, n_cand, k), abs=0.01
+    )
+
+
+# ============================================================================
+# crnn: crnn.py on CPU: learning, exact resume, evaluation files, prediction, bad input.
+
+CRNN_FAST = ["--backbone", "resnet18", "--weights", "none", "--img-size", "64", "--workers", "0"]
+# Measured on the 2-core dev box: 12 epochs of batch 16 reach val style accuracy 0.60-0.67 at
+# the best epoch for seeds 0-3 (chance 1/6), mean macro-F1 0.50-0.57 (chance ~0.2).
+LEARN = ["--epochs", "12", "--batch-size", "16", "--lr", "1e-3", "--seed", "0"]
+
+
+
+
+@pytest.fixture(scope="module")
+def trained(demo):
+    out = demo.parent / "run"
+    crnn.main(["--train", "--data", str(demo / "manifest.csv"), "--out", str(out), *CRNN_FAST,
+               *LEARN])
+    return out
+
+
+def crnn_error(capsys, argv):
+    """Run crnn.main(argv), expect exit with a single `crnn.py: error:` line; return it."""
+    with pytest.raises(SystemExit) as e:
+        crnn.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("crnn.py: error: ") and "\n" not in msg, msg
+    assert "Traceback" not in capsys.readouterr().err
+    return msg
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_crnn_learns_demo_above_chance(trained):
+    log = [json.loads(ln) for ln in open(trained / "log.jsonl", encoding="utf-8")]
+    assert [r["epoch"] for r in log] == list(range(1, 13))
+    assert log[-1]["loss"] < log[0]["loss"] - 1.0  # summed over 3 tasks, starts near 5.0
+    model, ckpt = crnn.load_checkpoint(str(trained / "best.pt"))
+    val = ckpt["val"]
+    assert ckpt["best"] == max(r["val"]["mean_f1"] for r in log)
+    assert val["tasks"]["style"]["acc"] > 0.45  # 6 styles: chance 0.17
+    assert val["mean_f1"] > 0.35  # mean macro-F1 over 3 tasks: chance ~0.2
+    assert set(ckpt["classes"]) == {"style", "artist", "genre"}
+    assert model.embed(torch.randn(2, 3, 64, 64)).shape == (2, 512)  # 2 x --hidden 256
+
+
+@pytest.mark.parametrize("mode", [[], ["--freeze-backbone", "--balance", "sampler", "--rnn",
+                                         "gru"]], ids=["end2end", "frozen-sampler-gru"])
+def test_crnn_resume_equals_uninterrupted(demo, tmp_path, monkeypatch, capsys, mode):
+    args = ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, *mode, "--epochs", "3",
+            "--batch-size", "16", "--lr", "1e-3", "--seed", "1"]
+    if mode:  # a weights file other than the seed's init: the rebuilt cache must use it
+        torch.manual_seed(123)
+        torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+        args += ["--weights", str(tmp_path / "r18.pth")]
+    crnn.main([*args, "--out", str(tmp_path / "a")])
+    real, calls = crnn.train_one_epoch, []
+
+    def killed_in_epoch_3(*a, **kw):  # a kill during epoch 3, after last.pt of epoch 2
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(crnn, "train_one_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        crnn.main([*args, "--out", str(tmp_path / "b")])
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(crnn, "train_one_epoch", real)
+    shutil.rmtree(tmp_path / "b" / "cache", ignore_errors=True)  # rebuilt from last.pt
+    capsys.readouterr()
+    crnn.main([*args, "--out", str(tmp_path / "b"), "--resume"])
+    assert "resuming from" in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in "ab")
+    assert a["epoch"] == b["epoch"] == 3
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert a["val"] == b["val"]
+    logs = [[json.loads(ln)["loss"] for ln in open(tmp_path / d / "log.jsonl")] for d in "ab"]
+    assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
+def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
+    args = ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, "--freeze-backbone",
+            "--epochs", "1", "--out", str(tmp_path)]
+    crnn.main(args)
+    out = capsys.readouterr().out
+    assert out.count("cache: wrote") == 2
+    feats = np.load(tmp_path / "cache" / "train.npy", mmap_mode="r")
+    assert feats.dtype == np.float16 and feats.shape[1:] == (512, 2, 2)  # 64 px / 32
+    crnn.main(args)
+    assert capsys.readouterr().out.count("cache: reusing") == 2
+    crnn.main([*args, "--img-size", "96"])  # another key: rebuilt, 3x3 maps
+    assert capsys.readouterr().out.count("cache: wrote") == 2
+    assert np.load(tmp_path / "cache" / "val.npy", mmap_mode="r").shape[2:] == (3, 3)
+
+
+def test_crnn_patience_stops_early(demo, tmp_path, capsys):
+    crnn.main(["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, "--freeze-backbone",
+               "--lr", "0", "--epochs", "6", "--patience", "2", "--out", str(tmp_path)])
+    assert "early stop" in capsys.readouterr().out  # lr 0: val never improves after epoch 1
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
+
+
+def test_crnn_corrupt_images_skipped_and_counted(demo, tmp_path, capsys):
+    rows = read_rows(demo / "manifest.csv")
+    bad = [r for r in rows if r["split"] == "train"][:2] + [r for r in rows
+                                                            if r["split"] == "val"][:1]
+    root = tmp_path / "images"
+    for r in rows:
+        dest = root / r["path"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if r in bad:
+            dest.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        else:
+            os.link(demo / "images" / r["path"], dest)
+    args = ["--data", str(demo / "manifest.csv"), "--root", str(root), *CRNN_FAST]
+    crnn.main(["--train", *args, "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert "skipped 2" in capsys.readouterr().out
+    assert json.loads(open(tmp_path / "run" / "log.jsonl").readline())["skipped"] == 2
+    crnn.main(["--eval", *args, "--ckpt", str(tmp_path / "run" / "last.pt")])
+    assert "1 unreadable and skipped" in (tmp_path / "run" / "report.txt").read_text()
+
+
+def test_crnn_nan_loss_stops_and_keeps_last_good(demo, tmp_path, monkeypatch, capsys):
+    real, calls = crnn.multitask_loss, []
+
+    def nan_in_epoch_2(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) > 6 else loss  # 90 images / 16 = 6 steps
+    monkeypatch.setattr(crnn, "multitask_loss", nan_in_epoch_2)
+    msg = crnn_error(capsys, ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST,
+                                  "--freeze-backbone", "--batch-size", "16", "--epochs", "3",
+                                  "--out", str(tmp_path)])
+    assert "loss became nan in epoch 2" in msg and "last.pt" in msg
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------- eval, predict
+
+def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
+    out = tmp_path / "eval"
+    crnn.main(["--eval", "--ckpt", str(trained / "best.pt"), "--outliers", "6", "--out", str(out),
+               "--workers", "0"])
+    tasks = ["style", "artist", "genre"]
+    names = ["report.txt", "metrics.json", "predictions.csv", "outliers.csv", "outliers.png"]
+    names += [f"confusion_{t}.{ext}" for t in tasks for ext in ("csv", "png")]
+    for name in names:
+        assert (out / name).stat().st_size > 0, name
+    summary = json.loads((out / "metrics.json").read_text())
+    preds = read_rows(out / "predictions.csv")
+    classes = json.loads((demo / "classes.json").read_text())
+    for t in tasks:
+        lab = [r for r in preds if r[f"{t}_true"]]
+        y = np.array([classes[t].index(r[f"{t}_true"]) for r in lab])
+        p = np.array([classes[t].index(r[f"{t}_pred"]) for r in lab])
+        rep = metrics.classification_report(y, p, len(classes[t]))
+        assert summary[t]["n"] == len(lab) > 0
+        assert summary[t]["accuracy"] == pytest.approx(float((y == p).mean()))
+        assert summary[t]["macro"]["f1"] == pytest.approx(rep["macro"]["f1"])
+        assert summary[t]["accuracy"] <= summary[t]["top3"] <= 1
+        with open(out / f"confusion_{t}.csv", encoding="utf-8") as f:
+            header, *cm = list(csv.reader(f))
+        assert header[1:] == classes[t] and [r[0] for r in cm] == classes[t]
+        cm = [[int(v) for v in r[1:]] for r in cm]
+        assert np.array_equal(cm, metrics.confusion_matrix(y, p, len(classes[t])))
+        assert f"top-3 accuracy {summary[t]['top3']:.4f}" in (out / "report.txt").read_text()
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    assert summary["style"]["accuracy"] == pytest.approx(ckpt["val"]["tasks"]["style"]["acc"])
+    found = read_rows(out / "outliers.csv")
+    scores = [float(r["score"]) for r in found]
+    assert 0 < len(found) <= 6 and scores == sorted(scores, reverse=True)
+    for r in found:
+        assert r["true"] != r["pred"]
+        assert float(r["score"]) == pytest.approx(float(r["p_pred"]) - float(r["p_true"]),
+                                                  abs=2e-4)
+    with Image.open(out / "outliers.png") as im, Image.open(out / "confusion_style.png") as cm:
+        assert im.width >= 190 and im.height >= 200 and cm.width > 6 * 12
+
+
+def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
+    folder = tmp_path / "pics"
+    (folder / "sub").mkdir(parents=True)
+    src = next((demo / "images" / "Cubism").iterdir())
+    (folder / "sub" / "a.jpg").write_bytes(src.read_bytes())
+    (folder / "b.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("hello")
+    ckpt = ["--ckpt", str(trained / "best.pt"), "-k", "3"]
+    results = crnn.main(["--predict", str(src), *ckpt])
+    out = capsys.readouterr().out
+    assert str(src) in out and "1 images classified, 0 skipped" in out
+    for t in ("style", "artist", "genre"):
+        top = results[str(src)][t]
+        assert len(top) == 3 and [q for _, q in top] == sorted((q for _, q in top), reverse=True)
+        assert out.count(f"  {t}: ") == 1
+    results = crnn.main(["--predict", str(folder), *ckpt])
+    assert list(results) == [str(folder / "sub" / "a.jpg")]
+    assert "1 images classified, 2 skipped" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
+    best = str(trained / "best.pt")
+    msg = crnn_error(capsys, ["--train", "--data", str(tmp_path / "nope.csv"), *CRNN_FAST])
+    assert "manifest not found" in msg
+    (tmp_path / "nolabels.csv").write_text("path,split\na.jpg,train\n")
+    msg = crnn_error(capsys, ["--train", "--data", str(tmp_path / "nolabels.csv"), *CRNN_FAST])
+    assert "no label column" in msg
+    other = json.loads((demo / "classes.json").read_text())
+    other["style"] = other["style"][::-1]
+    (tmp_path / "classes.json").write_text(json.dumps(other))
+    msg = crnn_error(capsys, ["--eval", "--ckpt", best, "--data", str(demo / "manifest.csv"),
+                                  "--classes", str(tmp_path / "classes.json"), "--out",
+                                  str(tmp_path)])
+    assert "style classes differ from the checkpoint" in msg
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "other.pt")
+    msg = crnn_error(capsys, ["--eval", "--ckpt", str(tmp_path / "other.pt")])
+    assert "not a crnn.py checkpoint" in msg
+    (tmp_path / "junk.pt").write_bytes(b"garbage")
+    assert "cannot read checkpoint" in crnn_error(capsys, ["--eval", "--ckpt",
+                                                               str(tmp_path / "junk.pt")])
+    assert "checkpoint not found" in crnn_error(capsys, ["--predict", best, "--ckpt",
+                                                             str(tmp_path / "none.pt")])
+    (tmp_path / "fake.jpg").write_text("not an image")
+    msg = crnn_error(capsys, ["--predict", str(tmp_path / "fake.jpg"), "--ckpt", best])
+    assert "not an image" in msg
+    with pytest.raises(SystemExit) as e:  # argparse choices: usage + one error line, status 2
+        crnn.main(["--train", "--backbone", "vgg16"])
+    assert e.value.code == 2 and "invalid choice: 'vgg16'" in capsys.readouterr().err
+
+
+def test_crnn_weights_offline_and_local_file(tmp_path, monkeypatch):
+    def offline(*a, **kw):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__,
+                        "get_state_dict", offline)
+    with pytest.raises(data.UserError, match="--weights none or --weights PATH"):
+        crnn.CRNN({"style": 3}, "resnet18", "imagenet")
+    ref = torchvision.models.resnet18()
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    model = crnn.CRNN({"style": 3}, "resnet18", str(tmp_path / "r18.pth"))
+    assert torch.equal(model.backbone[0].weight, ref.conv1.weight)
+    with pytest.raises(data.UserError, match="not a resnet50 state_dict"):
+        crnn.CRNN({"style": 3}, "resnet50", str(tmp_path / "r18.pth"))
+
+
+# ============================================================================
+# retrieve: FAISS indexes on seeded vectors, then CPU runs of main() on demo data.
+
+RETRIEVE_FAST = ["--weights", "none", "--backbone", "resnet18", "--img-size", "64",
+                 "--workers", "0"]
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def clustered(n, d, seed, spread=2.0):
+    """Unit vectors around 100 fixed centres; spread 2.0 makes neighbours hard to tell apart."""
+    centres = np.random.default_rng(0).standard_normal((100, d))
+    rng = np.random.default_rng(seed)
+    return unit(centres[rng.integers(0, 100, n)] + spread * rng.standard_normal((n, d)))
+
+
+def index_args(*flags):
+    return retrieve.build_parser().parse_args(["--build", *flags])
+
+
+def recall_at_5(index, xb, xq):
+    exact = faiss.IndexFlatIP(xb.shape[1])
+    exact.add(xb)
+    _, It = exact.search(xq, 5)
+    _, I = index.search(xq, 5)
+    return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(I, It, strict=True)])
+
+
+def retrieve_error(argv):
+    with pytest.raises(SystemExit) as e:
+        retrieve.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("retrieve.py: error: ") and "\n" not in msg, msg
+    return msg
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """Deterministic and fast k-means: OpenMP threads spin badly on a busy 2-core runner."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def built(demo):
+    index = demo / "index"
+    retrieve.main(["--build", "--images", str(demo / "images"), "--manifest",
+                   str(demo / "gallery.csv"), "--index", str(index), *RETRIEVE_FAST, "--no-amp"])
+    return index
+
+
+# ----------------------------------------------------------------------------- faiss layer
+
+def test_retrieve_flat_equals_numpy_bruteforce():
+    rng = np.random.default_rng(0)
+    xb, xq = unit(rng.standard_normal((1000, 32))), unit(rng.standard_normal((20, 32)))
+    icfg, index = retrieve.index_from_vectors(xb, index_args())
+    assert icfg["index_type"] == "flat" and index.ntotal == 1000
+    D, I = index.search(xq, 10)
+    S = xq @ xb.T
+    order = np.argsort(-S, axis=1)[:, :10]
+    assert (I == order).all()
+    np.testing.assert_allclose(D, np.take_along_axis(S, order, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind, floor", [("hnsw", 0.95), ("ivfpq", 0.70)])
+def test_retrieve_approximate_recall_floor(kind, floor, one_faiss_thread):
+    """5000 x 128 clustered vectors, defaults sized from n. Measured: hnsw (M 32, efSearch 128)
+    0.999, ivfpq (nlist 128, m 64, nbits 7, nprobe 16) 0.80; floors leave margin."""
+    xb, xq = clustered(5000, 128, 1), clustered(500, 128, 2)
+    icfg, index = retrieve.index_from_vectors(xb, index_args("--index-type", kind))
+    assert recall_at_5(index, xb, xq) >= floor, icfg
+
+
+def test_retrieve_pca_whitening_renormalises():
+    xb = clustered(2000, 64, 1)
+    icfg, index = retrieve.index_from_vectors(xb, index_args("--pca", "16"))
+    assert icfg["index_dim"] == 16 and index.ntotal == 2000
+    z = xb[:100]
+    for i in range(index.chain.size()):  # PCA-whitening, then L2-normalisation, inside the index
+        z = index.chain.at(i).apply(z)
+    assert z.shape == (100, 16)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-4)
+    _, I = index.search(xb[:50], 1)
+    assert (I[:, 0] == np.arange(50)).mean() > 0.9
+    with pytest.raises(data.UserError, match="--pca"):
+        retrieve.index_from_vectors(xb[:10], index_args("--pca", "16"))
+
+
+def test_retrieve_ivfpq_refuses_tiny_collection():
+    with pytest.raises(data.UserError, match="ivfpq cannot train"):
+        retrieve.index_from_vectors(clustered(300, 32, 1), index_args("--index-type", "ivfpq"))
+
+
+# ----------------------------------------------------------------------------- main() runs
+
+def test_retrieve_build_save_load_roundtrip(built, demo, capsys):
+    cfg, meta, xb, index = retrieve.open_index(str(built))
+    assert cfg["version"] == retrieve.VERSION and cfg["pool"] == "grid" and cfg["n"] == 120
+    assert xb.shape == (120, cfg["dim"]) == (120, 512 * 4) and xb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(xb, axis=1), 1.0, atol=1e-4)
+    gallery = data.read_csv(str(demo / "gallery.csv"))
+    assert [r["path"] for r in meta] == [r["path"] for r in gallery]
+    assert meta[7]["title"] == gallery[7]["title"]
+    D, I = index.search(np.ascontiguousarray(xb[:10]), 3)
+    assert (I[:, 0] == np.arange(10)).all()
+    # a query rebuilds the same (seeded) model from config.json: the image finds itself
+    img = demo / "images" / meta[7]["path"]
+    D, I = retrieve.main(["--query", str(img), "--index", str(built), "-k", "3", "--workers", "0"])
+    assert I[0, 0] == 7 and D[0, 0] > 0.99
+
+
+def test_retrieve_query_prints_k_rows_and_sheet(built, demo, tmp_path, capsys):
+    meta = data.read_csv(str(built / "meta.csv"))
+    imgs = [str(demo / "images" / meta[i]["path"]) for i in (3, 40)]
+    sheet = tmp_path / "sheet.png"
+    retrieve.main(["--query", *imgs, "--index", str(built), "-k", "4", "--sheet", str(sheet)])
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if re.match(r" +\d+  -?[01]\.\d{3}  \S", ln)]
+    assert len(rows) == 8 and out.count("query: ") == 2
+    assert "Synthetic" in rows[0]  # title and attribution from gallery.csv
+    with Image.open(sheet) as im:
+        assert im.width > 5 * retrieve.THUMB and 2 * retrieve.THUMB < im.height < 3 * im.width
+
+
+def test_retrieve_query_id_excludes_itself(built):
+    meta = data.read_csv(str(built / "meta.csv"))
+    D, I = retrieve.main(["--query-id", meta[5]["path"], meta[6]["path"], "--index", str(built),
+                          "-k", "5", "--sheet", str(built / "qid.png")])
+    assert I.shape == (2, 5) and 5 not in I[0] and 6 not in I[1]
+    assert (np.diff(D, axis=1) <= 1e-6).all()  # ranked best first
+
+
+def test_retrieve_eval_copy_detection_above_chance(built):
+    """Random resnet18 + grid pooling at 64 px: measured copy-detection Top-1 0.65, chance
+    1/120 = 0.008. The self-retrieval sanity check is exactly 1."""
+    res = retrieve.main(["--eval", "--index", str(built), "--workers", "0"])
+    assert res["self"]["top1"] == 1.0
+    assert res["copy"]["queries"] == 120 and res["copy"]["top1"] >= 0.4
+    assert res["copy"]["recall@5"] >= res["copy"]["top1"]
+    assert set(res["labels"]) == {"style", "genre", "attribution"}  # gallery has no artist
+    for r in res["labels"].values():
+        assert 0 < r["random_map@10"] < 1 and 0 < r["random_p@5"] < 1
+    saved = json.loads((built / "eval.json").read_text())
+    assert saved["copy"] == res["copy"]
+
+
+def test_retrieve_add_equals_build_at_once(built, demo, tmp_path):
+    """Build on the first 80 gallery rows, --add the rest: the same as `built` (all 120 at
+    once); fp32 (--no-amp) so that batch composition cannot change a vector."""
+    rows = data.read_csv(str(demo / "gallery.csv"))
+    head = tmp_path / "first80.csv"
+    data.write_csv(str(head), list(rows[0]), [list(r.values()) for r in rows[:80]])
+    part = str(tmp_path / "part")
+    retrieve.main(["--build", "--images", str(demo / "images"), "--manifest", str(head),
+                   "--index", part, *RETRIEVE_FAST, "--no-amp"])
+    assert retrieve.open_index(part)[0]["n"] == 80
+    retrieve.main(["--add", "--manifest", str(demo / "gallery.csv"), "--index", part,
+                   "--workers", "0", "--no-amp"])
+    a, b = retrieve.open_index(part), retrieve.open_index(str(built))
+    assert a[1] == b[1]  # meta rows
+    np.testing.assert_allclose(a[2], b[2], atol=1e-5)
+    xq = np.ascontiguousarray(b[2][::7])
+    (Da, Ia), (Db, Ib) = a[3].search(xq, 10), b[3].search(xq, 10)
+    assert (Ia == Ib).all()
+    np.testing.assert_allclose(Da, Db, atol=1e-5)
+    retrieve.main(["--add", "--index", part, "--workers", "0"])  # nothing new: a no-op
+    assert retrieve.open_index(part)[0]["n"] == 120
+
+
+def test_retrieve_hnsw_pca_build_then_query(demo, tmp_path):
+    index = str(tmp_path / "hnsw")
+    retrieve.main(["--build", "--images", str(demo / "images"), "--index", index, "--pool", "gem",
+                   "--index-type", "hnsw", "--pca", "32", *RETRIEVE_FAST])
+    cfg = json.loads((tmp_path / "hnsw" / "config.json").read_text())
+    assert cfg["index_params"]["ef_search"] == 128 and cfg["index_dim"] == 32
+    assert cfg["manifest"] is None and cfg["n"] == 120  # no manifest: the folder was scanned
+    meta = data.read_csv(str(tmp_path / "hnsw" / "meta.csv"))
+    D, I = retrieve.main(["--query-id", meta[0]["path"], "--index", index, "--ef-search", "16"])
+    assert I.shape == (1, 5) and 0 not in I[0]
+
+
+def test_retrieve_skips_bad_files_and_uses_local_weights(demo, tmp_path, capsys):
+    """A folder with a corrupt JPEG and a text file, embedded with a local state_dict."""
+    import torch
+    import torchvision
+    root = tmp_path / "mixed"
+    (root / "sub").mkdir(parents=True)
+    for i, src in enumerate(sorted((demo / "images" / "Cubism").iterdir())[:3]):
+        (root / "sub" / f"ok{i}.jpg").write_bytes(src.read_bytes())
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    (root / "notes.txt").write_text("hello")
+    weights = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), weights)  # any fc size
+    index = tmp_path / "idx"
+    flags = ["--backbone", "resnet18", "--img-size", "64", "--workers", "0"]
+    retrieve.main(["--build", "--images", str(root), "--index", str(index), "--weights",
+                   str(weights), *flags])
+    out = capsys.readouterr().out
+    assert "skipped 1 non-image files" in out
+    assert [r["path"] for r in data.read_csv(str(index / "skipped.csv"))] == ["broken.jpg"]
+    assert [r["path"] for r in data.read_csv(str(index / "meta.csv"))] == \
+        ["sub/ok0.jpg", "sub/ok1.jpg", "sub/ok2.jpg"]
+    assert np.load(index / "embeddings.npy").shape[0] == 3
+    D, I = retrieve.main(["--query", str(root / "sub" / "ok1.jpg"), "--index", str(index),
+                          "-k", "1"])
+    assert I[0, 0] == 1 and D[0, 0] > 0.99  # the model came back from the weights file
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # other random weights
+    assert "changed since" in retrieve_error(["--query", str(root / "sub" / "ok1.jpg"),
+                                              "--index", str(index)])
+
+
+def test_retrieve_bad_input_is_one_line(built, demo, tmp_path):
+    bad = tmp_path / "fake.jpg"
+    bad.write_text("this is not an image")
+    img = str(next((demo / "images" / "Cubism").iterdir()))
+    idx = ["--index", str(built)]
+    assert "not a readable image" in retrieve_error(["--query", str(bad), *idx])
+    assert "not found" in retrieve_error(["--query", str(tmp_path / "nope.jpg"), *idx])
+    assert "built with --backbone resnet18" in retrieve_error(
+        ["--query", img, *idx, "--backbone", "resnet50"])
+    assert "built with --img-size 64" in retrieve_error(["--query", img, *idx, "--img-size", "96"])
+    assert "-k 500" in retrieve_error(["--query", img, *idx, "-k", "500"])
+    assert "no index" in retrieve_error(["--eval", "--index", str(tmp_path / "none")])
+    (tmp_path / "empty").mkdir()
+    assert "no images" in retrieve_error(["--build", "--images", str(tmp_path / "empty"),
+                                          "--index", str(tmp_path / "i"), *RETRIEVE_FAST])
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "config.json").write_text(json.dumps({"format": retrieve.FORMAT, "version": 0}))
+    assert "version" in retrieve_error(["--eval", "--index", str(old)])
+
+
+def test_retrieve_offline_imagenet_is_one_line(demo, tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(name, weights=None, **kw):
+        if weights is not None:
+            raise urllib.error.URLError("[Errno -2] Name or service not known")
+        return real(name, weights=None, **kw)
+
+    real = torchvision.models.get_model
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    msg = retrieve_error(["--build", "--images", str(demo / "images"), "--index",
+                          str(tmp_path / "i"), "--backbone", "resnet18", "--weights", "imagenet"])
+    assert "--weights none" in msg and "ImageNet" in msg
+
+
+def test_retrieve_ckpt_embeds_with_crnn_model(demo, tmp_path):
+    """--ckpt: a (untrained) crnn.py checkpoint; dim = 2 * hidden, img size from its args."""
+    import torch
+
+    import crnn
+    a = {"backbone": "resnet18", "hidden": 16, "rnn": "gru", "dropout": 0.0, "img_size": 64}
+    classes = {"style": ["A", "B"]}
+    ckpt = tmp_path / "best.pt"
+    torch.save({"arch": crnn.ARCH, "args": a, "classes": classes,
+                "model": crnn.build_model(a, classes).state_dict()}, ckpt)
+    rows = data.read_csv(str(demo / "gallery.csv"))[:20]
+    data.write_csv(str(tmp_path / "m.csv"), list(rows[0]), [list(r.values()) for r in rows])
+    index = str(tmp_path / "idx")
+    cfg = retrieve.main(["--build", "--ckpt", str(ckpt), "--images", str(demo / "images"),
+                         "--manifest", str(tmp_path / "m.csv"), "--index", index, "--workers", "0"])
+    assert cfg["dim"] == 32 and cfg["img_size"] == 64 and cfg["pool"] is None
+    img = str(demo / "images" / rows[4]["path"])
+    D, I = retrieve.main(["--query", img, "--index", index, "-k", "2"])
+    assert I[0, 0] == 4 and D[0, 0] > 0.99
+    assert "--pool" in retrieve_error(["--query", img, "--index", index, "--pool", "avg"])
