@@ -12,6 +12,9 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -28,6 +31,8 @@ import crnn
 import data
 import metrics
 import retrieve
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # ============================================================================
 # shared fixtures
@@ -295,6 +300,8 @@ class Server:
 
             def respond(self, n):
                 body = jpeg_bytes()
+                if self.path.startswith("/lag"):
+                    time.sleep(0.4)
                 if self.path.startswith("/flaky") and n == 1:
                     return self.send_error(503)
                 if self.path.startswith("/slow") and n == 1:
@@ -353,6 +360,30 @@ def test_data_download_retries_failures_and_resume(tmp_path, server, capsys):
     assert server.hits["/flaky.jpg"] == before["/flaky.jpg"]
     assert server.hits["/missing.jpg"] == before["/missing.jpg"] + 1
     assert "8 already here, 2 to fetch" in capsys.readouterr().out
+
+
+def test_data_download_ctrl_c_keeps_finished_files(tmp_path, server):
+    rows = [[f"{i}.jpg", f"{server.url}/lag{i}.jpg"] for i in range(12)]
+    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
+    root = tmp_path / "img"
+    cmd = [sys.executable, os.path.join(HERE, "data.py"), "download", "--manifest",
+           str(tmp_path / "m.csv"), "--root", str(root), "--workers", "2", "--size", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and (not root.exists() or len(
+            [f for f in os.listdir(root) if f.endswith(".jpg")]) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 130, out
+    assert "run the same command to continue" in out
+    done = sorted(os.listdir(root))
+    assert 3 <= len(done) < 12 and not [f for f in done if f.endswith(".part")]
+    assert all(data.check_image(root / f) for f in done)
+    before = dict(server.hits)
+    assert subprocess.run(cmd, capture_output=True).returncode == 0  # continues
+    assert len(os.listdir(root)) == 12
+    assert all(server.hits[f"/lag{f[:-4]}.jpg"] == before[f"/lag{f[:-4]}.jpg"] for f in done)
 
 
 def test_data_download_rejects_escaping_paths(tmp_path):
