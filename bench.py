@@ -3,7 +3,8 @@
 Shell:
     python bench.py --quick                 # under 2 minutes on 2 CPU cores
     python bench.py                         # the full run behind the README's table
-    python bench.py --only load,search --out bench.json
+    python bench.py --only load,search --out bench.json   # load embed train search memory
+    python bench.py --tiny                  # seconds: a smoke test, numbers mean little
 
 Notebook:
     import bench; bench.main(["--quick"])
@@ -11,9 +12,11 @@ Notebook:
 Each section times the naive way and ours in the same process on the same inputs, and prints
 one table (naive, ours, ratio, target) that also goes to bench.json. "Naive" is what published
 art-classification code tends to do: decode full-size JPEGs every epoch, embed one image at a
-time in fp32, search a flat index one query at a time. The scripts call data.tune_malloc() at
-start; so does this process (both sides of every comparison run under it, as the table says),
-and the embedding section also reruns ours in a child process without it to show what it buys.
+time in fp32, train the whole CNN every epoch, search a flat index one query at a time, and
+stack per-image vectors from a Python list before indexing them. The scripts call
+data.tune_malloc() at start; so does this process (both sides of every comparison run under it,
+as the table says), and the embedding section also reruns ours in a child process without it to
+show what it buys.
 """
 
 import argparse
@@ -35,14 +38,15 @@ import data
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def row(section, name, naive, ours, unit, target=None, higher_better=True, note=""):
-    """One table line; ratio > 1 means ours is better whichever way the unit points."""
+def row(section, name, naive, ours, unit, target=None, higher_better=True, note="", **extra):
+    """One table line; ratio > 1 means ours is better whichever way the unit points. extra:
+    numbers the note also gives, as JSON fields (recall_at_5, p99_ms, ...)."""
     ratio = None
     if naive and ours:
         ratio = ours / naive if higher_better else naive / ours
     met = None if target is None or ratio is None else ratio >= target
     return {"section": section, "name": name, "naive": naive, "ours": ours, "unit": unit,
-            "ratio": ratio, "target": target, "met": met, "note": note}
+            "ratio": ratio, "target": target, "met": met, "note": note, **extra}
 
 
 def timed(fn, repeat=1):
@@ -53,6 +57,18 @@ def timed(fn, repeat=1):
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def by_mode(args, tiny, quick, full):
+    """The size for this run: --tiny (seconds, for tests), --quick (under 2 min) or full."""
+    return tiny if args.tiny else quick if args.quick else full
+
+
+@contextlib.contextmanager
+def quiet():
+    """Hides the scripts' own prints (progress lines) inside a section; errors still surface."""
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        yield
 
 
 # ----------------------------------------------------------------------------- 1. image loading
@@ -79,7 +95,7 @@ def make_big_jpegs(folder, n, size=(2400, 1800), seed=0):
 
 def bench_loading(args, tmp):
     src, cache = os.path.join(tmp, "big"), os.path.join(tmp, "cache")
-    paths = make_big_jpegs(src, 6 if args.quick else 24)
+    paths = make_big_jpegs(src, by_mode(args, 2, 6, 24))
     tf = data.make_transform(224)
     mb = np.mean([os.path.getsize(os.path.join(src, p)) for p in paths]) / 2**20
 
@@ -174,7 +190,7 @@ def agreement(a, b, k=5):
 
 
 def bench_embedding(args, tmp):
-    n = 32 if args.quick else 128
+    n = by_mode(args, 8, 32, 128)
     x = demo_tensors(n)
     r_naive, r_ours, e_naive, e_ours, amp = embed_rates(x)
     cos, overlap = agreement(e_naive, e_ours)
@@ -198,6 +214,71 @@ def embed_child(n):
     """Run in a child process with ARTEXTRACT_NO_MALLOC_TUNING=1: glibc malloc as it comes."""
     r_naive, r_ours, *_ = embed_rates(demo_tensors(n))
     print(json.dumps([r_naive, r_ours]))
+
+
+# ----------------------------------------------------------------------------- 3. training
+
+@contextlib.contextmanager
+def stopwatch(module, name, spent):
+    """Appends the wall seconds of every call of module.<name> to the list spent, in the block:
+    crnn.py logs epoch times, not how long building its feature cache took."""
+    fn = getattr(module, name)
+
+    def timed_fn(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            spent.append(time.perf_counter() - t0)
+
+    setattr(module, name, timed_fn)
+    try:
+        yield spent
+    finally:
+        setattr(module, name, fn)
+
+
+def crnn_epochs(demo, out, flags):
+    """Train with crnn.py on the demo data, quietly: (log.jsonl records, seconds building the
+    feature cache). Each record's img_per_s counts training only (crnn.py stops its clock before
+    validation); time_s is the whole epoch: training, validation and checkpoint."""
+    import crnn
+    spent = []
+    with quiet(), stopwatch(crnn, "build_cache", spent):
+        crnn.main(["--train", "--data", os.path.join(demo, "manifest.csv"), "--out", out,
+                   "--weights", "none", *flags])
+    with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:
+        return [json.loads(ln) for ln in f if ln.strip()], sum(spent)
+
+
+def bench_training(args, tmp):
+    """End-to-end epochs (decode, augment, backbone forward and backward) vs --freeze-backbone
+    epochs from the cached backbone maps (RNN and heads only). Both use crnn.py's defaults,
+    --workers included: decoding in worker processes is what end-to-end users run."""
+    import torch
+
+    import crnn
+    n, backbone, size, epochs = by_mode(args, (96, "resnet18", 64, 1), (96, "resnet18", 128, 2),
+                                        (360, "resnet50", 224, 2))
+    demo = os.path.join(tmp, "demo")
+    with quiet():
+        data.main(["demo", "--out", demo, "--n", str(n)])
+    flags = ["--backbone", backbone, "--img-size", str(size), "--epochs", str(epochs)]
+    e2e, _ = crnn_epochs(demo, os.path.join(tmp, "e2e"), flags)
+    frozen, t_cache = crnn_epochs(demo, os.path.join(tmp, "frozen"), [*flags, "--freeze-backbone"])
+    best = {k: max(recs, key=lambda r: r["img_per_s"]) for k, recs in
+            (("e2e", e2e), ("frozen", frozen))}  # the warmest epoch of each
+    n_cached = len(data.read_manifest(os.path.join(demo, "manifest.csv")))  # train + val
+    amp = data.autocast_dtype(torch.device("cpu"))
+    workers = crnn.build_parser().get_default("workers")
+    note = (f"{backbone} {size} px, demo n={n}, best of {epochs} epoch(s), train img/s without "
+            f"validation; whole epoch with val + checkpoint: {best['e2e']['time_s']:.1f} s vs "
+            f"{best['frozen']['time_s']:.2f} s; one-off cache build: {t_cache:.1f} s for "
+            f"{n_cached} images; autocast {amp}, workers {workers}")
+    return [row("train", f"CRNN {backbone}: --freeze-backbone vs end-to-end",
+                best["e2e"]["img_per_s"], best["frozen"]["img_per_s"], "img/s", 20, note=note,
+                epoch_s_e2e=best["e2e"]["time_s"], epoch_s_frozen=best["frozen"]["time_s"],
+                cache_build_s=t_cache)]
 
 
 # ----------------------------------------------------------------------------- 4. search
@@ -252,6 +333,11 @@ SEARCH_SETTINGS = [  # (name, retrieve.py flags, search-time params)
 ]
 
 
+QUICK_SEARCH = ("faiss flat (exact)", "hnsw M32 efSearch 64", "hnsw M32 efSearch 128 (default)",
+                "pca 256 + flat")  # hnsw builds take ~20 s at 10k x 2048 on 2 cores, ivfpq ~50 s
+TINY_SEARCH = ("faiss flat (exact)", "hnsw M32 efSearch 64")  # d=256: no pca 256
+
+
 def set_knobs(index, knobs):
     import retrieve
     inner = retrieve.inner(index)
@@ -263,10 +349,13 @@ def set_knobs(index, knobs):
 def bench_search(args, tmp):
     import faiss
     rows, k = [], 5
-    for n in [10_000] if args.quick else [10_000, 100_000]:
-        xb = synthetic_embeddings(n, seed=1)
-        xq = synthetic_embeddings(100 if args.quick else 300, seed=2)
-        exact = faiss.IndexFlatIP(xb.shape[1])
+    ns, d, nq = by_mode(args, ([2_000], 256, 50), ([10_000], 2048, 100),
+                        ([10_000, 100_000], 2048, 300))
+    names = by_mode(args, TINY_SEARCH, QUICK_SEARCH, [s[0] for s in SEARCH_SETTINGS])
+    for n in ns:
+        xb = synthetic_embeddings(n, d, seed=1)
+        xq = synthetic_embeddings(nq, d, seed=2)
+        exact = faiss.IndexFlatIP(d)
         exact.add(xb)
         gt = exact.search(xq, k)[1]
 
@@ -276,10 +365,14 @@ def bench_search(args, tmp):
             return top[np.argsort(-s[top])]
 
         n50, n99, I = latencies(brute, xq)
+        r = recall_at(I, gt)
         rows.append(row("search", f"n={n // 1000}k numpy brute force", n50, n50, "ms", None,
-                        False, f"p99 {n99:.2f} ms, recall@5 {recall_at(I, gt):.3f}"))
+                        False, f"p99 {n99:.2f} ms, recall@5 {r:.3f}", recall_at_5=r,
+                        p99_ms=n99))
         built = {}
         for name, flags, knobs in SEARCH_SETTINGS:
+            if name not in names:
+                continue
             key = tuple(flags)
             if key not in built:
                 built[key] = our_index(xb, flags)
@@ -290,14 +383,113 @@ def bench_search(args, tmp):
             fast = p50 <= 5 and r >= 0.95
             rows.append(row("search", f"n={n // 1000}k {name}", n50, p50, "ms", None, False,
                             f"p99 {p99:.2f} ms, recall@5 {r:.3f}, build {t_build:.1f} s"
-                            f"{', meets p50<=5ms & recall>=0.95' if fast else ''}"))
+                            f"{', meets p50<=5ms & recall>=0.95' if fast else ''}",
+                            recall_at_5=r, p99_ms=p99, build_s=t_build))
         del built
     return rows
 
 
+# ----------------------------------------------------------------------------- 5. memory
+
+def rss_now():
+    """This process's resident MB from /proc (Linux; {} elsewhere): VmHWM (peak), VmRSS, and
+    RssAnon (heap: ours to free) and RssFile (mapped file pages the kernel may drop)."""
+    try:
+        with open("/proc/self/status") as f:
+            kv = dict(ln.split(":", 1) for ln in f if ":" in ln)
+    except OSError:
+        return {}
+    keys = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+    return {k: int(kv[k].split()[0]) / 1024 for k in keys if k in kv}
+
+
+def peak_rss_mb():
+    """Peak resident MB of this process. VmHWM first: a child's ru_maxrss starts from its
+    parent's peak (subprocess spawns with vfork; exec keeps the old maxrss), VmHWM from exec."""
+    now = rss_now()
+    if "VmHWM" in now:
+        return now["VmHWM"]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes / KiB
+
+
+def write_vectors(path, n, d, chunk=10_000):
+    """n synthetic unit vectors to a .npy, chunk rows at a time (never all in memory here)."""
+    xb = np.lib.format.open_memmap(path, "w+", np.float32, (n, d))
+    for i in range(0, n, chunk):
+        xb[i:i + chunk] = synthetic_embeddings(min(chunk, n - i), d, seed=100 + i // chunk)
+    xb.flush()
+    del xb  # unmaps: the pages written leave this process's RSS
+
+
+def read_rows(path, chunk=1024):
+    """The rows of a .npy one array each, as a 1-by-1 embedding loop hands them over; plain
+    reads (np.fromfile), so the file's pages never count in this process's RSS."""
+    head = np.load(path, mmap_mode="r")  # shape and data offset only: no page is read
+    (n, d), offset, dtype = head.shape, head.offset, head.dtype
+    del head
+    for i in range(0, n, chunk):
+        m = min(chunk, n - i)
+        block = np.fromfile(path, dtype, m * d, offset=offset + i * d * dtype.itemsize)
+        yield from (v.copy() for v in block.reshape(m, d))
+
+
+def memory_child(path, side):
+    """In a fresh process: build a flat index of the vectors in path, the naive way or ours;
+    print JSON with the peak RSS after the build. Both sides import the same modules and run
+    under the scripts' malloc setting (data.tune_malloc)."""
+    import faiss
+
+    import retrieve
+    data.tune_malloc()
+    imports_mb = peak_rss_mb()
+    if side == "naive":  # per-image vectors collected in a list, stacked, added in one go
+        xs = list(read_rows(path))
+        xb = np.vstack(xs)
+        index = faiss.IndexFlatIP(xb.shape[1])
+        index.add(xb)
+    else:
+        args = retrieve.build_parser().parse_args(["--build", "--index-type", "flat"])
+        with quiet():
+            _, index = retrieve.index_from_vectors(np.load(path, mmap_mode="r"), args)
+    print(json.dumps({"peak_mb": peak_rss_mb(), "imports_mb": imports_mb,
+                      "ntotal": int(index.ntotal), "after": rss_now()}))
+
+
+def memory_run(path, side):
+    cmd = f"import bench; bench.memory_child({path!r}, {side!r})"
+    child = subprocess.run([sys.executable, "-c", cmd], capture_output=True, text=True, cwd=HERE)
+    if child.returncode:
+        raise SystemExit(f"bench.py: error: the {side} memory child failed: "
+                         f"{child.stderr.strip()[-300:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(args, tmp):
+    n, d = by_mode(args, (5_000, 256), (20_000, 2048), (100_000, 2048))
+    path = os.path.join(tmp, "emb.npy")
+    write_vectors(path, n, d)
+    got = {side: memory_run(path, side) for side in ("naive", "ours")}
+    mb = n * d * 4 / 2**20
+
+    def after(s):
+        a = got[s]["after"]
+        return f"{a.get('RssAnon', 0):.0f}/{a.get('RssFile', 0):.0f}"
+
+    note = (f"float32 vectors {mb:.0f} MB; imports alone {got['ours']['imports_mb']:.0f} MB; "
+            "naive: per-image arrays in a list, np.vstack, IndexFlatIP.add; ours: "
+            "retrieve.index_from_vectors on np.load(mmap_mode='r'); resident after the build, "
+            f"anon/file MB: naive {after('naive')}, ours {after('ours')}")
+    return [row("memory", f"peak RSS, flat index of {n // 1000}k x {d} vectors",
+                got["naive"]["peak_mb"], got["ours"]["peak_mb"], "MB", None, False, note,
+                vectors_mb=mb, imports_mb=got["ours"]["imports_mb"])]
+
+
 # ----------------------------------------------------------------------------- command line
 
-SECTIONS = {"load": bench_loading, "embed": bench_embedding, "search": bench_search}
+SECTIONS = {"load": bench_loading, "embed": bench_embedding, "train": bench_training,
+            "search": bench_search, "memory": bench_memory}
+TINY_SECTIONS = "load,search,memory"  # --tiny: seconds, for tests; the numbers mean little
 
 
 def machine():
@@ -331,11 +523,21 @@ def print_table(rows):
             print(f"{'':<8}   {r['note']}")
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except None and False ones: the help says what happens then."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
     p.add_argument("--quick", action="store_true", help="small sizes: under 2 min on 2 cores")
-    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"smoke-test sizes, seconds; sections {TINY_SECTIONS} unless --only")
+    p.add_argument("--only", help=f"comma-separated sections (default: {','.join(SECTIONS)})")
     p.add_argument("--out", default="bench.json", help="JSON results")
     p.add_argument("--tmp", help="scratch folder (default: a fresh temp dir)")
     return p
@@ -343,13 +545,14 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.only = args.only or (TINY_SECTIONS if args.tiny else ",".join(SECTIONS))
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"bench.py: error: unknown section {unknown[0]!r} "
                          f"(known: {', '.join(SECTIONS)})")
     tuned = data.tune_malloc()
-    info = {**machine(), "malloc_tuned": tuned, "quick": args.quick}
+    info = {**machine(), "malloc_tuned": tuned, "quick": args.quick, "tiny": args.tiny}
     print(f"bench: {json.dumps(info)}")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -358,7 +561,7 @@ def main(argv=None):
             rows += SECTIONS[s](args, tmp)
             print(f"[{s}] done in {time.time() - t0:.0f} s", flush=True)
     print_table(rows)
-    info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info["peak_rss_mb"] = peak_rss_mb()
     data.atomic_write(args.out, json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0

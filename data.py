@@ -144,7 +144,7 @@ def make_transform(img_size, train=False):
 class Progress:
     """`label: done/total (pct) rate unit/s ETA` on one line, at most every `every` seconds."""
 
-    def __init__(self, total, label, unit="img", every=2.0, out=sys.stdout):
+    def __init__(self, total, label, unit="img", every=2.0, out=None):
         self.total, self.label, self.unit, self.every, self.out = total, label, unit, every, out
         self.done, self.t0, self.last = 0, time.time(), 0.0
 
@@ -153,7 +153,7 @@ class Progress:
         now = time.time()
         if now - self.last >= self.every or self.done >= self.total:
             self.last = now
-            print(self.line(extra), file=self.out, flush=True)
+            print(self.line(extra), file=self.out or sys.stdout, flush=True)  # redirectable
 
     def line(self, extra=""):
         dt = max(time.time() - self.t0, 1e-9)

@@ -9,6 +9,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import bench
 import crnn
 import data
 import metrics
@@ -1345,3 +1347,43 @@ def test_retrieve_ckpt_embeds_with_crnn_model(demo, tmp_path):
     D, I = retrieve.main(["--query", img, "--index", index, "-k", "2"])
     assert I[0, 0] == 4 and D[0, 0] > 0.99
     assert "--pool" in retrieve_error(["--query", img, "--index", index, "--pool", "avg"])
+
+
+# ============================================================================
+# bench: the tiny setting runs in seconds and writes a well-formed bench.json (no speed asserts)
+
+ROW_KEYS = {"section", "name", "naive", "ours", "unit", "ratio", "target", "met"}
+
+
+def test_bench_row_ratio_points_to_better():
+    faster = bench.row("s", "throughput", 10.0, 40.0, "img/s", target=3)
+    assert faster["ratio"] == pytest.approx(4.0) and faster["met"] is True
+    slower = bench.row("s", "latency", 2.0, 8.0, "ms", target=1, higher_better=False)
+    assert slower["ratio"] == pytest.approx(0.25) and slower["met"] is False
+    assert bench.row("s", "x", 1.0, 2.0, "ms", recall_at_5=0.5)["recall_at_5"] == 0.5
+
+
+def test_bench_tiny_writes_valid_json(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench.main(["--tiny", "--out", str(out), "--tmp", str(tmp_path)]) == 0
+    res = json.loads(out.read_text())
+    assert res["machine"]["tiny"] is True and res["machine"]["cores"] >= 1
+    rows = res["rows"]
+    assert {r["section"] for r in rows} == {"load", "search", "memory"}
+    for r in rows:
+        assert ROW_KEYS <= set(r), r
+        for k in ("naive", "ours", "ratio"):
+            assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (k, r)
+        if r["target"] is None:
+            assert r["met"] is None
+        else:
+            assert r["met"] == (r["ratio"] >= r["target"])
+    search = {r["name"]: r for r in rows if r["section"] == "search"}
+    assert search["n=2k faiss flat (exact)"]["recall_at_5"] == 1.0  # exact search is exact
+    memory = next(r for r in rows if r["section"] == "memory")
+    assert memory["unit"] == "MB" and memory["naive"] > memory["vectors_mb"]
+
+
+def test_bench_unknown_section_is_one_line_error():
+    with pytest.raises(SystemExit, match="unknown section 'gpu'"):
+        bench.main(["--tiny", "--only", "gpu"])
