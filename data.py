@@ -942,7 +942,8 @@ def cmd_demo(args):
             atomic_write(dest, buf.getvalue(), "wb")
         split = lambda: "val" if rng.random() < 0.25 else "train"  # noqa: E731
         s = split()
-        items.append({"path": path, "style": st, "genre": g if rng.random() < 0.9 else None,
+        items.append({"path": path, "style": st, "shown": g,
+                      "genre": g if rng.random() < 0.9 else None,
                       "artist": a if rng.random() < 0.8 else None, "style_split": s,
                       "genre_split": s if rng.random() < 0.95 else split(), "artist_split": s})
         prog.update(1)
@@ -969,7 +970,7 @@ def write_demo_gallery(out, items):
     rows = []
     for i, it in enumerate(items):
         artist = DEMO_ARTISTS[it["artist"] if it["artist"] is not None else i % 6]
-        rows.append([it["path"], str(100000 + i), f"Synthetic {DEMO_GENRES[it['genre'] or 0]} {i}",
+        rows.append([it["path"], str(100000 + i), f"Synthetic {DEMO_GENRES[it['shown']]} {i}",
                      artist.replace("_", " "), str(1850 + i % 100), "", DEMO_STYLES[it["style"]],
                      DEMO_GENRES[it["genre"]] if it["genre"] is not None else ""])
     write_csv(os.path.join(out, "gallery.csv"), ["path", "objectid", "title", "attribution",
