@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -775,27 +775,11 @@ def run_eval(args, device):
 
 # ----------------------------------------------------------------------------- pictures (PIL)
 
-def font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one fixed bitmap size
-        return ImageFont.load_default()
-
-
-def fit_text(draw, text, fnt, width):
-    """text cut with '...' to fit width px."""
-    if draw.textlength(text, font=fnt) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=fnt) > width:
-        text = text[:-1]
-    return text + "..."
-
-
 def confusion_png(cm, names, title, path):
     """Heat map of row-normalised counts (recall per true class), with counts in the cells."""
     n = len(names)
     cell = max(12, min(44, 900 // max(n, 1)))  # px: 27 WikiArt styles get 33 px cells
-    fnt, small = font(13), font(max(8, min(12, cell // 3)))
+    fnt, small = data.font(13), data.font(max(8, min(12, cell // 3)))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     lab = int(min(220, max(probe.textlength(s, font=fnt) for s in names) + 12))
     W, H = lab + n * cell + 20, lab + n * cell + 30
@@ -804,10 +788,10 @@ def confusion_png(cm, names, title, path):
     d.text((8, 6), title, fill="black", font=fnt)
     rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     for i in range(n):
-        d.text((6, 30 + lab + i * cell + cell // 2 - 7), fit_text(d, names[i], fnt, lab - 10),
+        d.text((6, 30 + lab + i * cell + cell // 2 - 7), data.fit_text(names[i], fnt, lab - 10),
                fill="black", font=fnt)
         tag = Image.new("RGB", (lab, cell), "white")  # column label, drawn then turned 90 deg
-        ImageDraw.Draw(tag).text((4, cell // 2 - 7), fit_text(d, names[i], fnt, lab - 10),
+        ImageDraw.Draw(tag).text((4, cell // 2 - 7), data.fit_text(names[i], fnt, lab - 10),
                                  fill="black", font=fnt)
         im.paste(tag.rotate(90, expand=True), (lab + i * cell, 26))
         for j in range(n):
@@ -817,18 +801,12 @@ def confusion_png(cm, names, title, path):
             if cm[i, j] and cell >= 18:
                 d.text((x + 3, y + cell // 2 - 6), str(int(cm[i, j])), font=small,
                        fill="white" if v > 0.5 else "black")
-    data.atomic_write(path, png_bytes(im), "wb")
-
-
-def png_bytes(im):
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    return buf.getvalue()
+    data.save_png(im, path)
 
 
 def contact_sheet(found, root, path, thumb=180, cols=5):
     """Grid of thumbnails, each with `task true: X` and `pred: Y (p)` under it."""
-    fnt, line = font(13), 17
+    fnt, line = data.font(13), 17
     cols = max(1, min(cols, len(found)))
     rows = max(1, math.ceil(len(found) / cols))
     im = Image.new("RGB", (cols * (thumb + 10) + 10, rows * (thumb + 2 * line + 16) + 10), "white")
@@ -843,9 +821,9 @@ def contact_sheet(found, root, path, thumb=180, cols=5):
         im.paste(pic, (x + (thumb - pic.width) // 2, y + (thumb - pic.height) // 2))
         for i, s in enumerate((f"{o['task']} true: {o['true']}",
                                f"pred: {o['pred']} ({o['p_pred']:.2f})")):
-            d.text((x, y + thumb + 4 + i * line), fit_text(d, s, fnt, thumb), fill="black",
+            d.text((x, y + thumb + 4 + i * line), data.fit_text(s, fnt, thumb), fill="black",
                    font=fnt)
-    data.atomic_write(path, png_bytes(im), "wb")
+    data.save_png(im, path)
 
 
 # ----------------------------------------------------------------------------- prediction

@@ -312,6 +312,32 @@ def check_image(path):
         return False
 
 
+# ----------------------------------------------------------------------------- drawing
+# Contact sheets and confusion matrices are drawn with PIL: no plotting dependency.
+
+def font(size=12):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)  # scalable since Pillow 10.1
+    except TypeError:  # older Pillow: one fixed bitmap size
+        return ImageFont.load_default()
+
+
+def fit_text(text, fnt, width):
+    """text, cut with '...' to fit `width` px."""
+    if fnt.getlength(text) <= width:
+        return text
+    while text and fnt.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def save_png(im, path):
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    atomic_write(path, buf.getvalue(), "wb")
+
+
 # ----------------------------------------------------------------------------- wikiart lists
 
 def find_list(lists, task, kind):

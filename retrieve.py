@@ -682,23 +682,6 @@ def report(args, cfg, meta, queries, D, I):
 THUMB, PAD, CAPTION = 160, 8, 34  # px
 
 
-def font():
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=12)  # scalable since Pillow 10.1
-    except TypeError:
-        return ImageFont.load_default()
-
-
-def fit(text, f, width):
-    """text, cut with an ellipsis to fit `width` px."""
-    if f.getlength(text) <= width:
-        return text
-    while text and f.getlength(text + "...") > width:
-        text = text[:-1]
-    return text + "..."
-
-
 def thumb(path):
     from PIL import Image, ImageOps
     try:
@@ -710,7 +693,7 @@ def thumb(path):
 def contact_sheet(out, queries, D, I, meta, root):
     """One row per query: the query (framed), then its top k with rank, score and title."""
     from PIL import Image, ImageDraw
-    f, cell_w, cell_h = font(), THUMB + PAD, THUMB + CAPTION + PAD
+    f, cell_w, cell_h = data.font(), THUMB + PAD, THUMB + CAPTION + PAD
     sheet = Image.new("RGB", (3 * PAD + cell_w * (I.shape[1] + 1), PAD + cell_h * len(queries)),
                       "white")
     draw = ImageDraw.Draw(sheet)
@@ -727,11 +710,10 @@ def contact_sheet(out, queries, D, I, meta, root):
             if col == 0:
                 draw.rectangle([x - 3, y - 3, x + THUMB + 2, y + THUMB + 2], outline=(30, 90, 200),
                                width=2)
-            draw.text((x, y + THUMB + 3), fit(line1, f, THUMB), fill=(0, 0, 0), font=f)
-            draw.text((x, y + THUMB + 18), fit(line2, f, THUMB), fill=(70, 70, 70), font=f)
-    buf = io.BytesIO()
-    sheet.save(buf, "PNG")
-    data.atomic_write(out, buf.getvalue(), "wb")
+            for dy, text, grey in ((3, line1, 0), (18, line2, 70)):
+                draw.text((x, y + THUMB + dy), data.fit_text(text, f, THUMB),
+                          fill=(grey, grey, grey), font=f)
+    data.save_png(sheet, out)
 
 
 # ----------------------------------------------------------------------------- evaluation
