@@ -59,6 +59,9 @@ import metrics
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 ARCH = "crnn-v1"  # stored in every checkpoint; load_checkpoint refuses anything else
 UserError = data.UserError
+# --eval/--predict rebuild the model from the checkpoint: only these flags mean anything there
+EVAL_ARGS = ("eval", "predict", "ckpt", "data", "root", "classes", "out", "outliers", "k",
+             "batch_size", "workers", "amp", "device")
 
 
 def one_line(e):
@@ -177,6 +180,9 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"{path}: checkpoint does not match crnn.py's model ({one_line(e)})") \
             from None
     model.backbone.to(memory_format=torch.channels_last)
+    a = ckpt["args"]
+    print(f"model: {a['backbone']} + {a['rnn']} {a['hidden']}, {a['img_size']} px, from {path} "
+          f"(epoch {ckpt.get('epoch')})")
     return model.to(device).eval(), ckpt
 
 
@@ -967,7 +973,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     data.tune_malloc()
-    print("args: " + json.dumps({k: v for k, v in vars(args).items() if v is not None}))
+    shown = vars(args) if args.train else {k: v for k, v in vars(args).items() if k in EVAL_ARGS}
+    print("args: " + json.dumps({k: v for k, v in shown.items() if v is not None}))
     try:
         device = data.pick_device(args.device)
         if args.eval:
