@@ -1,5 +1,8 @@
 """Benchmarks: ArtExtract's paths against the naive way, side by side in one run.
 
+Holds timing harnesses and naive baselines only: what it measures is the scripts' own code,
+imported, never a copy of it.
+
 Shell:
     python bench.py --quick                 # under 2 minutes on 2 CPU cores
     python bench.py                         # the full run behind the README's table
@@ -14,7 +17,7 @@ one table (naive, ours, ratio, target) that also goes to bench.json. "Naive" is 
 art-classification code tends to do: decode full-size JPEGs every epoch, embed one image at a
 time in fp32, train the whole CNN every epoch, search a flat index one query at a time, and
 stack per-image vectors from a Python list before indexing them. The scripts call
-data.tune_malloc() at start; so does this process (both sides of every comparison run under it,
+nets.tune_malloc() at start; so does this process (both sides of every comparison run under it,
 as the table says), and the embedding section also reruns ours in a child process without it to
 show what it buys.
 """
@@ -30,10 +33,15 @@ import sys
 import tempfile
 import time
 
+import faiss
 import numpy as np
+import torch
 from PIL import Image
 
+import crnn
 import data
+import nets
+import retrieve
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -96,7 +104,7 @@ def make_big_jpegs(folder, n, size=(2400, 1800), seed=0):
 def bench_loading(args, tmp):
     src, cache = os.path.join(tmp, "big"), os.path.join(tmp, "cache")
     paths = make_big_jpegs(src, by_mode(args, 2, 6, 24))
-    tf = data.make_transform(224)
+    tf = nets.make_transform(224)
     mb = np.mean([os.path.getsize(os.path.join(src, p)) for p in paths]) / 2**20
 
     def full():  # the naive way: decode every pixel, then shrink
@@ -131,9 +139,8 @@ def bench_loading(args, tmp):
 
 def demo_tensors(n, size=224, seed=0):
     """n painting-like images (data.py's synthetic painter) as a normalised (n, 3, S, S) batch."""
-    import torch
     rng = np.random.default_rng(seed)
-    hands, tf = data.demo_artists(rng), data.make_transform(size)
+    hands, tf = data.demo_artists(rng), nets.make_transform(size)
     ims = [data.demo_painting(data.DEMO_STYLES[i % 6], data.DEMO_GENRES[i % 4], hands[i % 6],
                               rng, short=size) for i in range(n)]
     return torch.stack([tf(im) for im in ims])
@@ -142,40 +149,35 @@ def demo_tensors(n, size=224, seed=0):
 def embed_models():
     """The naive model (torchvision resnet50, fc dropped, fp32) and ours (retrieve.py's embedder,
     avg pooling, channels_last), with the same seeded random weights."""
-    import torch
-
-    import retrieve
-    naive = retrieve.trunk("resnet50", "none", seed=0)
+    naive = nets.backbone("resnet50", "none", seed=0)[0]
     naive = torch.nn.Sequential(naive, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
     cfg = {"ckpt": None, "backbone": "resnet50", "weights": "none", "init_seed": 0,
            "pool": "avg", "grid": 1, "img_size": 224}
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        ours = retrieve.load_model(cfg, torch.device("cpu"))
+        cpu = torch.device("cpu")
+        ours = retrieve.load_model(cfg, cpu, nets.autocast_dtype(cpu))
     return naive, ours
 
 
 def embed_rates(x, batch=32):
     """img/s of naive (one image at a time, fp32, no_grad) and ours (batched, channels_last,
     inference_mode, bf16 autocast where the CPU has it), and both sets of embeddings."""
-    import torch
-
-    import retrieve
     naive, ours = embed_models()
-    cpu, amp = torch.device("cpu"), data.autocast_dtype(torch.device("cpu"))
+    cpu = torch.device("cpu")
 
     def run_naive():
         with torch.no_grad():
             return np.concatenate([naive(x[i:i + 1]).numpy() for i in range(len(x))])
 
     def run_ours():
-        return np.concatenate([retrieve.forward(ours, x[i:i + batch], cpu, amp)
+        return np.concatenate([retrieve.forward(ours, x[i:i + batch], cpu)
                                for i in range(0, len(x), batch)])
 
     run_ours()  # warm-up: oneDNN primitive creation, allocator growth
     t_ours = timed(run_ours, 2)
     run_naive()
     t_naive = timed(run_naive, 2)
-    return len(x) / t_naive, len(x) / t_ours, run_naive(), run_ours(), str(amp)
+    return len(x) / t_naive, len(x) / t_ours, run_naive(), run_ours(), str(ours.amp)
 
 
 def agreement(a, b, k=5):
@@ -242,7 +244,6 @@ def crnn_epochs(demo, out, flags):
     """Train with crnn.py on the demo data, quietly: (log.jsonl records, seconds building the
     feature cache). Each record's img_per_s counts training only (crnn.py stops its clock before
     validation); time_s is the whole epoch: training, validation and checkpoint."""
-    import crnn
     spent = []
     with quiet(), stopwatch(crnn, "build_cache", spent):
         crnn.main(["--train", "--data", os.path.join(demo, "manifest.csv"), "--out", out,
@@ -255,9 +256,6 @@ def bench_training(args, tmp):
     """End-to-end epochs (decode, augment, backbone forward and backward) vs --freeze-backbone
     epochs from the cached backbone maps (RNN and heads only). Both use crnn.py's defaults,
     --workers included: decoding in worker processes is what end-to-end users run."""
-    import torch
-
-    import crnn
     n, backbone, size, epochs = by_mode(args, (96, "resnet18", 64, 1), (96, "resnet18", 128, 2),
                                         (360, "resnet50", 224, 2))
     demo = os.path.join(tmp, "demo")
@@ -269,7 +267,7 @@ def bench_training(args, tmp):
     best = {k: max(recs, key=lambda r: r["img_per_s"]) for k, recs in
             (("e2e", e2e), ("frozen", frozen))}  # the warmest epoch of each
     n_cached = len(data.read_manifest(os.path.join(demo, "manifest.csv")))  # train + val
-    amp = data.autocast_dtype(torch.device("cpu"))
+    amp = nets.autocast_dtype(torch.device("cpu"))
     workers = crnn.build_parser().get_default("workers")
     note = (f"{backbone} {size} px, demo n={n}, best of {epochs} epoch(s), train img/s without "
             f"validation; whole epoch with val + checkpoint: {best['e2e']['time_s']:.1f} s vs "
@@ -313,7 +311,6 @@ def recall_at(I, gt, k=5):
 
 
 def our_index(xb, flags):
-    import retrieve
     args = retrieve.build_parser().parse_args(["--build", *flags])
     t0 = time.perf_counter()
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
@@ -339,7 +336,6 @@ TINY_SEARCH = ("faiss flat (exact)", "hnsw M32 efSearch 64")  # d=256: no pca 25
 
 
 def set_knobs(index, knobs):
-    import retrieve
     inner = retrieve.inner(index)
     for name, v in knobs.items():
         target = inner.hnsw if name == "efSearch" else inner
@@ -347,7 +343,6 @@ def set_knobs(index, knobs):
 
 
 def bench_search(args, tmp):
-    import faiss
     rows, k = [], 5
     ns, d, nq = by_mode(args, ([2_000], 256, 50), ([10_000], 2048, 100),
                         ([10_000, 100_000], 2048, 300))
@@ -422,7 +417,7 @@ def write_vectors(path, n, d, chunk=10_000):
     del xb  # unmaps: the pages written leave this process's RSS
 
 
-def read_rows(path, chunk=1024):
+def iter_vectors(path, chunk=1024):
     """The rows of a .npy one array each, as a 1-by-1 embedding loop hands them over; plain
     reads (np.fromfile), so the file's pages never count in this process's RSS."""
     head = np.load(path, mmap_mode="r")  # shape and data offset only: no page is read
@@ -437,14 +432,11 @@ def read_rows(path, chunk=1024):
 def memory_child(path, side):
     """In a fresh process: build a flat index of the vectors in path, the naive way or ours;
     print JSON with the peak RSS after the build. Both sides import the same modules and run
-    under the scripts' malloc setting (data.tune_malloc)."""
-    import faiss
-
-    import retrieve
-    data.tune_malloc()
+    under the scripts' malloc setting (nets.tune_malloc)."""
+    nets.tune_malloc()
     imports_mb = peak_rss_mb()
     if side == "naive":  # per-image vectors collected in a list, stacked, added in one go
-        xs = list(read_rows(path))
+        xs = list(iter_vectors(path))
         xb = np.vstack(xs)
         index = faiss.IndexFlatIP(xb.shape[1])
         index.add(xb)
@@ -493,7 +485,6 @@ TINY_SECTIONS = "load,search,memory"  # --tiny: seconds, for tests; the numbers 
 
 
 def machine():
-    import torch
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -523,17 +514,8 @@ def print_table(rows):
             print(f"{'':<8}   {r['note']}")
 
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default, except None and False ones: the help says what happens then."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.Help)
     p.add_argument("--quick", action="store_true", help="small sizes: under 2 min on 2 cores")
     p.add_argument("--tiny", action="store_true",
                    help=f"smoke-test sizes, seconds; sections {TINY_SECTIONS} unless --only")
@@ -551,7 +533,7 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"bench.py: error: unknown section {unknown[0]!r} "
                          f"(known: {', '.join(SECTIONS)})")
-    tuned = data.tune_malloc()
+    tuned = nets.tune_malloc()
     info = {**machine(), "malloc_tuned": tuned, "quick": args.quick, "tiny": args.tiny}
     print(f"bench: {json.dumps(info)}")
     rows = []
@@ -568,4 +550,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,5 +1,8 @@
 """CNN-RNN for painting style, artist and genre: train, evaluate, find outliers, predict.
 
+Holds the CRNN model and its training, evaluation and prediction loops. Data reading is
+data.py's, the backbone, device and precision nets.py's, pictures pages.py's; no FAISS here.
+
 Shell:
     python data.py demo                                   # synthetic data in demo/
     python crnn.py --train --weights none                 # demo/manifest.csv -> runs/crnn/
@@ -43,74 +46,28 @@ import math
 import os
 import random
 import time
-import urllib.error
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader
 
 import data
 import metrics
+import nets
+import pages
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 ARCH = "crnn-v1"  # stored in every checkpoint; load_checkpoint refuses anything else
-UserError = data.UserError
+UserError, one_line = data.UserError, data.one_line
 # --eval/--predict rebuild the model from the checkpoint: only these flags mean anything there
 EVAL_ARGS = ("eval", "predict", "ckpt", "data", "root", "classes", "out", "outliers", "k",
              "batch_size", "workers", "amp", "device")
 
 
-def one_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 # ----------------------------------------------------------------------------- model
-
-def read_state_dict(path):
-    if not os.path.isfile(path):
-        raise UserError(f"--weights: file not found: {path} (or use --weights imagenet|none)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle, zip and torch errors all mean "not a state_dict"
-        raise UserError(f"--weights {path}: cannot read a state_dict ({one_line(e)})") from None
-    if not isinstance(state, dict):
-        raise UserError(f"--weights {path}: not a state_dict")
-    return state
-
-
-def imagenet_state_dict(name):
-    """torchvision's ImageNet weights, downloaded once into torch.hub's cache (~/.cache/torch)."""
-    import torchvision
-    w = torchvision.models.get_model_weights(name).DEFAULT
-    try:  # torch.hub prints 'Downloading: URL to PATH' (once; then it reads its cache)
-        return w.get_state_dict(progress=True)
-    except (urllib.error.URLError, OSError, RuntimeError) as e:
-        raise UserError(f"cannot download {name} ImageNet weights ({one_line(e)}); offline, use "
-                        "--weights none or --weights PATH (a torchvision state_dict)") from None
-
-
-def build_backbone(name, weights):
-    """ResNet without avgpool/fc -> (B, C, H/32, W/32) and C; weights: imagenet, none or PATH."""
-    import torchvision
-    if name not in BACKBONES:
-        raise UserError(f"unknown backbone {name!r} (choose from {', '.join(BACKBONES)})")
-    net = getattr(torchvision.models, name)(weights=None)
-    if weights != "none":
-        state = imagenet_state_dict(name) if weights == "imagenet" else read_state_dict(weights)
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # ImageNet head
-        try:
-            missing, unexpected = net.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # shape mismatch: another architecture
-            raise UserError(f"--weights {weights}: not a {name} state_dict "
-                            f"({one_line(e)})") from None
-        if unexpected or [k for k in missing if not k.startswith("fc.")]:
-            raise UserError(f"--weights {weights}: not a torchvision {name} state_dict")
-    return nn.Sequential(*list(net.children())[:-2]), net.fc.in_features
-
 
 class CRNN(nn.Module):
     """ResNet map -> 1x1 conv -> bidirectional RNN over the H*W positions in raster order ->
@@ -119,7 +76,7 @@ class CRNN(nn.Module):
     def __init__(self, n_classes, backbone="resnet50", weights="none", hidden=256, rnn="lstm",
                  dropout=0.2):
         super().__init__()
-        self.backbone, channels = build_backbone(backbone, weights)  # C = 512 or 2048
+        self.backbone, channels = nets.backbone(backbone, weights)  # C = 512 or 2048
         self.proj = nn.Conv2d(channels, hidden, 1)
         self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[rnn](hidden, hidden, batch_first=True,
                                                          bidirectional=True)
@@ -349,16 +306,16 @@ def feature_cache(model, table, rows, split, args, device, amp):
 
 @torch.no_grad()
 def build_cache(model, paths, npy, meta, key, args, device, amp):
-    ds = data.ImageDataset(paths, args.root, data.make_transform(args.img_size), args.img_size)
+    ds = data.ImageDataset(paths, args.root, nets.make_transform(args.img_size), args.img_size)
     batches = sequential(np.arange(len(paths)), args.batch_size)
     loader = image_loader(ds, batches, args, device)
-    backbone = data.fuse_for_inference(model.backbone)  # a BN-folded copy: frozen, eval only
+    backbone = nets.fuse_for_inference(model.backbone)  # a BN-folded copy: frozen, eval only
     ok, arr, tmp = np.zeros(len(paths), bool), None, npy + ".tmp.npy"
     prog = data.Progress(len(paths), f"cache {os.path.basename(npy)}")
     for expected, batch in zip(batches, loader, strict=True):
         if batch is not None:
             x, i = batch
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with nets.autocast(device, amp):
                 f = backbone(to_device(x, device)).float().cpu().numpy()
             if arr is None:  # shape known after the first batch: (n, C, H, W)
                 os.makedirs(os.path.dirname(npy), exist_ok=True)
@@ -437,7 +394,7 @@ class Fit:
 
 
 def train_step(fit, x, y):
-    with torch.autocast(fit.device.type, dtype=fit.amp, enabled=fit.amp is not None):
+    with nets.autocast(fit.device, fit.amp):
         logits = fit.fwd(to_device(x, fit.device))
     loss = multitask_loss(logits, y.to(fit.device), fit.ce_weights, fit.smoothing)
     if loss is None:
@@ -483,7 +440,7 @@ def predict_probs(model, fwd, loader, device, amp):
     for batch in loader:
         if batch is None:
             continue
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        with nets.autocast(device, amp):
             logits = fwd(to_device(batch[0], device))
         for t, out in logits.items():
             probs[t].append(torch.softmax(out.float(), 1).cpu().numpy())
@@ -570,7 +527,7 @@ def make_feeds(model, table, args, device, amp):
     ce, draw = balance_weights(table, rows["train"], args, device)
     if not args.freeze_backbone:
         sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw)
-        ds = [data.ImageDataset(table.paths, args.root, data.make_transform(args.img_size, aug),
+        ds = [data.ImageDataset(table.paths, args.root, nets.make_transform(args.img_size, aug),
                                 args.img_size) for aug in (True, False)]
         val = image_loader(ds[1], sequential(rows["val"], args.batch_size), args, device)
         return Feeds(model, ce, sampler, image_loader(ds[0], sampler, args, device), val)
@@ -634,15 +591,14 @@ def run_epoch(fit, feeds, table, args, epoch, state):
     print(epoch_line(rec, args.epochs, " *" if best else ""))
     if tr["skipped"]:
         print(f"  skipped unreadable: {', '.join(table.paths[i] for i in tr['skipped'][:3])}")
-    with open(os.path.join(args.out, "log.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
+    data.append_jsonl(os.path.join(args.out, "log.jsonl"), rec)
     return state
 
 
-def train(args, device):
+def cmd_train(args, device):
     table = read_table(args.data, args.classes)
     seed_all(args.seed)
-    amp = data.autocast_dtype(device) if args.amp else None
+    amp = nets.autocast_dtype(device) if args.amp else None
     ckpt = resume_checkpoint(table, args) if args.resume else None
     model = CRNN({t: len(c) for t, c in table.classes.items()}, args.backbone,
                  "none" if ckpt else args.weights, args.hidden, args.rnn, args.dropout)
@@ -669,7 +625,7 @@ def train(args, device):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def eval_table(args, ckpt):
+def read_eval_table(args, ckpt):
     """The manifest's val rows labelled with the checkpoint's class lists; refuses others."""
     rows = data.read_manifest(args.data, ("path", "split"))
     tasks = [t for t in ckpt["tasks"] if any(r.get(t) for r in rows)]
@@ -718,7 +674,7 @@ def write_eval(out, res, table, idx, probs, text):
         names = table.classes[t]
         data.write_csv(os.path.join(out, f"confusion_{t}.csv"), ["true \\ pred", *names],
                        [[n, *row.tolist()] for n, row in zip(names, r["confusion"], strict=True)])
-        confusion_png(r["confusion"], names, f"{t}: rows true, columns predicted (row %)",
+        pages.confusion_png(r["confusion"], names, f"{t}: rows true, columns predicted (row %)",
                       os.path.join(out, f"confusion_{t}.png"))
     header, rows = ["path"], [[table.paths[i]] for i in idx]
     for t in res:
@@ -746,16 +702,16 @@ def outliers(table, idx, probs, n):
     return sorted(found, key=lambda o: -o["score"])[:n]
 
 
-def run_eval(args, device):
+def cmd_eval(args, device):
     model, ckpt = load_checkpoint(args.ckpt, device)
     resolve_data(args, ckpt["args"])
     out, size = args.out or os.path.dirname(os.path.abspath(args.ckpt)), ckpt["args"]["img_size"]
-    table = eval_table(args, ckpt)
+    table = read_eval_table(args, ckpt)
     rows = np.flatnonzero((table.split == "val") & (table.y >= 0).any(1))
     if not len(rows):
         raise UserError(f"{args.data}: no labelled rows with split val")
-    ds = data.ImageDataset(table.paths, args.root, data.make_transform(size), size)
-    amp = data.autocast_dtype(device) if args.amp else None
+    ds = data.ImageDataset(table.paths, args.root, nets.make_transform(size), size)
+    amp = nets.autocast_dtype(device) if args.amp else None
     loader = image_loader(ds, sequential(rows, args.batch_size), args, device)
     idx, probs = predict_probs(model, model, loader, device, amp)
     if not len(idx):
@@ -772,64 +728,18 @@ def run_eval(args, device):
         data.write_csv(os.path.join(out, "outliers.csv"), keys,
                        [[o[k] if isinstance(o[k], str) else f"{o[k]:.4f}" for k in keys]
                         for o in found])
-        contact_sheet(found, args.root, os.path.join(out, "outliers.png"))
+        outlier_sheet(found, args.root, os.path.join(out, "outliers.png"))
         print(f"outliers: {len(found)} most confident disagreements, score = p(pred) - p(true)"
               f" -> {os.path.join(out, 'outliers.csv')}, outliers.png")
     print(f"wrote report.txt, metrics.json, predictions.csv, confusion_<task>.csv/.png to {out}")
     return {t: {"accuracy": r["report"]["accuracy"], "top3": r["top3"]} for t, r in res.items()}
 
 
-# ----------------------------------------------------------------------------- pictures (PIL)
-
-def confusion_png(cm, names, title, path):
-    """Heat map of row-normalised counts (recall per true class), with counts in the cells."""
-    n = len(names)
-    cell = max(12, min(44, 900 // max(n, 1)))  # px: 27 WikiArt styles get 33 px cells
-    fnt, small = data.font(13), data.font(max(8, min(12, cell // 3)))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lab = int(min(220, max(probe.textlength(s, font=fnt) for s in names) + 12))
-    W, H = lab + n * cell + 20, lab + n * cell + 30
-    im = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(im)
-    d.text((8, 6), title, fill="black", font=fnt)
-    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    for i in range(n):
-        d.text((6, 30 + lab + i * cell + cell // 2 - 7), data.fit_text(names[i], fnt, lab - 10),
-               fill="black", font=fnt)
-        tag = Image.new("RGB", (lab, cell), "white")  # column label, drawn then turned 90 deg
-        ImageDraw.Draw(tag).text((4, cell // 2 - 7), data.fit_text(names[i], fnt, lab - 10),
-                                 fill="black", font=fnt)
-        im.paste(tag.rotate(90, expand=True), (lab + i * cell, 26))
-        for j in range(n):
-            v, x, y = rows[i, j], lab + j * cell, 30 + lab + i * cell
-            rgb = tuple(int(255 - v * (255 - c)) for c in (8, 48, 107))  # white -> dark blue
-            d.rectangle([x, y, x + cell - 1, y + cell - 1], fill=rgb, outline=(220, 220, 220))
-            if cm[i, j] and cell >= 18:
-                d.text((x + 3, y + cell // 2 - 6), str(int(cm[i, j])), font=small,
-                       fill="white" if v > 0.5 else "black")
-    data.save_png(im, path)
-
-
-def contact_sheet(found, root, path, thumb=180, cols=5):
-    """Grid of thumbnails, each with `task true: X` and `pred: Y (p)` under it."""
-    fnt, line = data.font(13), 17
-    cols = max(1, min(cols, len(found)))
-    rows = max(1, math.ceil(len(found) / cols))
-    im = Image.new("RGB", (cols * (thumb + 10) + 10, rows * (thumb + 2 * line + 16) + 10), "white")
-    d = ImageDraw.Draw(im)
-    for k, o in enumerate(found):
-        x, y = 10 + (k % cols) * (thumb + 10), 10 + (k // cols) * (thumb + 2 * line + 16)
-        try:
-            pic = ImageOps.contain(data.load_image(data.safe_join(root, o["path"]), thumb),
-                                   (thumb, thumb))
-        except (OSError, ValueError, SyntaxError):
-            pic = Image.new("RGB", (thumb, thumb), (200, 200, 200))
-        im.paste(pic, (x + (thumb - pic.width) // 2, y + (thumb - pic.height) // 2))
-        for i, s in enumerate((f"{o['task']} true: {o['true']}",
-                               f"pred: {o['pred']} ({o['p_pred']:.2f})")):
-            d.text((x, y + thumb + 4 + i * line), data.fit_text(s, fnt, thumb), fill="black",
-                   font=fnt)
-    data.save_png(im, path)
+def outlier_sheet(found, root, path, cols=5):
+    """Contact sheet of the outliers: `task true: X` and `pred: Y (p)` under each thumbnail."""
+    cells = [(data.safe_join(root, o["path"]), f"{o['task']} true: {o['true']}",
+              f"pred: {o['pred']} ({o['p_pred']:.2f})") for o in found]
+    pages.contact_sheet([cells[i:i + cols] for i in range(0, len(cells), cols)], path)
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -860,7 +770,7 @@ def load_batch(files, tf, size, alone):
         try:
             xs.append(tf(data.load_image(f, size)))
             ok.append(f)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except data.DECODE_ERRORS:
             if alone:
                 raise UserError(f"not an image (cannot decode): {f}") from None
             print(f"skipped (cannot decode): {f}")
@@ -870,7 +780,7 @@ def load_batch(files, tf, size, alone):
 @torch.no_grad()
 def top_k(model, xs, classes, k, device, amp):
     """[{task: [(class name, probability)] * k}] for a list of image tensors."""
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+    with nets.autocast(device, amp):
         logits = model(to_device(torch.stack(xs), device))
     out = [{} for _ in xs]
     for t, z in logits.items():
@@ -880,12 +790,12 @@ def top_k(model, xs, classes, k, device, amp):
     return out
 
 
-def run_predict(args, device):
+def cmd_predict(args, device):
     model, ckpt = load_checkpoint(args.ckpt, device)
     files, skipped = collect_images(args.predict)
     alone = len(args.predict) == 1 and os.path.isfile(args.predict[0])
     size = ckpt["args"]["img_size"]
-    tf, amp = data.make_transform(size), data.autocast_dtype(device) if args.amp else None
+    tf, amp = nets.make_transform(size), nets.autocast_dtype(device) if args.amp else None
     results = {}
     for i in range(0, len(files), args.batch_size):
         chunk = files[i:i + args.batch_size]
@@ -903,15 +813,8 @@ def run_predict(args, device):
 
 # ----------------------------------------------------------------------------- command line
 
-class Help(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each default, except None ones: their help says what they fall back to."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=Help)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.Help)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true", help="train on the manifest's train split")
     mode.add_argument("--eval", action="store_true", help="report on the val split of --data")
@@ -946,8 +849,7 @@ def build_parser():
                    help="class imbalance: loss = cross-entropy weighted n/(K*count) per class "
                    "and task, every image once per epoch; sampler = draw images with weight "
                    "1/count of their style class (rare ones repeat, common ones go unseen: the "
-                   "real lists span 98..13,060 per class). Style macro-F1 on a 52..4 per class "
-                   "demo manifest, 3 seeds: loss 0.57, sampler 0.52, none 0.26")
+                   "real lists span 98..13,060 per class)")
     t.add_argument("--patience", type=int, default=0,
                    help="stop after N epochs without a better val mean F1 (0: never)")
     t.add_argument("--freeze-backbone", action="store_true",
@@ -972,20 +874,20 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    data.tune_malloc()
+    nets.tune_malloc()
     shown = vars(args) if args.train else {k: v for k, v in vars(args).items() if k in EVAL_ARGS}
     print("args: " + json.dumps({k: v for k, v in shown.items() if v is not None}))
     try:
-        device = data.pick_device(args.device)
+        device = nets.pick_device(args.device)
         if args.eval:
-            return run_eval(args, device)
+            return cmd_eval(args, device)
         if args.predict:
-            return run_predict(args, device)
+            return cmd_predict(args, device)
         resolve_data(args)
         args.out = args.out or os.path.join("runs", "crnn")
         torch.backends.cudnn.benchmark = False  # seeded runs repeat on the GPU too
         torch.backends.cudnn.deterministic = True
-        return train(args, device)
+        return cmd_train(args, device)
     except UserError as e:
         raise SystemExit(f"crnn.py: error: {e}") from None
 

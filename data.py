@@ -1,4 +1,7 @@
-"""Datasets for ArtExtract: WikiArt and NGA subsets, image download, resized cache, demo data.
+"""Data for ArtExtract: WikiArt and NGA subsets, image download, resized cache, demo data.
+
+Holds lists, manifests, downloads, image reading and the file plumbing every script uses.
+No model, device, precision or drawing code here (nets.py, pages.py).
 
 Shell:
     python data.py demo                                   # synthetic offline data in demo/
@@ -11,14 +14,15 @@ Shell:
 Notebook:
     import data; data.main(["demo", "--out", "demo"])
 
-This module also holds the one image-loading path that crnn.py and retrieve.py share
-(`load_image`, `ImageDataset`, `collate_skip`), plus `pick_device` and `tune_malloc`.
+The one image-loading path that crnn.py and retrieve.py share is here (`load_image`,
+`ImageDataset`, `collate_skip`), with `atomic_write`, `write_csv` and `Progress`.
 Bad input ends with one line on stderr and exit status 1 (`UserError`), never a traceback.
 """
 
 import argparse
 import csv
 import email.utils
+import functools
 import io
 import json
 import math
@@ -49,96 +53,22 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- shared helpers
 
-def pick_device(flag=None):
-    """An explicit --device wins; else cuda, then mps, then cpu. Prints the choice once."""
-    import torch
-    if flag:
-        device = torch.device(flag)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        device = torch.device("mps")
-    else:
-        device = torch.device("cpu")
-    print(f"device: {device}")
-    return device
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # PIL's ways
+# of saying "cannot decode this file": every loader catches exactly these
 
 
-def tune_malloc():
-    """Keep freed memory in the process instead of handing it back to the OS after every batch.
-
-    glibc returns large blocks (>= 128 KiB .. 32 MiB, adaptive) with munmap, so each CNN batch
-    page-faults its activations in again: 30-40% of a CPU ResNet50 forward was kernel time.
-    M_MMAP_MAX=0 serves every block from the heap and a huge M_TRIM_THRESHOLD never shrinks
-    it, the runtime equivalent of GLIBC_TUNABLES mmap/trim thresholds (bench.py measures it).
-    Costs: peak RSS stays reserved. Returns True when applied (glibc only).
-    """
-    if not sys.platform.startswith("linux") or os.environ.get("ARTEXTRACT_NO_MALLOC_TUNING"):
-        return False
-    import ctypes
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-        ok = libc.mallopt(M_MMAP_MAX, 0) == 1
-        return ok and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    except (OSError, AttributeError):  # musl or another libc: nothing to tune
-        return False
+def one_line(e):
+    """The first line of an exception's text, at most 200 characters (for one-line errors)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def cpu_bf16_is_fast():
-    """True where bf16 matrix units out-run fp32 FMAs: Intel AMX, or AMD Zen 4+ (AVX512-BF16).
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default, except None and False ones: their help says what happens then."""
 
-    Intel's AVX512-BF16 without AMX (Cooper Lake, or a VM that hides AMX) issues VDPBF16PS on
-    one port: 32 bf16 pairs = 64 flop/cycle, the same as two fp32 FMA ports, plus conversions.
-    Measured on such a CPU: ResNet50 at batch 32 ran 18 img/s in bf16, 28 img/s in fp32.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read(1 << 16)
-    except OSError:
-        return False
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines()
-                      if ln.startswith("flags")), []))
-    return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in info)
-
-
-def autocast_dtype(device):
-    """fp16 on CUDA; bf16 on CPUs where it beats fp32 (cpu_bf16_is_fast); else None (fp32)."""
-    import torch
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_bf16_is_fast():
-        try:
-            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-        except (AttributeError, RuntimeError):
-            return None
-    return None
-
-
-def fuse_for_inference(module):
-    """Fold each BatchNorm into the conv before it (eval only; ~15% off a CPU ResNet forward),
-    in channels_last. Only the folding is skipped when torch.fx cannot trace the module."""
-    import torch
-    from torch.fx.experimental.optimization import fuse
-    try:
-        module = fuse(module.eval())  # a copy: the original keeps its BatchNorms
-    except Exception:  # a module fx cannot trace: keep the plain one, it is only slower
-        pass
-    return module.to(memory_format=torch.channels_last)
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def make_transform(img_size, train=False):
-    """PIL -> normalised tensor: shorter side to img_size, then a centre (or random) crop."""
-    from torchvision import transforms as T
-    if train:
-        aug = [T.RandomResizedCrop(img_size, scale=(0.5, 1.0), antialias=True),
-               T.RandomHorizontalFlip()]
-    else:
-        aug = [T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
-    return T.Compose([*aug, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 class Progress:
@@ -171,8 +101,17 @@ def fmt_seconds(s):
     return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
 
-UMASK = os.umask(0o022)
-os.umask(UMASK)  # read once: os.umask can only be read by setting it
+@functools.lru_cache(maxsize=1)
+def file_mode():
+    """The mode a plain open() gives a new file here: 0o666 minus the umask. Linux shows the
+    umask in /proc; elsewhere os.umask can only be read by setting it (once, then cached)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(ln.split()[1], 8) for ln in f if ln.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write(path, data, mode="w"):
@@ -185,12 +124,18 @@ def atomic_write(path, data, mode="w"):
                                      "newline": ""}
         with os.fdopen(fd, mode, **kw) as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file the usual mode
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def append_jsonl(path, record):
+    """One JSON object as one line of a log file (log.jsonl: a run's history, appended)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
 
 
 def write_csv(path, header, rows):
@@ -291,7 +236,7 @@ class ImageDataset:
     def __getitem__(self, i):
         try:
             im = load_image(self.files[i], self.size)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except DECODE_ERRORS:
             return None
         return (self.transform(im) if self.transform else im), i
 
@@ -308,34 +253,8 @@ def check_image(path):
     try:
         load_image(path, 32)
         return True
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except DECODE_ERRORS:
         return False
-
-
-# ----------------------------------------------------------------------------- drawing
-# Contact sheets and confusion matrices are drawn with PIL: no plotting dependency.
-
-def font(size=12):
-    from PIL import ImageFont
-    try:
-        return ImageFont.load_default(size=size)  # scalable since Pillow 10.1
-    except TypeError:  # older Pillow: one fixed bitmap size
-        return ImageFont.load_default()
-
-
-def fit_text(text, fnt, width):
-    """text, cut with '...' to fit `width` px."""
-    if fnt.getlength(text) <= width:
-        return text
-    while text and fnt.getlength(text + "...") > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def save_png(im, path):
-    buf = io.BytesIO()
-    im.save(buf, "PNG")
-    atomic_write(path, buf.getvalue(), "wb")
 
 
 # ----------------------------------------------------------------------------- wikiart lists
@@ -416,9 +335,6 @@ def load_wikiart(lists, tasks):
         for p, y in seen.items():
             if p not in conflicts:
                 labels[p][task] = classes[task][y]
-        for p in conflicts:
-            labels[p].setdefault(task, None)
-            labels[p].pop(task)
         if conflicts:
             ex = sorted(conflicts)[0]
             print(f"{task}: {len(conflicts)} paths listed with conflicting labels, left "
@@ -664,9 +580,7 @@ def fetch(url, dest, timeout, stop):
         if e.code == 429 or e.code >= 500:
             raise Retry(f"HTTP {e.code}", retry_after(e.headers.get("Retry-After"))) from e
         raise
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-        if isinstance(e, urllib.error.HTTPError):
-            raise
+    except OSError as e:  # URLError, timeouts, resets: transient, worth another try
         raise Retry(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
     finally:
         if os.path.exists(tmp):
@@ -674,7 +588,7 @@ def fetch(url, dest, timeout, stop):
 
 
 def download_one(url, dest, args, stop):
-    """Fetch with exponential backoff (x2 per try, jittered, capped 60 s) or Retry-After."""
+    """Fetch with exponential backoff (x2 per try, jittered, capped 120 s) or Retry-After."""
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     for attempt in range(args.retries + 1):
         try:
@@ -780,7 +694,7 @@ def cmd_resize(args):
         try:
             resize_one(job[1], job[2], args.size)
             return None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        except DECODE_ERRORS as e:
             return (job[0], f"{type(e).__name__}: {e}")
 
     # PIL releases the GIL while decoding and resampling, so threads use every core.
@@ -1007,11 +921,11 @@ def write_demo_gallery(out, items):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=Help)
     sub = p.add_subparsers(dest="command", required=True)
 
     w = sub.add_parser("wikiart", help="class-balanced subset from the ArtGAN WikiArt lists",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=Help)
     w.add_argument("--lists", required=True, help="folder of the ArtGAN list files")
     w.add_argument("--out", required=True, help="writes OUT/manifest.csv and OUT/classes.json")
     w.add_argument("--tasks", default="style,artist,genre", help="label columns to carry")
@@ -1024,7 +938,7 @@ def build_parser():
     w.set_defaults(func=cmd_wikiart)
 
     n = sub.add_parser("nga", help="paintings with images from the NGA open-data CSVs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=Help)
     n.add_argument("--objects", required=True, help="objects.csv")
     n.add_argument("--published-images", required=True, nargs="+",
                    help="published_images.csv (several files are merged)")
@@ -1039,7 +953,7 @@ def build_parser():
     n.set_defaults(func=cmd_nga)
 
     d = sub.add_parser("download", help="fetch a manifest's urls, resumably",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=Help)
     d.add_argument("--manifest", required=True)
     d.add_argument("--root", required=True, help="images go to ROOT/<path>")
     d.add_argument("--size", type=int, default=512, help="IIIF size to ask for (0: url as is)")
@@ -1051,7 +965,7 @@ def build_parser():
     d.set_defaults(func=cmd_download)
 
     r = sub.add_parser("resize", help="pre-resize a manifest's images into a cache folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=Help)
     r.add_argument("--manifest", required=True)
     r.add_argument("--root", required=True, help="original images")
     r.add_argument("--out", required=True, help="cache folder, same relative paths")
@@ -1060,7 +974,7 @@ def build_parser():
     r.set_defaults(func=cmd_resize)
 
     m = sub.add_parser("demo", help="small SYNTHETIC dataset in the real formats",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=Help)
     m.add_argument("--out", default="demo")
     m.add_argument("--n", type=int, default=360, help="number of images")
     m.add_argument("--seed", type=int, default=0)
@@ -1071,10 +985,13 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
     except UserError as e:
         raise SystemExit(f"data.py: error: {e}") from None
+    if status:  # failures were listed above; the shell (or notebook) sees the status
+        raise SystemExit(status)
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,5 +1,8 @@
 """Hand-written metrics: numpy arrays in (callers do `.cpu().numpy()`), Python numbers out.
 
+Holds classification and retrieval metrics and their random baselines; imports nothing of the
+project and no torch.
+
     import metrics
     rep = metrics.classification_report(y_true, y_pred, n_classes, names=classes)
     print(metrics.format_report(rep))

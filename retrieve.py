@@ -1,5 +1,8 @@
 """Painting similarity search: embed a collection, index it with FAISS, query it, evaluate it.
 
+Holds the embedder, the FAISS index folder and the retrieval protocols. The backbone comes from
+nets.py, images from data.py, pictures from pages.py; the CNN-RNN stays in crnn.py.
+
 Shell:
     python data.py demo                      # synthetic paintings in demo/ (no download needed)
     python retrieve.py --build               # demo/images + demo/gallery.csv -> demo/index
@@ -27,22 +30,26 @@ Non-image files in a folder are skipped and counted; unreadable images are liste
 """
 
 import argparse
-import contextlib
 import hashlib
 import io
 import json
 import math
 import os
-import sys
 import time
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageEnhance
 from torch import nn
 
+import crnn
 import data
 import metrics
+import nets
+import pages
+from data import UserError
 
 # FAISS names used below: xb (n, d) float32 database vectors, xq (nq, d) query vectors, k results
 # per query. index.search(xq, k) returns D (nq, k) scores, here inner products of unit vectors
@@ -56,6 +63,7 @@ DEFAULT_IMAGES, DEFAULT_MANIFEST, DEFAULT_INDEX = "demo/images", "demo/gallery.c
 # --query/--query-id/--add/--eval, a typed value that differs from config.json is refused.
 MODEL_DEFAULTS = {"backbone": "resnet50", "weights": "imagenet", "ckpt": None, "img_size": 224,
                   "pool": "grid", "grid": 2, "index_type": "flat", "pca": None}
+INDEX_DEFAULTS = {"hnsw_m": 32, "ef_construction": 200, "ef_search": 128, "nprobe": 16}
 LABEL_COLUMNS = ("style", "artist", "genre", "attribution")
 CHUNK = 65536  # rows per copy between .npy files: bounded RAM at any n
 CHUNK_BYTES = 64 << 20  # per index.add: 8k rows of 2048-d float32
@@ -108,98 +116,39 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def imagenet_model(name):
-    """torchvision `name` with its default ImageNet weights (downloaded once to the torch cache)."""
-    from torchvision import models
-    weights = models.get_model_weights(name).DEFAULT
-    print(f"loading {weights} (downloaded to the torch cache on first use)")
-    try:  # torch.hub writes its own "Downloading:" line to stderr: keep the error to one line
-        with contextlib.redirect_stderr(io.StringIO()):
-            return models.get_model(name, weights=weights, progress=False)
-    except (OSError, RuntimeError) as e:  # URLError is an OSError; a truncated file RuntimeError
-        raise data.UserError(f"cannot get the ImageNet weights for {name} ({e}): offline, pass "
-                             "--weights none (random init) or --weights PATH (a state_dict)") \
-            from None
-
-
-def local_model(name, path):
-    """torchvision `name` with a local state_dict (loaded with weights_only=True)."""
-    from torchvision import models
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors share no base class
-        raise data.UserError(f"cannot read weights {path}: not a torch state_dict file "
-                             f"({type(e).__name__}: {e})") from None
-    if isinstance(sd, dict) and "model" in sd and "args" in sd:
-        raise data.UserError(f"{path} is a crnn.py checkpoint: pass it as --ckpt {path}")
-    model = models.get_model(name, weights=None)
-    head = ("fc.", "classifier.")  # unused here: a fine-tuned head of any size is fine
-    try:
-        res = model.load_state_dict({k: v for k, v in sd.items() if not k.startswith(head)},
-                                    strict=False)
-    except (RuntimeError, TypeError, AttributeError) as e:  # torch lists the keys after line 1
-        why = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()][-1][:160]
-        raise data.UserError(f"{path} does not fit --backbone {name}: {why}") from None
-    bad = [k for k in res.missing_keys if not k.startswith(head)] + res.unexpected_keys
-    if bad:
-        raise data.UserError(f"{path} does not fit --backbone {name}: {len(bad)} missing or "
-                             f"unexpected keys, e.g. {bad[0]}")
-    return model
-
-
-def trunk(name, weights, seed=0):
-    """The convolutional trunk of a torchvision classifier: no global pool, no fc."""
-    from torchvision import models
-    if name not in models.list_models(module=models):
-        raise data.UserError(f"unknown --backbone {name} (e.g. resnet18, resnet50, resnet101)")
-    if weights == "imagenet":
-        model = imagenet_model(name)
-    elif weights == "none":  # seeded, so that a query rebuilds the very same random model
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = models.get_model(name, weights=None)
-    else:
-        model = local_model(name, weights)
-    if hasattr(model, "layer4"):  # ResNet family: the children up to layer4
-        names = [n for n, _ in model.named_children()]
-        return nn.Sequential(*list(model.children())[:names.index("layer4") + 1])
-    if hasattr(model, "features"):  # VGG, DenseNet, EfficientNet, ConvNeXt, MobileNet
-        return model.features
-    raise data.UserError(f"--backbone {name}: no layer4 or features trunk to pool")
-
-
-def load_model(cfg, device):
-    """The embedder that cfg describes, on device, eval mode; fills cfg["dim"] when unset."""
+def load_model(cfg, device, amp=None):
+    """The embedder that cfg describes, on device, eval mode; fills cfg["dim"] when unset.
+    amp: the autocast dtype its forward passes run under (None: fp32), kept as model.amp."""
     if cfg["ckpt"]:
-        import crnn  # only --ckpt needs it
         model = CkptEmbedder(crnn.load_checkpoint(cfg["ckpt"])[0])
     else:
-        body = data.fuse_for_inference(trunk(cfg["backbone"], cfg["weights"], cfg["init_seed"]))
+        trunk = nets.backbone(cfg["backbone"], cfg["weights"], cfg["init_seed"])[0]
+        body = nets.fuse_for_inference(trunk)
         model = Embedder(body, cfg["pool"], cfg["grid"])
     model = model.eval().to(device, memory_format=torch.channels_last)
     with torch.inference_mode():
         dim = model(torch.zeros(1, 3, cfg["img_size"], cfg["img_size"], device=device)).shape[1]
     if cfg.get("dim") not in (None, dim):
-        raise data.UserError(f"the model gives {dim}-d embeddings, the index holds {cfg['dim']}-d")
+        raise UserError(f"the model gives {dim}-d embeddings, the index holds {cfg['dim']}-d")
     cfg["dim"] = int(dim)
+    model.amp = amp
     return model
 
 
-def forward(model, x, device, amp_dtype):
-    """(B, 3, S, S) batch -> (B, dim) float32 numpy unit vectors."""
+def forward(model, x, device):
+    """(B, 3, S, S) batch -> (B, dim) float32 numpy unit vectors, under model.amp."""
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype,
-                                                enabled=amp_dtype is not None):
+    with torch.inference_mode(), nets.autocast(device, model.amp):
         z = model(x)
     return F.normalize(z.float(), dim=1).cpu().numpy()
 
 
 def embed_pils(model, images, cfg, args, device):
     """PIL images -> (len, dim) float32, batched."""
-    tf, out = data.make_transform(cfg["img_size"]), []
+    tf, out = nets.make_transform(cfg["img_size"]), []
     for i in range(0, len(images), args.batch_size):
         x = torch.stack([tf(im) for im in images[i:i + args.batch_size]])
-        out.append(forward(model, x, device, args.amp_dtype))
+        out.append(forward(model, x, device))
     return np.concatenate(out)
 
 
@@ -211,7 +160,7 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
     Rows stream into a memory-mapped file (never all in RAM); unreadable images are left out
     and the file compacted, so row j of out_path is paths[good[j]]."""
     s = cfg["img_size"]
-    ds = data.ImageDataset(paths, root, data.make_transform(s), size=s)  # JPEG draft decode
+    ds = data.ImageDataset(paths, root, nets.make_transform(s), size=s)  # JPEG draft decode
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
                                          collate_fn=data.collate_skip,
                                          pin_memory=device.type == "cuda")
@@ -223,7 +172,7 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
         tried += step
         if batch is not None:  # None: every image of the batch failed to decode
             x, idx = batch
-            xb[len(good):len(good) + len(idx)] = forward(model, x, device, args.amp_dtype)
+            xb[len(good):len(good) + len(idx)] = forward(model, x, device)
             good.extend(idx.tolist())
         prog.update(step, f"{tried - len(good)} unreadable" if tried > len(good) else "")
     xb.flush()
@@ -267,7 +216,7 @@ def scan_images(root, skip_dir=None):
 def read_collection(root, manifest, index_dir):
     """(header, rows) of the images to index: the manifest's rows, or a scan of root."""
     if not os.path.isdir(root):
-        raise data.UserError(f"image folder not found: {root}")
+        raise UserError(f"image folder not found: {root}")
     if manifest:
         rows = data.read_manifest(manifest)
         first = {}
@@ -281,7 +230,7 @@ def read_collection(root, manifest, index_dir):
     if others:
         print(f"skipped {others} non-image files under {root}")
     if not paths:
-        raise data.UserError(f"no images under {root} (extensions {' '.join(data.IMAGE_EXTS)})")
+        raise UserError(f"no images under {root} (extensions {' '.join(data.IMAGE_EXTS)})")
     return ["path"], [{"path": p} for p in paths]
 
 
@@ -301,7 +250,7 @@ def embed_collection(model, rows, root, cfg, args, device, out_path):
     print(f"embedded {len(good)} images in {dt:.1f} s ({len(good) / max(dt, 1e-9):.1f} img/s)"
           + (f"; skipped {len(skipped)}, listed in {args.index}/skipped.csv" if skipped else ""))
     if not good:
-        raise data.UserError(f"none of the {len(rows)} images under {root} could be read")
+        raise UserError(f"none of the {len(rows)} images under {root} could be read")
     return [todo[i] for i in good], len(skipped), dt
 
 
@@ -314,17 +263,20 @@ def ivfpq_params(d, n_train, args):
     m = args.pq_m or next(m for m in GPU_PQ_M if d % m == 0)
     nbits = args.nbits or min(8, int(math.log2(max(n_train / 39, 1))))
     if d % m:
-        raise data.UserError(f"--pq-m {m} must divide the vector size {d}")
+        raise UserError(f"--pq-m {m} must divide the vector size {d}")
     if nbits < 4 or n_train < 2 ** nbits or n_train < nlist:
-        raise data.UserError(f"ivfpq cannot train on {n_train} vectors (nbits={nbits}, "
+        raise UserError(f"ivfpq cannot train on {n_train} vectors (nbits={nbits}, "
                              f"nlist={nlist}; needs >= 624): use --index-type flat (exact)")
-    return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(args.nprobe or 16, nlist)}
+    nprobe = min(args.nprobe or INDEX_DEFAULTS["nprobe"], nlist)
+    return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe}
 
 
 def index_params(kind, d, n, args):
     if kind == "hnsw":  # efSearch 128: recall@5 0.997 (64: 0.985) on 100k x 256 synthetic
-        return {"M": args.hnsw_m or 32, "ef_construction": args.ef_construction or 200,
-                "ef_search": args.ef_search or 128}
+        d = INDEX_DEFAULTS
+        return {"M": args.hnsw_m or d["hnsw_m"],
+                "ef_construction": args.ef_construction or d["ef_construction"],
+                "ef_search": args.ef_search or d["ef_search"]}
     if kind == "ivfpq":
         return ivfpq_params(d, min(n, TRAIN_MAX), args)
     return {}
@@ -335,7 +287,7 @@ def check_pca(pca, dim, n):
     if pca is None:
         return dim
     if not 1 <= pca < min(dim, n):
-        raise data.UserError(f"--pca {pca}: needs 1 <= D < min(embedding size {dim}, images {n})")
+        raise UserError(f"--pca {pca}: needs 1 <= D < min(embedding size {dim}, images {n})")
     return pca
 
 
@@ -351,7 +303,6 @@ def index_from_vectors(xb, args):
 
 def new_index(cfg):
     """Empty FAISS index from cfg: [PCA-whitening, re-normalisation,] then the index type."""
-    import faiss
     d, p, ip = cfg["index_dim"], cfg["index_params"], faiss.METRIC_INNER_PRODUCT
     if cfg["index_type"] == "hnsw":
         index = faiss.IndexHNSWFlat(d, p["M"], ip)
@@ -369,7 +320,6 @@ def new_index(cfg):
 
 
 def inner(index):
-    import faiss
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) \
         else index
 
@@ -396,7 +346,6 @@ def add_rows(index, xb, start=0):
     """index.add(xb[start:]), CHUNK_BYTES at a time. A flat index is sized once and filled in
     place: faiss's own add grows its buffer by doubling, holding old and new copies at once
     (bench.py memory: peak RSS 2.6 GB -> 1.4 GB for 100k x 2048, 0.8 GB of them the vectors)."""
-    import faiss
     n0, n_new, d = index.ntotal, len(xb) - start, xb.shape[1]
     step = max(1, CHUNK_BYTES // (4 * d))
     flat = type(index) in (faiss.IndexFlatIP, faiss.IndexFlatL2)  # not hnsw, ivf, pca
@@ -406,7 +355,7 @@ def add_rows(index, xb, start=0):
         dst = dst.reshape(n0 + n_new, d)
     prog = data.Progress(n_new, "index", unit="vec")
     for i in range(start, len(xb), step):
-        chunk = read_rows(xb, i, i + step)
+        chunk = read_chunk(xb, i, i + step)
         if flat:
             dst[n0 + i - start:n0 + i - start + len(chunk)] = chunk
         else:
@@ -416,7 +365,7 @@ def add_rows(index, xb, start=0):
         index.ntotal = n0 + n_new
 
 
-def read_rows(xb, i, j):
+def read_chunk(xb, i, j):
     """xb[i:j] as float32. From a memmap, through a short-lived map of its file: pages read
     through a long-lived map stay resident (in RSS) until it is closed."""
     if isinstance(xb, np.memmap) and xb.filename and xb.filename.endswith(".npy"):
@@ -437,7 +386,6 @@ def search(index, xq, k, chunk=4096):
 
 def to_search_device(index, cfg, device):
     """A GPU copy for search when faiss has GPU support and we run on cuda (hnsw: CPU only)."""
-    import faiss
     if device.type != "cuda" or cfg["index_type"] == "hnsw" or \
             not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
         return index
@@ -457,7 +405,6 @@ def to_search_device(index, cfg, device):
 def write_index(folder, index, header, rows, cfg, embeddings):
     """Move the new embeddings in, then index.faiss, meta.csv and config.json last, each written
     to a temp file and renamed: a reader never sees half a file."""
-    import faiss
     os.replace(embeddings, os.path.join(folder, "embeddings.npy"))
     tmp = os.path.join(folder, ".index.faiss.tmp")
     faiss.write_index(index, tmp)
@@ -471,34 +418,33 @@ def write_index(folder, index, header, rows, cfg, embeddings):
 def read_config(folder):
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise data.UserError(f"no index in {folder} (config.json missing): build one with --build")
+        raise UserError(f"no index in {folder} (config.json missing): build one with --build")
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, ValueError) as e:
-        raise data.UserError(f"{path} is unreadable ({e}): rebuild with --build") from None
+        raise UserError(f"{path} is unreadable ({e}): rebuild with --build") from None
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
         found = cfg.get("version") if isinstance(cfg, dict) else None
-        raise data.UserError(f"{folder} is not a version-{VERSION} retrieve.py index (found "
+        raise UserError(f"{folder} is not a version-{VERSION} retrieve.py index (found "
                              f"version {found}): rebuild it with --build")
     return cfg
 
 
 def open_index(folder):
     """(cfg, meta rows, xb memmap, index) of an index folder, checked for version and sizes."""
-    import faiss
     cfg = read_config(folder)
     missing = [f for f in FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise data.UserError(f"{folder} lacks {', '.join(missing)}: rebuild with --build")
+        raise UserError(f"{folder} lacks {', '.join(missing)}: rebuild with --build")
     try:
         xb = np.load(os.path.join(folder, "embeddings.npy"), mmap_mode="r")
         index = faiss.read_index(os.path.join(folder, "index.faiss"))
     except (OSError, ValueError, RuntimeError) as e:
-        raise data.UserError(f"{folder}: corrupt index files ({e}): rebuild with --build") from None
+        raise UserError(f"{folder}: corrupt index files ({e}): rebuild with --build") from None
     meta = data.read_csv(os.path.join(folder, "meta.csv"), required=("path",), what="meta.csv")
     if not len(xb) == len(meta) == index.ntotal == cfg.get("n") or xb.shape[1] != cfg["dim"]:
-        raise data.UserError(f"{folder} is inconsistent ({len(xb)} embeddings, {len(meta)} "
+        raise UserError(f"{folder} is inconsistent ({len(xb)} embeddings, {len(meta)} "
                              f"meta rows, {index.ntotal} indexed): rebuild with --build")
     return cfg, meta, xb, index
 
@@ -515,12 +461,12 @@ def check_same_model(args, cfg):
         flag = "--" + key.replace("_", "-")
         built = f"{flag} {was}" if was is not None else f"no {flag}" + \
             (f" (--ckpt {cfg['ckpt']})" if cfg.get("ckpt") else "")
-        raise data.UserError(f"{args.index} was built with {built}, not {val}: drop {flag} to "
+        raise UserError(f"{args.index} was built with {built}, not {val}: drop {flag} to "
                              "use the index's own setting, or rebuild with --build")
     for key in ("weights", "ckpt"):
         path, sha = cfg.get(key), cfg.get(f"{key}_sha256")
         if sha and (not os.path.isfile(path) or file_sha256(path) != sha):
-            raise data.UserError(f"--{key} file {path} is missing or changed since the index was "
+            raise UserError(f"--{key} file {path} is missing or changed since the index was "
                                  "built: restore it or rebuild with --build")
 
 
@@ -533,32 +479,31 @@ def model_config(args):
     for key in ("weights", "ckpt"):
         path = cfg[key] if cfg[key] not in (None, "imagenet", "none") else None
         if path and not os.path.isfile(path):
-            raise data.UserError(f"--{key} file not found: {path}")
+            raise UserError(f"--{key} file not found: {path}")
         cfg[f"{key}_sha256"] = file_sha256(path) if path else None
     if cfg["ckpt"]:
-        import crnn  # only --ckpt needs it
         typed = [f"--{k.replace('_', '-')}" for k in ("backbone", "weights", "pool", "grid",
                                                         "img_size") if getattr(args, k)]
         if typed:
-            raise data.UserError(f"--ckpt embeds with the checkpoint's own model and image "
+            raise UserError(f"--ckpt embeds with the checkpoint's own model and image "
                                  f"size: drop {' '.join(typed)}")
         ck_args = crnn.load_checkpoint(cfg["ckpt"])[1]["args"]
         cfg.update(backbone=ck_args.get("backbone"), weights=None, weights_sha256=None,
                    pool=None, grid=None, img_size=int(ck_args["img_size"]))
     if cfg["grid"] is not None and cfg["grid"] < 1 or cfg["img_size"] < 32:
-        raise data.UserError("--grid must be >= 1 and --img-size >= 32")
+        raise UserError("--grid must be >= 1 and --img-size >= 32")
     return cfg
 
 
 # ----------------------------------------------------------------------------- build and add
 
-def cmd_build(args, device):
+def cmd_build(args, device, amp):
     root = args.images or DEFAULT_IMAGES
     manifest = args.manifest or (DEFAULT_MANIFEST if root == DEFAULT_IMAGES and
                                  os.path.isfile(DEFAULT_MANIFEST) else None)
     header, rows = read_collection(root, manifest, args.index)
     cfg = model_config(args)
-    model = load_model(cfg, device)
+    model = load_model(cfg, device, amp)
     # refuse a hopeless --pca or ivfpq before the (long) embedding pass, not after it
     index_params(cfg["index_type"], check_pca(args.pca, cfg["dim"], len(rows)), len(rows), args)
     os.makedirs(args.index, exist_ok=True)
@@ -566,7 +511,7 @@ def cmd_build(args, device):
     rows, n_skip, dt = embed_collection(model, rows, root, cfg, args, device, emb)
     icfg, index = index_from_vectors(np.load(emb, mmap_mode="r"), args)
     cfg.update(icfg, images=root, manifest=manifest, seed=args.seed,
-               amp=str(args.amp_dtype).replace("torch.", ""),
+               amp=str(amp).replace("torch.", ""),
                created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     write_index(args.index, index, header, rows, cfg, emb)
     log(args.index, event="build", n=len(rows), skipped=n_skip, seconds=round(dt, 2),
@@ -576,7 +521,7 @@ def cmd_build(args, device):
     return cfg
 
 
-def cmd_add(args, device):
+def cmd_add(args, device, amp):
     """Embed only the paths not yet in meta.csv; append them to the embeddings and the index."""
     cfg, meta, xb, index = open_index(args.index)
     check_same_model(args, cfg)
@@ -590,7 +535,8 @@ def cmd_add(args, device):
     if not new:
         return cfg
     part = os.path.join(args.index, ".embeddings.add.npy")
-    new, n_skip, dt = embed_collection(load_model(cfg, device), new, root, cfg, args, device, part)
+    model = load_model(cfg, device, amp)
+    new, n_skip, dt = embed_collection(model, new, root, cfg, args, device, part)
     emb = os.path.join(args.index, ".embeddings.new.npy")
     copy_rows(emb, [(os.path.join(args.index, "embeddings.npy"), len(xb)), (part, len(new))])
     os.remove(part)
@@ -617,28 +563,28 @@ def open_for_search(args, device):
 
 def check_k(k, n):
     if not 1 <= k <= n:
-        raise data.UserError(f"-k {k}: the index has {n} candidates (1 <= k <= {n})")
+        raise UserError(f"-k {k}: the index has {n} candidates (1 <= k <= {n})")
 
 
 def load_query(path, size):
     if not os.path.isfile(path):
-        raise data.UserError(f"query image not found: {path}")
+        raise UserError(f"query image not found: {path}")
     try:
         return data.load_image(path, size)
-    except (OSError, ValueError, SyntaxError) as e:
-        raise data.UserError(f"query is not a readable image: {path} ({e})") from None
+    except data.DECODE_ERRORS as e:
+        raise UserError(f"query is not a readable image: {path} ({e})") from None
 
 
-def cmd_query(args, device):
+def cmd_query(args, device, amp):
     cfg, meta, xb, index = open_for_search(args, device)
     ims = [load_query(p, cfg["img_size"]) for p in args.query]
     check_k(args.k, len(xb))
-    xq = embed_pils(load_model(cfg, device), ims, cfg, args, device)
+    xq = embed_pils(load_model(cfg, device, amp), ims, cfg, args, device)
     D, I = search(index, xq, args.k)
     return report(args, cfg, meta, list(args.query), D, I)
 
 
-def cmd_query_id(args, device):
+def cmd_query_id(args, device, amp):
     """Search with an indexed painting's stored vector; k + 1 results minus itself."""
     cfg, meta, xb, index = open_for_search(args, device)
     row = {r["path"]: i for i, r in enumerate(meta)}
@@ -646,7 +592,7 @@ def cmd_query_id(args, device):
            for p in args.query_id]
     for p, r in zip(args.query_id, rel, strict=True):
         if r not in row:
-            raise data.UserError(f"not in the index: {p} (paths as in meta.csv, e.g. "
+            raise UserError(f"not in the index: {p} (paths as in meta.csv, e.g. "
                                  f"{meta[0]['path']})")
     check_k(args.k, len(xb) - 1)
     ids = np.array([row[r] for r in rel])
@@ -674,46 +620,20 @@ def report(args, cfg, meta, queries, D, I):
                 label = " - ".join(x for x in (r.get("title"), r.get("attribution")) if x)
                 print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}")
     sheet = args.sheet or os.path.join(args.index, "query_sheet.png")
-    contact_sheet(sheet, queries, D, I, meta, cfg["images"])
+    query_sheet(queries, D, I, meta, cfg["images"], sheet)
     print(f"contact sheet: {sheet}")
     return D, I
 
 
-THUMB, PAD, CAPTION = 160, 8, 34  # px
-
-
-def thumb(path):
-    from PIL import Image, ImageOps
-    try:
-        return ImageOps.contain(data.load_image(path, THUMB), (THUMB, THUMB))
-    except (OSError, ValueError, SyntaxError):
-        return Image.new("RGB", (THUMB, THUMB), (200, 200, 200))  # moved or unreadable
-
-
-def contact_sheet(out, queries, D, I, meta, root):
+def query_sheet(queries, D, I, meta, root, path):
     """One row per query: the query (framed), then its top k with rank, score and title."""
-    from PIL import Image, ImageDraw
-    f, cell_w, cell_h = data.font(), THUMB + PAD, THUMB + CAPTION + PAD
-    sheet = Image.new("RGB", (3 * PAD + cell_w * (I.shape[1] + 1), PAD + cell_h * len(queries)),
-                      "white")
-    draw = ImageDraw.Draw(sheet)
-    for row, q in enumerate(queries):
-        y = PAD + row * cell_h
-        cells = [(q, "query", os.path.basename(q))]
-        cells += [(data.safe_join(root, meta[i]["path"]), f"{rank}. {s:.3f}",
-                   meta[i].get("title") or os.path.basename(meta[i]["path"]))
-                  for rank, (s, i) in enumerate(zip(D[row], I[row], strict=True), 1) if i >= 0]
-        for col, (path, line1, line2) in enumerate(cells):
-            x = PAD + col * cell_w + (PAD if col else 0)
-            im = thumb(path)
-            sheet.paste(im, (x + (THUMB - im.width) // 2, y + (THUMB - im.height) // 2))
-            if col == 0:
-                draw.rectangle([x - 3, y - 3, x + THUMB + 2, y + THUMB + 2], outline=(30, 90, 200),
-                               width=2)
-            for dy, text, grey in ((3, line1, 0), (18, line2, 70)):
-                draw.text((x, y + THUMB + dy), data.fit_text(text, f, THUMB),
-                          fill=(grey, grey, grey), font=f)
-    data.save_png(sheet, out)
+    rows = []
+    for q, d_row, i_row in zip(queries, D, I, strict=True):
+        rows.append([(q, "query", os.path.basename(q))] + [
+            (data.safe_join(root, meta[i]["path"]), f"{rank}. {s:.3f}",
+             meta[i].get("title") or os.path.basename(meta[i]["path"]))
+            for rank, (s, i) in enumerate(zip(d_row, i_row, strict=True), 1) if i >= 0])
+    pages.contact_sheet(rows, path, frame_first=True)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -722,7 +642,6 @@ def copy_of(im, rng):
     """A seeded near-duplicate: crop 50-90% of the area (aspect 3:4..4:3), rotate +-10 deg,
     resize x0.6-1.4, jitter brightness/contrast/saturation x0.7-1.3, grayscale 20% of the
     time, JPEG re-compression at quality 30-70."""
-    from PIL import Image, ImageEnhance
     w, h = im.size
     area, ratio = rng.uniform(0.5, 0.9), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     cw = min(w, round(math.sqrt(area * w * h * ratio)))
@@ -744,8 +663,8 @@ def original(cfg, rel):
     path = data.safe_join(cfg["images"], rel)
     try:
         return data.load_image(path, 2 * cfg["img_size"])  # 2x: the crop is enlarged later
-    except (OSError, ValueError, SyntaxError) as e:
-        raise data.UserError(f"copy detection needs the indexed images: {path} ({e}); "
+    except data.DECODE_ERRORS as e:
+        raise UserError(f"copy detection needs the indexed images: {path} ({e}); "
                              "pass --images ROOT if they moved") from None
 
 
@@ -785,27 +704,27 @@ def eval_labels(meta, I, ids, n):
     return out
 
 
-def cmd_eval(args, device):
+def cmd_eval(args, device, amp):
     cfg, meta, xb, index = open_for_search(args, device)
     n = len(xb)
     if n < 11:
-        raise data.UserError(f"--eval needs >= 11 indexed images (the query and 10 neighbours); "
+        raise UserError(f"--eval needs >= 11 indexed images (the query and 10 neighbours); "
                              f"{args.index} has {n}")
     rng = np.random.default_rng(args.seed)
     ids = np.sort(rng.choice(n, size=min(n, EVAL_MAX), replace=False))
     _, I = search(index, xb[ids], 11)
     res = {"n": n, "self": {"queries": len(ids), **metrics.retrieval_metrics(I[:, :10], ids)}}
     cids = np.sort(rng.choice(n, size=min(n, args.eval_queries or 200), replace=False))
-    res["copy"] = eval_copies(load_model(cfg, device), index, meta, cfg, args, device, cids)
+    res["copy"] = eval_copies(load_model(cfg, device, amp), index, meta, cfg, args, device, cids)
     res["labels"] = eval_labels(meta, I[drop_self(I, ids, 10)].reshape(len(ids), 10), ids, n)
-    print(eval_table(res))
+    print(format_eval(res))
     data.atomic_write(os.path.join(args.index, "eval.json"),
                       json.dumps({**res, "config": cfg}, indent=1) + "\n")
     log(args.index, event="eval", **res)
     return res
 
 
-def eval_table(res):
+def format_eval(res):
     cols = ("queries", "top1", "recall@5", "mrr", "map@10", "p@5", "random_map@10", "random_p@5")
     head = ("queries", "Top-1", "R@5", "MRR@10", "mAP@10", "P@5", "rnd mAP", "rnd P@5")
     rows = [("self-retrieval *", res["self"]), ("copy detection", res["copy"])]
@@ -825,13 +744,16 @@ def eval_table(res):
 # ----------------------------------------------------------------------------- main
 
 def log(folder, **record):
-    with open(os.path.join(folder, "log.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps({"time": time.time(), **record}, default=str) + "\n")
+    data.append_jsonl(os.path.join(folder, "log.jsonl"), {"time": time.time(), **record})
+
+
+def default(key):
+    """' (default: X)' for a flag whose default lives in MODEL_DEFAULTS or INDEX_DEFAULTS."""
+    return f" (default: {MODEL_DEFAULTS.get(key, INDEX_DEFAULTS.get(key))})"
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.Help)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--build", action="store_true", help="embed the collection, write an index")
     mode.add_argument("--add", action="store_true", help="embed and add the images not indexed")
@@ -844,68 +766,68 @@ def build_parser():
     p.add_argument("--manifest", help=f"CSV with a path column (default: {DEFAULT_MANIFEST} "
                    "with the default --images if it exists, else every image under --images; "
                    "--add: the index's manifest unless --images is given)")
-    p.add_argument("--index", default=DEFAULT_INDEX, help="index folder (default: %(default)s)")
+    p.add_argument("--index", default=DEFAULT_INDEX, help="index folder")
     m = p.add_argument_group("model, recorded in config.json (--query/--add/--eval reuse it)")
-    m.add_argument("--backbone", help="torchvision CNN (default: resnet50)")
-    m.add_argument("--weights", help="imagenet | none (seeded random) | PATH of a state_dict "
-                   "(default: imagenet)")
+    m.add_argument("--backbone", help="torchvision CNN" + default("backbone"))
+    m.add_argument("--weights", help="imagenet | none (seeded random) | PATH of a state_dict"
+                   + default("weights"))
     m.add_argument("--ckpt", help="crnn.py checkpoint: embed with its learned model instead")
-    m.add_argument("--img-size", type=int, help="px: shorter side, then centre crop (default: 224)")
+    m.add_argument("--img-size", type=int, help="px: shorter side, then centre crop"
+                   + default("img_size"))
     m.add_argument("--pool", choices=("avg", "gem", "grid"), help="global average, GeM (p=3), or "
-                   "a grid of cells that keeps the layout (default: grid)")
-    m.add_argument("--grid", type=int, help="--pool grid: G x G cells (default: 2)")
+                   "a grid of cells that keeps the layout" + default("pool"))
+    m.add_argument("--grid", type=int, help="--pool grid: G x G cells" + default("grid"))
     x = p.add_argument_group("faiss index (defaults sized from the collection)")
     x.add_argument("--index-type", choices=("flat", "hnsw", "ivfpq"), help="flat: exact; hnsw, "
-                   "ivfpq: approximate, for 100k+ images (default: flat)")
+                   "ivfpq: approximate, for 100k+ images" + default("index_type"))
     x.add_argument("--pca", type=int, metavar="D", help="PCA-whiten to D dims, then re-normalise "
                    "(default: off)")
-    x.add_argument("--hnsw-m", type=int, help="hnsw links per node (default: 32)")
-    x.add_argument("--ef-construction", type=int, help="hnsw build beam (default: 200)")
-    x.add_argument("--ef-search", type=int, help="hnsw search beam; also at query time "
-                   "(default: 128)")
+    x.add_argument("--hnsw-m", type=int, help="hnsw links per node" + default("hnsw_m"))
+    x.add_argument("--ef-construction", type=int, help="hnsw build beam"
+                   + default("ef_construction"))
+    x.add_argument("--ef-search", type=int, help="hnsw search beam; also at query time"
+                   + default("ef_search"))
     x.add_argument("--nlist", type=int, help="ivfpq lists (default: 4 sqrt(n), <= n/39)")
     x.add_argument("--pq-m", type=int, help="ivfpq bytes per vector (default: the largest "
                    "divisor of the size <= 64)")
     x.add_argument("--nbits", type=int, help="ivfpq bits per code (default: 8, fewer for small n)")
-    x.add_argument("--nprobe", type=int, help="ivfpq lists searched; also at query time "
-                   "(default: 16)")
+    x.add_argument("--nprobe", type=int, help="ivfpq lists searched; also at query time"
+                   + default("nprobe"))
     q = p.add_argument_group("query and eval")
-    q.add_argument("-k", type=int, default=5, help="results per query (default: %(default)s)")
+    q.add_argument("-k", type=int, default=5, help="results per query")
     q.add_argument("--sheet", help="contact sheet PNG (default: INDEX/query_sheet.png)")
     q.add_argument("--eval-queries", type=int, help="copy-detection queries (default: "
                    "min(200, n))")
     r = p.add_argument_group("runtime")
-    r.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="image decoding processes (default: %(default)s)")
+                   help="image decoding processes")
     r.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, mps, then cpu)")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 on CPUs with native bf16, fp16 on CUDA (default: %(default)s)")
-    r.add_argument("--seed", type=int, default=0, help="init, samples, copies "
-                   "(default: %(default)s)")
+                   help="bf16 on CPUs with native bf16, fp16 on CUDA")
+    r.add_argument("--seed", type=int, default=0, help="init, samples, copies")
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     print("args:", json.dumps(vars(args)))
-    data.tune_malloc()
+    nets.tune_malloc()
     try:
-        device = data.pick_device(args.device)
-        args.amp_dtype = data.autocast_dtype(device) if args.amp else None
+        device = nets.pick_device(args.device)
+        amp = nets.autocast_dtype(device) if args.amp else None
         if args.build:
-            return cmd_build(args, device)
+            return cmd_build(args, device, amp)
         if args.add:
-            return cmd_add(args, device)
+            return cmd_add(args, device, amp)
         if args.query:
-            return cmd_query(args, device)
+            return cmd_query(args, device, amp)
         if args.query_id:
-            return cmd_query_id(args, device)
-        return cmd_eval(args, device)
-    except data.UserError as e:
+            return cmd_query_id(args, device, amp)
+        return cmd_eval(args, device, amp)
+    except UserError as e:
         raise SystemExit(f"retrieve.py: error: {e}") from None
 
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -2,7 +2,8 @@
 
 Three layers (STYLE.md): hand-computed metric cases and scikit-learn cross-checks; seeded
 synthetic data for indexes and models; CPU smoke runs of each script's main([...]) on small
-demo data. Run: python -m pytest -q test_all.py
+demo data. Shared helpers and fixtures come first, then one section per script, in the order
+the scripts import each other. Run: python -m pytest -q test_all.py
 """
 
 import csv
@@ -32,12 +33,19 @@ import bench
 import crnn
 import data
 import metrics
+import nets
+import pages
 import retrieve
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+
+
 # ============================================================================
-# shared fixtures
+# shared helpers and fixtures
+
+
+# -------------------------------------------------------------------------- torch and faiss threads
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,30 +58,22 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """120 synthetic demo images (data.py demo), shared by the crnn and retrieve tests."""
-    out = tmp_path_factory.mktemp("shared") / "demo"
-    data.main(["demo", "--out", str(out), "--n", "120"])
-    return out
+@pytest.fixture
+def one_faiss_thread():
+    """Deterministic and fast k-means: OpenMP threads spin badly on a busy 2-core runner."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
 
 
-
-# ============================================================================
-# data
-
-# ----------------------------------------------------------------------------- fixtures
+# ----------------------------------------------------------------------------- data the tests write
 
 
 def jpeg_bytes(size=(64, 48), color=(200, 30, 30)):
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, "JPEG", quality=90)
     return buf.getvalue()
-
-
-def read_rows(path):
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 MOJI = "Art_Nouveau_Modern/eugã¨ne-grasset_la-belle\u00adjardini\u00a0re.jpg"
@@ -114,99 +114,6 @@ def write_lists(d):
     return train + val
 
 
-# ----------------------------------------------------------------------------- wikiart
-
-
-def test_data_wikiart_real_list_formats(tmp_path, capsys):
-    write_lists(tmp_path / "lists")
-    out = tmp_path / "out"
-    assert data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
-                      "--per-class", "12", "--min-per-class", "5", "--seed", "3"]) == 0
-    log = capsys.readouterr().out
-    rows = read_rows(out / "manifest.csv")
-    assert list(rows[0]) == ["path", "style", "artist", "genre", "split"]
-    counts = {}
-    for r in rows:
-        counts[r["style"]] = counts.get(r["style"], 0) + 1
-    assert counts == {"Art_Nouveau": 12, "Baroque": 12, "Cubism": 12}  # Tiny (2) dropped
-    assert "dropped class Tiny" in log
-    assert "conflicting labels" in log
-    assert all(r["split"] in ("train", "val") for r in rows)
-    for c in counts:  # stratified: every class has val images, ~20%
-        n_val = sum(1 for r in rows if r["style"] == c and r["split"] == "val")
-        assert 1 <= n_val <= 4
-    classes = __import__("json").loads((out / "classes.json").read_text())
-    assert classes["style"] == ["Art_Nouveau", "Baroque", "Cubism"]
-
-
-def test_data_wikiart_labels_bytes_and_conflicts(tmp_path):
-    write_lists(tmp_path / "lists")
-    out = tmp_path / "out"
-    data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
-               "--per-class", "0", "--min-per-class", "1"])
-    rows = {r["path"]: r for r in read_rows(out / "manifest.csv")}
-    assert MOJI in rows  # soft hyphen, no-break space and mojibake kept byte for byte
-    assert rows[MOJI]["artist"] == "Eugene_Grasset" and rows[MOJI]["genre"] == "landscape"
-    assert rows["Baroque/artist-1_work-1(1).jpg"]["genre"] == "religious_painting"
-    assert rows["Cubism/artist-2_work-3(1).jpg"]["genre"] == ""  # listed as 1 and 4: dropped
-    assert rows["Baroque/artist-1_work-5(1).jpg"]["artist"] == "Rembrandt"
-    assert rows["Baroque/artist-1_work-3(1).jpg"]["artist"] == ""
-    assert len(rows) == 63  # one split column: a path cannot be in both splits
-
-
-def test_data_wikiart_deterministic_for_seed(tmp_path):
-    write_lists(tmp_path / "lists")
-    outs = []
-    for i, seed in enumerate([1, 1, 2]):
-        out = tmp_path / f"o{i}"
-        data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
-                   "--per-class", "10", "--seed", str(seed)])
-        outs.append((out / "manifest.csv").read_bytes())
-    assert outs[0] == outs[1] and outs[0] != outs[2]
-
-
-def test_data_wikiart_images_filter(tmp_path, capsys):
-    items = write_lists(tmp_path / "lists")
-    root = tmp_path / "img"
-    for p, _ in items:
-        if "work-7" in p:
-            continue  # missing on disk
-        os.makedirs(os.path.dirname(root / p), exist_ok=True)
-        body = jpeg_bytes()
-        (root / p).write_bytes(body[: len(body) // 3] if "work-9" in p else body)
-    out = tmp_path / "out"
-    data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
-               "--per-class", "0", "--images", str(root)])
-    rows = read_rows(out / "manifest.csv")
-    assert not any("work-7" in r["path"] or "work-9" in r["path"] for r in rows)
-    bad = read_rows(out / "unusable.csv")
-    assert sorted({b["reason"] for b in bad}) == ["corrupt", "missing"]
-    assert len(bad) == 6
-    assert "3 missing and 3 corrupt" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("argv, msg", [
-    (["--lists", "NOPE"], "list folder not found"),
-    (["--tasks", "style,colour"], "unknown task 'colour'"),
-    (["--min-per-class", "1000"], "nothing left after filtering"),
-])
-def test_data_wikiart_bad_input(tmp_path, argv, msg):
-    write_lists(tmp_path / "lists")
-    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o")]
-    with pytest.raises(SystemExit, match=msg) as e:
-        data.main(base + argv)
-    assert "\n" not in str(e.value)
-
-
-def test_data_wikiart_missing_list_file(tmp_path):
-    write_lists(tmp_path / "lists")
-    os.remove(tmp_path / "lists" / "artist_val")
-    with pytest.raises(SystemExit, match="no artist val list"):
-        data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o")])
-
-
-# ----------------------------------------------------------------------------- nga
-
 OBJECTS = (
     # header drift: a leading uuid column, columns in another order than the 2025 exports
     "uuid,objectid,accessionnum,title,displaydate,medium,dimensions,attributioninverted,"
@@ -219,6 +126,8 @@ OBJECTS = (
     "u4,104,1.2,A Drawing,1900,chalk,,,,Drawing\n"
     "u5,105,1.3,Portrait of a Man,1650,oil,,,,Painting\n"
 )
+
+
 IMAGES = (
     "uuid,iiifurl,iiifthumburl,viewtype,sequence,width,height,maxpixels,openaccess,created,"
     "modified,depictstmsobjectid,assistivetext\n"
@@ -237,40 +146,31 @@ def write_nga(d):
     (d / "published_images.csv").write_bytes(IMAGES.encode())
 
 
-def test_data_nga_one_primary_image_per_painting(tmp_path):
-    write_nga(tmp_path)
-    data.main(["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
-               str(tmp_path / "published_images.csv"), "--out", str(tmp_path / "o")])
-    rows = read_rows(tmp_path / "o" / "manifest.csv")
-    assert [r["objectid"] for r in rows] == ["101", "102", "105"]
-    assert rows[0]["url"] == "https://api.nga.gov/iiif/p0/full/!512,512/0/default.jpg"
-    assert rows[0]["attribution"] == "Judith Leyster" and rows[0]["path"] == "101.jpg"
-    assert rows[1]["title"] == 'The Boating Party, with "quotes"'
-    for col in ("path", "objectid", "title", "attribution", "displaydate", "url"):
-        assert col in rows[0]
+def write_odd_images(root):
+    os.makedirs(root, exist_ok=True)
+    Image.new("CMYK", (300, 200), (0, 255, 255, 0)).save(root / "cmyk.jpg")  # red
+    Image.fromarray(np.full((200, 300), 32896, np.uint16)).save(root / "gray16.png")
+    p = Image.new("P", (200, 200), 0)
+    p.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)
+    p.paste(1, (50, 50, 150, 150))
+    p.save(root / "palette.png", transparency=0)  # blue is transparent
+    im = Image.new("RGB", (400, 200), (0, 128, 0))
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 CW on display: 200 wide, 400 high
+    im.save(root / "rotated.jpg", exif=exif)
+    (root / "trunc.jpg").write_bytes(jpeg_bytes((300, 300))[:300])
+    Image.new("L", (256, 512), 90).save(root / "gray.jpg")
 
 
-def test_data_nga_filters(tmp_path):
-    write_nga(tmp_path)
-    base = ["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
-            str(tmp_path / "published_images.csv"), "--out", str(tmp_path / "o")]
-    data.main(base + ["--open-access", "--title-contains", "portrait", "--size", "256"])
-    rows = read_rows(tmp_path / "o" / "manifest.csv")
-    assert [r["objectid"] for r in rows] == ["101"]  # 105 is not open access
-    assert rows[0]["url"].endswith("/full/!256,256/0/default.jpg")
-    data.main(base + ["--limit", "1"])
-    assert len(read_rows(tmp_path / "o" / "manifest.csv")) == 1
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """120 synthetic demo images (data.py demo), shared by the crnn and retrieve tests."""
+    out = tmp_path_factory.mktemp("shared") / "demo"
+    data.main(["demo", "--out", str(out), "--n", "120"])
+    return out
 
 
-def test_data_nga_missing_column(tmp_path):
-    write_nga(tmp_path)
-    (tmp_path / "bad.csv").write_text("uuid,url,objectid\nx,y,101\n")
-    with pytest.raises(SystemExit, match="no column iiifurl, depictstmsobjectid"):
-        data.main(["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
-                   str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o")])
-
-
-# ----------------------------------------------------------------------------- download
+# --------------------------------------------------------------------------- a loopback HTTP server
 
 
 class Server:
@@ -333,175 +233,98 @@ def server():
     s.httpd.shutdown()
 
 
-def test_data_download_retries_failures_and_resume(tmp_path, server, capsys):
-    names = [f"ok{i}" for i in range(6)] + ["flaky", "slow", "trunc", "missing"]
-    rows = [[f"sub/{n}.jpg", f"{server.url}/{n}.jpg"] for n in names]
-    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
-    root = tmp_path / "img"
-    os.makedirs(root / "sub")
-    (root / "sub" / "ok0.jpg").write_bytes(jpeg_bytes()[:100])  # a partial file from a crash
-    argv = ["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(root),
-            "--workers", "2", "--backoff", "0.01", "--retries", "2", "--size", "0"]
-    assert data.main(argv) == 1  # two failed
-    for n in names[:8]:
-        assert data.check_image(root / "sub" / f"{n}.jpg"), n
-    assert not (root / "sub" / "trunc.jpg").exists() and not (root / "sub" / "missing.jpg").exists()
-    assert not [f for f in os.listdir(root / "sub") if f.endswith(".part")]
-    assert server.hits["/flaky.jpg"] == 2 and server.hits["/missing.jpg"] == 1
-    assert server.hits["/trunc.jpg"] == 3  # retried: a bad body may be a transfer glitch
-    t = server.times["/slow.jpg"]
-    assert t[1] - t[0] >= 0.95  # Retry-After: 1 honoured
-    assert server.max_inflight <= 2
-    assert all(a and a.startswith("ArtExtract/") for a in server.agents)
-    fails = read_rows(root / "download_failures.csv")
-    assert sorted(f["path"] for f in fails) == ["sub/missing.jpg", "sub/trunc.jpg"]
-    capsys.readouterr()
-    before = dict(server.hits)
-    assert data.main(argv) == 1  # resumed: finished files are not fetched again
-    assert server.hits["/ok1.jpg"] == before["/ok1.jpg"]
-    assert server.hits["/flaky.jpg"] == before["/flaky.jpg"]
-    assert server.hits["/missing.jpg"] == before["/missing.jpg"] + 1
-    assert "8 already here, 2 to fetch" in capsys.readouterr().out
+# --------------------------------------------------------------------------- crnn and retrieve runs
 
 
-def test_data_download_ctrl_c_keeps_finished_files(tmp_path, server):
-    rows = [[f"{i}.jpg", f"{server.url}/lag{i}.jpg"] for i in range(12)]
-    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
-    root = tmp_path / "img"
-    cmd = [sys.executable, os.path.join(HERE, "data.py"), "download", "--manifest",
-           str(tmp_path / "m.csv"), "--root", str(root), "--workers", "2", "--size", "0"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 30
-    while time.time() < deadline and (not root.exists() or len(
-            [f for f in os.listdir(root) if f.endswith(".jpg")]) < 3):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=30)[0]
-    assert proc.returncode == 130, out
-    assert "run the same command to continue" in out
-    done = sorted(os.listdir(root))
-    assert 3 <= len(done) < 12 and not [f for f in done if f.endswith(".part")]
-    assert all(data.check_image(root / f) for f in done)
-    before = dict(server.hits)
-    assert subprocess.run(cmd, capture_output=True).returncode == 0  # continues
-    assert len(os.listdir(root)) == 12
-    assert all(server.hits[f"/lag{f[:-4]}.jpg"] == before[f"/lag{f[:-4]}.jpg"] for f in done)
+CRNN_FAST = ["--backbone", "resnet18", "--weights", "none", "--img-size", "64", "--workers", "0"]
 
 
-def test_data_download_rejects_escaping_paths(tmp_path):
-    data.write_csv(tmp_path / "m.csv", ["path", "url"], [["../evil.jpg", "http://127.0.0.1:9/x"]])
-    with pytest.raises(SystemExit, match="escapes the image root"):
-        data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path)])
+# Measured on the 2-core dev box: 12 epochs of batch 16 reach val style accuracy 0.60-0.67 at
+# the best epoch for seeds 0-3 (chance 1/6), mean macro-F1 0.50-0.57 (chance ~0.2).
+LEARN = ["--epochs", "12", "--batch-size", "16", "--lr", "1e-3", "--seed", "0"]
 
 
-def test_data_download_empty_manifest(tmp_path):
-    (tmp_path / "m.csv").write_text("path,url\n")
-    with pytest.raises(SystemExit, match="manifest is empty"):
-        data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path)])
+@pytest.fixture(scope="module")
+def trained(demo):
+    out = demo.parent / "run"
+    crnn.main(["--train", "--data", str(demo / "manifest.csv"), "--out", str(out), *CRNN_FAST,
+               *LEARN])
+    return out
 
 
-def test_data_retry_after_and_iiif_size():
-    assert data.retry_after("7") == 7.0
-    assert data.retry_after(None) is None
-    later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 <= data.retry_after(later) <= 31
-    url = "https://api.nga.gov/iiif/x/full/!512,512/0/default.jpg"
-    assert data.resize_iiif(url, 256) == "https://api.nga.gov/iiif/x/full/!256,256/0/default.jpg"
+def crnn_error(capsys, argv):
+    """Run crnn.main(argv), expect exit with a single `crnn.py: error:` line; return it."""
+    with pytest.raises(SystemExit) as e:
+        crnn.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("crnn.py: error: ") and "\n" not in msg, msg
+    assert "Traceback" not in capsys.readouterr().err
+    return msg
 
 
-# ----------------------------------------------------------------------------- resize + loading
+RETRIEVE_FAST = ["--weights", "none", "--backbone", "resnet18", "--img-size", "64",
+                 "--workers", "0"]
 
 
-def write_odd_images(root):
-    os.makedirs(root, exist_ok=True)
-    Image.new("CMYK", (300, 200), (0, 255, 255, 0)).save(root / "cmyk.jpg")  # red
-    Image.fromarray(np.full((200, 300), 32896, np.uint16)).save(root / "gray16.png")
-    p = Image.new("P", (200, 200), 0)
-    p.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)
-    p.paste(1, (50, 50, 150, 150))
-    p.save(root / "palette.png", transparency=0)  # blue is transparent
-    im = Image.new("RGB", (400, 200), (0, 128, 0))
-    exif = im.getexif()
-    exif[0x0112] = 6  # rotate 90 CW on display: 200 wide, 400 high
-    im.save(root / "rotated.jpg", exif=exif)
-    (root / "trunc.jpg").write_bytes(jpeg_bytes((300, 300))[:300])
-    Image.new("L", (256, 512), 90).save(root / "gray.jpg")
+@pytest.fixture(scope="module")
+def built(demo):
+    index = demo / "index"
+    retrieve.main(["--build", "--images", str(demo / "images"), "--manifest",
+                   str(demo / "gallery.csv"), "--index", str(index), *RETRIEVE_FAST, "--no-amp"])
+    return index
 
 
-def test_data_resize_odd_images(tmp_path, capsys):
-    src, cache = tmp_path / "src", tmp_path / "cache"
-    write_odd_images(src)
-    names = ["cmyk.jpg", "gray16.png", "palette.png", "rotated.jpg", "trunc.jpg", "gray.jpg"]
-    data.write_csv(tmp_path / "m.csv", ["path"], [[n] for n in names])
-    argv = ["resize", "--manifest", str(tmp_path / "m.csv"), "--root", str(src),
-            "--out", str(cache), "--size", "64", "--workers", "2"]
-    assert data.main(argv) == 0
-    ims = {n: Image.open(cache / n) for n in names if n != "trunc.jpg"}
-    assert all(im.mode == "RGB" and min(im.size) == 64 for im in ims.values())
-    r, g, b = ims["cmyk.jpg"].getpixel((32, 32))
-    assert r > 200 and g < 60 and b < 60
-    assert abs(ims["gray16.png"].getpixel((10, 10))[0] - 128) <= 2  # scaled, not clipped to 255
-    assert ims["palette.png"].getpixel((2, 2)) == (255, 255, 255)  # transparent -> white
-    assert ims["palette.png"].getpixel((32, 32)) == (255, 0, 0)
-    assert ims["rotated.jpg"].size == (64, 128)  # EXIF orientation applied
-    assert ims["gray.jpg"].size == (64, 128)
-    assert not (cache / "trunc.jpg").exists()
-    assert [r["path"] for r in read_rows(cache / "unreadable.csv")] == ["trunc.jpg"]
-    capsys.readouterr()
-    mtimes = {n: os.path.getmtime(cache / n) for n in ims}
-    data.main(argv)  # second run: nothing to do but the unreadable one
-    assert "5 already cached, 1 to resize" in capsys.readouterr().out
-    assert mtimes == {n: os.path.getmtime(cache / n) for n in ims}
+def retrieve_error(argv):
+    with pytest.raises(SystemExit) as e:
+        retrieve.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("retrieve.py: error: ") and "\n" not in msg, msg
+    return msg
 
 
-def test_data_load_image_draft_decodes_smaller(tmp_path):
-    Image.new("RGB", (2000, 1500), (10, 20, 30)).save(tmp_path / "big.jpg", quality=90)
-    full = data.load_image(tmp_path / "big.jpg")
-    small = data.load_image(tmp_path / "big.jpg", 224)
-    assert full.size == (2000, 1500)
-    assert small.size == (500, 375)  # DCT scaling 1/4, shorter side still >= 224
+# ------------------------------------------------------------------------------------------ vectors
 
 
-def test_data_image_dataset_skips_unreadable(tmp_path):
-    write_odd_images(tmp_path)
-    ds = data.ImageDataset(["cmyk.jpg", "trunc.jpg"], tmp_path, size=32)
-    assert ds[0][0].mode == "RGB" and ds[0][1] == 0
-    assert ds[1] is None
-    batch = data.collate_skip([(np.zeros(2), 0), None, (np.ones(2), 2)])
-    assert batch[1].tolist() == [0, 2]
-    with pytest.raises(data.UserError, match="escapes"):
-        data.ImageDataset(["../x.jpg"], tmp_path)
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- demo
+def clustered(n, d, seed, spread=2.0):
+    """Unit vectors around 100 fixed centres; spread 2.0 makes neighbours hard to tell apart."""
+    centres = np.random.default_rng(0).standard_normal((100, d))
+    rng = np.random.default_rng(seed)
+    return unit(centres[rng.integers(0, 100, n)] + spread * rng.standard_normal((n, d)))
 
 
-def test_data_demo_formats(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert data.main(["demo", "--out", str(out), "--n", "48"]) == 0
-    assert "SYNTHETIC" in capsys.readouterr().out
-    raw = (out / "lists" / "style_train.csv").read_bytes()
-    assert raw.count(b"\r\n") == raw.count(b"\n") > 0
-    art = (out / "lists" / "artist_train").read_text(encoding="utf-8").split("\n")
-    assert art[0].startswith("(Path to image),,") and art[1] == "" and ",," in art[2]
-    rows = read_rows(out / "manifest.csv")
-    assert len(rows) == 48 and list(rows[0]) == ["path", "style", "artist", "genre", "split"]
-    assert all(os.path.isfile(out / "images" / r["path"]) for r in rows)
-    assert any("ã" in r["path"] for r in rows)
-    gallery = read_rows(out / "gallery.csv")
-    assert len(gallery) == 48 and gallery[0]["attribution"]
+def index_args(*flags):
+    return retrieve.build_parser().parse_args(["--build", *flags])
+
+
+def recall_at_5(index, xb, xq):
+    exact = faiss.IndexFlatIP(xb.shape[1])
+    exact.add(xb)
+    _, It = exact.search(xq, 5)
+    _, I = index.search(xq, 5)
+    return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(I, It, strict=True)])
 
 
 # ============================================================================
-# metrics: Tests for metrics.py: hand-computed cases, sklearn cross-checks, random-baseline checks.
+# metrics: hand-computed cases, sklearn cross-checks, random-baseline checks
 
-# --- hand-computed classification case ---
+
+# ----------------------------------------------------------------------------------- classification
+
+
 # 5 classes a..e, n = 6:
 #   y_true = 0 0 0 1 1 2     -> support   [3, 2, 1, 0, 0]  (d, e never true)
 #   y_pred = 0 1 1 1 3 0     -> predicted [2, 3, 0, 1, 0]  (c, e never predicted)
 #   hits at samples 0 and 3  -> tp        [1, 1, 0, 0, 0]
 CLS_TRUE = [0, 0, 0, 1, 1, 2]
+
+
 CLS_PRED = [0, 1, 1, 1, 3, 0]
+
+
 CLS_NAMES = ["a", "b", "c", "d", "e"]
 
 
@@ -633,7 +456,7 @@ def test_metrics_classification_bad_input(call, match):
         call()
 
 
-# --- top-k ---
+# -------------------------------------------------------------------------------------------- top-k
 
 
 def test_metrics_topk_hand():
@@ -676,7 +499,7 @@ def test_metrics_topk_bad_input(call, match):
         call()
 
 
-# --- retrieval ---
+# ---------------------------------------------------------------------------------------- retrieval
 
 
 def test_metrics_retrieval_hand():
@@ -789,7 +612,7 @@ def test_metrics_ranking_bad_input(call, match):
         call()
 
 
-# --- random baselines ---
+# --------------------------------------------------------------------------------- random baselines
 
 
 def test_metrics_random_baselines_hand():
@@ -831,35 +654,327 @@ def test_metrics_random_baselines_monte_carlo():
 
 
 # ============================================================================
-# crnn: crnn.py on CPU: learning, exact resume, evaluation files, prediction, bad input.
-
-CRNN_FAST = ["--backbone", "resnet18", "--weights", "none", "--img-size", "64", "--workers", "0"]
-# Measured on the 2-core dev box: 12 epochs of batch 16 reach val style accuracy 0.60-0.67 at
-# the best epoch for seeds 0-3 (chance 1/6), mean macro-F1 0.50-0.57 (chance ~0.2).
-LEARN = ["--epochs", "12", "--batch-size", "16", "--lr", "1e-3", "--seed", "0"]
+# data: the real list formats, NGA CSVs, downloads, the resize cache, demo data
 
 
+# ------------------------------------------------------------------------------------------ wikiart
 
 
-@pytest.fixture(scope="module")
-def trained(demo):
-    out = demo.parent / "run"
-    crnn.main(["--train", "--data", str(demo / "manifest.csv"), "--out", str(out), *CRNN_FAST,
-               *LEARN])
-    return out
+def test_data_wikiart_real_list_formats(tmp_path, capsys):
+    write_lists(tmp_path / "lists")
+    out = tmp_path / "out"
+    assert data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
+                      "--per-class", "12", "--min-per-class", "5", "--seed", "3"]) == 0
+    log = capsys.readouterr().out
+    rows = data.read_csv(out / "manifest.csv")
+    assert list(rows[0]) == ["path", "style", "artist", "genre", "split"]
+    counts = {}
+    for r in rows:
+        counts[r["style"]] = counts.get(r["style"], 0) + 1
+    assert counts == {"Art_Nouveau": 12, "Baroque": 12, "Cubism": 12}  # Tiny (2) dropped
+    assert "dropped class Tiny" in log
+    assert "conflicting labels" in log
+    assert all(r["split"] in ("train", "val") for r in rows)
+    for c in counts:  # stratified: every class has val images, ~20%
+        n_val = sum(1 for r in rows if r["style"] == c and r["split"] == "val")
+        assert 1 <= n_val <= 4
+    classes = json.loads((out / "classes.json").read_text())
+    assert classes["style"] == ["Art_Nouveau", "Baroque", "Cubism"]
 
 
-def crnn_error(capsys, argv):
-    """Run crnn.main(argv), expect exit with a single `crnn.py: error:` line; return it."""
-    with pytest.raises(SystemExit) as e:
-        crnn.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("crnn.py: error: ") and "\n" not in msg, msg
-    assert "Traceback" not in capsys.readouterr().err
-    return msg
+def test_data_wikiart_labels_bytes_and_conflicts(tmp_path):
+    write_lists(tmp_path / "lists")
+    out = tmp_path / "out"
+    data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
+               "--per-class", "0", "--min-per-class", "1"])
+    rows = {r["path"]: r for r in data.read_csv(out / "manifest.csv")}
+    assert MOJI in rows  # soft hyphen, no-break space and mojibake kept byte for byte
+    assert rows[MOJI]["artist"] == "Eugene_Grasset" and rows[MOJI]["genre"] == "landscape"
+    assert rows["Baroque/artist-1_work-1(1).jpg"]["genre"] == "religious_painting"
+    assert rows["Cubism/artist-2_work-3(1).jpg"]["genre"] == ""  # listed as 1 and 4: dropped
+    assert rows["Baroque/artist-1_work-5(1).jpg"]["artist"] == "Rembrandt"
+    assert rows["Baroque/artist-1_work-3(1).jpg"]["artist"] == ""
+    assert len(rows) == 63  # one split column: a path cannot be in both splits
 
 
-# ----------------------------------------------------------------------------- training
+def test_data_wikiart_deterministic_for_seed(tmp_path):
+    write_lists(tmp_path / "lists")
+    outs = []
+    for i, seed in enumerate([1, 1, 2]):
+        out = tmp_path / f"o{i}"
+        data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
+                   "--per-class", "10", "--seed", str(seed)])
+        outs.append((out / "manifest.csv").read_bytes())
+    assert outs[0] == outs[1] and outs[0] != outs[2]
+
+
+def test_data_wikiart_images_filter(tmp_path, capsys):
+    items = write_lists(tmp_path / "lists")
+    root = tmp_path / "img"
+    for p, _ in items:
+        if "work-7" in p:
+            continue  # missing on disk
+        os.makedirs(os.path.dirname(root / p), exist_ok=True)
+        body = jpeg_bytes()
+        (root / p).write_bytes(body[: len(body) // 3] if "work-9" in p else body)
+    out = tmp_path / "out"
+    data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
+               "--per-class", "0", "--images", str(root)])
+    rows = data.read_csv(out / "manifest.csv")
+    assert not any("work-7" in r["path"] or "work-9" in r["path"] for r in rows)
+    bad = data.read_csv(out / "unusable.csv")
+    assert sorted({b["reason"] for b in bad}) == ["corrupt", "missing"]
+    assert len(bad) == 6
+    assert "3 missing and 3 corrupt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--lists", "NOPE"], "list folder not found"),
+    (["--tasks", "style,colour"], "unknown task 'colour'"),
+    (["--min-per-class", "1000"], "nothing left after filtering"),
+])
+def test_data_wikiart_bad_input(tmp_path, argv, msg):
+    write_lists(tmp_path / "lists")
+    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match=msg) as e:
+        data.main(base + argv)
+    assert "\n" not in str(e.value)
+
+
+def test_data_wikiart_missing_list_file(tmp_path):
+    write_lists(tmp_path / "lists")
+    os.remove(tmp_path / "lists" / "artist_val")
+    with pytest.raises(SystemExit, match="no artist val list"):
+        data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o")])
+
+
+# ---------------------------------------------------------------------------------------------- nga
+
+
+def test_data_nga_one_primary_image_per_painting(tmp_path):
+    write_nga(tmp_path)
+    data.main(["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
+               str(tmp_path / "published_images.csv"), "--out", str(tmp_path / "o")])
+    rows = data.read_csv(tmp_path / "o" / "manifest.csv")
+    assert [r["objectid"] for r in rows] == ["101", "102", "105"]
+    assert rows[0]["url"] == "https://api.nga.gov/iiif/p0/full/!512,512/0/default.jpg"
+    assert rows[0]["attribution"] == "Judith Leyster" and rows[0]["path"] == "101.jpg"
+    assert rows[1]["title"] == 'The Boating Party, with "quotes"'
+    for col in ("path", "objectid", "title", "attribution", "displaydate", "url"):
+        assert col in rows[0]
+
+
+def test_data_nga_filters(tmp_path):
+    write_nga(tmp_path)
+    base = ["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
+            str(tmp_path / "published_images.csv"), "--out", str(tmp_path / "o")]
+    data.main(base + ["--open-access", "--title-contains", "portrait", "--size", "256"])
+    rows = data.read_csv(tmp_path / "o" / "manifest.csv")
+    assert [r["objectid"] for r in rows] == ["101"]  # 105 is not open access
+    assert rows[0]["url"].endswith("/full/!256,256/0/default.jpg")
+    data.main(base + ["--limit", "1"])
+    assert len(data.read_csv(tmp_path / "o" / "manifest.csv")) == 1
+
+
+def test_data_nga_missing_column(tmp_path):
+    write_nga(tmp_path)
+    (tmp_path / "bad.csv").write_text("uuid,url,objectid\nx,y,101\n")
+    with pytest.raises(SystemExit, match="no column iiifurl, depictstmsobjectid"):
+        data.main(["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
+                   str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o")])
+
+
+# ----------------------------------------------------------------------------------------- download
+
+
+def test_data_download_retries_failures_and_resume(tmp_path, server, capsys):
+    names = [f"ok{i}" for i in range(6)] + ["flaky", "slow", "trunc", "missing"]
+    rows = [[f"sub/{n}.jpg", f"{server.url}/{n}.jpg"] for n in names]
+    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
+    root = tmp_path / "img"
+    os.makedirs(root / "sub")
+    (root / "sub" / "ok0.jpg").write_bytes(jpeg_bytes()[:100])  # a partial file from a crash
+    argv = ["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(root),
+            "--workers", "2", "--backoff", "0.01", "--retries", "2", "--size", "0"]
+    with pytest.raises(SystemExit) as e:  # two failed: exit status 1, listed in the CSV
+        data.main(argv)
+    assert e.value.code == 1
+    for n in names[:8]:
+        assert data.check_image(root / "sub" / f"{n}.jpg"), n
+    assert not (root / "sub" / "trunc.jpg").exists() and not (root / "sub" / "missing.jpg").exists()
+    assert not [f for f in os.listdir(root / "sub") if f.endswith(".part")]
+    assert server.hits["/flaky.jpg"] == 2 and server.hits["/missing.jpg"] == 1
+    assert server.hits["/trunc.jpg"] == 3  # retried: a bad body may be a transfer glitch
+    t = server.times["/slow.jpg"]
+    assert t[1] - t[0] >= 0.95  # Retry-After: 1 honoured
+    assert server.max_inflight <= 2
+    assert all(a and a.startswith("ArtExtract/") for a in server.agents)
+    fails = data.read_csv(root / "download_failures.csv")
+    assert sorted(f["path"] for f in fails) == ["sub/missing.jpg", "sub/trunc.jpg"]
+    capsys.readouterr()
+    before = dict(server.hits)
+    with pytest.raises(SystemExit):  # resumed: finished files are not fetched again
+        data.main(argv)
+    assert server.hits["/ok1.jpg"] == before["/ok1.jpg"]
+    assert server.hits["/flaky.jpg"] == before["/flaky.jpg"]
+    assert server.hits["/missing.jpg"] == before["/missing.jpg"] + 1
+    assert "8 already here, 2 to fetch" in capsys.readouterr().out
+
+
+def test_data_download_ctrl_c_keeps_finished_files(tmp_path, server):
+    rows = [[f"{i}.jpg", f"{server.url}/lag{i}.jpg"] for i in range(12)]
+    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
+    root = tmp_path / "img"
+    cmd = [sys.executable, os.path.join(HERE, "data.py"), "download", "--manifest",
+           str(tmp_path / "m.csv"), "--root", str(root), "--workers", "2", "--size", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and (not root.exists() or len(
+            [f for f in os.listdir(root) if f.endswith(".jpg")]) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 130, out
+    assert "run the same command to continue" in out
+    done = sorted(os.listdir(root))
+    assert 3 <= len(done) < 12 and not [f for f in done if f.endswith(".part")]
+    assert all(data.check_image(root / f) for f in done)
+    before = dict(server.hits)
+    assert subprocess.run(cmd, capture_output=True).returncode == 0  # continues
+    assert len(os.listdir(root)) == 12
+    assert all(server.hits[f"/lag{f[:-4]}.jpg"] == before[f"/lag{f[:-4]}.jpg"] for f in done)
+
+
+def test_data_download_rejects_escaping_paths(tmp_path):
+    data.write_csv(tmp_path / "m.csv", ["path", "url"], [["../evil.jpg", "http://127.0.0.1:9/x"]])
+    with pytest.raises(SystemExit, match="escapes the image root"):
+        data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path)])
+
+
+def test_data_download_empty_manifest(tmp_path):
+    (tmp_path / "m.csv").write_text("path,url\n")
+    with pytest.raises(SystemExit, match="manifest is empty"):
+        data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path)])
+
+
+def test_data_retry_after_and_iiif_size():
+    assert data.retry_after("7") == 7.0
+    assert data.retry_after(None) is None
+    later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 <= data.retry_after(later) <= 31
+    url = "https://api.nga.gov/iiif/x/full/!512,512/0/default.jpg"
+    assert data.resize_iiif(url, 256) == "https://api.nga.gov/iiif/x/full/!256,256/0/default.jpg"
+
+
+# ------------------------------------------------------------------------------- resize and loading
+
+
+def test_data_resize_odd_images(tmp_path, capsys):
+    src, cache = tmp_path / "src", tmp_path / "cache"
+    write_odd_images(src)
+    names = ["cmyk.jpg", "gray16.png", "palette.png", "rotated.jpg", "trunc.jpg", "gray.jpg"]
+    data.write_csv(tmp_path / "m.csv", ["path"], [[n] for n in names])
+    argv = ["resize", "--manifest", str(tmp_path / "m.csv"), "--root", str(src),
+            "--out", str(cache), "--size", "64", "--workers", "2"]
+    assert data.main(argv) == 0
+    ims = {n: Image.open(cache / n) for n in names if n != "trunc.jpg"}
+    assert all(im.mode == "RGB" and min(im.size) == 64 for im in ims.values())
+    r, g, b = ims["cmyk.jpg"].getpixel((32, 32))
+    assert r > 200 and g < 60 and b < 60
+    assert abs(ims["gray16.png"].getpixel((10, 10))[0] - 128) <= 2  # scaled, not clipped to 255
+    assert ims["palette.png"].getpixel((2, 2)) == (255, 255, 255)  # transparent -> white
+    assert ims["palette.png"].getpixel((32, 32)) == (255, 0, 0)
+    assert ims["rotated.jpg"].size == (64, 128)  # EXIF orientation applied
+    assert ims["gray.jpg"].size == (64, 128)
+    assert not (cache / "trunc.jpg").exists()
+    assert [r["path"] for r in data.read_csv(cache / "unreadable.csv")] == ["trunc.jpg"]
+    capsys.readouterr()
+    mtimes = {n: os.path.getmtime(cache / n) for n in ims}
+    data.main(argv)  # second run: nothing to do but the unreadable one
+    assert "5 already cached, 1 to resize" in capsys.readouterr().out
+    assert mtimes == {n: os.path.getmtime(cache / n) for n in ims}
+
+
+def test_data_load_image_draft_decodes_smaller(tmp_path):
+    Image.new("RGB", (2000, 1500), (10, 20, 30)).save(tmp_path / "big.jpg", quality=90)
+    full = data.load_image(tmp_path / "big.jpg")
+    small = data.load_image(tmp_path / "big.jpg", 224)
+    assert full.size == (2000, 1500)
+    assert small.size == (500, 375)  # DCT scaling 1/4, shorter side still >= 224
+
+
+def test_data_image_dataset_skips_unreadable(tmp_path):
+    write_odd_images(tmp_path)
+    ds = data.ImageDataset(["cmyk.jpg", "trunc.jpg"], tmp_path, size=32)
+    assert ds[0][0].mode == "RGB" and ds[0][1] == 0
+    assert ds[1] is None
+    batch = data.collate_skip([(np.zeros(2), 0), None, (np.ones(2), 2)])
+    assert batch[1].tolist() == [0, 2]
+    with pytest.raises(data.UserError, match="escapes"):
+        data.ImageDataset(["../x.jpg"], tmp_path)
+
+
+# --------------------------------------------------------------------------------------------- demo
+
+
+def test_data_demo_formats(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert data.main(["demo", "--out", str(out), "--n", "48"]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    raw = (out / "lists" / "style_train.csv").read_bytes()
+    assert raw.count(b"\r\n") == raw.count(b"\n") > 0
+    art = (out / "lists" / "artist_train").read_text(encoding="utf-8").split("\n")
+    assert art[0].startswith("(Path to image),,") and art[1] == "" and ",," in art[2]
+    rows = data.read_csv(out / "manifest.csv")
+    assert len(rows) == 48 and list(rows[0]) == ["path", "style", "artist", "genre", "split"]
+    assert all(os.path.isfile(out / "images" / r["path"]) for r in rows)
+    assert any("ã" in r["path"] for r in rows)
+    gallery = data.read_csv(out / "gallery.csv")
+    assert len(gallery) == 48 and gallery[0]["attribution"]
+
+
+# ============================================================================
+# nets: the one backbone loader
+
+
+def test_nets_backbone_weights_offline_local_and_mismatch(tmp_path, monkeypatch):
+    def offline(*a, **kw):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__,
+                        "get_state_dict", offline)
+    with pytest.raises(data.UserError, match="--weights none or --weights PATH"):
+        nets.backbone("resnet18", "imagenet")
+    ref = torchvision.models.resnet18(num_classes=7)  # a fine-tuned head of any size is fine
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    trunk, channels = nets.backbone("resnet18", str(tmp_path / "r18.pth"))
+    assert torch.equal(trunk[0].weight, ref.conv1.weight) and channels == 512
+    assert crnn.CRNN({"style": 3}, "resnet18", str(tmp_path / "r18.pth")).proj.in_channels == 512
+    with pytest.raises(data.UserError, match="not a torchvision resnet50 state_dict"):
+        nets.backbone("resnet50", str(tmp_path / "r18.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(data.UserError) as e:
+        nets.backbone("resnet18", str(tmp_path / "junk.pth"))
+    assert str(e.value) == f"--weights {tmp_path / 'junk.pth'}: not a state_dict"
+    with pytest.raises(data.UserError, match="unknown backbone 'resnet7'"):
+        nets.backbone("resnet7")
+
+
+def test_nets_backbone_seed_rebuilds_the_same_model():
+    a, b = (nets.backbone("resnet18", "none", seed=3)[0] for _ in range(2))
+    c = nets.backbone("resnet18", "none", seed=4)[0]
+    assert torch.equal(a[0].weight, b[0].weight) and not torch.equal(a[0].weight, c[0].weight)
+    torch.manual_seed(0)
+    d = nets.backbone("resnet18", "none")[0]  # seed None: torch's global stream, as crnn.py uses
+    torch.manual_seed(0)
+    assert torch.equal(d[0].weight, torchvision.models.resnet18().conv1.weight)
+
+
+# ============================================================================
+# crnn: learning, exact resume, evaluation files, prediction, bad input
+
+
+# ----------------------------------------------------------------------------------------- training
+
 
 def test_crnn_learns_demo_above_chance(trained):
     log = [json.loads(ln) for ln in open(trained / "log.jsonl", encoding="utf-8")]
@@ -932,7 +1047,7 @@ def test_crnn_patience_stops_early(demo, tmp_path, capsys):
 
 
 def test_crnn_corrupt_images_skipped_and_counted(demo, tmp_path, capsys):
-    rows = read_rows(demo / "manifest.csv")
+    rows = data.read_csv(demo / "manifest.csv")
     bad = [r for r in rows if r["split"] == "train"][:2] + [r for r in rows
                                                             if r["split"] == "val"][:1]
     root = tmp_path / "images"
@@ -966,7 +1081,8 @@ def test_crnn_nan_loss_stops_and_keeps_last_good(demo, tmp_path, monkeypatch, ca
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
 
 
-# ----------------------------------------------------------------------------- eval, predict
+# ------------------------------------------------------------------------------------ eval, predict
+
 
 def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
     out = tmp_path / "eval"
@@ -978,7 +1094,7 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
     for name in names:
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "metrics.json").read_text())
-    preds = read_rows(out / "predictions.csv")
+    preds = data.read_csv(out / "predictions.csv")
     classes = json.loads((demo / "classes.json").read_text())
     for t in tasks:
         lab = [r for r in preds if r[f"{t}_true"]]
@@ -988,7 +1104,6 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
         assert summary[t]["n"] == len(lab) > 0
         assert summary[t]["accuracy"] == pytest.approx(float((y == p).mean()))
         assert summary[t]["macro"]["f1"] == pytest.approx(rep["macro"]["f1"])
-        assert summary[t]["accuracy"] <= summary[t]["top3"] <= 1
         with open(out / f"confusion_{t}.csv", encoding="utf-8") as f:
             header, *cm = list(csv.reader(f))
         assert header[1:] == classes[t] and [r[0] for r in cm] == classes[t]
@@ -997,7 +1112,18 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
         assert f"top-3 accuracy {summary[t]['top3']:.4f}" in (out / "report.txt").read_text()
     ckpt = torch.load(trained / "best.pt", weights_only=True)
     assert summary["style"]["accuracy"] == pytest.approx(ckpt["val"]["tasks"]["style"]["acc"])
-    found = read_rows(out / "outliers.csv")
+    # --predict on the same val images, another code path (no DataLoader, other batches):
+    # its top-1 is predictions.csv's, its top-3 gives the report's top-3 accuracy
+    files = {str(demo / "images" / r["path"]): r for r in preds}
+    top = crnn.main(["--predict", *files, "--ckpt", str(trained / "best.pt"), "-k", "3"])
+    for t in tasks:
+        lab = [f for f, r in files.items() if r[f"{t}_true"]]
+        hits = [files[f][f"{t}_true"] in [c for c, _ in top[f][t]] for f in lab]
+        assert summary[t]["top3"] == pytest.approx(np.mean(hits))
+        for f in lab:
+            assert top[f][t][0][0] == files[f][f"{t}_pred"]
+            assert top[f][t][0][1] == pytest.approx(float(files[f][f"{t}_p_pred"]), abs=2e-4)
+    found = data.read_csv(out / "outliers.csv")
     scores = [float(r["score"]) for r in found]
     assert 0 < len(found) <= 6 and scores == sorted(scores, reverse=True)
     for r in found:
@@ -1021,14 +1147,15 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
     assert str(src) in out and "1 images classified, 0 skipped" in out
     for t in ("style", "artist", "genre"):
         top = results[str(src)][t]
-        assert len(top) == 3 and [q for _, q in top] == sorted((q for _, q in top), reverse=True)
+        assert len(top) == 3 and len({c for c, _ in top}) == 3
         assert out.count(f"  {t}: ") == 1
     results = crnn.main(["--predict", str(folder), *ckpt])
     assert list(results) == [str(folder / "sub" / "a.jpg")]
     assert "1 images classified, 2 skipped" in capsys.readouterr().out
 
 
-# ----------------------------------------------------------------------------- bad input
+# ---------------------------------------------------------------------------------------- bad input
+
 
 def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     best = str(trained / "best.pt")
@@ -1060,77 +1187,12 @@ def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice: 'vgg16'" in capsys.readouterr().err
 
 
-def test_crnn_weights_offline_and_local_file(tmp_path, monkeypatch):
-    def offline(*a, **kw):
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__,
-                        "get_state_dict", offline)
-    with pytest.raises(data.UserError, match="--weights none or --weights PATH"):
-        crnn.CRNN({"style": 3}, "resnet18", "imagenet")
-    ref = torchvision.models.resnet18()
-    torch.save(ref.state_dict(), tmp_path / "r18.pth")
-    model = crnn.CRNN({"style": 3}, "resnet18", str(tmp_path / "r18.pth"))
-    assert torch.equal(model.backbone[0].weight, ref.conv1.weight)
-    with pytest.raises(data.UserError, match="not a resnet50 state_dict"):
-        crnn.CRNN({"style": 3}, "resnet50", str(tmp_path / "r18.pth"))
-
-
 # ============================================================================
-# retrieve: FAISS indexes on seeded vectors, then CPU runs of main() on demo data.
-
-RETRIEVE_FAST = ["--weights", "none", "--backbone", "resnet18", "--img-size", "64",
-                 "--workers", "0"]
+# retrieve: FAISS indexes on seeded vectors, then CPU runs of main() on demo data
 
 
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+# -------------------------------------------------------------------------------------- faiss layer
 
-
-def clustered(n, d, seed, spread=2.0):
-    """Unit vectors around 100 fixed centres; spread 2.0 makes neighbours hard to tell apart."""
-    centres = np.random.default_rng(0).standard_normal((100, d))
-    rng = np.random.default_rng(seed)
-    return unit(centres[rng.integers(0, 100, n)] + spread * rng.standard_normal((n, d)))
-
-
-def index_args(*flags):
-    return retrieve.build_parser().parse_args(["--build", *flags])
-
-
-def recall_at_5(index, xb, xq):
-    exact = faiss.IndexFlatIP(xb.shape[1])
-    exact.add(xb)
-    _, It = exact.search(xq, 5)
-    _, I = index.search(xq, 5)
-    return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(I, It, strict=True)])
-
-
-def retrieve_error(argv):
-    with pytest.raises(SystemExit) as e:
-        retrieve.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith("retrieve.py: error: ") and "\n" not in msg, msg
-    return msg
-
-
-@pytest.fixture
-def one_faiss_thread():
-    """Deterministic and fast k-means: OpenMP threads spin badly on a busy 2-core runner."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def built(demo):
-    index = demo / "index"
-    retrieve.main(["--build", "--images", str(demo / "images"), "--manifest",
-                   str(demo / "gallery.csv"), "--index", str(index), *RETRIEVE_FAST, "--no-amp"])
-    return index
-
-
-# ----------------------------------------------------------------------------- faiss layer
 
 def test_retrieve_flat_equals_numpy_bruteforce():
     rng = np.random.default_rng(0)
@@ -1173,7 +1235,8 @@ def test_retrieve_ivfpq_refuses_tiny_collection():
         retrieve.index_from_vectors(clustered(300, 32, 1), index_args("--index-type", "ivfpq"))
 
 
-# ----------------------------------------------------------------------------- main() runs
+# -------------------------------------------------------------------------------------- main() runs
+
 
 def test_retrieve_build_save_load_roundtrip(built, demo, capsys):
     cfg, meta, xb, index = retrieve.open_index(str(built))
@@ -1201,7 +1264,7 @@ def test_retrieve_query_prints_k_rows_and_sheet(built, demo, tmp_path, capsys):
     assert len(rows) == 8 and out.count("query: ") == 2
     assert "Synthetic" in rows[0]  # title and attribution from gallery.csv
     with Image.open(sheet) as im:
-        assert im.width > 5 * retrieve.THUMB and 2 * retrieve.THUMB < im.height < 3 * im.width
+        assert im.width > 5 * pages.THUMB and 2 * pages.THUMB < im.height < 3 * im.width
 
 
 def test_retrieve_query_id_excludes_itself(built):
@@ -1209,7 +1272,12 @@ def test_retrieve_query_id_excludes_itself(built):
     D, I = retrieve.main(["--query-id", meta[5]["path"], meta[6]["path"], "--index", str(built),
                           "-k", "5", "--sheet", str(built / "qid.png")])
     assert I.shape == (2, 5) and 5 not in I[0] and 6 not in I[1]
-    assert (np.diff(D, axis=1) <= 1e-6).all()  # ranked best first
+    xb = np.load(built / "embeddings.npy")
+    for row, q in enumerate((5, 6)):  # numpy brute force over the stored vectors, minus itself
+        s = xb @ xb[q]
+        order = [i for i in np.argsort(-s, kind="stable") if i != q][:5]
+        assert I[row].tolist() == order
+        np.testing.assert_allclose(D[row], s[order], atol=1e-5)
 
 
 def test_retrieve_eval_copy_detection_above_chance(built):
@@ -1218,7 +1286,8 @@ def test_retrieve_eval_copy_detection_above_chance(built):
     res = retrieve.main(["--eval", "--index", str(built), "--workers", "0"])
     assert res["self"]["top1"] == 1.0
     assert res["copy"]["queries"] == 120 and res["copy"]["top1"] >= 0.4
-    assert res["copy"]["recall@5"] >= res["copy"]["top1"]
+    style = res["labels"]["style"]  # texture: even random conv features beat a random ranking
+    assert style["map@10"] > 2 * style["random_map@10"]
     assert set(res["labels"]) == {"style", "genre", "attribution"}  # gallery has no artist
     for r in res["labels"].values():
         assert 0 < r["random_map@10"] < 1 and 0 < r["random_p@5"] < 1
@@ -1263,7 +1332,6 @@ def test_retrieve_hnsw_pca_build_then_query(demo, tmp_path):
 
 def test_retrieve_skips_bad_files_and_uses_local_weights(demo, tmp_path, capsys):
     """A folder with a corrupt JPEG and a text file, embedded with a local state_dict."""
-    import torch
     import torchvision
     root = tmp_path / "mixed"
     (root / "sub").mkdir(parents=True)
@@ -1313,15 +1381,10 @@ def test_retrieve_bad_input_is_one_line(built, demo, tmp_path):
 
 
 def test_retrieve_offline_imagenet_is_one_line(demo, tmp_path, monkeypatch):
-    import torchvision
-
-    def offline(name, weights=None, **kw):
-        if weights is not None:
-            raise urllib.error.URLError("[Errno -2] Name or service not known")
-        return real(name, weights=None, **kw)
-
-    real = torchvision.models.get_model
-    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    def offline(*a, **kw):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__,
+                        "get_state_dict", offline)
     msg = retrieve_error(["--build", "--images", str(demo / "images"), "--index",
                           str(tmp_path / "i"), "--backbone", "resnet18", "--weights", "imagenet"])
     assert "--weights none" in msg and "ImageNet" in msg
@@ -1329,9 +1392,7 @@ def test_retrieve_offline_imagenet_is_one_line(demo, tmp_path, monkeypatch):
 
 def test_retrieve_ckpt_embeds_with_crnn_model(demo, tmp_path):
     """--ckpt: a (untrained) crnn.py checkpoint; dim = 2 * hidden, img size from its args."""
-    import torch
 
-    import crnn
     a = {"backbone": "resnet18", "hidden": 16, "rnn": "gru", "dropout": 0.0, "img_size": 64}
     classes = {"style": ["A", "B"]}
     ckpt = tmp_path / "best.pt"
@@ -1351,6 +1412,7 @@ def test_retrieve_ckpt_embeds_with_crnn_model(demo, tmp_path):
 
 # ============================================================================
 # bench: the tiny setting runs in seconds and writes a well-formed bench.json (no speed asserts)
+
 
 ROW_KEYS = {"section", "name", "naive", "ours", "unit", "ratio", "target", "met"}
 

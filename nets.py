@@ -1,0 +1,202 @@
+"""Model plumbing that crnn.py and retrieve.py share: device, precision, allocator, the one
+backbone loader, BatchNorm folding, image-to-tensor transforms.
+
+Holds no data reading (data.py), no drawing (pages.py), no CNN-RNN and no FAISS code.
+
+    import nets
+    device = nets.pick_device(None)                 # prints `device: cpu` once
+    trunk, channels = nets.backbone("resnet50", "imagenet")   # (B, 2048, H/32, W/32)
+"""
+
+import contextlib
+import os
+import sys
+import urllib.error
+
+import torch
+from torch import nn
+
+from data import UserError, one_line
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- device
+
+def pick_device(flag=None):
+    """An explicit --device wins; else cuda, then mps, then cpu. Prints the choice once."""
+    if flag:
+        device = torch.device(flag)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    print(f"device: {device}")
+    return device
+
+
+def tune_malloc():
+    """Keep freed memory in the process instead of handing it back to the OS after every batch.
+
+    glibc returns large blocks (>= 128 KiB .. 32 MiB, adaptive) with munmap, so each CNN batch
+    page-faults its activations in again: 30-40% of a CPU ResNet50 forward was kernel time.
+    M_MMAP_MAX=0 serves every block from the heap and a huge M_TRIM_THRESHOLD never shrinks
+    it, the runtime equivalent of GLIBC_TUNABLES mmap/trim thresholds (bench.py measures it).
+    Costs: peak RSS stays reserved. Returns True when applied (glibc only).
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("ARTEXTRACT_NO_MALLOC_TUNING"):
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+        ok = libc.mallopt(M_MMAP_MAX, 0) == 1
+        return ok and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return False
+
+
+# ----------------------------------------------------------------------------- precision
+
+def cpu_bf16_is_fast():
+    """True where bf16 matrix units out-run fp32 FMAs: Intel AMX, or AMD Zen 4+ (AVX512-BF16).
+
+    Intel's AVX512-BF16 without AMX (Cooper Lake, or a VM that hides AMX) issues VDPBF16PS on
+    one port: 32 bf16 pairs = 64 flop/cycle, the same as two fp32 FMA ports, plus conversions.
+    Measured on such a CPU: ResNet50 at batch 32 ran 18 img/s in bf16, 28 img/s in fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read(1 << 16)
+    except OSError:
+        return False
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines()
+                      if ln.startswith("flags")), []))
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in info)
+
+
+def autocast_dtype(device):
+    """fp16 on CUDA; bf16 on CPUs where it beats fp32 (cpu_bf16_is_fast); else None (fp32)."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_bf16_is_fast():
+        try:
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        except (AttributeError, RuntimeError):
+            return None
+    return None
+
+
+def autocast(device, dtype):
+    """torch.autocast for dtype on device, or a null context when dtype is None.
+
+    A null context rather than autocast(enabled=False): torch 2.1-2.4 refuse to enter any
+    autocast on mps, even a disabled one."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- backbone
+
+def read_state_dict(path):
+    """A state_dict from a local file, loaded as tensors only (weights_only=True)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--weights {path}: file not found (or use --weights imagenet|none)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # pickle, zip and torch errors share no base class
+        raise UserError(f"--weights {path}: not a state_dict") from None
+    if isinstance(state, dict) and "model" in state and "args" in state:
+        raise UserError(f"--weights {path} is a crnn.py checkpoint, not a backbone state_dict "
+                        "(retrieve.py embeds with it as --ckpt)")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"--weights {path}: not a state_dict")
+    return state
+
+
+def imagenet_state_dict(name):
+    """torchvision's ImageNet weights, downloaded once into torch.hub's cache (~/.cache/torch)."""
+    from torchvision import models
+    w = models.get_model_weights(name).DEFAULT
+    try:  # torch.hub prints 'Downloading: URL to PATH' (once; then it reads its cache)
+        return w.get_state_dict(progress=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise UserError(f"cannot download the ImageNet weights for {name} ({one_line(e)}); "
+                        "offline, use --weights none or --weights PATH (a torchvision "
+                        "state_dict)") from None
+
+
+def load_weights(net, name, weights):
+    """Loads imagenet or a state_dict file into net; any classifier head is left out."""
+    state = imagenet_state_dict(name) if weights == "imagenet" else read_state_dict(weights)
+    head = ("fc.", "classifier.")  # unused here: a fine-tuned head of any size is fine
+    state = {k: v for k, v in state.items() if not k.startswith(head)}
+    try:
+        res = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch: another architecture
+        raise UserError(f"--weights {weights}: not a torchvision {name} state_dict "
+                        f"({one_line(e)})") from None
+    bad = [k for k in res.missing_keys if not k.startswith(head)] + res.unexpected_keys
+    if bad:
+        raise UserError(f"--weights {weights}: not a torchvision {name} state_dict ({len(bad)} "
+                        f"missing or unexpected keys, e.g. {bad[0]})")
+
+
+def backbone(name, weights="none", seed=None):
+    """(trunk, channels): a torchvision classifier without its global pool and head, giving
+    (B, channels, H/32, W/32) maps. weights: imagenet (torchvision download), none (random init)
+    or a state_dict PATH. seed: with weights none, the random init comes from this seed, so
+    that another process rebuilds the very same model; None draws from torch's global RNG."""
+    from torchvision import models
+    if name not in models.list_models(module=models):
+        raise UserError(f"unknown backbone {name!r} (e.g. resnet18, resnet50, resnet101)")
+    rng = contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=[])
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        net = models.get_model(name, weights=None)
+    if weights != "none":
+        load_weights(net, name, weights)
+    if hasattr(net, "layer4"):  # ResNet family: the children up to layer4
+        names = [n for n, _ in net.named_children()]
+        trunk = nn.Sequential(*list(net.children())[:names.index("layer4") + 1])
+    elif hasattr(net, "features"):  # VGG, DenseNet, EfficientNet, ConvNeXt, MobileNet
+        trunk = net.features
+    else:
+        raise UserError(f"--backbone {name}: no layer4 or features trunk to pool")
+    return trunk, trunk_channels(trunk)
+
+
+def trunk_channels(trunk):
+    """Channels of the trunk's output map, from one tiny forward pass in eval mode."""
+    was = trunk.training
+    with torch.no_grad():
+        c = trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+    trunk.train(was)
+    return int(c)
+
+
+def fuse_for_inference(module):
+    """Fold each BatchNorm into the conv before it (eval only; ~15% off a CPU ResNet forward),
+    in channels_last. Only the folding is skipped when torch.fx cannot trace the module."""
+    from torch.fx.experimental.optimization import fuse
+    try:
+        module = fuse(module.eval())  # a copy: the original keeps its BatchNorms
+    except Exception:  # a module fx cannot trace: keep the plain one, it is only slower
+        pass
+    return module.to(memory_format=torch.channels_last)
+
+
+def make_transform(img_size, train=False):
+    """PIL -> normalised tensor: shorter side to img_size, then a centre (or random) crop."""
+    from torchvision import transforms as T
+    if train:
+        aug = [T.RandomResizedCrop(img_size, scale=(0.5, 1.0), antialias=True),
+               T.RandomHorizontalFlip()]
+    else:
+        aug = [T.Resize(img_size, antialias=True), T.CenterCrop(img_size)]
+    return T.Compose([*aug, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
