@@ -46,7 +46,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ ARCH = "crnn-v1"  # stored in every checkpoint; load_checkpoint refuses anything
 UserError, one_line = data.UserError, data.one_line
 # --eval/--predict rebuild the model from the checkpoint: only these flags mean anything there
 EVAL_ARGS = ("eval", "predict", "ckpt", "data", "root", "classes", "out", "outliers", "k",
-             "batch_size", "workers", "amp", "device")
+             "drop_leaks", "batch_size", "workers", "amp", "device")
 
 
 # ----------------------------------------------------------------------------- model
@@ -191,9 +191,9 @@ def class_lists(rows, tasks, path):
             for t in tasks}
 
 
-def read_table(manifest, classes_path, tasks=None, classes=None):
+def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=False):
     """Rows of a manifest with a split column; labels checked against the class lists."""
-    rows = data.read_manifest(manifest, ("path", "split"))
+    rows = split_hygiene(data.read_manifest(manifest, ("path", "split")), manifest, drop_leaks)
     if tasks is None:
         tasks = [t for t in data.TASKS if any(r.get(t) for r in rows)]
     if not tasks:
@@ -211,6 +211,27 @@ def read_table(manifest, classes_path, tasks=None, classes=None):
                 y[i, j] = index[t][r[t]]
     return Table([r["path"] for r in rows], np.array([r["split"] for r in rows]), tasks,
                  classes, y)
+
+
+def split_hygiene(rows, manifest, drop_leaks):
+    """The rows with repeated paths collapsed; a path in two splits is refused (a model would
+    train on images it is selected or evaluated on), or with drop_leaks left out of train."""
+    leaks = data.split_leaks(rows)
+    if leaks and not drop_leaks:
+        p = sorted(leaks)[0]
+        raise UserError(f"{manifest}: {len(leaks)} paths stand in more than one split (e.g. "
+                        f"{p!r} in {' and '.join(sorted(leaks[p]))}): fix the manifest, or pass "
+                        "--drop-leaks to leave them out of train")
+    first, n_rows = {}, len(rows)
+    for r in rows:
+        if r["path"] in leaks and r["split"] == "train":
+            continue
+        first.setdefault(r["path"], r)
+    rows = list(first.values())
+    if len(rows) < n_rows:
+        print(f"note: {manifest}: {n_rows - len(rows)} repeated rows read once"
+              + (f", {len(leaks)} paths left out of train (--drop-leaks)" if leaks else ""))
+    return rows
 
 
 def epoch_seed(seed, epoch):
@@ -268,7 +289,8 @@ def image_loader(ds, batches, args, device):
 
 
 class CachedBatches:
-    """Iterates (features, row indices) from a memory-mapped fp16 cache; no image decoding."""
+    """Iterates (features, row indices, []) from a memory-mapped fp16 cache, the shape an image
+    loader yields (nothing fails here: unreadable images never entered the cache)."""
 
     def __init__(self, feats, where, batches):
         self.feats, self.where, self.batches = feats, where, batches  # where: row -> cache pos
@@ -276,7 +298,7 @@ class CachedBatches:
     def __iter__(self):
         for b in self.batches:
             b = np.sort(np.asarray(b))  # ascending positions: sequential reads from the mmap
-            yield torch.from_numpy(np.asarray(self.feats[self.where[b]])), torch.from_numpy(b)
+            yield torch.from_numpy(np.asarray(self.feats[self.where[b]])), torch.from_numpy(b), []
 
 
 # ----------------------------------------------------------------------------- feature cache
@@ -291,16 +313,24 @@ def cache_key(args):
 
 
 def feature_cache(model, table, rows, split, args, device, amp):
-    """(fp16 memmap (n, C, H, W) of the frozen backbone's maps for `rows`, ok mask)."""
+    """(fp16 memmap (n, C, H, W) of the frozen backbone's maps for `rows`, ok mask, failed
+    [(position, reason)]). A cache for other paths or settings, or one that does not load
+    (a run killed while writing it, a full disk), is built anew."""
     d = args.cache or os.path.join(args.out, "cache")
     npy, meta = os.path.join(d, f"{split}.npy"), os.path.join(d, f"{split}.json")
     paths, key = [table.paths[i] for i in rows], cache_key(args)
     if os.path.isfile(npy) and os.path.isfile(meta):
-        with open(meta, encoding="utf-8") as f:
-            m = json.load(f)
-        if m.get("key") == key and m.get("paths") == paths:
-            print(f"cache: reusing {npy} ({len(paths)} images, {key})")
-            return np.load(npy, mmap_mode="r"), np.array(m["ok"], bool)
+        try:
+            with open(meta, encoding="utf-8") as f:
+                m = json.load(f)
+            if m.get("key") == key and m.get("paths") == paths:
+                arr, ok = np.load(npy, mmap_mode="r"), np.array(m["ok"], bool)
+                if arr.shape[0] == len(paths) == len(ok):
+                    print(f"cache: reusing {npy} ({len(paths)} images, {key})")
+                    return arr, ok, [tuple(x) for x in m.get("failed", [])]
+                raise ValueError(f"{arr.shape[0]} rows for {len(paths)} images")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"cache: {npy} does not load ({one_line(e)}): building it again")
     return build_cache(model, paths, npy, meta, key, args, device, amp)
 
 
@@ -310,27 +340,34 @@ def build_cache(model, paths, npy, meta, key, args, device, amp):
     batches = sequential(np.arange(len(paths)), args.batch_size)
     loader = image_loader(ds, batches, args, device)
     backbone = nets.fuse_for_inference(model.backbone)  # a BN-folded copy: frozen, eval only
-    ok, arr, tmp = np.zeros(len(paths), bool), None, npy + ".tmp.npy"
+    ok, arr, failed = np.zeros(len(paths), bool), None, []
+    tmp = f"{npy}.{os.getpid()}.tmp.npy"  # this process's own: no clash with another run
     prog = data.Progress(len(paths), f"cache {os.path.basename(npy)}")
-    for expected, batch in zip(batches, loader, strict=True):
-        if batch is not None:
-            x, i = batch
-            with nets.autocast(device, amp):
-                f = backbone(to_device(x, device)).float().cpu().numpy()
-            if arr is None:  # shape known after the first batch: (n, C, H, W)
-                os.makedirs(os.path.dirname(npy), exist_ok=True)
-                arr = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(paths),) + f.shape[1:])
-            arr[i.numpy()] = np.clip(f, -65504, 65504)  # fp16 range
-            ok[i.numpy()] = True
-        prog.update(len(expected))
-    if arr is None:
-        raise UserError(f"no readable image among {len(paths)} in {args.root}")
-    arr.flush()
-    del arr
-    os.replace(tmp, npy)
-    data.atomic_write(meta, json.dumps({"key": key, "paths": paths, "ok": ok.tolist()}))
+    try:
+        for expected, (x, i, bad) in zip(batches, loader, strict=True):
+            failed += bad
+            if x is not None:
+                with nets.autocast(device, amp):
+                    f = backbone(to_device(x, device)).float().cpu().numpy()
+                if arr is None:  # shape known after the first batch: (n, C, H, W)
+                    os.makedirs(os.path.dirname(npy), exist_ok=True)
+                    arr = np.lib.format.open_memmap(tmp, "w+", np.float16,
+                                                    (len(paths),) + f.shape[1:])
+                arr[i.numpy()] = np.clip(f, -65504, 65504)  # fp16 range
+                ok[i.numpy()] = True
+            prog.update(len(expected))
+        if arr is None:
+            raise UserError(f"no readable image among {len(paths)} in {args.root}")
+        arr.flush()
+        del arr
+        os.replace(tmp, npy)
+    finally:
+        if os.path.exists(tmp):  # interrupted: no half cache left behind
+            os.remove(tmp)
+    data.atomic_write(meta, json.dumps({"key": key, "paths": paths, "ok": ok.tolist(),
+                                        "failed": failed}))
     print(f"cache: wrote {npy} ({ok.sum()} images, {len(paths) - ok.sum()} unreadable, {key})")
-    return np.load(npy, mmap_mode="r"), ok
+    return np.load(npy, mmap_mode="r"), ok, failed
 
 
 # ----------------------------------------------------------------------------- training
@@ -414,17 +451,17 @@ def train_step(fit, x, y):
 
 
 def train_one_epoch(fit, loader, batches, y, label):
-    """Mean loss, images used and the row indices skipped as unreadable."""
+    """Mean loss, images used and the [(row, reason)] skipped as unreadable."""
     fit.model.train()
     if fit.frozen:
         fit.model.backbone.eval()  # frozen BatchNorm keeps its running statistics
     prog = data.Progress(sum(len(b) for b in batches), label)
     total, seen, skipped = 0.0, 0, []
-    for expected, batch in zip(batches, loader, strict=True):
-        got = [] if batch is None else batch[1].tolist()
-        skipped += sorted(set(expected) - set(got))
-        if got:
-            loss = train_step(fit, batch[0], torch.from_numpy(y[got]))
+    for expected, (x, idx, failed) in zip(batches, loader, strict=True):
+        skipped += failed
+        if x is not None:
+            got = idx.tolist()
+            loss = train_step(fit, x, torch.from_numpy(y[got]))
             if loss is not None and not math.isfinite(loss):
                 return {"loss": loss, "images": seen, "skipped": skipped}
             total, seen = total + (loss or 0.0) * len(got), seen + len(got)
@@ -434,25 +471,27 @@ def train_one_epoch(fit, loader, batches, y, label):
 
 @torch.no_grad()
 def predict_probs(model, fwd, loader, device, amp):
-    """(row indices that decoded, {task: (n, K) float32 softmax probabilities})."""
+    """(row indices that decoded, {task: (n, K) float32 softmax probabilities}, [(row, reason)]
+    for those that did not)."""
     model.eval()
-    idx, probs = [], {t: [] for t in model.heads}
-    for batch in loader:
-        if batch is None:
+    idx, probs, skipped = [], {t: [] for t in model.heads}, []
+    for x, i, failed in loader:
+        skipped += failed
+        if x is None:
             continue
         with nets.autocast(device, amp):
-            logits = fwd(to_device(batch[0], device))
+            logits = fwd(to_device(x, device))
         for t, out in logits.items():
             probs[t].append(torch.softmax(out.float(), 1).cpu().numpy())
-        idx.append(batch[1].numpy())
+        idx.append(i.numpy())
     if not idx:
-        return np.zeros(0, np.int64), {}
-    return np.concatenate(idx), {t: np.concatenate(p) for t, p in probs.items()}
+        return np.zeros(0, np.int64), {}, skipped
+    return np.concatenate(idx), {t: np.concatenate(p) for t, p in probs.items()}, skipped
 
 
 def evaluate(model, fwd, loader, y, tasks, device, amp):
     """{task: {acc, macro_f1, n}} on the rows the loader yields, plus mean_f1 over tasks."""
-    idx, probs = predict_probs(model, fwd, loader, device, amp)
+    idx, probs, skipped = predict_probs(model, fwd, loader, device, amp)
     out = {}
     for j, t in enumerate(tasks):
         yt = y[idx, j]
@@ -461,7 +500,7 @@ def evaluate(model, fwd, loader, y, tasks, device, amp):
             rep = metrics.classification_report(yt[m], probs[t][m].argmax(1), probs[t].shape[1])
             out[t] = {"acc": rep["accuracy"], "macro_f1": rep["macro"]["f1"], "n": int(m.sum())}
     mean_f1 = float(np.mean([v["macro_f1"] for v in out.values()])) if out else 0.0
-    return {"tasks": out, "mean_f1": mean_f1, "images": len(idx)}
+    return {"tasks": out, "mean_f1": mean_f1, "images": len(idx), "skipped": skipped}
 
 
 def plain_args(args):
@@ -515,7 +554,8 @@ class Feeds:
     sampler: EpochBatches
     train: object
     val: object
-    cache_skipped: int = 0
+    cache_failed: list  # [(manifest row, why)] left out of the feature cache
+    skipped: dict = field(default_factory=dict)  # row -> why it did not decode: skipped.csv
 
 
 def make_feeds(model, table, args, device, amp):
@@ -530,12 +570,12 @@ def make_feeds(model, table, args, device, amp):
         ds = [data.ImageDataset(table.paths, args.root, nets.make_transform(args.img_size, aug),
                                 args.img_size) for aug in (True, False)]
         val = image_loader(ds[1], sequential(rows["val"], args.batch_size), args, device)
-        return Feeds(model, ce, sampler, image_loader(ds[0], sampler, args, device), val)
-    where, feats, skipped = np.full(len(table.paths), -1), {}, 0
+        return Feeds(model, ce, sampler, image_loader(ds[0], sampler, args, device), val, [])
+    where, feats, skipped = np.full(len(table.paths), -1), {}, []
     for s in ("train", "val"):
-        feats[s], ok = feature_cache(model, table, rows[s], s, args, device, amp)
+        feats[s], ok, failed = feature_cache(model, table, rows[s], s, args, device, amp)
         where[rows[s]] = np.arange(len(rows[s]))  # manifest row -> position in its cache
-        skipped += int((~ok).sum())
+        skipped += [(int(rows[s][i]), why) for i, why in failed]
         if s == "train" and draw is not None:
             draw = draw[ok]
         rows[s] = rows[s][ok]
@@ -564,7 +604,20 @@ def epoch_line(rec, epochs, mark):
     parts = [f"{t} acc {v['acc']:.3f} f1 {v['macro_f1']:.3f}" for t, v in val["tasks"].items()]
     return (f"epoch {rec['epoch']}/{epochs}: loss {rec['loss']:.4f} | val {', '.join(parts)} | "
             f"mean f1 {val['mean_f1']:.4f}{mark} | {rec['time_s']:.1f} s, train "
-            f"{rec['img_per_s']:.1f} img/s, lr {rec['lr']:.2e} | skipped {rec['skipped']}")
+            f"{rec['img_per_s']:.1f} img/s, lr {rec['lr']:.2e} | skipped {rec['skipped']} "
+            f"train + {rec['skipped_val']} val")
+
+
+def list_skipped(feeds, table, out, failed):
+    """Adds [(row, reason)] to feeds.skipped and rewrites OUT/skipped.csv when any is new."""
+    new = {i: why for i, why in failed if i not in feeds.skipped}
+    if new:
+        feeds.skipped.update(new)
+        data.write_csv(os.path.join(out, "skipped.csv"), ["path", "split", "reason"],
+                       [[table.paths[i], table.split[i], why]
+                        for i, why in sorted(feeds.skipped.items())])
+        print(f"  {len(feeds.skipped)} unreadable images so far, listed in "
+              f"{os.path.join(out, 'skipped.csv')}")
 
 
 def run_epoch(fit, feeds, table, args, epoch, state):
@@ -581,22 +634,23 @@ def run_epoch(fit, feeds, table, args, epoch, state):
                         "(try a lower --lr or --no-amp)")
     t_train = time.time() - t0
     val = evaluate(fit.model, fit.fwd, feeds.val, table.y, table.tasks, fit.device, fit.amp)
+    skipped_val = val.pop("skipped")
     best = val["mean_f1"] > state["best"]
     state = {"epoch": epoch, "best": max(val["mean_f1"], state["best"]),
              "bad_epochs": 0 if best else state["bad_epochs"] + 1, "val": val}
     save_checkpoint(fit, args.out, state, table, args, best)
     rec = {"epoch": epoch, "loss": tr["loss"], "lr": fit.opt.param_groups[0]["lr"],
            "time_s": time.time() - t0, "img_per_s": tr["images"] / max(t_train, 1e-9),
-           "skipped": len(tr["skipped"]), "best": state["best"], "val": val}
+           "skipped": len(tr["skipped"]), "skipped_val": len(skipped_val),
+           "best": state["best"], "val": val}
     print(epoch_line(rec, args.epochs, " *" if best else ""))
-    if tr["skipped"]:
-        print(f"  skipped unreadable: {', '.join(table.paths[i] for i in tr['skipped'][:3])}")
+    list_skipped(feeds, table, args.out, tr["skipped"] + skipped_val)
     data.append_jsonl(os.path.join(args.out, "log.jsonl"), rec)
     return state
 
 
 def cmd_train(args, device):
-    table = read_table(args.data, args.classes)
+    table = read_table(args.data, args.classes, drop_leaks=args.drop_leaks)
     seed_all(args.seed)
     amp = nets.autocast_dtype(device) if args.amp else None
     ckpt = resume_checkpoint(table, args) if args.resume else None
@@ -612,8 +666,8 @@ def cmd_train(args, device):
         data.atomic_write(os.path.join(args.out, "log.jsonl"), "")
     print(f"tasks: {', '.join(f'{t} ({len(c)} classes)' for t, c in table.classes.items())}; "
           f"{len(feeds.sampler.indices)} train images, {len(feeds.sampler)} steps/epoch, "
-          f"autocast {amp}" + (f", {feeds.cache_skipped} unreadable images left out of the "
-                               "cache" if args.freeze_backbone else ""))
+          f"autocast {amp}")
+    list_skipped(feeds, table, args.out, feeds.cache_failed)
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         state = run_epoch(fit, feeds, table, args, epoch, state)
         if args.patience and state["bad_epochs"] >= args.patience:
@@ -625,20 +679,21 @@ def cmd_train(args, device):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def read_eval_table(args, ckpt):
-    """The manifest's val rows labelled with the checkpoint's class lists; refuses others."""
+def read_eval_table(args, ckpt, typed_classes):
+    """The manifest's rows labelled with the checkpoint's class lists. A --classes file the
+    user typed must agree with them; a classes.json beside the manifest is not consulted."""
     rows = data.read_manifest(args.data, ("path", "split"))
     tasks = [t for t in ckpt["tasks"] if any(r.get(t) for r in rows)]
     if not tasks:
         raise UserError(f"{args.data}: no labels for the checkpoint's tasks "
                         f"({', '.join(ckpt['tasks'])})")
-    listed = read_class_file(args.classes)
+    listed = read_class_file(typed_classes) if typed_classes else {}
     for t in tasks:
         if t in listed and listed[t] != ckpt["classes"][t]:
             raise UserError(f"{args.classes}: the {t} classes differ from the checkpoint's "
                             f"({len(listed[t])} vs {len(ckpt['classes'][t])}); evaluate on the "
                             "manifest it was trained for")
-    return read_table(args.data, args.classes, tasks, ckpt["classes"])
+    return read_table(args.data, args.classes, tasks, ckpt["classes"], args.drop_leaks)
 
 
 def task_result(y, probs, names):
@@ -704,16 +759,17 @@ def outliers(table, idx, probs, n):
 
 def cmd_eval(args, device):
     model, ckpt = load_checkpoint(args.ckpt, device)
+    typed_classes = args.classes
     resolve_data(args, ckpt["args"])
     out, size = args.out or os.path.dirname(os.path.abspath(args.ckpt)), ckpt["args"]["img_size"]
-    table = read_eval_table(args, ckpt)
+    table = read_eval_table(args, ckpt, typed_classes)
     rows = np.flatnonzero((table.split == "val") & (table.y >= 0).any(1))
     if not len(rows):
         raise UserError(f"{args.data}: no labelled rows with split val")
     ds = data.ImageDataset(table.paths, args.root, nets.make_transform(size), size)
     amp = nets.autocast_dtype(device) if args.amp else None
     loader = image_loader(ds, sequential(rows, args.batch_size), args, device)
-    idx, probs = predict_probs(model, model, loader, device, amp)
+    idx, probs, _ = predict_probs(model, model, loader, device, amp)
     if not len(idx):
         raise UserError(f"none of the {len(rows)} val images under {args.root} could be read")
     probs = {t: probs[t] for t in table.tasks}
@@ -770,10 +826,10 @@ def load_batch(files, tf, size, alone):
         try:
             xs.append(tf(data.load_image(f, size)))
             ok.append(f)
-        except data.DECODE_ERRORS:
+        except data.DECODE_ERRORS as e:
             if alone:
-                raise UserError(f"not an image (cannot decode): {f}") from None
-            print(f"skipped (cannot decode): {f}")
+                raise UserError(f"not an image ({data.decode_error(e)}): {f}") from None
+            print(f"skipped ({data.decode_error(e)}): {f}")
     return xs, ok
 
 
@@ -793,6 +849,9 @@ def top_k(model, xs, classes, k, device, amp):
 def cmd_predict(args, device):
     model, ckpt = load_checkpoint(args.ckpt, device)
     files, skipped = collect_images(args.predict)
+    if not files:
+        raise UserError(f"no images in {' '.join(args.predict)} (extensions "
+                        f"{' '.join(data.IMAGE_EXTS)})")
     alone = len(args.predict) == 1 and os.path.isfile(args.predict[0])
     size = ckpt["args"]["img_size"]
     tf, amp = nets.make_transform(size), nets.autocast_dtype(device) if args.amp else None
@@ -857,6 +916,8 @@ def build_parser():
                    "RNN and heads from them: no augmentation, >= 20x faster epochs")
     t.add_argument("--cache", help="feature cache folder (default: OUT/cache)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--drop-leaks", action="store_true",
+                   help="a path listed in two splits is left out of train (default: refused)")
     t.add_argument("--seed", type=int, default=0,
                    help="model init, batch order, augmentation, dropout")
     e = p.add_argument_group("evaluation and prediction")
@@ -874,6 +935,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    data.tolerant_stdout()
     nets.tune_malloc()
     shown = vars(args) if args.train else {k: v for k, v in vars(args).items() if k in EVAL_ARGS}
     print("args: " + json.dumps({k: v for k, v in shown.items() if v is not None}))

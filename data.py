@@ -22,6 +22,7 @@ Bad input ends with one line on stderr and exit status 1 (`UserError`), never a 
 import argparse
 import csv
 import email.utils
+import errno
 import functools
 import io
 import json
@@ -29,11 +30,13 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -44,7 +47,10 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 TASKS = ("style", "artist", "genre")
 USER_AGENT = "ArtExtract/0.1 (open-source research toolkit; python-urllib)"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
-Image.MAX_IMAGE_PIXELS = 400_000_000  # NGA masters reach ~950 MP; we never ask IIIF for those
+# At most this many pixels are decoded for one image: 90 MP is 270 MB as RGB. PIL itself refuses
+# files over twice its own limit (179 MP) at open; JPEGs up to that decode reduced (draft mode).
+MAX_PIXELS = 90_000_000
+MAX_BYTES = 256 << 20  # a download larger than this is stopped: no painting JPEG is that big
 
 
 class UserError(Exception):
@@ -60,6 +66,14 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 def one_line(e):
     """The first line of an exception's text, at most 200 characters (for one-line errors)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def tolerant_stdout():
+    """Print undecodable bytes in paths (kept as surrogates) as \\udcxx escapes instead of
+    dying on a strict UTF-8 stdout; a notebook's stream, which has no reconfigure, is left."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -114,8 +128,9 @@ def file_mode():
     return 0o666 & ~umask
 
 
-def atomic_write(path, data, mode="w"):
-    """Write text or bytes to a temp file beside `path`, then rename: never a half file."""
+def atomic_write(path, data, mode="w", durable=False):
+    """Write text or bytes to a temp file beside `path`, then rename: never a half file.
+    durable: fsync the file before and its folder after the rename (survives a power cut)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path), suffix=".tmp")
@@ -124,12 +139,21 @@ def atomic_write(path, data, mode="w"):
                                      "newline": ""}
         with os.fdopen(fd, mode, **kw) as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    if durable and os.name == "posix":  # the rename itself is on disk once the folder is
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
 
 def append_jsonl(path, record):
@@ -166,15 +190,30 @@ def read_manifest(path, required=("path",)):
     return rows
 
 
+def unsafe_path(rel):
+    """Why a relative path from a list or manifest may not be used under a root, or None."""
+    if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")):
+        return "path must be relative to the image root"
+    if os.path.normpath(rel).replace("\\", "/").split("/")[0] == "..":
+        return "path escapes the image root"
+    return None
+
+
 def safe_join(root, rel):
     """root/rel, refusing absolute paths and `..` that would leave root."""
-    if not rel or os.path.isabs(rel) or rel.startswith(("/", "\\")):
-        raise UserError(f"path must be relative to the image root: {rel!r}")
-    full = os.path.normpath(os.path.join(root, rel))
-    base = os.path.normpath(root)
-    if os.path.commonpath([os.path.abspath(full), os.path.abspath(base)]) != os.path.abspath(base):
-        raise UserError(f"path escapes the image root: {rel!r}")
-    return full
+    why = unsafe_path(rel)
+    if why:
+        raise UserError(f"{why}: {rel!r}")
+    return os.path.normpath(os.path.join(root, rel))
+
+
+def split_leaks(rows):
+    """{path: set of splits} for the paths that stand in more than one split of a manifest:
+    a model selected or evaluated on such an image has seen it in training."""
+    splits = defaultdict(set)
+    for r in rows:
+        splits[r["path"]].add(r.get("split", ""))
+    return {p: s for p, s in splits.items() if len(s) > 1}
 
 
 # ----------------------------------------------------------------------------- image loading
@@ -208,22 +247,41 @@ def load_image(path, size=None):
 
     With `size` (px, shorter side), JPEGs decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT
     scaling, PIL draft mode) while staying >= size: a 3000 px WikiArt original decodes several
-    times faster. Raises OSError/ValueError for unreadable files (callers decide to skip).
+    times faster; other formats are reduced by an integer factor right after decoding. Raises
+    one of DECODE_ERRORS for unreadable files, and for images of more than MAX_PIXELS after
+    draft mode (callers decide to skip).
     """
     with Image.open(path) as im:
         if size and im.format == "JPEG":
             im.draft("RGB", draft_size(im.size, size))
+        if im.width * im.height > MAX_PIXELS:  # the header alone tells; nothing decoded yet
+            raise Image.DecompressionBombError(
+                f"{im.width}x{im.height} px is more than {MAX_PIXELS // 10**6} MP to decode")
         im.load()
+        factor = min(im.size) // size if size else 1
+        if factor >= 2 and im.mode in ("RGB", "RGBA", "L", "LA", "CMYK"):  # what reduce() takes
+            im = im.reduce(factor)  # frees the full-size copy before rotating and converting
         im = ImageOps.exif_transpose(im)
         return to_rgb(im)
+
+
+def decode_error(e):
+    """A short reason for an image that did not load: missing, permission, size or format."""
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, Image.DecompressionBombError):
+        return f"too large to decode ({one_line(e)})"
+    return f"cannot decode ({one_line(e)})"
 
 
 class ImageDataset:
     """Map-style dataset over relative paths under `root`: item i is (transform(img), i).
 
-    An unreadable image yields None, so a DataLoader with `collate_skip` drops it; callers see
-    which indices came back and count or name the missing ones (in the main process, so the
-    error is one clean line even with worker processes).
+    An unreadable image yields (None, i, reason), so a DataLoader with `collate_skip` drops it
+    and hands the reason to the main process, which counts and lists it (one clean line, even
+    with worker processes).
     """
 
     def __init__(self, paths, root, transform=None, size=None):
@@ -236,25 +294,27 @@ class ImageDataset:
     def __getitem__(self, i):
         try:
             im = load_image(self.files[i], self.size)
-        except DECODE_ERRORS:
-            return None
+        except DECODE_ERRORS as e:
+            return None, i, decode_error(e)
         return (self.transform(im) if self.transform else im), i
 
 
 def collate_skip(batch):
-    """default_collate without the Nones; (x, idx) or None when the whole batch failed."""
+    """(x, idx, failed): default_collate of the images that loaded (x and idx None when none
+    did) and failed = [(index, reason)] for those that did not."""
     from torch.utils.data import default_collate
-    batch = [b for b in batch if b is not None]
-    return default_collate(batch) if batch else None
+    good = [b for b in batch if len(b) == 2]
+    failed = [(b[1], b[2]) for b in batch if len(b) == 3]
+    return (*default_collate(good), failed) if good else (None, None, failed)
 
 
-def check_image(path):
-    """True when the file decodes (at reduced scale: a cheap but complete read)."""
+def image_problem(path):
+    """None when the file decodes (at reduced scale: a cheap but complete read), else why not."""
     try:
         load_image(path, 32)
-        return True
-    except DECODE_ERRORS:
-        return False
+        return None
+    except DECODE_ERRORS as e:
+        return decode_error(e)
 
 
 # ----------------------------------------------------------------------------- wikiart lists
@@ -294,7 +354,7 @@ def read_split_list(path, n_classes):
     The path is everything before the last comma, minus the artist list's empty middle field,
     kept byte for byte (no strip: names hold soft hyphens and no-break spaces).
     """
-    pairs, bad = [], 0
+    pairs, bad, unsafe = [], 0, []
     for i, ln in enumerate(read_lines(path)):
         if not ln:
             continue
@@ -308,10 +368,15 @@ def read_split_list(path, n_classes):
         p = left[:-1] if left.endswith(",") else left
         if int(label) >= n_classes or not p:
             bad += 1
-            continue
-        pairs.append((p, int(label)))
+        elif unsafe_path(p):  # absolute or ../: never joined to an image root
+            unsafe.append(p)
+        else:
+            pairs.append((p, int(label)))
     if bad:
         print(f"warning: {path}: {bad} malformed lines skipped")
+    if unsafe:
+        print(f"warning: {path}: {len(unsafe)} paths outside the image root skipped "
+              f"(e.g. {unsafe[0]!r})")
     return pairs
 
 
@@ -374,7 +439,7 @@ def balanced_subset(labels, names, task, per_class, min_per_class, seed, images=
                 if not os.path.isfile(full):
                     missing.append(p)
                     continue
-                if not check_image(full):
+                if image_problem(full):
                     corrupt.append(p)
                     continue
             keep.append(p)
@@ -441,6 +506,7 @@ def write_wikiart_subset(out, tasks, labels, classes, chosen, split):
     task = next(iter(tasks))
     paths = sorted(split)
     rows = [[p] + [labels[p].get(t, "") for t in tasks] + [split[p]] for p in paths]
+    assert not split_leaks([{"path": r[0], "split": r[-1]} for r in rows])  # one row per path
     write_csv(os.path.join(out, "manifest.csv"), ["path", *tasks, "split"], rows)
     present = {t: {labels[p].get(t) for p in paths} for t in tasks}
     kept = {t: [c for c in classes[t] if c in present[t]] for t in tasks}
@@ -541,9 +607,39 @@ def cmd_nga(args):
 # ----------------------------------------------------------------------------- download
 
 class Retry(Exception):
+    """Transient trouble from a server that answered (or timed out): worth another try."""
+
     def __init__(self, msg, wait=None):
         super().__init__(msg)
         self.wait = wait
+
+
+class Unreachable(Retry):
+    """No connection at all (no DNS, refused, no route): retried only once a server answered."""
+
+
+class Refused(Exception):
+    """A response we will not take (another scheme, too large): a failure, never retried."""
+
+
+class HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http and https only (urllib's own also follows ftp)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise Refused(f"redirect to {newurl[:80]} refused (http and https only)")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+OPENER = urllib.request.build_opener(HttpOnlyRedirects)
+NO_ROUTE = (socket.gaierror, ConnectionRefusedError, errno.ENETUNREACH, errno.EHOSTUNREACH)
+
+
+def url_problem(url):
+    """Why url may not be downloaded, or None: http and https only, never file:// or ftp://."""
+    if urllib.parse.urlsplit(url).scheme.lower() not in ("http", "https"):
+        return f"not an http(s) URL: {url[:80]}"
+    return None
 
 
 def retry_after(value):
@@ -563,39 +659,62 @@ def resize_iiif(url, size):
     return re.sub(r"/full/[^/]+/0/default\.jpg$", f"/full/!{size},{size}/0/default.jpg", url)
 
 
-def fetch(url, dest, timeout, stop):
-    """One GET to a temp file beside dest; raises Retry for transient trouble."""
+def fetch(url, dest, args, stop, reached):
+    """One GET to a temp file beside dest; raises Retry for transient trouble, Refused for a
+    response over args.max_bytes or a redirect off http(s). Sets `reached` once a server
+    answered."""
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     tmp = f"{dest}.{os.getpid()}.{threading.get_ident()}.part"
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r, open(tmp, "wb") as f:
-            while chunk := r.read(1 << 16):
-                if stop.is_set():
-                    raise KeyboardInterrupt
-                f.write(chunk)
-        if not check_image(tmp):
+        with OPENER.open(req, timeout=args.timeout) as r, open(tmp, "wb") as f:
+            reached.set()
+            stream(r, f, args.max_bytes, stop)
+        if image_problem(tmp):
             raise Retry("downloaded file is not a decodable image")
         os.replace(tmp, dest)
     except urllib.error.HTTPError as e:
+        reached.set()
         if e.code == 429 or e.code >= 500:
             raise Retry(f"HTTP {e.code}", retry_after(e.headers.get("Retry-After"))) from e
         raise
     except OSError as e:  # URLError, timeouts, resets: transient, worth another try
-        raise Retry(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from e
+        why = getattr(e, "reason", e)
+        kind = Unreachable if isinstance(why, NO_ROUTE[:2]) or \
+            getattr(why, "errno", None) in NO_ROUTE[2:] else Retry
+        raise kind(f"{type(e).__name__}: {why}") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def download_one(url, dest, args, stop):
-    """Fetch with exponential backoff (x2 per try, jittered, capped 120 s) or Retry-After."""
+def stream(r, f, max_bytes, stop):
+    """Copies the response r to the file f, refusing more than max_bytes (declared or sent)."""
+    declared = r.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise Refused(f"response of {int(declared)} bytes is over --max-bytes {max_bytes}")
+    got = 0
+    while chunk := r.read(1 << 16):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        got += len(chunk)
+        if got > max_bytes:
+            raise Refused(f"response is over --max-bytes {max_bytes}")
+        f.write(chunk)
+
+
+def download_one(url, dest, args, stop, reached):
+    """Fetch with exponential backoff (x2 per try, jittered, capped 120 s) or Retry-After.
+    No connection at all is not retried until some server has answered: offline, every try
+    would wait out the whole backoff."""
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     for attempt in range(args.retries + 1):
         try:
-            fetch(url, dest, args.timeout, stop)
+            fetch(url, dest, args, stop, reached)
             return None
+        except Refused as e:
+            return str(e)
         except Retry as e:
-            if attempt == args.retries:
+            if attempt == args.retries or isinstance(e, Unreachable) and not reached.is_set():
                 return str(e)
             wait = e.wait if e.wait is not None else args.backoff * 2 ** attempt
             wait = min(wait, 120.0) * (1 + 0.1 * random.random())
@@ -608,12 +727,15 @@ def download_one(url, dest, args, stop):
 
 def cmd_download(args):
     rows = read_manifest(args.manifest, ("path", "url"))
-    jobs, n_ok = [], 0
+    jobs, n_ok, bad = [], 0, []
     for r in rows:
         if not r["url"].strip():
             continue
+        if url_problem(r["url"].strip()):
+            bad.append((r["path"], r["url"], url_problem(r["url"].strip())))
+            continue
         dest = safe_join(args.root, r["path"])
-        if os.path.isfile(dest) and check_image(dest):
+        if os.path.isfile(dest) and not image_problem(dest):
             n_ok += 1
             continue
         url = resize_iiif(r["url"].strip(), args.size) if args.size else r["url"].strip()
@@ -621,6 +743,7 @@ def cmd_download(args):
     print(f"{len(rows)} rows: {n_ok} already here, {len(jobs)} to fetch "
           f"with {args.workers} workers")
     failures, stop = run_downloads(jobs, args)
+    failures = bad + failures
     fail_csv = args.failures or os.path.join(args.root, "download_failures.csv")
     if failures:
         write_csv(fail_csv, ["path", "url", "error"], failures)
@@ -637,10 +760,10 @@ def cmd_download(args):
 
 def run_downloads(jobs, args):
     """At most args.workers requests in flight. Ctrl-C: finished files stay, the rest wait."""
-    stop, failures = threading.Event(), []
+    stop, reached, failures = threading.Event(), threading.Event(), []
     prog = Progress(len(jobs), "download")
     pool = ThreadPoolExecutor(max_workers=max(1, args.workers))
-    futures = {pool.submit(download_one, url, dest, args, stop): (p, url)
+    futures = {pool.submit(download_one, url, dest, args, stop, reached): (p, url)
                for p, url, dest in jobs}
     try:
         for fut in as_completed(futures):
@@ -648,6 +771,11 @@ def run_downloads(jobs, args):
             if err and not isinstance(err, KeyboardInterrupt):
                 failures.append((*futures[fut], str(err)))
             prog.update(1, f"failed {len(failures)}")
+            if len(failures) >= min(3, len(jobs)) and not reached.is_set():
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise UserError(f"no server answered the first {len(failures)} requests "
+                                f"({failures[0][2]}): offline? Nothing was downloaded")
     except KeyboardInterrupt:
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -961,6 +1089,8 @@ def build_parser():
     d.add_argument("--retries", type=int, default=5)
     d.add_argument("--backoff", type=float, default=1.0, help="first retry wait, s (x2 each)")
     d.add_argument("--timeout", type=float, default=30.0, help="per request, s")
+    d.add_argument("--max-bytes", type=int, default=MAX_BYTES,
+                   help="largest response accepted per file, bytes")
     d.add_argument("--failures", help="CSV of failures (default ROOT/download_failures.csv)")
     d.set_defaults(func=cmd_download)
 
@@ -984,6 +1114,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    tolerant_stdout()
     try:
         status = args.func(args)
     except UserError as e:

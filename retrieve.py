@@ -20,21 +20,27 @@ Notebook:
 
 Offline (no ImageNet download): add `--weights none` (seeded random init) or `--weights PATH`.
 
-The index folder (--index DIR): embeddings.npy ((n, dim) float32, unit rows), meta.csv (path and
-the manifest's columns in the same row order: row number = FAISS id), index.faiss, config.json
-(what is needed to embed a query the same way: queries rebuild the model from it), skipped.csv
-(missing or unreadable images), log.jsonl, eval.json, query_sheet.png.
+The index folder (--index DIR): CURRENT names the generation in use, DIR/gen-N/, which holds
+embeddings.npy ((n, dim) float32, unit rows), meta.csv (path and the manifest's columns in the
+same row order: row number = FAISS id), index.faiss and config.json (what is needed to embed a
+query the same way, and fingerprints of the other three files). A --build or --add writes a new
+generation and switches CURRENT at the end: a query never sees a half-written index, and a
+second writer is refused while one runs (DIR/lock). Beside them: skipped.csv (missing or
+unreadable images, with why), log.jsonl, eval.json, query_sheet.png.
 Bad input (a query that is not an image, an empty folder, an index from another version or
 model, k above the number of indexed images) ends with one line on stderr and exit status 1.
 Non-image files in a folder are skipped and counted; unreadable images are listed in skipped.csv.
 """
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
+import re
+import shutil
 import time
 
 import faiss
@@ -49,14 +55,20 @@ import data
 import metrics
 import nets
 import pages
-from data import UserError
+from data import UserError, one_line
+
+try:  # the index lock: fcntl on POSIX, msvcrt on Windows
+    import fcntl
+except ImportError:
+    fcntl = None
+    import msvcrt
 
 # FAISS names used below: xb (n, d) float32 database vectors, xq (nq, d) query vectors, k results
 # per query. index.search(xq, k) returns D (nq, k) scores, here inner products of unit vectors
 # (= cosine similarity, best first), and I (nq, k) ids = row numbers of embeddings.npy and
 # meta.csv (-1 where an approximate index found fewer than k).
 
-FORMAT, VERSION = "artextract-retrieve-index", 1
+FORMAT, VERSION = "artextract-retrieve-index", 2  # 2: generations, fingerprints
 FILES = ("config.json", "embeddings.npy", "meta.csv", "index.faiss")
 DEFAULT_IMAGES, DEFAULT_MANIFEST, DEFAULT_INDEX = "demo/images", "demo/gallery.csv", "demo/index"
 # These flags default to None so that a value the user typed can be told from the default: at
@@ -155,7 +167,8 @@ def embed_pils(model, images, cfg, args, device):
 # ----------------------------------------------------------------------------- embeddings file
 
 def embed_to_npy(model, paths, root, cfg, args, device, out_path):
-    """Embed root/paths into a (n_good, dim) .npy written batch by batch; returns good ids.
+    """Embed root/paths into a (n_good, dim) .npy written batch by batch; returns (good ids,
+    {id: why} for the others).
 
     Rows stream into a memory-mapped file (never all in RAM); unreadable images are left out
     and the file compacted, so row j of out_path is paths[good[j]]."""
@@ -166,21 +179,20 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
                                          pin_memory=device.type == "cuda")
     tmp = out_path + ".tmp.npy"
     xb = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(paths), cfg["dim"]))
-    good, tried, prog = [], 0, data.Progress(len(paths), "embed")
-    for batch in loader:
-        step = min(args.batch_size, len(paths) - tried)  # batches come in order (no shuffle)
-        tried += step
-        if batch is not None:  # None: every image of the batch failed to decode
-            x, idx = batch
+    good, bad, prog = [], {}, data.Progress(len(paths), "embed")
+    for x, idx, failed in loader:
+        bad.update(failed)
+        if x is not None:  # None: every image of the batch failed to decode
             xb[len(good):len(good) + len(idx)] = forward(model, x, device)
             good.extend(idx.tolist())
-        prog.update(step, f"{tried - len(good)} unreadable" if tried > len(good) else "")
+        prog.update(len(failed) + (0 if x is None else len(idx)),
+                    f"{len(bad)} unreadable" if bad else "")
     xb.flush()
     del xb
     if good:
         copy_rows(out_path, [(tmp, len(good))])  # compacts when some rows failed
     os.remove(tmp)
-    return good
+    return good, bad
 
 
 def copy_rows(dst, parts):
@@ -241,10 +253,9 @@ def embed_collection(model, rows, root, cfg, args, device, out_path):
     todo = [r for r, ok in zip(rows, found, strict=True) if ok]
     skipped = [(r["path"], "missing") for r, ok in zip(rows, found, strict=True) if not ok]
     t0 = time.time()
-    good = embed_to_npy(model, [r["path"] for r in todo], root, cfg, args, device, out_path) \
-        if todo else []
-    kept = set(good)
-    skipped += [(r["path"], "unreadable") for i, r in enumerate(todo) if i not in kept]
+    good, bad = embed_to_npy(model, [r["path"] for r in todo], root, cfg, args, device,
+                             out_path) if todo else ([], {})
+    skipped += [(todo[i]["path"], why) for i, why in sorted(bad.items())]
     data.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
     dt = time.time() - t0
     print(f"embedded {len(good)} images in {dt:.1f} s ({len(good) / max(dt, 1e-9):.1f} img/s)"
@@ -266,7 +277,7 @@ def ivfpq_params(d, n_train, args):
         raise UserError(f"--pq-m {m} must divide the vector size {d}")
     if nbits < 4 or n_train < 2 ** nbits or n_train < nlist:
         raise UserError(f"ivfpq cannot train on {n_train} vectors (nbits={nbits}, "
-                             f"nlist={nlist}; needs >= 624): use --index-type flat (exact)")
+                        f"nlist={nlist}; needs >= 624): use --index-type flat (exact)")
     nprobe = min(args.nprobe or INDEX_DEFAULTS["nprobe"], nlist)
     return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": nprobe}
 
@@ -402,50 +413,190 @@ def to_search_device(index, cfg, device):
 
 # ----------------------------------------------------------------------------- index folder
 
-def write_index(folder, index, header, rows, cfg, embeddings):
-    """Move the new embeddings in, then index.faiss, meta.csv and config.json last, each written
-    to a temp file and renamed: a reader never sees half a file."""
-    os.replace(embeddings, os.path.join(folder, "embeddings.npy"))
-    tmp = os.path.join(folder, ".index.faiss.tmp")
-    faiss.write_index(index, tmp)
-    os.replace(tmp, os.path.join(folder, "index.faiss"))
-    data.write_csv(os.path.join(folder, "meta.csv"), header,
+# INDEX/CURRENT names the generation in use ("gen-4"); INDEX/gen-4/ holds its four FILES. A
+# writer, holding INDEX/lock, builds gen-5 beside it, fsyncs it, then replaces CURRENT with one
+# rename (as LevelDB's CURRENT file): a reader sees gen-4 or gen-5, never a mix, wherever the
+# writer dies. Old generations are removed only after the switch. An index from before
+# generations (the four files at the top of INDEX) reads as generation 0; the next --build or
+# --add moves it into a generation. Logs and pictures (log.jsonl, eval.json, skipped.csv,
+# query_sheet.png) stay at the top: they describe runs, not one generation.
+
+POINTER, LOCK = "CURRENT", "lock"
+CONFIG_FIELDS = ("dim", "n", "index_type", "index_params", "pca", "index_dim", "backbone",
+                 "weights", "ckpt", "img_size", "pool", "grid", "init_seed", "images",
+                 "manifest")
+
+
+def generation(folder):
+    """The folder holding the current generation's files: INDEX/gen-N, or INDEX (generation 0)."""
+    path = os.path.join(folder, POINTER)
+    try:
+        with open(path, encoding="utf-8") as f:
+            name = f.read().strip()
+    except FileNotFoundError:
+        return folder
+    if not re.fullmatch(r"gen-\d+", name) or not os.path.isdir(os.path.join(folder, name)):
+        raise UserError(f"{path} names no generation ({name[:40]!r}): rebuild with --build")
+    return os.path.join(folder, name)
+
+
+def fingerprint(path, block=1 << 20):
+    """'size:sha256 of the first, middle and last MiB' of a file: cheap at any size, and it
+    differs between two builds' files (vectors of other models, another order)."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for at in sorted({0, max(0, size // 2 - block // 2), max(0, size - block)}):
+            f.seek(at)
+            h.update(f.read(block))
+    return f"{size}:{h.hexdigest()[:32]}"
+
+
+class IndexWriter:
+    """`with IndexWriter(folder) as w:` holds folder's lock and a fresh generation folder w.dir;
+    w.commit() makes it current. Leaving without commit removes w.dir (and the whole folder
+    when it held no index before), so a refused or failed write leaves what was there."""
+
+    def __init__(self, folder):
+        self.folder, self.committed = folder, False
+
+    def __enter__(self):
+        os.makedirs(self.folder, exist_ok=True)
+        self.fd = lock_file(os.path.join(self.folder, LOCK), self.folder)
+        try:
+            try:
+                current = generation(self.folder)
+            except UserError:  # a corrupt CURRENT: this write replaces it
+                current = None
+            self.fresh = current is not None and \
+                not os.path.isfile(os.path.join(current, "config.json"))
+            remove_generations(self.folder, keep=current)  # what killed writers left
+            gens = [int(g[4:]) for g in os.listdir(self.folder) if re.fullmatch(r"gen-\d+", g)]
+            self.dir = os.path.join(self.folder, f"gen-{max(gens, default=0) + 1}")
+            os.makedirs(self.dir)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        return self
+
+    def commit(self):
+        sync_folder(self.dir)
+        data.atomic_write(os.path.join(self.folder, POINTER), os.path.basename(self.dir) + "\n",
+                          durable=True)
+        self.committed = True
+        remove_generations(self.folder, keep=self.dir)
+        for name in FILES:  # a generation-0 index, now moved into this generation
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(self.folder, name))
+
+    def __exit__(self, *exc):
+        if not self.committed:
+            shutil.rmtree(self.folder if self.fresh else self.dir, ignore_errors=True)
+        os.close(self.fd)  # releases the lock
+        return False
+
+
+def lock_file(path, folder):
+    """An open fd holding an exclusive lock on path (fcntl on POSIX, msvcrt on Windows), with
+    this pid written in it; a second writer gets one line naming the holder."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{folder} is being written by another process (pid {holder}): wait "
+                        "for it to finish, or write another --index") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def remove_generations(folder, keep):
+    """Every gen-N folder but keep (None: all of them)."""
+    for g in os.listdir(folder):
+        path = os.path.join(folder, g)
+        if re.fullmatch(r"gen-\d+", g) and (keep is None or
+                                            os.path.abspath(path) != os.path.abspath(keep)):
+            shutil.rmtree(path, ignore_errors=True)  # a reader's open maps keep their data
+
+
+def sync_folder(folder):
+    """fsync every file in folder, then the folder itself: on disk before CURRENT names it."""
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
+    if os.name == "posix":  # a directory fd can be fsynced on POSIX only
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_generation(gen, index, header, rows, cfg):
+    """index.faiss, meta.csv and config.json (with the fingerprints of all three data files)
+    into the generation folder gen, which already holds embeddings.npy."""
+    faiss.write_index(index, os.path.join(gen, "index.faiss"))
+    data.write_csv(os.path.join(gen, "meta.csv"), header,
                    [[r.get(c) or "" for c in header] for r in rows])
-    cfg["n"] = len(rows)
-    data.atomic_write(os.path.join(folder, "config.json"), json.dumps(cfg, indent=1) + "\n")
+    cfg["n"], cfg["version"] = len(rows), VERSION  # an --add to a version-1 index migrates it
+    cfg["files"] = {f: fingerprint(os.path.join(gen, f)) for f in FILES if f != "config.json"}
+    data.atomic_write(os.path.join(gen, "config.json"), json.dumps(cfg, indent=1) + "\n")
 
 
-def read_config(folder):
-    path = os.path.join(folder, "config.json")
+def read_config(gen, folder):
+    path = os.path.join(gen, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"no index in {folder} (config.json missing): build one with --build")
     try:
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({e}): rebuild with --build") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or cfg.get("version") != VERSION:
-        found = cfg.get("version") if isinstance(cfg, dict) else None
+        raise UserError(f"{path} is unreadable ({one_line(e)}): rebuild with --build") from None
+    version = cfg.get("version") if isinstance(cfg, dict) else None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or version not in (1, VERSION) \
+            or version == 1 and gen != folder:
         raise UserError(f"{folder} is not a version-{VERSION} retrieve.py index (found "
-                             f"version {found}): rebuild it with --build")
+                        f"version {version}): rebuild it with --build")
+    missing = [k for k in CONFIG_FIELDS + (("files",) if version > 1 else ()) if k not in cfg]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: rebuild with --build")
     return cfg
 
 
 def open_index(folder):
-    """(cfg, meta rows, xb memmap, index) of an index folder, checked for version and sizes."""
-    cfg = read_config(folder)
-    missing = [f for f in FILES if not os.path.isfile(os.path.join(folder, f))]
+    """(cfg, meta rows, xb memmap, index) of the current generation, checked for version, sizes
+    and fingerprints. A writer that removes the generation meanwhile: read the new one."""
+    try:
+        return open_generation(generation(folder), folder)
+    except FileNotFoundError:
+        return open_generation(generation(folder), folder)
+
+
+def open_generation(gen, folder):
+    cfg = read_config(gen, folder)
+    missing = [f for f in FILES if not os.path.isfile(os.path.join(gen, f))]
     if missing:
         raise UserError(f"{folder} lacks {', '.join(missing)}: rebuild with --build")
+    changed = [f for f, fp in cfg.get("files", {}).items()
+               if fingerprint(os.path.join(gen, f)) != fp]
+    if changed:
+        raise UserError(f"{os.path.join(gen, 'config.json')} does not describe the "
+                        f"{', '.join(changed)} beside it (another build's?): rebuild with --build")
     try:
-        xb = np.load(os.path.join(folder, "embeddings.npy"), mmap_mode="r")
-        index = faiss.read_index(os.path.join(folder, "index.faiss"))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"{folder}: corrupt index files ({e}): rebuild with --build") from None
-    meta = data.read_csv(os.path.join(folder, "meta.csv"), required=("path",), what="meta.csv")
-    if not len(xb) == len(meta) == index.ntotal == cfg.get("n") or xb.shape[1] != cfg["dim"]:
+        xb = np.load(os.path.join(gen, "embeddings.npy"), mmap_mode="r")
+        index = faiss.read_index(os.path.join(gen, "index.faiss"))
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{folder}: corrupt index files ({one_line(e)}): rebuild with --build") \
+            from None
+    meta = data.read_csv(os.path.join(gen, "meta.csv"), required=("path",), what="meta.csv")
+    if not len(xb) == len(meta) == index.ntotal == cfg["n"] or xb.shape[1] != cfg["dim"]:
         raise UserError(f"{folder} is inconsistent ({len(xb)} embeddings, {len(meta)} "
-                             f"meta rows, {index.ntotal} indexed): rebuild with --build")
+                        f"meta rows, {index.ntotal} indexed): rebuild with --build")
     return cfg, meta, xb, index
 
 
@@ -462,12 +613,12 @@ def check_same_model(args, cfg):
         built = f"{flag} {was}" if was is not None else f"no {flag}" + \
             (f" (--ckpt {cfg['ckpt']})" if cfg.get("ckpt") else "")
         raise UserError(f"{args.index} was built with {built}, not {val}: drop {flag} to "
-                             "use the index's own setting, or rebuild with --build")
+                        "use the index's own setting, or rebuild with --build")
     for key in ("weights", "ckpt"):
         path, sha = cfg.get(key), cfg.get(f"{key}_sha256")
         if sha and (not os.path.isfile(path) or file_sha256(path) != sha):
             raise UserError(f"--{key} file {path} is missing or changed since the index was "
-                                 "built: restore it or rebuild with --build")
+                            "built: restore it or rebuild with --build")
 
 
 def model_config(args):
@@ -486,7 +637,7 @@ def model_config(args):
                                                         "img_size") if getattr(args, k)]
         if typed:
             raise UserError(f"--ckpt embeds with the checkpoint's own model and image "
-                                 f"size: drop {' '.join(typed)}")
+                            f"size: drop {' '.join(typed)}")
         ck_args = crnn.load_checkpoint(cfg["ckpt"])[1]["args"]
         cfg.update(backbone=ck_args.get("backbone"), weights=None, weights_sha256=None,
                    pool=None, grid=None, img_size=int(ck_args["img_size"]))
@@ -506,14 +657,15 @@ def cmd_build(args, device, amp):
     model = load_model(cfg, device, amp)
     # refuse a hopeless --pca or ivfpq before the (long) embedding pass, not after it
     index_params(cfg["index_type"], check_pca(args.pca, cfg["dim"], len(rows)), len(rows), args)
-    os.makedirs(args.index, exist_ok=True)
-    emb = os.path.join(args.index, ".embeddings.new.npy")  # the old index stays valid till the end
-    rows, n_skip, dt = embed_collection(model, rows, root, cfg, args, device, emb)
-    icfg, index = index_from_vectors(np.load(emb, mmap_mode="r"), args)
-    cfg.update(icfg, images=root, manifest=manifest, seed=args.seed,
-               amp=str(amp).replace("torch.", ""),
-               created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    write_index(args.index, index, header, rows, cfg, emb)
+    with IndexWriter(args.index) as w:  # the old generation answers queries till the end
+        emb = os.path.join(w.dir, "embeddings.npy")
+        rows, n_skip, dt = embed_collection(model, rows, root, cfg, args, device, emb)
+        icfg, index = index_from_vectors(np.load(emb, mmap_mode="r"), args)
+        cfg.update(icfg, images=root, manifest=manifest, seed=args.seed,
+                   amp=str(amp).replace("torch.", ""),
+                   created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_generation(w.dir, index, header, rows, cfg)
+        w.commit()
     log(args.index, event="build", n=len(rows), skipped=n_skip, seconds=round(dt, 2),
         img_per_s=round(len(rows) / max(dt, 1e-9), 2), config=cfg)
     pca = f" -> pca {cfg['pca']}" if cfg["pca"] else ""
@@ -522,27 +674,29 @@ def cmd_build(args, device, amp):
 
 
 def cmd_add(args, device, amp):
-    """Embed only the paths not yet in meta.csv; append them to the embeddings and the index."""
-    cfg, meta, xb, index = open_index(args.index)
-    check_same_model(args, cfg)
-    root = cfg["images"] = args.images or cfg["images"]  # same collection, maybe moved
-    manifest = args.manifest or (cfg["manifest"] if not args.images and cfg["manifest"] and
-                                 os.path.isfile(cfg["manifest"]) else None)
-    header, rows = read_collection(root, manifest, args.index)
-    have = {r["path"] for r in meta}
-    new = [r for r in rows if r["path"] not in have]
-    print(f"{len(rows) - len(new)} of {len(rows)} images are indexed already")
-    if not new:
-        return cfg
-    part = os.path.join(args.index, ".embeddings.add.npy")
-    model = load_model(cfg, device, amp)
-    new, n_skip, dt = embed_collection(model, new, root, cfg, args, device, part)
-    emb = os.path.join(args.index, ".embeddings.new.npy")
-    copy_rows(emb, [(os.path.join(args.index, "embeddings.npy"), len(xb)), (part, len(new))])
-    os.remove(part)
-    add_rows(index, np.load(emb, mmap_mode="r"), start=len(xb))  # trained transforms are kept
-    header = list(dict.fromkeys(list(meta[0]) + header))  # old columns, then any new ones
-    write_index(args.index, index, header, meta + new, cfg, emb)
+    """Embed only the paths not yet in meta.csv; a new generation holds the old rows and them."""
+    with IndexWriter(args.index) as w:  # locked before reading: no other writer in between
+        cfg, meta, xb, index = open_index(args.index)
+        check_same_model(args, cfg)
+        root = cfg["images"] = args.images or cfg["images"]  # same collection, maybe moved
+        manifest = args.manifest or (cfg["manifest"] if not args.images and cfg["manifest"] and
+                                     os.path.isfile(cfg["manifest"]) else None)
+        header, rows = read_collection(root, manifest, args.index)
+        have = {r["path"] for r in meta}
+        new = [r for r in rows if r["path"] not in have]
+        print(f"{len(rows) - len(new)} of {len(rows)} images are indexed already")
+        if not new:
+            return cfg
+        part = os.path.join(w.dir, "added.npy")
+        model = load_model(cfg, device, amp)
+        new, n_skip, dt = embed_collection(model, new, root, cfg, args, device, part)
+        emb = os.path.join(w.dir, "embeddings.npy")
+        copy_rows(emb, [(xb.filename, len(xb)), (part, len(new))])
+        os.remove(part)
+        add_rows(index, np.load(emb, mmap_mode="r"), start=len(xb))  # trained transforms kept
+        header = list(dict.fromkeys(list(meta[0]) + header))  # old columns, then any new ones
+        write_generation(w.dir, index, header, meta + new, cfg)
+        w.commit()
     log(args.index, event="add", n_new=len(new), n=cfg["n"], skipped=n_skip, seconds=round(dt, 2))
     print(f"added {len(new)} images: {cfg['n']} in {args.index}")
     return cfg
@@ -572,7 +726,8 @@ def load_query(path, size):
     try:
         return data.load_image(path, size)
     except data.DECODE_ERRORS as e:
-        raise UserError(f"query is not a readable image: {path} ({e})") from None
+        raise UserError(f"query is not a readable image: {path} ({data.decode_error(e)})") \
+            from None
 
 
 def cmd_query(args, device, amp):
@@ -588,12 +743,15 @@ def cmd_query_id(args, device, amp):
     """Search with an indexed painting's stored vector; k + 1 results minus itself."""
     cfg, meta, xb, index = open_for_search(args, device)
     row = {r["path"]: i for i, r in enumerate(meta)}
+    if not all(p.strip() for p in args.query_id):
+        raise UserError(f"--query-id: an empty path (paths as in meta.csv, e.g. "
+                        f"{meta[0]['path']})")
     rel = [p if p in row else os.path.relpath(p, cfg["images"]).replace(os.sep, "/")
            for p in args.query_id]
     for p, r in zip(args.query_id, rel, strict=True):
         if r not in row:
             raise UserError(f"not in the index: {p} (paths as in meta.csv, e.g. "
-                                 f"{meta[0]['path']})")
+                            f"{meta[0]['path']})")
     check_k(args.k, len(xb) - 1)
     ids = np.array([row[r] for r in rel])
     D, I = search(index, xb[ids], args.k + 1)
@@ -664,8 +822,9 @@ def original(cfg, rel):
     try:
         return data.load_image(path, 2 * cfg["img_size"])  # 2x: the crop is enlarged later
     except data.DECODE_ERRORS as e:
-        raise UserError(f"copy detection needs the indexed images: {path} ({e}); "
-                             "pass --images ROOT if they moved") from None
+        raise UserError(f"copy detection needs the indexed images: {path} "
+                        f"({data.decode_error(e)}); "
+                        "pass --images ROOT if they moved") from None
 
 
 def eval_copies(model, index, meta, cfg, args, device, ids):
@@ -709,7 +868,7 @@ def cmd_eval(args, device, amp):
     n = len(xb)
     if n < 11:
         raise UserError(f"--eval needs >= 11 indexed images (the query and 10 neighbours); "
-                             f"{args.index} has {n}")
+                        f"{args.index} has {n}")
     rng = np.random.default_rng(args.seed)
     ids = np.sort(rng.choice(n, size=min(n, EVAL_MAX), replace=False))
     _, I = search(index, xb[ids], 11)
@@ -811,6 +970,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    data.tolerant_stdout()
     print("args:", json.dumps(vars(args)))
     nets.tune_malloc()
     try:

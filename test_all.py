@@ -15,11 +15,14 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import faiss
@@ -96,7 +99,8 @@ def write_lists(d):
             (val if i % 4 == 0 else train).append((f"{folder}/artist-{c}_work-{i}(1).jpg", c))
     train.append((MOJI, 0))
     train += [("Tiny/a_b.jpg", 3), ("Tiny/a_c.jpg", 3)]
-    for name, rows in (("style_train.csv", train), ("style_val.csv", val)):
+    escaping = [("../../etc/passwd", 1), ("/abs.jpg", 1)]  # listed, never joined to a root
+    for name, rows in (("style_train.csv", train + escaping), ("style_val.csv", val)):
         with open(os.path.join(d, name), "wb") as f:  # CRLF, no header, UTF-8 bytes
             f.write("".join(f"{p},{y}\r\n" for p, y in rows).encode("utf-8"))
     # genre: a conflicting duplicate in val; a cross-task split conflict (style val, genre train)
@@ -144,6 +148,21 @@ def write_nga(d):
     os.makedirs(d, exist_ok=True)
     (d / "objects.csv").write_bytes(OBJECTS.encode())
     (d / "published_images.csv").write_bytes(IMAGES.encode())
+
+
+def png_bomb(path, w, h):
+    """A valid grey PNG of w x h px that is all zeros: a few hundred KB on disk, w*h bytes
+    decoded. zlib takes the rows one at a time, so the test itself never holds them all."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + \
+            struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    z, row, idat = zlib.compressobj(1), b"\0" * (w + 1), []  # filter byte 0 + w zero pixels
+    for _ in range(h):
+        idat.append(z.compress(row))
+    idat.append(z.flush())
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b""))
 
 
 def write_odd_images(root):
@@ -213,6 +232,16 @@ class Server:
                     return
                 if self.path.startswith("/missing"):
                     return self.send_error(404)
+                if self.path.startswith("/to-ftp"):  # a redirect off http(s)
+                    self.send_response(302)
+                    self.send_header("Location", "ftp://127.0.0.1/x.jpg")
+                    self.end_headers()
+                    return
+                if self.path.startswith("/huge"):  # 2 MB, length not announced
+                    self.send_response(200)
+                    self.end_headers()
+                    self.wfile.write(b"\xff" * (2 << 20))
+                    return
                 if self.path.startswith("/trunc"):
                     body = body[: len(body) // 2]
                 self.send_response(200)
@@ -674,6 +703,8 @@ def test_data_wikiart_real_list_formats(tmp_path, capsys):
     assert counts == {"Art_Nouveau": 12, "Baroque": 12, "Cubism": 12}  # Tiny (2) dropped
     assert "dropped class Tiny" in log
     assert "conflicting labels" in log
+    assert "2 paths outside the image root skipped" in log
+    assert not any(".." in r["path"] or r["path"].startswith("/") for r in rows)
     assert all(r["split"] in ("train", "val") for r in rows)
     for c in counts:  # stratified: every class has val images, ~20%
         n_val = sum(1 for r in rows if r["style"] == c and r["split"] == "val")
@@ -800,7 +831,7 @@ def test_data_download_retries_failures_and_resume(tmp_path, server, capsys):
         data.main(argv)
     assert e.value.code == 1
     for n in names[:8]:
-        assert data.check_image(root / "sub" / f"{n}.jpg"), n
+        assert data.image_problem(root / "sub" / f"{n}.jpg") is None, n
     assert not (root / "sub" / "trunc.jpg").exists() and not (root / "sub" / "missing.jpg").exists()
     assert not [f for f in os.listdir(root / "sub") if f.endswith(".part")]
     assert server.hits["/flaky.jpg"] == 2 and server.hits["/missing.jpg"] == 1
@@ -838,11 +869,40 @@ def test_data_download_ctrl_c_keeps_finished_files(tmp_path, server):
     assert "run the same command to continue" in out
     done = sorted(os.listdir(root))
     assert 3 <= len(done) < 12 and not [f for f in done if f.endswith(".part")]
-    assert all(data.check_image(root / f) for f in done)
+    assert all(data.image_problem(root / f) is None for f in done)
     before = dict(server.hits)
     assert subprocess.run(cmd, capture_output=True).returncode == 0  # continues
     assert len(os.listdir(root)) == 12
     assert all(server.hits[f"/lag{f[:-4]}.jpg"] == before[f"/lag{f[:-4]}.jpg"] for f in done)
+
+
+def test_data_download_http_only_and_size_cap(tmp_path, server):
+    rows = [["ftp.jpg", f"{server.url}/to-ftp.jpg"], ["huge.jpg", f"{server.url}/huge.jpg"],
+            ["local.jpg", (tmp_path / "m.csv").as_uri()], ["ok.jpg", f"{server.url}/ok.jpg"]]
+    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
+    with pytest.raises(SystemExit):
+        data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root",
+                   str(tmp_path / "img"), "--size", "0", "--max-bytes", "100000"])
+    fails = {r["path"]: r["error"]
+             for r in data.read_csv(tmp_path / "img" / "download_failures.csv")}
+    assert sorted(fails) == ["ftp.jpg", "huge.jpg", "local.jpg"]
+    assert "redirect to ftp://" in fails["ftp.jpg"] and "over --max-bytes" in fails["huge.jpg"]
+    assert "not an http(s) URL" in fails["local.jpg"]
+    assert server.hits["/huge.jpg"] == 1 and "/local.jpg" not in server.hits  # never retried
+    assert sorted(os.listdir(tmp_path / "img")) == ["download_failures.csv", "ok.jpg"]
+
+
+def test_data_download_offline_stops_early(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on: connection refused, at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rows = [[f"{i}.jpg", f"http://127.0.0.1:{port}/{i}.jpg"] for i in range(30)]
+    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
+    t0 = time.time()
+    with pytest.raises(SystemExit, match="no server answered the first 3 requests") as e:
+        data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root",
+                   str(tmp_path / "img"), "--size", "0", "--workers", "2"])
+    assert time.time() - t0 < 10 and "\n" not in str(e.value)  # 5 retries each: minutes
 
 
 def test_data_download_rejects_escaping_paths(tmp_path):
@@ -855,6 +915,15 @@ def test_data_download_empty_manifest(tmp_path):
     (tmp_path / "m.csv").write_text("path,url\n")
     with pytest.raises(SystemExit, match="manifest is empty"):
         data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path)])
+
+
+def test_data_undecodable_path_bytes_print_on_a_strict_stdout():
+    """Mojibake paths keep their bytes as surrogates; a strict UTF-8 stdout must not kill the
+    run that prints them."""
+    code = "import data; data.tolerant_stdout(); print('Baroque/mir\\udce3-vell.jpg')"
+    child = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
+                           env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert child.returncode == 0 and b"mir\\udce3-vell" in child.stdout, child.stderr[-300:]
 
 
 def test_data_retry_after_and_iiif_size():
@@ -895,6 +964,26 @@ def test_data_resize_odd_images(tmp_path, capsys):
     assert mtimes == {n: os.path.getmtime(cache / n) for n in ims}
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_data_decompression_bombs_bounded(tmp_path):
+    """A 20000^2 PNG (PIL refuses it at open) and a 12000^2 one (144 MP: under PIL's own limit,
+    over ours) are refused from their headers; a child process measures the memory it took."""
+    png_bomb(tmp_path / "huge.png", 20000, 20000)
+    png_bomb(tmp_path / "big.png", 12000, 12000)
+    for name in ("huge.png", "big.png"):
+        with pytest.raises(data.DECODE_ERRORS):
+            data.load_image(tmp_path / name, 224)
+        assert data.image_problem(tmp_path / name).startswith("too large to decode")
+    code = ("import data, re\n"  # VmHWM: ru_maxrss would start from this process's peak
+            f"for p in {[str(tmp_path / 'huge.png'), str(tmp_path / 'big.png')]!r}:\n"
+            "    try:\n        data.load_image(p, 224)\n    except data.DECODE_ERRORS:\n"
+            "        pass\n"
+            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])")
+    child = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr
+    assert int(child.stdout.split()[-1]) < 200 << 10  # kB; decoding big.png alone takes 432 MB
+
+
 def test_data_load_image_draft_decodes_smaller(tmp_path):
     Image.new("RGB", (2000, 1500), (10, 20, 30)).save(tmp_path / "big.jpg", quality=90)
     full = data.load_image(tmp_path / "big.jpg")
@@ -907,9 +996,14 @@ def test_data_image_dataset_skips_unreadable(tmp_path):
     write_odd_images(tmp_path)
     ds = data.ImageDataset(["cmyk.jpg", "trunc.jpg"], tmp_path, size=32)
     assert ds[0][0].mode == "RGB" and ds[0][1] == 0
-    assert ds[1] is None
-    batch = data.collate_skip([(np.zeros(2), 0), None, (np.ones(2), 2)])
-    assert batch[1].tolist() == [0, 2]
+    assert ds[1][0] is None and ds[1][1] == 1 and ds[1][2].startswith("cannot decode")
+    x, idx, failed = data.collate_skip([(np.zeros(2), 0), ds[1], (np.ones(2), 2)])
+    assert idx.tolist() == [0, 2] and x.shape == (2, 2) and failed == [(1, ds[1][2])]
+    assert data.collate_skip([ds[1]]) == (None, None, [(1, ds[1][2])])
+    os.chmod(tmp_path / "gray.jpg", 0)
+    if not os.access(tmp_path / "gray.jpg", os.R_OK):  # root reads anything: nothing to test
+        assert data.ImageDataset(["gray.jpg"], tmp_path)[0][2] == "permission denied"
+    assert data.ImageDataset(["nope.jpg"], tmp_path)[0][2] == "missing"
     with pytest.raises(data.UserError, match="escapes"):
         data.ImageDataset(["../x.jpg"], tmp_path)
 
@@ -1037,6 +1131,13 @@ def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
     crnn.main([*args, "--img-size", "96"])  # another key: rebuilt, 3x3 maps
     assert capsys.readouterr().out.count("cache: wrote") == 2
     assert np.load(tmp_path / "cache" / "val.npy", mmap_mode="r").shape[2:] == (3, 3)
+    with open(tmp_path / "cache" / "train.npy", "r+b") as f:  # killed while writing it
+        f.truncate(1000)
+    (tmp_path / "cache" / "val.json").write_text('{"key": "resnet18|none|9')  # truncated
+    crnn.main([*args, "--img-size", "96"])
+    out = capsys.readouterr().out
+    assert out.count("does not load") == 2 and out.count("cache: wrote") == 2
+    assert not [f for f in os.listdir(tmp_path / "cache") if ".tmp" in f]
 
 
 def test_crnn_patience_stops_early(demo, tmp_path, capsys):
@@ -1060,10 +1161,32 @@ def test_crnn_corrupt_images_skipped_and_counted(demo, tmp_path, capsys):
             os.link(demo / "images" / r["path"], dest)
     args = ["--data", str(demo / "manifest.csv"), "--root", str(root), *CRNN_FAST]
     crnn.main(["--train", *args, "--epochs", "1", "--out", str(tmp_path / "run")])
-    assert "skipped 2" in capsys.readouterr().out
-    assert json.loads(open(tmp_path / "run" / "log.jsonl").readline())["skipped"] == 2
+    assert "skipped 2 train + 1 val" in capsys.readouterr().out
+    rec = json.loads(open(tmp_path / "run" / "log.jsonl").readline())
+    assert rec["skipped"] == 2 and rec["skipped_val"] == 1
+    listed = data.read_csv(tmp_path / "run" / "skipped.csv")
+    assert sorted(r["path"] for r in listed) == sorted(r["path"] for r in bad)
+    assert all(r["reason"].startswith("cannot decode") for r in listed)
     crnn.main(["--eval", *args, "--ckpt", str(tmp_path / "run" / "last.pt")])
     assert "1 unreadable and skipped" in (tmp_path / "run" / "report.txt").read_text()
+
+
+def test_crnn_paths_in_two_splits_refused_or_dropped(demo, tmp_path, capsys):
+    rows = data.read_csv(demo / "manifest.csv")
+    val = [r for r in rows if r["split"] == "val"]
+    leaked = [{**r, "split": "train"} for r in val[:4]]  # val images listed again as train
+    data.write_csv(tmp_path / "m.csv", list(rows[0]),
+                   [list(r.values()) for r in rows + leaked + rows[:2]])  # + 2 repeated rows
+    args = ["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo / "images"),
+            "--classes", str(demo / "classes.json"), *CRNN_FAST, "--freeze-backbone",
+            "--epochs", "1", "--out", str(tmp_path / "run")]
+    msg = crnn_error(capsys, args)
+    assert "4 paths stand in more than one split" in msg and val[0]["path"][:20] in msg
+    state = crnn.main([*args, "--drop-leaks"])
+    out = capsys.readouterr().out
+    assert "6 repeated rows read once, 4 paths left out of train" in out
+    train_rows = len([r for r in rows if r["split"] == "train"])
+    assert f"{train_rows} train images" in out and state["epoch"] == 1
 
 
 def test_crnn_nan_loss_stops_and_keeps_last_good(demo, tmp_path, monkeypatch, capsys):
@@ -1134,6 +1257,20 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
         assert im.width >= 190 and im.height >= 200 and cm.width > 6 * 12
 
 
+def test_crnn_eval_uses_the_checkpoints_classes(trained, demo, tmp_path):
+    """A classes.json beside the manifest that differs from the checkpoint's (another subset's)
+    is not consulted: the checkpoint's own lists label the rows."""
+    shutil.copy(demo / "manifest.csv", tmp_path / "manifest.csv")
+    other = json.loads((demo / "classes.json").read_text())
+    other["style"] = other["style"][::-1]
+    (tmp_path / "classes.json").write_text(json.dumps(other))
+    res = crnn.main(["--eval", "--ckpt", str(trained / "best.pt"), "--data",
+                     str(tmp_path / "manifest.csv"), "--root", str(demo / "images"), "--out",
+                     str(tmp_path / "eval"), "--workers", "0"])
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    assert res["style"]["accuracy"] == pytest.approx(ckpt["val"]["tasks"]["style"]["acc"])
+
+
 def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
     folder = tmp_path / "pics"
     (folder / "sub").mkdir(parents=True)
@@ -1157,6 +1294,7 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     best = str(trained / "best.pt")
     msg = crnn_error(capsys, ["--train", "--data", str(tmp_path / "nope.csv"), *CRNN_FAST])
@@ -1181,7 +1319,13 @@ def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
                                                              str(tmp_path / "none.pt")])
     (tmp_path / "fake.jpg").write_text("not an image")
     msg = crnn_error(capsys, ["--predict", str(tmp_path / "fake.jpg"), "--ckpt", best])
-    assert "not an image" in msg
+    assert "not an image (cannot decode" in msg
+    (tmp_path / "empty").mkdir()
+    assert "no images in" in crnn_error(capsys, ["--predict", str(tmp_path / "empty"),
+                                                 "--ckpt", best])
+    png_bomb(tmp_path / "bomb.png", 12000, 12000)
+    msg = crnn_error(capsys, ["--predict", str(tmp_path / "bomb.png"), "--ckpt", best])
+    assert "not an image (too large to decode" in msg
     with pytest.raises(SystemExit) as e:  # argparse choices: usage + one error line, status 2
         crnn.main(["--train", "--backbone", "vgg16"])
     assert e.value.code == 2 and "invalid choice: 'vgg16'" in capsys.readouterr().err
@@ -1255,7 +1399,7 @@ def test_retrieve_build_save_load_roundtrip(built, demo, capsys):
 
 
 def test_retrieve_query_prints_k_rows_and_sheet(built, demo, tmp_path, capsys):
-    meta = data.read_csv(str(built / "meta.csv"))
+    meta = data.read_csv(os.path.join(retrieve.generation(built), "meta.csv"))
     imgs = [str(demo / "images" / meta[i]["path"]) for i in (3, 40)]
     sheet = tmp_path / "sheet.png"
     retrieve.main(["--query", *imgs, "--index", str(built), "-k", "4", "--sheet", str(sheet)])
@@ -1268,11 +1412,11 @@ def test_retrieve_query_prints_k_rows_and_sheet(built, demo, tmp_path, capsys):
 
 
 def test_retrieve_query_id_excludes_itself(built):
-    meta = data.read_csv(str(built / "meta.csv"))
+    meta = data.read_csv(os.path.join(retrieve.generation(built), "meta.csv"))
     D, I = retrieve.main(["--query-id", meta[5]["path"], meta[6]["path"], "--index", str(built),
                           "-k", "5", "--sheet", str(built / "qid.png")])
     assert I.shape == (2, 5) and 5 not in I[0] and 6 not in I[1]
-    xb = np.load(built / "embeddings.npy")
+    xb = retrieve.open_index(built)[2]
     for row, q in enumerate((5, 6)):  # numpy brute force over the stored vectors, minus itself
         s = xb @ xb[q]
         order = [i for i in np.argsort(-s, kind="stable") if i != q][:5]
@@ -1322,10 +1466,10 @@ def test_retrieve_hnsw_pca_build_then_query(demo, tmp_path):
     index = str(tmp_path / "hnsw")
     retrieve.main(["--build", "--images", str(demo / "images"), "--index", index, "--pool", "gem",
                    "--index-type", "hnsw", "--pca", "32", *RETRIEVE_FAST])
-    cfg = json.loads((tmp_path / "hnsw" / "config.json").read_text())
+    cfg = retrieve.open_index(tmp_path / "hnsw")[0]
     assert cfg["index_params"]["ef_search"] == 128 and cfg["index_dim"] == 32
     assert cfg["manifest"] is None and cfg["n"] == 120  # no manifest: the folder was scanned
-    meta = data.read_csv(str(tmp_path / "hnsw" / "meta.csv"))
+    meta = retrieve.open_index(tmp_path / "hnsw")[1]
     D, I = retrieve.main(["--query-id", meta[0]["path"], "--index", index, "--ef-search", "16"])
     assert I.shape == (1, 5) and 0 not in I[0]
 
@@ -1348,9 +1492,9 @@ def test_retrieve_skips_bad_files_and_uses_local_weights(demo, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "skipped 1 non-image files" in out
     assert [r["path"] for r in data.read_csv(str(index / "skipped.csv"))] == ["broken.jpg"]
-    assert [r["path"] for r in data.read_csv(str(index / "meta.csv"))] == \
+    assert [r["path"] for r in retrieve.open_index(index)[1]] == \
         ["sub/ok0.jpg", "sub/ok1.jpg", "sub/ok2.jpg"]
-    assert np.load(index / "embeddings.npy").shape[0] == 3
+    assert retrieve.open_index(index)[2].shape[0] == 3
     D, I = retrieve.main(["--query", str(root / "sub" / "ok1.jpg"), "--index", str(index),
                           "-k", "1"])
     assert I[0, 0] == 1 and D[0, 0] > 0.99  # the model came back from the weights file
@@ -1378,6 +1522,154 @@ def test_retrieve_bad_input_is_one_line(built, demo, tmp_path):
     old.mkdir()
     (old / "config.json").write_text(json.dumps({"format": retrieve.FORMAT, "version": 0}))
     assert "version" in retrieve_error(["--eval", "--index", str(old)])
+    assert "empty path" in retrieve_error(["--query-id", "", *idx])
+    png_bomb(tmp_path / "bomb.png", 20000, 20000)
+    assert "too large" in retrieve_error(["--query", str(tmp_path / "bomb.png"), *idx])
+    refused = tmp_path / "refused"  # refused before anything is written: no folder left
+    retrieve_error(["--build", "--images", str(demo / "images"), "--index", str(refused),
+                    *RETRIEVE_FAST, "--pca", "5000"])
+    assert not refused.exists()
+
+
+@pytest.fixture(scope="module")
+def small_builds(demo):
+    """24 demo paintings indexed twice into separate folders with other random models (seed 0
+    and 1): the same size and dimension, other vectors. Returns (manifest, {seed: folder})."""
+    base = demo.parent / "small"
+    base.mkdir(exist_ok=True)
+    rows = data.read_csv(demo / "gallery.csv")[:24]
+    data.write_csv(base / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
+    folders = {}
+    for seed in (0, 1):
+        folders[seed] = base / f"seed{seed}"
+        retrieve.main(small_build_args(demo, base / "m.csv", folders[seed], seed))
+    return base / "m.csv", folders
+
+
+def small_build_args(demo, manifest, index, seed):
+    return ["--build", "--images", str(demo / "images"), "--manifest", str(manifest), "--index",
+            str(index), *RETRIEVE_FAST, "--no-amp", "--seed", str(seed)]
+
+
+def answers(index):
+    """What a reader of the folder gets: the stored vectors and every row's 3 neighbours."""
+    cfg, meta, xb, ix = retrieve.open_index(index)
+    return np.array(xb), ix.search(np.ascontiguousarray(xb), 3)[1]
+
+
+def test_retrieve_crash_at_every_write_step_leaves_old_or_new(demo, small_builds, tmp_path,
+                                                               monkeypatch):
+    """A rebuild with another model fails at the 1st, 2nd, ... rename, and once inside
+    faiss.write_index: each time a reader gets exactly the old index, and in the end the new."""
+    manifest, folders = small_builds
+    index = tmp_path / "idx"
+    shutil.copytree(folders[0], index)
+    old, new = answers(folders[0]), answers(folders[1])
+    real_replace, real_write = os.replace, faiss.write_index
+    outcomes = []
+    for step in range(1, 12):
+        calls = []
+
+        def failing(*a, step=step, calls=calls):
+            calls.append(a)
+            if len(calls) == step:
+                raise OSError(28, "No space left on device (simulated)")
+            return real_replace(*a)
+        monkeypatch.setattr(os, "replace", failing)
+        try:
+            retrieve.main(small_build_args(demo, manifest, index, 1))
+            outcomes.append("new")
+        except OSError:
+            outcomes.append("crash")
+        monkeypatch.setattr(os, "replace", real_replace)
+        got = answers(index)
+        same = [all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+                for want in (old, new)]
+        assert same == ([False, True] if outcomes[-1] == "new" else [True, False]), step
+        assert len([g for g in os.listdir(index) if g.startswith("gen-")]) == 1
+        if outcomes[-1] == "new":
+            break
+        shutil.rmtree(index)
+        shutil.copytree(folders[0], index)
+    assert outcomes[-1] == "new" and outcomes.count("crash") >= 3, outcomes
+    monkeypatch.setattr(faiss, "write_index", lambda *a: (_ for _ in ()).throw(
+        RuntimeError("Error: write failed (simulated)")))
+    with pytest.raises(RuntimeError):
+        retrieve.main(small_build_args(demo, manifest, index, 0))
+    monkeypatch.setattr(faiss, "write_index", real_write)
+    assert all(np.array_equal(a, b) for a, b in zip(answers(index), new, strict=True))
+
+
+def test_retrieve_killed_after_the_switch_then_next_write_cleans(demo, small_builds, tmp_path):
+    """kill -9 (os._exit) right after CURRENT names the new generation, before the old one is
+    removed: readers get the new index; the next build removes what was left."""
+    manifest, folders = small_builds
+    index = tmp_path / "idx"
+    shutil.copytree(folders[0], index)
+    argv = small_build_args(demo, manifest, index, 1)
+    code = ("import os, retrieve\nreal = os.replace\n"
+            "def replace(a, b):\n    real(a, b)\n"
+            "    if b.endswith('CURRENT'):\n        os._exit(9)\n"
+            f"os.replace = replace\nretrieve.main({argv!r})\n")
+    child = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True)
+    assert child.returncode == 9, child.stderr[-500:]
+    assert len([g for g in os.listdir(index) if g.startswith("gen-")]) == 2  # old one left
+    assert all(np.array_equal(a, b) for a, b in
+               zip(answers(index), answers(folders[1]), strict=True))
+    retrieve.main(["--add", "--index", str(index), "--workers", "0"])  # any write cleans up
+    assert len([g for g in os.listdir(index) if g.startswith("gen-")]) == 1
+
+
+def test_retrieve_second_writer_refused_readers_never_wait(demo, small_builds, tmp_path):
+    manifest, folders = small_builds
+    index = tmp_path / "idx"
+    shutil.copytree(folders[0], index)
+    with retrieve.IndexWriter(str(index)):  # a build in progress, holding the lock
+        msg = retrieve_error(small_build_args(demo, manifest, index, 1))
+        assert f"being written by another process (pid {os.getpid()})" in msg
+        got = answers(index)  # a reader reads the last finished generation
+    assert all(np.array_equal(a, b) for a, b in zip(got, answers(folders[0]), strict=True))
+    assert sorted(g for g in os.listdir(index) if g.startswith("gen-")) == ["gen-1"]
+
+
+def test_retrieve_config_must_describe_its_files(small_builds, tmp_path):
+    _, folders = small_builds
+    for seed in (0, 1):
+        shutil.copytree(folders[seed], tmp_path / str(seed))
+    gen = retrieve.generation(tmp_path / "0")
+    shutil.copy(os.path.join(retrieve.generation(tmp_path / "1"), "config.json"), gen)
+    assert "does not describe the embeddings.npy, index.faiss beside" in retrieve_error(
+        ["--eval", "--index", str(tmp_path / "0")])
+    cfg = json.loads(open(os.path.join(gen, "config.json")).read())
+    del cfg["dim"]
+    data.atomic_write(os.path.join(gen, "config.json"), json.dumps(cfg))
+    assert "config.json lacks dim" in retrieve_error(["--eval", "--index", str(tmp_path / "0")])
+    (tmp_path / "0" / "CURRENT").write_text("gen-99\n")
+    assert "names no generation" in retrieve_error(["--eval", "--index", str(tmp_path / "0")])
+
+
+def test_retrieve_old_layout_opens_and_moves_into_a_generation(demo, small_builds, tmp_path):
+    """An index written before generations (files at the top, config version 1) still answers;
+    the next --add moves it into a generation."""
+    manifest, folders = small_builds
+    index = tmp_path / "old"
+    shutil.copytree(folders[0], index)
+    gen = retrieve.generation(index)
+    for f in retrieve.FILES:
+        os.replace(os.path.join(gen, f), index / f)
+    os.rmdir(gen)
+    os.remove(index / "CURRENT")
+    cfg = json.loads((index / "config.json").read_text())
+    cfg["version"] = 1
+    del cfg["files"]
+    (index / "config.json").write_text(json.dumps(cfg))
+    assert all(np.array_equal(a, b) for a, b in
+               zip(answers(index), answers(folders[0]), strict=True))
+    retrieve.main(["--add", "--manifest", str(demo / "gallery.csv"), "--index", str(index),
+                   "--workers", "0"])
+    assert (index / "CURRENT").read_text().strip() == "gen-1"
+    assert not any((index / f).exists() for f in retrieve.FILES)
+    assert retrieve.open_index(index)[0]["n"] == 120
 
 
 def test_retrieve_offline_imagenet_is_one_line(demo, tmp_path, monkeypatch):
