@@ -1070,6 +1070,7 @@ def test_nets_backbone_seed_rebuilds_the_same_model():
 # ----------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.xdist_group("trained")
 def test_crnn_learns_demo_above_chance(trained):
     log = [json.loads(ln) for ln in open(trained / "log.jsonl", encoding="utf-8")]
     assert [r["epoch"] for r in log] == list(range(1, 13))
@@ -1207,6 +1208,7 @@ def test_crnn_nan_loss_stops_and_keeps_last_good(demo, tmp_path, monkeypatch, ca
 # ------------------------------------------------------------------------------------ eval, predict
 
 
+@pytest.mark.xdist_group("trained")
 def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
     out = tmp_path / "eval"
     crnn.main(["--eval", "--ckpt", str(trained / "best.pt"), "--outliers", "6", "--out", str(out),
@@ -1257,6 +1259,7 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
         assert im.width >= 190 and im.height >= 200 and cm.width > 6 * 12
 
 
+@pytest.mark.xdist_group("trained")
 def test_crnn_eval_uses_the_checkpoints_classes(trained, demo, tmp_path):
     """A classes.json beside the manifest that differs from the checkpoint's (another subset's)
     is not consulted: the checkpoint's own lists label the rows."""
@@ -1271,6 +1274,7 @@ def test_crnn_eval_uses_the_checkpoints_classes(trained, demo, tmp_path):
     assert res["style"]["accuracy"] == pytest.approx(ckpt["val"]["tasks"]["style"]["acc"])
 
 
+@pytest.mark.xdist_group("trained")
 def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
     folder = tmp_path / "pics"
     (folder / "sub").mkdir(parents=True)
@@ -1295,6 +1299,7 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.xdist_group("trained")
 def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     best = str(trained / "best.pt")
     msg = crnn_error(capsys, ["--train", "--data", str(tmp_path / "nope.csv"), *CRNN_FAST])
