@@ -1462,6 +1462,46 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
     assert "1 images classified, 2 skipped" in capsys.readouterr().out
 
 
+def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path, capsys):
+    """A train/dev/test manifest (as `wikiart --split official` writes) over the zipped demo
+    images; one genre class is labelled only in test."""
+    classes = json.loads((demo / "classes.json").read_text())
+    rare, rows = classes["genre"][0], []
+    for k, r in enumerate(data.read_csv(demo / "manifest.csv")):
+        split = "test" if r["split"] == "val" else "dev" if k % 4 == 0 else "train"
+        genre = "" if split != "test" and r["genre"] == rare else r["genre"]
+        rows.append([r["path"], r["style"], r["artist"], genre, split])
+    data.write_csv(tmp_path / "m.csv", ["path", "style", "artist", "genre", "split"], rows)
+    (tmp_path / "classes.json").write_text(json.dumps(classes))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    crnn.main(["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo_zip), *CRNN_FAST,
+               "--freeze-backbone", "--epochs", "2", "--tasks", "style,genre", "--out", str(out)])
+    log = capsys.readouterr().out
+    assert "selecting best.pt on dev" in log
+    assert f"warning: genre: test classes never seen in train (always scored wrong): {rare}" in log
+    assert sorted(os.listdir(out / "cache")) == ["dev.json", "dev.npy", "train.json", "train.npy"]
+    assert [json.loads(ln)["split"] for ln in open(out / "log.jsonl")] == ["dev", "dev"]
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["selected_on"] == "dev" and list(ckpt["classes"]) == ["style", "genre"]
+    crnn.main(["--eval", "--ckpt", str(out / "best.pt"), "--outliers", "3", "--workers", "0"])
+    n_test = sum(1 for r in rows if r[4] == "test")
+    report = (out / "report.txt").read_text()
+    assert f"(test split, {n_test} images, 0 unreadable" in report and rare in report
+    assert "selected on" not in report
+    assert {r["path"] for r in data.read_csv(out / "predictions.csv")} == \
+        {r[0] for r in rows if r[4] == "test"}
+    assert data.read_csv(out / "outliers.csv")
+    with Image.open(out / "outliers.png") as im:  # thumbnails read from the zip, not grey
+        assert im.getpixel((90, 90)) not in (pages.GREY, (255, 255, 255))
+    crnn.main(["--eval", "--ckpt", str(out / "best.pt"), "--split", "dev", "--workers", "0"])
+    assert "note: best.pt was selected on this dev split" in (out / "report.txt").read_text()
+    msg = crnn_error(capsys, ["--eval", "--ckpt", str(out / "best.pt"), "--split", "val"])
+    assert "no labelled rows with split val (splits here: dev, test, train" in msg
+    msg = crnn_error(capsys, ["--train", "--data", str(tmp_path / "m.csv"), "--tasks", "colour"])
+    assert "--tasks 'colour'" in msg
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 
