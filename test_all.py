@@ -1666,6 +1666,28 @@ def test_retrieve_add_equals_build_at_once(built, demo, tmp_path):
     assert retrieve.open_index(part)[0]["n"] == 120
 
 
+def test_retrieve_build_from_zip_equals_folder(built, demo, tmp_path):
+    """--images a zip read in place, scanned (no manifest): the same vectors as the folder's;
+    the query sheet's thumbnails come out of the zip."""
+    rows = data.read_csv(built / "meta.csv")[:12]
+    members = {r["path"]: (demo / "images" / r["path"]).read_bytes() for r in rows}
+    members.update({"notes.txt": b"hello", "Cubism/broken.jpg": b"not a jpeg"})
+    zpath = write_zip(tmp_path / "g.zip", members, prefix="gallery/")
+    index = tmp_path / "idx"
+    retrieve.main(["--build", "--images", str(zpath), "--index", str(index), *RETRIEVE_FAST,
+                   "--no-amp"])
+    meta = [r["path"] for r in data.read_csv(index / "meta.csv")]
+    assert meta == sorted(r["path"] for r in rows)
+    assert [r["path"] for r in data.read_csv(index / "skipped.csv")] == ["Cubism/broken.jpg"]
+    xb, ref = np.load(index / "embeddings.npy"), np.load(built / "embeddings.npy")
+    at = {r["path"]: i for i, r in enumerate(data.read_csv(built / "meta.csv"))}
+    np.testing.assert_allclose(xb, ref[[at[p] for p in meta]], atol=1e-5)
+    retrieve.main(["--query-id", meta[0], "--index", str(index), "-k", "2"])
+    with Image.open(index / "query_sheet.png") as im:  # query cell, then the first result
+        assert {im.getpixel((90, 90)), im.getpixel((270, 90))}.isdisjoint(
+            {pages.GREY, (255, 255, 255)})
+
+
 def test_retrieve_hnsw_pca_build_then_query(demo, tmp_path):
     index = str(tmp_path / "hnsw")
     retrieve.main(["--build", "--images", str(demo / "images"), "--index", index, "--pool", "gem",
