@@ -258,6 +258,17 @@ def warn_unseen(table, split):
     return lines
 
 
+def announce_splits(table, manifest):
+    """Print where best.pt is selected and which classes no train image has; returns the split."""
+    sel = selection_split(table)
+    print(f"selecting best.pt on {sel}" + ("" if sel == "dev" else
+          f" ({manifest} has no dev split; --eval reports on test, or on this val if there is "
+          "no test, where the scores are optimistic)"))
+    for s in sorted(set(table.split.tolist()) - {"train"}):
+        warn_unseen(table, s)
+    return sel
+
+
 def epoch_seed(seed, epoch):
     return seed * 1_000_003 + epoch
 
@@ -645,12 +656,7 @@ def run_epoch(fit, feeds, table, args, epoch, state):
 
 def cmd_train(args, device):
     table = read_table(args.data, args.classes, train_tasks(args.tasks))
-    sel = selection_split(table)
-    print(f"selecting best.pt on {sel}" + ("" if sel == "dev" else
-          f" ({args.data} has no dev split; --eval reports on test, or on this val if there is "
-          "no test, where the scores are optimistic)"))
-    for s in sorted(set(table.split.tolist()) - {"train"}):
-        warn_unseen(table, s)
+    sel = announce_splits(table, args.data)
     seed_all(args.seed)
     amp = nets.autocast_dtype(device) if args.amp else None
     ckpt = resume_checkpoint(table, args) if args.resume else None
@@ -714,6 +720,15 @@ def eval_split(args, table):
                     f"(splits here: {', '.join(have) or 'none'}; choose one with --split)")
 
 
+def eval_notes(table, split, ckpt):
+    """Warnings for the report: classes never seen in train, and a split best.pt was chosen on."""
+    notes = warn_unseen(table, split)
+    if split == ckpt.get("selected_on", "val"):  # older checkpoints were chosen on val
+        notes.append(f"note: best.pt was selected on this {split} split: optimistic scores")
+        print(notes[-1])
+    return notes
+
+
 def report_text(res, args, n_val, skipped, notes=()):
     lines = [f"checkpoint: {args.ckpt}", f"data: {args.data} ({args.split} split, {n_val} "
              f"images, {skipped} unreadable and skipped)", *notes, ""]
@@ -773,10 +788,7 @@ def cmd_eval(args, device):
     table = read_eval_table(args, ckpt)
     args.split = eval_split(args, table)
     rows = np.flatnonzero((table.split == args.split) & (table.y >= 0).any(1))
-    notes = warn_unseen(table, args.split)
-    if args.split == ckpt.get("selected_on", "val"):  # older checkpoints were chosen on val
-        notes.append(f"note: best.pt was selected on this {args.split} split: optimistic scores")
-        print(notes[-1])
+    notes = eval_notes(table, args.split, ckpt)
     ds = data.ImageDataset(table.paths, args.root, nets.make_transform(size), size)
     amp = nets.autocast_dtype(device) if args.amp else None
     loader = image_loader(ds, sequential(rows, args.batch_size), args, device)

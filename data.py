@@ -1474,6 +1474,28 @@ def add_split_args(p, rules):
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_hf_parser(sub):
+    h = sub.add_parser("hf-wikiart", help="WikiArt from the huggan/wikiart parquet shards, "
+                       "converted once into a resized cache", formatter_class=Help)
+    h.add_argument("--out", required=True, help="OUT/images (the cache), OUT/manifest.csv, "
+                   "OUT/classes.json, OUT/shards/ (what is converted), OUT/parquet/ (downloads)")
+    h.add_argument("--shards", default="0-3", help=f"all, N, N-M or a comma list, of 0.."
+                   f"{HF_SHARDS - 1} (~1,130 images and ~520 MB each)")
+    h.add_argument("--base-url", default=HF_URL, help="shard i is BASE-URL/train-0000i-of-00072"
+                   ".parquet: a mirror or a local server can stand in")
+    h.add_argument("--size", type=int, default=256, help="shorter side in the cache, px")
+    add_balance_args(h)
+    add_split_args(h, ("random", "artist"))
+    h.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads")
+    h.add_argument("--downloads", type=int, default=2,
+                   help="shards downloaded at once (and on disk at once, before conversion)")
+    h.add_argument("--keep-parquet", action="store_true", help="keep shards after conversion")
+    h.add_argument("--retries", type=int, default=5)
+    h.add_argument("--backoff", type=float, default=1.0, help="first retry wait, s (x2 each)")
+    h.add_argument("--timeout", type=float, default=60.0, help="per read, s")
+    h.set_defaults(func=cmd_hf_wikiart)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=Help)
@@ -1526,25 +1548,7 @@ def build_parser():
     r.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     r.set_defaults(func=cmd_resize)
 
-    h = sub.add_parser("hf-wikiart", help="WikiArt from the huggan/wikiart parquet shards, "
-                       "converted once into a resized cache", formatter_class=Help)
-    h.add_argument("--out", required=True, help="OUT/images (the cache), OUT/manifest.csv, "
-                   "OUT/classes.json, OUT/shards/ (what is converted), OUT/parquet/ (downloads)")
-    h.add_argument("--shards", default="0-3", help=f"all, N, N-M or a comma list, of 0.."
-                   f"{HF_SHARDS - 1} (~1,130 images and ~520 MB each)")
-    h.add_argument("--base-url", default=HF_URL, help="shard i is BASE-URL/train-0000i-of-00072"
-                   ".parquet: a mirror or a local server can stand in")
-    h.add_argument("--size", type=int, default=256, help="shorter side in the cache, px")
-    add_balance_args(h)
-    add_split_args(h, ("random", "artist"))
-    h.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads")
-    h.add_argument("--downloads", type=int, default=2,
-                   help="shards downloaded at once (and on disk at once, before conversion)")
-    h.add_argument("--keep-parquet", action="store_true", help="keep shards after conversion")
-    h.add_argument("--retries", type=int, default=5)
-    h.add_argument("--backoff", type=float, default=1.0, help="first retry wait, s (x2 each)")
-    h.add_argument("--timeout", type=float, default=60.0, help="per read, s")
-    h.set_defaults(func=cmd_hf_wikiart)
+    add_hf_parser(sub)
 
     m = sub.add_parser("demo", help="small SYNTHETIC dataset in the real formats",
                        formatter_class=Help)
