@@ -6,11 +6,12 @@ data.py's, the backbone, device and precision nets.py's, pictures pages.py's; no
 Shell:
     python data.py demo                                   # synthetic data in demo/
     python crnn.py --train --weights none                 # demo/manifest.csv -> runs/crnn/
-    python crnn.py --eval --outliers 20                   # runs/crnn/best.pt on the val split
+    python crnn.py --eval --outliers 20                   # runs/crnn/best.pt on the test split
     python crnn.py --predict painting.jpg more_paintings/ -k 3
     python crnn.py --train --data subset/manifest.csv --root wikiart --out runs/r50 \
         --freeze-backbone
     python crnn.py --train --data subset/manifest.csv --root wikiart --out runs/r50 --resume
+    python crnn.py --train --data hf/manifest.csv --root wikiart.zip --tasks style,genre
 
 Notebook:
     import crnn
@@ -25,8 +26,12 @@ linear score per position, softmax over positions) gives one vector per image, a
 head per task scores its classes. Tasks are the manifest's label columns (style, artist, genre)
 with at least one label; an empty cell adds no loss for that task (ignore_index=-1).
 
+Splits: best.pt is selected on `dev` when the manifest has one (else on `val`), and --eval
+reports on `test` (else `val`; --split picks), so the reported figures are not the ones the
+checkpoint was chosen on. --root may be a folder or a .zip read in place (data.image_source).
+
 Files (OUT = --out): log.jsonl (one JSON object per epoch), last.pt every epoch and best.pt (best
-mean macro-F1 over tasks on val), cache/ (--freeze-backbone features). --eval writes report.txt,
+mean macro-F1 over tasks on dev/val), cache/ (--freeze-backbone features). --eval writes report.txt,
 metrics.json, predictions.csv, confusion_<task>.csv/.png and, with --outliers N, outliers.csv and
 outliers.png. An outlier's score is p(pred) - p(true) over misclassified (image, task) pairs.
 
@@ -64,7 +69,7 @@ ARCH = "crnn-v1"  # stored in every checkpoint; load_checkpoint refuses anything
 UserError, one_line = data.UserError, data.one_line
 # --eval/--predict rebuild the model from the checkpoint: only these flags mean anything there
 EVAL_ARGS = ("eval", "predict", "ckpt", "data", "root", "classes", "out", "outliers", "k",
-             "drop_leaks", "batch_size", "workers", "amp", "device")
+             "split", "drop_leaks", "batch_size", "workers", "amp", "device")
 
 
 # ----------------------------------------------------------------------------- model
@@ -194,8 +199,12 @@ def class_lists(rows, tasks, path):
 def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=False):
     """Rows of a manifest with a split column; labels checked against the class lists."""
     rows = split_hygiene(data.read_manifest(manifest, ("path", "split")), manifest, drop_leaks)
-    if tasks is None:
-        tasks = [t for t in data.TASKS if any(r.get(t) for r in rows)]
+    have = [t for t in data.TASKS if any(r.get(t) for r in rows)]
+    tasks = have if tasks is None else tasks
+    missing = [t for t in tasks if t not in have]
+    if missing:
+        raise UserError(f"{manifest}: no {missing[0]} labels (tasks with labels here: "
+                        f"{', '.join(have) or 'none'})")
     if not tasks:
         raise UserError(f"{manifest}: no label column with labels (expected style, artist or "
                         f"genre; header: {','.join(rows[0])})")
@@ -232,6 +241,53 @@ def split_hygiene(rows, manifest, drop_leaks):
         print(f"note: {manifest}: {n_rows - len(rows)} repeated rows read once"
               + (f", {len(leaks)} paths left out of train (--drop-leaks)" if leaks else ""))
     return rows
+
+
+def train_tasks(text):
+    """--tasks style,genre -> ['style', 'genre']; None (every task with labels) when not given."""
+    if not text:
+        return None
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in data.TASKS]
+    if unknown or not tasks:
+        raise UserError(f"--tasks {text!r}: expected a comma list of {', '.join(data.TASKS)}")
+    return list(dict.fromkeys(tasks))
+
+
+def selection_split(table):
+    """Where best.pt is chosen: dev when the manifest has one, else val (older manifests)."""
+    return "dev" if (table.split == "dev").any() else "val"
+
+
+def unseen_classes(table, split):
+    """{task: names of classes labelled in `split` but never in train}: those images can only
+    be scored wrong, and a per-class recall of 0 would otherwise pass without comment."""
+    out = {}
+    for j, t in enumerate(table.tasks):
+        seen = set(table.y[table.split == "train", j].tolist())
+        there = set(table.y[table.split == split, j].tolist()) - {-1}
+        if there - seen:
+            out[t] = [table.classes[t][c] for c in sorted(there - seen)]
+    return out
+
+
+def warn_unseen(table, split):
+    lines = [f"warning: {t}: {split} classes never seen in train (always scored wrong): "
+             f"{', '.join(names)}" for t, names in unseen_classes(table, split).items()]
+    for ln in lines:
+        print(ln)
+    return lines
+
+
+def announce_splits(table, manifest):
+    """Print where best.pt is selected and which classes no train image has; returns the split."""
+    sel = selection_split(table)
+    print(f"selecting best.pt on {sel}" + ("" if sel == "dev" else
+          f" ({manifest} has no dev split; --eval reports on test, or on this val if there is "
+          "no test, where the scores are optimistic)"))
+    for s in sorted(set(table.split.tolist()) - {"train"}):
+        warn_unseen(table, s)
+    return sel
 
 
 def epoch_seed(seed, epoch):
@@ -559,20 +615,21 @@ class Feeds:
 
 
 def make_feeds(model, table, args, device, amp):
-    labelled = (table.y >= 0).any(1)
-    rows = {s: np.flatnonzero((table.split == s) & labelled) for s in ("train", "val")}
-    if not len(rows["train"]) or not len(rows["val"]):
-        raise UserError(f"{args.data}: need labelled rows with split train and val "
-                        f"(have {len(rows['train'])} train, {len(rows['val'])} val)")
+    """Train batches, and `val`: the selection split's (dev, else val; never test)."""
+    labelled, sel = (table.y >= 0).any(1), selection_split(table)
+    rows = {s: np.flatnonzero((table.split == s) & labelled) for s in ("train", sel)}
+    if not len(rows["train"]) or not len(rows[sel]):
+        raise UserError(f"{args.data}: need labelled rows with split train and dev (or val) "
+                        f"(have {len(rows['train'])} train, {len(rows[sel])} {sel})")
     ce, draw = balance_weights(table, rows["train"], args, device)
     if not args.freeze_backbone:
         sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw)
         ds = [data.ImageDataset(table.paths, args.root, nets.make_transform(args.img_size, aug),
                                 args.img_size) for aug in (True, False)]
-        val = image_loader(ds[1], sequential(rows["val"], args.batch_size), args, device)
+        val = image_loader(ds[1], sequential(rows[sel], args.batch_size), args, device)
         return Feeds(model, ce, sampler, image_loader(ds[0], sampler, args, device), val, [])
     where, feats, skipped = np.full(len(table.paths), -1), {}, []
-    for s in ("train", "val"):
+    for s in ("train", sel):
         feats[s], ok, failed = feature_cache(model, table, rows[s], s, args, device, amp)
         where[rows[s]] = np.arange(len(rows[s]))  # manifest row -> position in its cache
         skipped += [(int(rows[s][i]), why) for i, why in failed]
@@ -580,7 +637,7 @@ def make_feeds(model, table, args, device, amp):
             draw = draw[ok]
         rows[s] = rows[s][ok]
     sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw)
-    val = CachedBatches(feats["val"], where, sequential(rows["val"], args.batch_size))
+    val = CachedBatches(feats[sel], where, sequential(rows[sel], args.batch_size))
     return Feeds(model.classify, ce, sampler, CachedBatches(feats["train"], where, sampler), val,
                  skipped)
 
@@ -602,7 +659,8 @@ def make_fit(model, feeds, args, device, amp):
 def epoch_line(rec, epochs, mark):
     val = rec["val"]
     parts = [f"{t} acc {v['acc']:.3f} f1 {v['macro_f1']:.3f}" for t, v in val["tasks"].items()]
-    return (f"epoch {rec['epoch']}/{epochs}: loss {rec['loss']:.4f} | val {', '.join(parts)} | "
+    return (f"epoch {rec['epoch']}/{epochs}: loss {rec['loss']:.4f} | {rec['split']} "
+            f"{', '.join(parts)} | "
             f"mean f1 {val['mean_f1']:.4f}{mark} | {rec['time_s']:.1f} s, train "
             f"{rec['img_per_s']:.1f} img/s, lr {rec['lr']:.2e} | skipped {rec['skipped']} "
             f"train + {rec['skipped_val']} val")
@@ -635,14 +693,15 @@ def run_epoch(fit, feeds, table, args, epoch, state):
     t_train = time.time() - t0
     val = evaluate(fit.model, fit.fwd, feeds.val, table.y, table.tasks, fit.device, fit.amp)
     skipped_val = val.pop("skipped")
-    best = val["mean_f1"] > state["best"]
-    state = {"epoch": epoch, "best": max(val["mean_f1"], state["best"]),
-             "bad_epochs": 0 if best else state["bad_epochs"] + 1, "val": val}
+    best, sel = val["mean_f1"] > state["best"], selection_split(table)
+    state = {"epoch": epoch, "best": max(val["mean_f1"], state["best"]),  # "val": the scores
+             "bad_epochs": 0 if best else state["bad_epochs"] + 1, "val": val,  # on `sel`
+             "selected_on": sel}
     save_checkpoint(fit, args.out, state, table, args, best)
     rec = {"epoch": epoch, "loss": tr["loss"], "lr": fit.opt.param_groups[0]["lr"],
            "time_s": time.time() - t0, "img_per_s": tr["images"] / max(t_train, 1e-9),
            "skipped": len(tr["skipped"]), "skipped_val": len(skipped_val),
-           "best": state["best"], "val": val}
+           "best": state["best"], "split": sel, "val": val}
     print(epoch_line(rec, args.epochs, " *" if best else ""))
     list_skipped(feeds, table, args.out, tr["skipped"] + skipped_val)
     data.append_jsonl(os.path.join(args.out, "log.jsonl"), rec)
@@ -650,7 +709,9 @@ def run_epoch(fit, feeds, table, args, epoch, state):
 
 
 def cmd_train(args, device):
-    table = read_table(args.data, args.classes, drop_leaks=args.drop_leaks)
+    table = read_table(args.data, args.classes, train_tasks(args.tasks),
+                       drop_leaks=args.drop_leaks)
+    sel = announce_splits(table, args.data)
     seed_all(args.seed)
     amp = nets.autocast_dtype(device) if args.amp else None
     ckpt = resume_checkpoint(table, args) if args.resume else None
@@ -671,9 +732,9 @@ def cmd_train(args, device):
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         state = run_epoch(fit, feeds, table, args, epoch, state)
         if args.patience and state["bad_epochs"] >= args.patience:
-            print(f"early stop: no better val mean F1 for {args.patience} epochs")
+            print(f"early stop: no better {sel} mean F1 for {args.patience} epochs")
             break
-    print(f"best val mean macro-F1 {state['best']:.4f}: {os.path.join(args.out, 'best.pt')}")
+    print(f"best {sel} mean macro-F1 {state['best']:.4f}: {os.path.join(args.out, 'best.pt')}")
     return state
 
 
@@ -705,12 +766,31 @@ def task_result(y, probs, names):
             "confusion": metrics.confusion_matrix(y[m], pred, len(names))}
 
 
-def report_text(res, args, n_val, skipped):
-    lines = [f"checkpoint: {args.ckpt}", f"data: {args.data} (val split, {n_val} images, "
-             f"{skipped} unreadable and skipped)", ""]
+def eval_split(args, table):
+    """--split, else test when the manifest has one, else val (older train/val manifests)."""
+    have = sorted(set(table.split[(table.y >= 0).any(1)].tolist()))
+    for s in [args.split] if args.split else ["test", "val"]:
+        if s in have:
+            return s
+    raise UserError(f"{args.data}: no labelled rows with split {args.split or 'test or val'} "
+                    f"(splits here: {', '.join(have) or 'none'}; choose one with --split)")
+
+
+def eval_notes(table, split, ckpt):
+    """Warnings for the report: classes never seen in train, and a split best.pt was chosen on."""
+    notes = warn_unseen(table, split)
+    if split == ckpt.get("selected_on", "val"):  # older checkpoints were chosen on val
+        notes.append(f"note: best.pt was selected on this {split} split: optimistic scores")
+        print(notes[-1])
+    return notes
+
+
+def report_text(res, args, n_val, skipped, notes=()):
+    lines = [f"checkpoint: {args.ckpt}", f"data: {args.data} ({args.split} split, {n_val} "
+             f"images, {skipped} unreadable and skipped)", *notes, ""]
     for t, r in res.items():
         rep = r["report"]
-        lines += [f"== {t}: {rep['n']} labelled val images ==", metrics.format_report(rep),
+        lines += [f"== {t}: {rep['n']} labelled {args.split} images ==", metrics.format_report(rep),
                   f"accuracy {rep['accuracy']:.4f}  top-3 accuracy {r['top3']:.4f}"]
         for what in ("precision", "recall"):
             if rep[f"undefined_{what}"]:
@@ -763,19 +843,20 @@ def cmd_eval(args, device):
     resolve_data(args, ckpt["args"])
     out, size = args.out or os.path.dirname(os.path.abspath(args.ckpt)), ckpt["args"]["img_size"]
     table = read_eval_table(args, ckpt, typed_classes)
-    rows = np.flatnonzero((table.split == "val") & (table.y >= 0).any(1))
-    if not len(rows):
-        raise UserError(f"{args.data}: no labelled rows with split val")
+    args.split = eval_split(args, table)
+    rows = np.flatnonzero((table.split == args.split) & (table.y >= 0).any(1))
+    notes = eval_notes(table, args.split, ckpt)
     ds = data.ImageDataset(table.paths, args.root, nets.make_transform(size), size)
     amp = nets.autocast_dtype(device) if args.amp else None
     loader = image_loader(ds, sequential(rows, args.batch_size), args, device)
     idx, probs, _ = predict_probs(model, model, loader, device, amp)
     if not len(idx):
-        raise UserError(f"none of the {len(rows)} val images under {args.root} could be read")
+        raise UserError(f"none of the {len(rows)} {args.split} images under {args.root} "
+                        "could be read")
     probs = {t: probs[t] for t in table.tasks}
     res = {t: task_result(table.y[idx, j], probs[t], table.classes[t])
            for j, t in enumerate(table.tasks) if (table.y[idx, j] >= 0).any()}
-    text = report_text(res, args, len(rows), len(rows) - len(idx))
+    text = report_text(res, args, len(rows), len(rows) - len(idx), notes)
     write_eval(out, res, table, idx, probs, text)
     print(text)
     if args.outliers:
@@ -793,7 +874,8 @@ def cmd_eval(args, device):
 
 def outlier_sheet(found, root, path, cols=5):
     """Contact sheet of the outliers: `task true: X` and `pred: Y (p)` under each thumbnail."""
-    cells = [(data.safe_join(root, o["path"]), f"{o['task']} true: {o['true']}",
+    src = data.image_source(root, must_exist=False)  # a folder or a zip
+    cells = [(src.thumb(o["path"]), f"{o['task']} true: {o['true']}",
               f"pred: {o['pred']} ({o['p_pred']:.2f})") for o in found]
     pages.contact_sheet([cells[i:i + cols] for i in range(0, len(cells), cols)], path)
 
@@ -876,16 +958,20 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.Help)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true", help="train on the manifest's train split")
-    mode.add_argument("--eval", action="store_true", help="report on the val split of --data")
+    mode.add_argument("--eval", action="store_true",
+                      help="report on the test split of --data (else val; see --split)")
     mode.add_argument("--predict", nargs="+", metavar="IMG", help="image files or folders")
     p.add_argument("--data", help="manifest CSV from data.py (default: demo/manifest.csv; "
                    "--eval: the checkpoint's)")
-    p.add_argument("--root", help="image folder (default: images/ beside --data)")
+    p.add_argument("--root", help="image folder or .zip read in place (default: images/ "
+                   "beside --data)")
     p.add_argument("--classes", help="class lists (default: classes.json beside --data, else "
                    "the sorted labels of the manifest)")
     p.add_argument("--out", help="output folder (default: runs/crnn; --eval: the checkpoint's)")
     p.add_argument("--ckpt", default=os.path.join("runs", "crnn", "best.pt"),
                    help="checkpoint for --eval/--predict")
+    p.add_argument("--tasks", help="with --train: a subset of the manifest's tasks, e.g. "
+                   "style,genre (default: every task with labels)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="resnet50", choices=BACKBONES, help="torchvision ResNet")
     m.add_argument("--weights", default="imagenet",
@@ -924,6 +1010,8 @@ def build_parser():
     e.add_argument("--outliers", type=int, default=0, metavar="N",
                    help="with --eval: the N most confident disagreements with the labels")
     e.add_argument("-k", type=int, default=3, help="top-k classes to print per task")
+    e.add_argument("--split", choices=("dev", "val", "test"),
+                   help="with --eval: the split to report on (default: test, else val)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

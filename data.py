@@ -6,16 +6,21 @@ No model, device, precision or drawing code here (nets.py, pages.py).
 Shell:
     python data.py demo                                   # synthetic offline data in demo/
     python data.py wikiart --lists wikiart_csv --out subset --per-class 100 --min-per-class 50
-    python data.py wikiart --lists wikiart_csv --out subset --images wikiart/   # keep what decodes
+    python data.py wikiart --lists wikiart_csv --out subset --images wikiart.zip   # what decodes
+    python data.py wikiart --lists wikiart_csv --out subset --split artist   # unseen painters
     python data.py nga --objects objects.csv --published-images published_images.csv --out nga
     python data.py download --manifest nga/manifest.csv --root nga/images --size 512
-    python data.py resize --manifest subset/manifest.csv --root wikiart --out cache --size 256
+    python data.py resize --manifest subset/manifest.csv --root wikiart.zip --out cache256
+    python data.py hf-wikiart --out hf --shards 0-3       # Hugging Face parquet shards, resized
 
 Notebook:
     import data; data.main(["demo", "--out", "demo"])
 
 The one image-loading path that crnn.py and retrieve.py share is here (`load_image`,
-`ImageDataset`, `collate_skip`), with `atomic_write`, `write_csv` and `Progress`.
+`ImageDataset`, `collate_skip`, and `image_source`: a folder or a .zip read in place), with
+`atomic_write`, `write_csv` and `Progress`. `wikiart` splits the ArtGAN way by default (their
+val lists are test, a dev part of train selects checkpoints); pyarrow is imported only by
+`hf-wikiart`.
 Bad input ends with one line on stderr and exit status 1 (`UserError`), never a traceback.
 """
 
@@ -28,6 +33,7 @@ import io
 import json
 import math
 import os
+import posixpath
 import random
 import re
 import socket
@@ -38,6 +44,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
+import zlib
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -51,6 +59,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 # files over twice its own limit (179 MP) at open; JPEGs up to that decode reduced (draft mode).
 MAX_PIXELS = 90_000_000
 MAX_BYTES = 256 << 20  # a download larger than this is stopped: no painting JPEG is that big
+SHARD_MAX_BYTES = 4 << 30  # hf-wikiart parquet shards are ~520 MB
 
 
 class UserError(Exception):
@@ -59,8 +68,9 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- shared helpers
 
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # PIL's ways
-# of saying "cannot decode this file": every loader catches exactly these
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError,  # PIL's ways
+                 zipfile.BadZipFile, zlib.error, EOFError)  # and a zip member's (bad CRC-32,
+# broken deflate stream, cut short) of saying "cannot read this image": every loader catches these
 
 
 def one_line(e):
@@ -277,7 +287,8 @@ def decode_error(e):
 
 
 class ImageDataset:
-    """Map-style dataset over relative paths under `root`: item i is (transform(img), i).
+    """Map-style dataset over relative paths under `root` (a folder or a .zip, see
+    image_source): item i is (transform(img), i).
 
     An unreadable image yields (None, i, reason), so a DataLoader with `collate_skip` drops it
     and hands the reason to the main process, which counts and lists it (one clean line, even
@@ -286,14 +297,16 @@ class ImageDataset:
 
     def __init__(self, paths, root, transform=None, size=None):
         self.paths, self.root, self.transform, self.size = list(paths), root, transform, size
-        self.files = [safe_join(root, p) for p in self.paths]
+        self.source = image_source(root, must_exist=False)
+        for p in self.paths:  # refuse `../` now, not as a silently skipped image later
+            self.source.check_rel(p)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            im = load_image(self.files[i], self.size)
+            im = load_image(self.source.loadable(self.paths[i]), self.size)
         except DECODE_ERRORS as e:
             return None, i, decode_error(e)
         return (self.transform(im) if self.transform else im), i
@@ -315,6 +328,190 @@ def image_problem(path):
         return None
     except DECODE_ERRORS as e:
         return decode_error(e)
+
+
+# ----------------------------------------------------------------------------- image sources
+# An image root is a folder or a .zip read in place: WikiArt's 25 GB zip need not be extracted.
+# Everything that reads images by relative path goes through image_source(root).
+
+ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+
+
+def image_source(root, must_exist=True):
+    """FolderImages or ZipImages for `root`: a file (normally *.zip) is read as a zip archive.
+
+    must_exist=False gives a folder source for a root that is not there (its images then read
+    as missing), for callers that skip unreadable images anyway."""
+    root = os.fspath(root)
+    if os.path.isfile(root):
+        st = os.stat(root)
+        return open_zip(os.path.abspath(root), st.st_mtime_ns, st.st_size)
+    if must_exist and not os.path.isdir(root):
+        kind = "zip" if root.lower().endswith(".zip") else "folder"
+        raise UserError(f"image {kind} not found: {root}")
+    return FolderImages(root)
+
+
+class FolderImages:
+    """Images under a folder, by path relative to it (safe_join refuses `..` and absolute)."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def __str__(self):
+        return self.root
+
+    def check_rel(self, rel):
+        return safe_join(self.root, rel)
+
+    def exists(self, rel):
+        return os.path.isfile(safe_join(self.root, rel))
+
+    def open(self, rel):
+        return open(safe_join(self.root, rel), "rb")
+
+    def loadable(self, rel):
+        """What load_image reads: here the file's path."""
+        return safe_join(self.root, rel)
+
+    thumb = loadable  # pages.thumbnail draws a grey square for a path that does not decode
+
+    def mtime(self, rel):
+        return os.path.getmtime(safe_join(self.root, rel))
+
+    def members(self, skip_dir=None):
+        """Sorted relative paths of every file under the root, not descending into skip_dir."""
+        skip = os.path.abspath(skip_dir) if skip_dir else None
+        out = []
+        for d, dirs, files in os.walk(self.root):
+            dirs[:] = sorted(x for x in dirs if os.path.abspath(os.path.join(d, x)) != skip)
+            out += [os.path.relpath(os.path.join(d, f), self.root).replace(os.sep, "/")
+                    for f in sorted(files)]
+        return out
+
+
+@functools.lru_cache(maxsize=4)
+def open_zip(path, mtime_ns, size):
+    """One ZipImages per zip file and version: reading the central directory of 81k members
+    takes a while, and a training run builds several datasets over the same root."""
+    return ZipImages(path)
+
+
+def member_name(info):
+    """A member's name as the lists spell it: names without the zip UTF-8 flag were decoded as
+    cp437 by zipfile; Info-ZIP on Linux stores UTF-8 bytes there, so decode those as UTF-8."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    return info.filename.encode("cp437").decode("utf-8", errors="surrogateescape")
+
+
+def zip_rel(rel):
+    """rel normalised to a member name; refuses absolute paths and `..` out of the root."""
+    norm = posixpath.normpath(str(rel).replace("\\", "/")) if rel else ""
+    if not rel or norm.startswith("/") or norm == ".." or norm.startswith("../") or \
+            re.match(r"^[A-Za-z]:", norm):
+        raise UserError(f"path escapes the image root: {rel!r}")
+    return norm
+
+
+class ZipImages:
+    """Members of a .zip read in place, by path relative to the zip's root.
+
+    A zip whose files all sit under one top folder (wikiart.zip holds wikiart/<Style>/...) is
+    read as if that folder were the root; full member names work too. Reading a member to the
+    end checks its CRC-32 (zipfile raises BadZipFile). The ZipFile handle opens lazily, once
+    per process: forked DataLoader workers must not share the parent's file offset.
+    """
+
+    def __init__(self, path):
+        self.path, self._zf, self._pid = path, None, None
+        infos = [i for i in self.handle().infolist() if not i.is_dir()]
+        names = [zip_rel_or_none(member_name(i)) for i in infos]
+        if None in names:
+            bad = member_name(infos[names.index(None)])
+            raise UserError(f"{path}: member {bad!r} escapes the zip's root; not reading it")
+        tops = {n.split("/", 1)[0] for n in names}
+        one_top = len(tops) == 1 and all("/" in n for n in names)
+        self.prefix = tops.pop() + "/" if one_top else ""
+        self.index = {n[len(self.prefix):]: i for n, i in zip(names, infos, strict=True)}
+        odd = sorted({i.compress_type for i in infos} - set(ZIP_METHODS))
+        if odd:
+            raise UserError(f"{path}: members compressed with method {odd[0]} (9 is Deflate64), "
+                            "which Python's zipfile cannot read; extract it and pass the folder")
+
+    def __str__(self):
+        return self.path
+
+    def __getstate__(self):  # pickled into spawned workers: without the open handle
+        return {**self.__dict__, "_zf": None, "_pid": None}
+
+    def handle(self):
+        if self._zf is None or self._pid != os.getpid():
+            try:
+                self._zf, self._pid = zipfile.ZipFile(self.path), os.getpid()
+            except (zipfile.BadZipFile, OSError) as e:  # not a zip, or cut short (no directory)
+                raise UserError(f"cannot read zip {self.path}: {one_line(e)}") from None
+        return self._zf
+
+    def info(self, rel):
+        rel = zip_rel(rel)
+        found = self.index.get(rel)
+        if found is None and self.prefix and rel.startswith(self.prefix):
+            found = self.index.get(rel[len(self.prefix):])
+        return found
+
+    def check_rel(self, rel):
+        return zip_rel(rel)
+
+    def exists(self, rel):
+        return self.info(rel) is not None
+
+    def read(self, rel):
+        """The member's bytes, CRC-checked (BadZipFile when they do not match)."""
+        info = self.info(rel)
+        if info is None:
+            raise FileNotFoundError(f"not in {self.path}: {rel}")
+        return self.handle().read(info)
+
+    def open(self, rel):
+        return io.BytesIO(self.read(rel))
+
+    loadable = open
+
+    def thumb(self, rel):
+        """The member for pages.thumbnail; empty bytes (a grey square) when unreadable."""
+        try:
+            return self.open(rel)
+        except DECODE_ERRORS:
+            return io.BytesIO(b"")
+
+    def mtime(self, rel):
+        return os.path.getmtime(self.path)
+
+    def members(self, skip_dir=None):
+        return sorted(self.index)
+
+
+def zip_rel_or_none(name):
+    try:
+        return zip_rel(name)
+    except UserError:
+        return None
+
+
+def check_member(source, rel):
+    """None when `rel` is in source and decodes (a zip member's CRC-32 checked too), else why
+    not: 'missing', 'bad CRC' or 'corrupt'."""
+    if not source.exists(rel):
+        return "missing"
+    try:
+        with source.open(rel) as f:
+            load_image(f, 32)  # reduced scale: a cheap but complete read
+    except zipfile.BadZipFile as e:
+        return "bad CRC" if "CRC" in str(e) else f"zip: {one_line(e)}"
+    except DECODE_ERRORS:
+        return "corrupt"
+    return None
 
 
 # ----------------------------------------------------------------------------- wikiart lists
@@ -381,22 +578,26 @@ def read_split_list(path, n_classes):
 
 
 def load_wikiart(lists, tasks):
-    """{path: {task: class name}} over all tasks' train+val lists, and the class lists.
+    """{path: {task: class name}} over all tasks' train+val lists, the class lists, and
+    {task: paths in its val list}.
 
     Rule for a path listed twice in one task with different labels: it gets no label for that
-    task (we cannot tell which is right); the count is reported.
+    task (we cannot tell which is right); the count is reported. It still counts as listed in
+    val when one of its lines is there.
     """
     if not os.path.isdir(lists):
         raise UserError(f"list folder not found: {lists}")
-    labels, classes = defaultdict(dict), {}
+    labels, classes, in_val = defaultdict(dict), {}, {}
     for task in tasks:
         classes[task] = read_classes(find_list(lists, task, "class"))
-        seen, conflicts = {}, set()
+        seen, conflicts, in_val[task] = {}, set(), set()
         for kind in ("train", "val"):
             for p, y in read_split_list(find_list(lists, task, kind), len(classes[task])):
                 if p in seen and seen[p] != y:
                     conflicts.add(p)
                 seen[p] = y
+                if kind == "val":
+                    in_val[task].add(p)
         for p, y in seen.items():
             if p not in conflicts:
                 labels[p][task] = classes[task][y]
@@ -404,7 +605,7 @@ def load_wikiart(lists, tasks):
             ex = sorted(conflicts)[0]
             print(f"{task}: {len(conflicts)} paths listed with conflicting labels, left "
                   f"unlabeled for {task} (e.g. {ex})")
-    return labels, classes
+    return labels, classes, in_val
 
 
 def count_table(title, counts, names):
@@ -415,109 +616,205 @@ def count_table(title, counts, names):
     return "\n".join(lines)
 
 
-def balanced_subset(labels, names, task, per_class, min_per_class, seed, images=None):
-    """Per class of `task` (sorted, then seeded shuffle): up to per_class usable paths.
+def balanced_subset(labels, names, task, per_class, min_per_class, seed, source=None,
+                    held=frozenset()):
+    """Per class of `task` (sorted, then seeded shuffle): up to per_class usable paths, plus
+    every usable path in `held` (test images: never capped, not counted for the cap or for
+    min_per_class). Returns ({class: paths}, {dropped class: n}, [(path, why unusable)]).
 
-    With `images`, a path is usable when root/path exists and decodes; checking stops once a
-    class has enough, so a 100-per-class subset of 81k images reads a few thousand files.
+    With `source` (image_source), a path is usable when it is there and decodes; checking stops
+    once a class has enough, so a 100-per-class subset of 81k images reads a few thousand files.
     """
     by_class = defaultdict(list)
     for p, lab in labels.items():
         if lab.get(task):
             by_class[lab[task]].append(p)
     rng = random.Random(seed)
-    chosen, dropped, missing, corrupt = {}, {}, [], []
+    chosen, dropped, bad = {}, {}, []
     for c in names:
         paths = sorted(by_class.get(c, []))
         rng.shuffle(paths)
-        keep = []
+        keep, kept_held = [], []
         for p in paths:
-            if per_class and len(keep) >= per_class:
-                break
-            if images is not None:
-                full = os.path.join(images, p)
-                if not os.path.isfile(full):
-                    missing.append(p)
-                    continue
-                if image_problem(full):
-                    corrupt.append(p)
-                    continue
-            keep.append(p)
+            if p not in held and per_class and len(keep) >= per_class:
+                if not held:
+                    break
+                continue
+            why = check_member(source, p) if source is not None else None
+            if why:
+                bad.append((p, why))
+                continue
+            (kept_held if p in held else keep).append(p)
         if len(keep) < max(min_per_class, 1):
             dropped[c] = len(keep)
         else:
-            chosen[c] = keep
-    return chosen, dropped, missing, corrupt
+            chosen[c] = keep + kept_held
+    return chosen, dropped, bad
 
 
-def stratified_split(chosen, val_frac, seed):
-    """{path: 'train'|'val'}: per class, round(val_frac * n) to val (>= 1 when n >= 2)."""
+# ----------------------------------------------------------------------------- split rules
+# One split column shared by every task (a multi-task model must never train on an image
+# another task evaluates). random: today's train/val; official: the ArtGAN val lists are test,
+# as in the papers; artist: test and dev painters are never seen in training.
+
+def stratified_split(chosen, frac, seed, name="val"):
+    """{path: name|'train'}: per class, round(frac * n) to `name` (>= 1 when n >= 2)."""
     rng = random.Random(seed + 1)
     split = {}
     for c in sorted(chosen):
         paths = sorted(chosen[c])
         rng.shuffle(paths)
-        n_val = round(val_frac * len(paths))
-        if val_frac > 0 and len(paths) >= 2:
-            n_val = min(max(n_val, 1), len(paths) - 1)
+        n_out = round(frac * len(paths))
+        if frac > 0 and len(paths) >= 2:
+            n_out = min(max(n_out, 1), len(paths) - 1)
         for i, p in enumerate(paths):
-            split[p] = "val" if i < n_val else "train"
+            split[p] = name if i < n_out else "train"
     return split
 
 
-def cmd_wikiart(args):
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks + [args.balance_on] if t not in TASKS]
+def official_split(chosen, in_val, first, dev_frac, seed):
+    """Every chosen path in any task's val list is test; a stratified dev_frac of the rest is
+    dev. Prints how many images each val list moved, beside the `first` task's own."""
+    held = set().union(*in_val.values())
+    rest = {c: [p for p in ps if p not in held] for c, ps in chosen.items()}
+    split = stratified_split(rest, dev_frac, seed, "dev")
+    test = {p for ps in chosen.values() for p in ps if p in held}
+    split.update(dict.fromkeys(test, "test"))
+    others = [t for t in in_val if t != first]
+    print(f"split official: {len(test)} test = the val lists of {', '.join(in_val)}")
+    print(f"  {first} val list: {len(test & in_val[first])} images")
+    for t in others:
+        moved = test & in_val[t] - in_val[first]
+        print(f"  {t} val list: {len(test & in_val[t])} images, {len(moved)} of them not in "
+              f"the {first} val list (moved out of train)")
+    n_dev = sum(1 for s in split.values() if s == "dev")
+    print(f"  dev: {n_dev} of the {n_dev + sum(1 for s in split.values() if s == 'train')} "
+          f"others (--dev-frac {dev_frac} per {first} class), the rest train")
+    return split
+
+
+def artist_of(path):
+    """The painter in a WikiArt file name, <artist-slug>_<title-slug>.jpg; None without one."""
+    base = path.rsplit("/", 1)[-1]
+    return base.split("_", 1)[0] if "_" in base else None
+
+
+def artist_split(chosen, groups, test_frac, dev_frac, seed):
+    """Whole artists (groups[path]), in seeded order, each to the split that is furthest below
+    its share of the images (test_frac, dev_frac, the rest train); unknown artists to train."""
+    by = defaultdict(list)
+    for ps in chosen.values():
+        for p in ps:
+            by[groups.get(p)].append(p)
+    artists = sorted(a for a in by if a is not None)
+    random.Random(seed + 2).shuffle(artists)
+    share = {"test": test_frac, "dev": dev_frac, "train": 1 - test_frac - dev_frac}
+    share = {s: f for s, f in share.items() if f > 0}
+    split, count, heads = {}, Counter(), Counter()
+    for a in artists:
+        s = min(share, key=lambda s: count[s] / share[s])  # ties: test, dev, train
+        split.update(dict.fromkeys(by[a], s))
+        count[s], heads[s] = count[s] + len(by[a]), heads[s] + 1
+    split.update(dict.fromkeys(by.get(None, []), "train"))
+    print(f"split artist: {len(artists)} artists: test {heads['test']} ({count['test']} "
+          f"images), dev {heads['dev']} ({count['dev']}), train {heads['train']} "
+          f"({count['train']}); {len(by.get(None, []))} images of unknown artists kept in train")
+    return split
+
+
+def make_split(args, chosen, in_val, groups):
+    """{path: train|dev|val|test} by --split; warns of classes a split lacks."""
+    if args.split == "official":
+        split = official_split(chosen, in_val, args.balance_on, args.dev_frac, args.seed)
+    elif args.split == "artist":
+        split = artist_split(chosen, groups, args.test_frac, args.dev_frac, args.seed)
+    else:
+        split = stratified_split(chosen, args.val_frac, args.seed)
+        print(f"split random: {sum(1 for s in split.values() if s == 'val')} images to val "
+              f"(--val-frac {args.val_frac} per class)")
+    for s in sorted(set(split.values())):
+        lacking = [c for c, ps in chosen.items() if not any(split[p] == s for p in ps)]
+        if lacking:
+            print(f"warning: {len(lacking)} {args.balance_on} classes have no {s} image: "
+                  f"{', '.join(lacking[:8])}{' ...' if len(lacking) > 8 else ''}")
+    return split
+
+
+def parse_tasks(text, balance_on):
+    """--tasks as a list, with --balance-on added in front when it is not among them."""
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks + [balance_on] if t not in TASKS]
     if unknown:
         raise UserError(f"unknown task {unknown[0]!r} (known: {', '.join(TASKS)})")
-    if args.balance_on not in tasks:
-        tasks.insert(0, args.balance_on)
-    if not 0 <= args.val_frac < 1:
-        raise UserError("--val-frac must be in [0, 1)")
-    if args.images and not os.path.isdir(args.images):
-        raise UserError(f"image folder not found: {args.images}")
-    labels, classes = load_wikiart(args.lists, tasks)
+    return tasks if balance_on in tasks else [balance_on, *tasks]
+
+
+def check_fracs(args):
+    for flag in ("val_frac", "dev_frac", "test_frac"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be in [0, 1)")
+    if args.split == "artist" and args.test_frac + args.dev_frac >= 1:
+        raise UserError("--test-frac + --dev-frac must be < 1 (something must be left to train)")
+
+
+def cmd_wikiart(args):
+    tasks = parse_tasks(args.tasks, args.balance_on)
+    check_fracs(args)
+    source = image_source(args.images) if args.images else None
+    labels, classes, in_val = load_wikiart(args.lists, tasks)
     task = args.balance_on
     before = Counter(lab[task] for lab in labels.values() if lab.get(task))
     print(count_table(f"{task}: {sum(before.values())} labelled images in the lists", before,
                       classes[task]))
-    chosen, dropped, missing, corrupt = balanced_subset(
-        labels, classes[task], task, args.per_class, args.min_per_class, args.seed, args.images)
-    report_unusable(args.out, missing, corrupt)
+    held = set().union(*in_val.values()) if args.split == "official" else frozenset()
+    chosen, dropped, bad = balanced_subset(labels, classes[task], task, args.per_class,
+                                           args.min_per_class, args.seed, source, held)
+    report_unusable(args.out, bad)
     for c, n in dropped.items():
-        print(f"dropped class {c}: {n} usable images < --min-per-class {args.min_per_class}")
+        print(f"dropped class {c}: {n} usable {'train ' if held else ''}images "
+              f"< --min-per-class {args.min_per_class}")
     if not chosen:
         raise UserError("nothing left after filtering (lower --min-per-class, or check --images)")
-    split = stratified_split(chosen, args.val_frac, args.seed)
-    write_wikiart_subset(args.out, tasks, labels, classes, chosen, split)
+    groups = {p: artist_of(p) for ps in chosen.values() for p in ps}
+    split = make_split(args, chosen, in_val, groups)
+    write_subset(args.out, tasks, task, labels, classes, split)
     return 0
 
 
-def report_unusable(out, missing, corrupt):
-    if missing or corrupt:
-        os.makedirs(out, exist_ok=True)
-        rows = [(p, "missing") for p in missing] + [(p, "corrupt") for p in corrupt]
-        write_csv(os.path.join(out, "unusable.csv"), ["path", "reason"], rows)
-        print(f"skipped {len(missing)} missing and {len(corrupt)} corrupt images "
-              f"(listed in {os.path.join(out, 'unusable.csv')})")
+def report_unusable(out, bad):
+    """OUT/unusable.csv (path, reason) and a count per reason; an old list is removed."""
+    listing = os.path.join(out, "unusable.csv")
+    if not bad:
+        if os.path.exists(listing):
+            os.remove(listing)
+        return
+    write_csv(listing, ["path", "reason"], bad)
+    why = Counter(r for _, r in bad)
+    order = ["missing", "bad CRC", "corrupt"]  # then any other reason, alphabetically
+    parts = [f"{why[r]} {r}" for r in sorted(why, key=lambda r: (r not in order,
+                                                                  order.index(r) if r in order
+                                                                  else 0, r))]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    print(f"skipped {text} images (listed in {listing})")
 
 
-def write_wikiart_subset(out, tasks, labels, classes, chosen, split):
-    task = next(iter(tasks))
+def write_subset(out, tasks, task, labels, classes, split):
+    """OUT/manifest.csv (path, tasks..., split) and OUT/classes.json (the classes present);
+    prints the counts per class of `task` (the balanced one)."""
     paths = sorted(split)
     rows = [[p] + [labels[p].get(t, "") for t in tasks] + [split[p]] for p in paths]
-    assert not split_leaks([{"path": r[0], "split": r[-1]} for r in rows])  # one row per path
-    write_csv(os.path.join(out, "manifest.csv"), ["path", *tasks, "split"], rows)
     present = {t: {labels[p].get(t) for p in paths} for t in tasks}
     kept = {t: [c for c in classes[t] if c in present[t]] for t in tasks}
     atomic_write(os.path.join(out, "classes.json"), json.dumps(kept, indent=1) + "\n")
+    write_csv(os.path.join(out, "manifest.csv"), ["path", *tasks, "split"], rows)
     after = Counter(labels[p][task] for p in paths)
     print(count_table(f"{task}: {len(paths)} images in the subset", after, kept[task]))
     for t in tasks:
         n = sum(1 for p in paths if labels[p].get(t))
         print(f"{t}: {len(kept[t])} classes, {n}/{len(paths)} images labelled")
-    n_val = sum(1 for p in paths if split[p] == "val")
-    print(f"split: {len(paths) - n_val} train, {n_val} val (one split shared by all tasks)")
+    n = Counter(split.values())
+    print("split: " + ", ".join(f"{n[s]} {s}" for s in ("train", "dev", "val", "test") if n[s])
+          + " (one split shared by all tasks)")
     print(f"wrote {os.path.join(out, 'manifest.csv')} and classes.json")
 
 
@@ -659,18 +956,20 @@ def resize_iiif(url, size):
     return re.sub(r"/full/[^/]+/0/default\.jpg$", f"/full/!{size},{size}/0/default.jpg", url)
 
 
-def fetch(url, dest, args, stop, reached):
+def fetch(url, dest, args, stop, reached, check=None):
     """One GET to a temp file beside dest; raises Retry for transient trouble, Refused for a
     response over args.max_bytes or a redirect off http(s). Sets `reached` once a server
-    answered."""
+    answered. check(path) -> (ok, what): whether the body is what we asked for (default: a
+    decodable image)."""
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     tmp = f"{dest}.{os.getpid()}.{threading.get_ident()}.part"
     try:
         with OPENER.open(req, timeout=args.timeout) as r, open(tmp, "wb") as f:
             reached.set()
             stream(r, f, args.max_bytes, stop)
-        if image_problem(tmp):
-            raise Retry("downloaded file is not a decodable image")
+        ok, what = check(tmp) if check else (image_problem(tmp) is None, "a decodable image")
+        if not ok:
+            raise Retry(f"downloaded file is not {what}")
         os.replace(tmp, dest)
     except urllib.error.HTTPError as e:
         reached.set()
@@ -702,14 +1001,14 @@ def stream(r, f, max_bytes, stop):
         f.write(chunk)
 
 
-def download_one(url, dest, args, stop, reached):
+def download_one(url, dest, args, stop, reached, check=None):
     """Fetch with exponential backoff (x2 per try, jittered, capped 120 s) or Retry-After.
     No connection at all is not retried until some server has answered: offline, every try
     would wait out the whole backoff."""
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     for attempt in range(args.retries + 1):
         try:
-            fetch(url, dest, args, stop, reached)
+            fetch(url, dest, args, stop, reached, check)
             return None
         except Refused as e:
             return str(e)
@@ -758,12 +1057,12 @@ def cmd_download(args):
     return 1 if failures else 0
 
 
-def run_downloads(jobs, args):
+def run_downloads(jobs, args, check=None, unit="img"):
     """At most args.workers requests in flight. Ctrl-C: finished files stay, the rest wait."""
     stop, reached, failures = threading.Event(), threading.Event(), []
-    prog = Progress(len(jobs), "download")
+    prog = Progress(len(jobs), "download", unit=unit)
     pool = ThreadPoolExecutor(max_workers=max(1, args.workers))
-    futures = {pool.submit(download_one, url, dest, args, stop, reached): (p, url)
+    futures = {pool.submit(download_one, url, dest, args, stop, reached, check): (p, url)
                for p, url, dest in jobs}
     try:
         for fut in as_completed(futures):
@@ -790,7 +1089,8 @@ def run_downloads(jobs, args):
 # ----------------------------------------------------------------------------- resize cache
 
 def resize_one(src, dst, size):
-    """Shorter side to `size` px (never upscaled), saved by extension (JPEG q90 default)."""
+    """Shorter side to `size` px (never upscaled), saved by extension (JPEG q90 default).
+    src: a path or a binary file (a zip member, a parquet row's bytes)."""
     im = load_image(src, size)
     s = size / min(im.size)
     if s < 1:
@@ -806,21 +1106,23 @@ def resize_one(src, dst, size):
 
 def cmd_resize(args):
     rows = read_manifest(args.manifest)
+    source = image_source(args.root)  # a folder, or a zip read in place
     todo, fresh = [], 0
     for r in rows:
-        src, dst = safe_join(args.root, r["path"]), safe_join(args.out, r["path"])
-        if os.path.isfile(dst) and os.path.isfile(src) and \
-                os.path.getmtime(dst) >= os.path.getmtime(src):
+        rel, dst = r["path"], safe_join(args.out, r["path"])
+        source.check_rel(rel)
+        if os.path.isfile(dst) and source.exists(rel) and \
+                os.path.getmtime(dst) >= source.mtime(rel):
             fresh += 1
         else:
-            todo.append((r["path"], src, dst))
+            todo.append((rel, dst))
     print(f"{len(rows)} images: {fresh} already cached, {len(todo)} to resize "
           f"to {args.size} px with {args.workers} threads")
     bad, prog = [], Progress(len(todo), "resize")
 
     def work(job):
         try:
-            resize_one(job[1], job[2], args.size)
+            resize_one(source.loadable(job[0]), job[1], args.size)
             return None
         except DECODE_ERRORS as e:
             return (job[0], f"{type(e).__name__}: {e}")
@@ -836,6 +1138,237 @@ def cmd_resize(args):
         print(f"skipped {len(bad)} unreadable images (listed in "
               f"{os.path.join(args.out, 'unreadable.csv')}), e.g. {bad[0][0]}: {bad[0][1]}")
     print(f"resized {len(todo) - len(bad)}, cache at {args.out} (use it as --root)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- hf-wikiart
+# The same 81,444 WikiArt images as parquet shards (huggan/wikiart on Hugging Face): columns
+# image = {bytes, path}, integer style/artist/genre, class names in the schema's `huggingface`
+# metadata. Each shard is downloaded, decoded once into the resized cache, then deleted;
+# OUT/shards/<shard>.csv marks it converted (a re-run skips it).
+
+HF_URL = "https://huggingface.co/datasets/huggan/wikiart/resolve/main/data"
+HF_SHARDS = 72
+UNKNOWN = re.compile(r"^unknown[ _-]", re.IGNORECASE)  # "Unknown Artist", "Unknown Genre"
+
+
+def import_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError("hf-wikiart reads parquet files: pip install pyarrow") from None
+    return pq
+
+
+def parse_shards(text):
+    """'all', '3', '0-3' or '0,5,7-9' -> sorted shard numbers in 0..HF_SHARDS-1."""
+    if text.strip() == "all":
+        return list(range(HF_SHARDS))
+    out = set()
+    for part in text.split(","):
+        a, _, b = part.strip().partition("-")
+        if not a.isdigit() or (b and not b.isdigit()):
+            raise UserError(f"--shards {text!r}: expected all, N, N-M or a comma list of those")
+        out.update(range(int(a), int(b or a) + 1))
+    if not out or max(out) >= HF_SHARDS:
+        raise UserError(f"--shards {text!r}: shards are numbered 0..{HF_SHARDS - 1}")
+    return sorted(out)
+
+
+def shard_name(i):
+    return f"train-{i:05d}-of-{HF_SHARDS:05d}"
+
+
+def is_parquet(path):
+    """A whole parquet file starts and ends with the magic bytes PAR1 (the footer is last)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+        f.seek(max(0, os.path.getsize(path) - 4))
+        return head == b"PAR1" and f.read(4) == b"PAR1", "a whole parquet file"
+
+
+def class_names(schema, task):
+    """ClassLabel names of `task` from the parquet's `huggingface` metadata, read defensively
+    ({"info": {"features": {task: {"_type": "ClassLabel", "names": [...]}}}}); None if absent."""
+    try:
+        meta = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))
+        names = meta["info"]["features"][task]["names"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(names, dict):  # {"0": name, ...}, as dataset card YAML spells it
+        names = [names.get(str(i)) for i in range(len(names))]
+    ok = isinstance(names, list) and all(isinstance(n, str) for n in names)
+    return names if ok else None
+
+
+def open_shard(pq, path, tasks):
+    """(ParquetFile, {task: names} for every label column there); one-line errors for an
+    unreadable file or a missing image or `tasks` column."""
+    try:  # no pre-buffering, 1 MB reads: pages stream in, whatever the row-group size (measured:
+        # 1 GB peak RSS for a 610 MB shard with pyarrow's defaults, 0.3 GB like this)
+        pf = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+    except Exception as e:  # pyarrow's ArrowInvalid and friends: not a parquet we can read
+        raise UserError(f"cannot read parquet {path}: {one_line(e)}") from None
+    cols = pf.schema_arrow.names
+    missing = [c for c in ("image", *tasks) if c not in cols]
+    if missing:
+        raise UserError(f"{path}: no column {', '.join(missing)} (columns: {', '.join(cols)}); "
+                        "expected the huggan/wikiart layout")
+    names = {}
+    for t in (t for t in TASKS if t in cols):
+        names[t] = class_names(pf.schema_arrow, t)
+        if names[t] is None:
+            print(f"warning: {path}: no ClassLabel names for {t} in the parquet metadata; "
+                  f"classes are named {t}_<index>")
+    return pf, names
+
+
+def row_label(value, names, task):
+    """Class name for an integer label; '' for none, out of range, or an 'Unknown ...' class."""
+    if not isinstance(value, int) or value < 0 or (names and value >= len(names)):
+        return ""
+    name = names[value] if names else f"{task}_{value}"
+    return "" if UNKNOWN.match(name) else name
+
+
+def convert_row(rec, rel, out, size):
+    """Decode one row's image bytes into OUT/images/rel at `size` px; None, or why not."""
+    img = rec.get("image")
+    raw = img.get("bytes") if isinstance(img, dict) else img
+    if not isinstance(raw, bytes | bytearray) or not raw:
+        return "no image bytes"
+    dst = safe_join(out, rel)
+    if os.path.isfile(dst):  # converted before an interruption
+        return None
+    try:
+        resize_one(io.BytesIO(raw), dst, size)
+    except DECODE_ERRORS:
+        return "corrupt"
+    return None
+
+
+def shard_rows(recs, names, shard, first):
+    """(relative cache path, source file name, {task: label}) per row: <Style>/<shard>-<row>.jpg,
+    stable across runs (rows are numbered from `first` within the shard)."""
+    out = []
+    for k, rec in enumerate(recs):
+        lab = {t: row_label(rec.get(t), n, t) for t, n in names.items()}
+        folder = (lab.get("style") or "unlabelled").replace("/", "_").replace("..", "_")
+        img = rec.get("image")
+        src = img.get("path") if isinstance(img, dict) else None
+        out.append((f"{folder}/{shard:05d}-{first + k:05d}.jpg", os.path.basename(src or ""),
+                    lab))
+    return out
+
+
+def convert_shard(pq, i, args, tasks):
+    """Stream the shard's row groups (memory stays flat), decode rows on args.workers threads,
+    then write OUT/shards/<shard>.csv: the mark that the shard is done. Every label column
+    is kept there, so another --tasks needs no new conversion."""
+    path = os.path.join(args.out, "parquet", shard_name(i) + ".parquet")
+    pf, names = open_shard(pq, path, tasks)
+    images, rows, bad = os.path.join(args.out, "images"), [], []
+    prog = Progress(pf.metadata.num_rows, f"convert {shard_name(i)}", every=10.0)
+    with ThreadPoolExecutor(max_workers=max(1, args.workers)) as pool:
+        for batch in pf.iter_batches(batch_size=16, columns=["image", *names]):
+            recs = batch.to_pylist()
+            meta = shard_rows(recs, names, i, prog.done)
+            errs = pool.map(convert_row, recs, [m[0] for m in meta], [images] * len(recs),
+                            [args.size] * len(recs))
+            for (rel, src, lab), err in zip(meta, errs, strict=True):
+                row = [rel, src] + [lab.get(t, "") for t in TASKS]
+                (bad.append([rel, err]) if err else rows.append(row))
+            prog.update(len(recs))
+    shards = os.path.join(args.out, "shards")
+    write_csv(os.path.join(shards, shard_name(i) + ".unusable.csv"), ["path", "reason"], bad)
+    atomic_write(os.path.join(shards, shard_name(i) + ".names.json"), json.dumps(names) + "\n")
+    write_csv(os.path.join(shards, shard_name(i) + ".csv"), ["path", "source", *TASKS], rows)
+    if not args.keep_parquet:
+        os.remove(path)
+    print(f"{shard_name(i)}: {len(rows)} images converted, {len(bad)} unusable")
+
+
+def fetch_shards(shards, args):
+    """Download the shards not on disk yet (the download command's retries and partial-file
+    rules); 130 when interrupted, a one-line error when one cannot be had."""
+    folder = os.path.join(args.out, "parquet")
+    base = args.base_url.rstrip("/")
+    jobs = [(shard_name(i), f"{base}/{shard_name(i)}.parquet",
+             os.path.join(folder, shard_name(i) + ".parquet")) for i in shards]
+    jobs = [j for j in jobs if not (os.path.isfile(j[2]) and is_parquet(j[2])[0])]
+    if not jobs:
+        return 0
+    print(f"downloading {len(jobs)} shards (~520 MB each) from {base}")
+    dl = argparse.Namespace(workers=args.downloads, retries=args.retries, backoff=args.backoff,
+                            timeout=args.timeout, max_bytes=SHARD_MAX_BYTES)
+    failures, stop = run_downloads(jobs, dl, check=is_parquet, unit="shards")
+    if stop:
+        return 130
+    if failures:
+        write_csv(os.path.join(args.out, "download_failures.csv"), ["shard", "url", "error"],
+                  failures)
+        name, url, err = failures[0]
+        raise UserError(f"{name}: {err} from {url} ({len(failures)} shards failed, listed in "
+                        f"{os.path.join(args.out, 'download_failures.csv')})")
+    return 0
+
+
+def read_converted(shards, out, tasks):
+    """labels {path: {task: name}}, classes {task: names}, unusable rows and the painter of
+    each path (its artist label, else the slug of its source file name) of converted shards."""
+    labels, classes, bad, painter = {}, {}, [], {}
+    for i in shards:
+        base = os.path.join(out, "shards", shard_name(i))
+        for r in read_csv(base + ".csv", ("path", "source", *TASKS), what="converted shard list"):
+            labels[r["path"]] = {t: r[t] for t in tasks if r[t]}
+            painter[r["path"]] = r["artist"] or artist_of(r["source"])
+        bad += [(r["path"], r["reason"]) for r in read_csv(base + ".unusable.csv")]
+        with open(base + ".names.json", encoding="utf-8") as f:
+            for t, names in json.load(f).items():
+                classes.setdefault(t, names)
+    seen = {t: {lab[t] for lab in labels.values() if t in lab} for t in tasks}
+    for t in tasks:  # metadata order; without metadata, the sorted names seen
+        known = classes.get(t) or sorted(seen[t])
+        classes[t] = [c for c in known if c and not UNKNOWN.match(c)]
+    return labels, classes, bad, painter
+
+
+def cmd_hf_wikiart(args):
+    tasks = parse_tasks(args.tasks, args.balance_on)
+    check_fracs(args)
+    pq = import_parquet()
+    shards = parse_shards(args.shards)
+    done = lambda i: os.path.isfile(os.path.join(args.out, "shards", shard_name(i) + ".csv"))  # noqa: E731
+    todo = [i for i in shards if not done(i)]
+    print(f"{len(shards)} shards: {len(shards) - len(todo)} converted already, {len(todo)} to "
+          f"download and convert to {args.size} px in {os.path.join(args.out, 'images')}")
+    try:
+        for k in range(0, len(todo), max(1, args.downloads)):  # disk: --downloads shards at most
+            chunk = todo[k:k + max(1, args.downloads)]
+            if fetch_shards(chunk, args):
+                return 130
+            for i in chunk:
+                convert_shard(pq, i, args, tasks)
+    except KeyboardInterrupt:
+        print("\ninterrupted: converted shards and images are kept; run the same command to "
+              "continue")
+        return 130
+    return write_hf_subset(args, shards, tasks)
+
+
+def write_hf_subset(args, shards, tasks):
+    """The manifest over the converted shards: balanced and split like `wikiart`."""
+    labels, classes, bad, painter = read_converted(shards, args.out, tasks)
+    report_unusable(args.out, bad)
+    task = args.balance_on
+    chosen, dropped, _ = balanced_subset(labels, classes[task], task, args.per_class,
+                                         args.min_per_class, args.seed)
+    for c, n in dropped.items():
+        print(f"dropped class {c}: {n} images < --min-per-class {args.min_per_class}")
+    if not chosen:
+        raise UserError("nothing left after filtering (lower --min-per-class)")
+    split = make_split(args, chosen, {}, painter)
+    write_subset(args.out, tasks, task, labels, classes, split)
     return 0
 
 
@@ -1022,7 +1555,7 @@ def cmd_demo(args):
               [(p, DEMO_STYLES[y], DEMO_STYLES[items[j]["style"]]) for (p, y), j in
                zip(noise.items(), noisy, strict=True)])
     sub = ["wikiart", "--lists", os.path.join(args.out, "lists"), "--out", args.out,
-           "--per-class", "0", "--min-per-class", "1", "--val-frac", "0.25",
+           "--per-class", "0", "--min-per-class", "1", "--split", "random", "--val-frac", "0.25",
            "--seed", str(args.seed)]
     cmd_wikiart(build_parser().parse_args(sub))
     write_demo_gallery(args.out, items)
@@ -1047,6 +1580,50 @@ def write_demo_gallery(out, items):
 
 # ----------------------------------------------------------------------------- command line
 
+def add_balance_args(p):
+    p.add_argument("--tasks", default="style,artist,genre", help="label columns to carry")
+    p.add_argument("--balance-on", default="style", help="task whose classes are balanced")
+    p.add_argument("--per-class", type=int, default=500,
+                   help="cap per class (0: no cap); --split official caps train only")
+    p.add_argument("--min-per-class", type=int, default=1,
+                   help="drop classes with fewer usable (train) images")
+
+
+def add_split_args(p, rules):
+    p.add_argument("--split", default=rules[0], choices=rules,
+                   help="official: every image in a selected task's ArtGAN val list is test, "
+                   "a stratified --dev-frac of the rest dev (for selecting the checkpoint); "
+                   "random: a stratified --val-frac per class is val; artist: whole artists to "
+                   "test (--test-frac of the images) and dev (--dev-frac), none shared with train")
+    p.add_argument("--val-frac", type=float, default=0.2, help="--split random: val share")
+    p.add_argument("--dev-frac", type=float, default=0.1,
+                   help="--split official/artist: dev share (of train / of all images)")
+    p.add_argument("--test-frac", type=float, default=0.2, help="--split artist: test share")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_hf_parser(sub):
+    h = sub.add_parser("hf-wikiart", help="WikiArt from the huggan/wikiart parquet shards, "
+                       "converted once into a resized cache", formatter_class=Help)
+    h.add_argument("--out", required=True, help="OUT/images (the cache), OUT/manifest.csv, "
+                   "OUT/classes.json, OUT/shards/ (what is converted), OUT/parquet/ (downloads)")
+    h.add_argument("--shards", default="0-3", help=f"all, N, N-M or a comma list, of 0.."
+                   f"{HF_SHARDS - 1} (~1,130 images and ~520 MB each)")
+    h.add_argument("--base-url", default=HF_URL, help="shard i is BASE-URL/train-0000i-of-00072"
+                   ".parquet: a mirror or a local server can stand in")
+    h.add_argument("--size", type=int, default=256, help="shorter side in the cache, px")
+    add_balance_args(h)
+    add_split_args(h, ("random", "artist"))
+    h.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads")
+    h.add_argument("--downloads", type=int, default=2,
+                   help="shards downloaded at once (and on disk at once, before conversion)")
+    h.add_argument("--keep-parquet", action="store_true", help="keep shards after conversion")
+    h.add_argument("--retries", type=int, default=5)
+    h.add_argument("--backoff", type=float, default=1.0, help="first retry wait, s (x2 each)")
+    h.add_argument("--timeout", type=float, default=60.0, help="per read, s")
+    h.set_defaults(func=cmd_hf_wikiart)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=Help)
@@ -1056,13 +1633,10 @@ def build_parser():
                        formatter_class=Help)
     w.add_argument("--lists", required=True, help="folder of the ArtGAN list files")
     w.add_argument("--out", required=True, help="writes OUT/manifest.csv and OUT/classes.json")
-    w.add_argument("--tasks", default="style,artist,genre", help="label columns to carry")
-    w.add_argument("--balance-on", default="style", help="task whose classes are balanced")
-    w.add_argument("--per-class", type=int, default=500, help="cap per class (0: no cap)")
-    w.add_argument("--min-per-class", type=int, default=1, help="drop smaller classes")
-    w.add_argument("--val-frac", type=float, default=0.2, help="validation share per class")
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--images", help="image root: keep only images that exist and decode")
+    add_balance_args(w)
+    add_split_args(w, ("official", "random", "artist"))
+    w.add_argument("--images", help="image folder or .zip (read in place): keep only images "
+                   "that are there and decode; the others are listed in OUT/unusable.csv")
     w.set_defaults(func=cmd_wikiart)
 
     n = sub.add_parser("nga", help="paintings with images from the NGA open-data CSVs",
@@ -1097,11 +1671,14 @@ def build_parser():
     r = sub.add_parser("resize", help="pre-resize a manifest's images into a cache folder",
                        formatter_class=Help)
     r.add_argument("--manifest", required=True)
-    r.add_argument("--root", required=True, help="original images")
+    r.add_argument("--root", required=True, help="original images: a folder, or a .zip read "
+                   "in place (bad members are listed in OUT/unreadable.csv)")
     r.add_argument("--out", required=True, help="cache folder, same relative paths")
     r.add_argument("--size", type=int, default=256, help="shorter side, px")
     r.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     r.set_defaults(func=cmd_resize)
+
+    add_hf_parser(sub)
 
     m = sub.add_parser("demo", help="small SYNTHETIC dataset in the real formats",
                        formatter_class=Help)

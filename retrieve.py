@@ -13,6 +13,7 @@ Shell:
         --index-type hnsw --pca 256
     python retrieve.py --add --manifest nga/manifest.csv --index nga/index   # only new paths
     python retrieve.py --build --ckpt runs/crnn/best.pt --index demo/style_index  # learned style
+    python retrieve.py --build --images wikiart.zip --manifest subset/manifest.csv  # zip in place
 
 Notebook:
     import retrieve
@@ -212,23 +213,21 @@ def copy_rows(dst, parts):
 # ----------------------------------------------------------------------------- collection
 
 def scan_images(root, skip_dir=None):
-    """Sorted relative paths of the images under root (not under skip_dir); other files count."""
+    """Sorted relative paths of the images under root, a folder (not under skip_dir) or a zip;
+    other files count."""
     paths, others = [], 0
-    skip = os.path.abspath(skip_dir) if skip_dir else None
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if os.path.abspath(os.path.join(d, x)) != skip)
-        for f in sorted(files):
-            if f.lower().endswith(data.IMAGE_EXTS) and not f.startswith("."):
-                paths.append(os.path.relpath(os.path.join(d, f), root).replace(os.sep, "/"))
-            else:
-                others += 1
+    for rel in data.image_source(root).members(skip_dir):
+        name = rel.rsplit("/", 1)[-1]
+        if name.lower().endswith(data.IMAGE_EXTS) and not name.startswith("."):
+            paths.append(rel)
+        else:
+            others += 1
     return paths, others
 
 
 def read_collection(root, manifest, index_dir):
     """(header, rows) of the images to index: the manifest's rows, or a scan of root."""
-    if not os.path.isdir(root):
-        raise UserError(f"image folder not found: {root}")
+    data.image_source(root)  # a folder or a zip, there and readable: else one line here
     if manifest:
         rows = data.read_manifest(manifest)
         first = {}
@@ -249,7 +248,8 @@ def read_collection(root, manifest, index_dir):
 def embed_collection(model, rows, root, cfg, args, device, out_path):
     """Embed rows to out_path; returns (rows that decoded, n skipped, seconds). The others are
     listed in INDEX/skipped.csv."""
-    found = [os.path.isfile(data.safe_join(root, r["path"])) for r in rows]
+    src = data.image_source(root)
+    found = [src.exists(r["path"]) for r in rows]
     todo = [r for r, ok in zip(rows, found, strict=True) if ok]
     skipped = [(r["path"], "missing") for r, ok in zip(rows, found, strict=True) if not ok]
     t0 = time.time()
@@ -757,8 +757,9 @@ def cmd_query_id(args, device, amp):
     D, I = search(index, xb[ids], args.k + 1)
     keep = drop_self(I, ids, args.k)
     D, I = D[keep].reshape(len(ids), args.k), I[keep].reshape(len(ids), args.k)
-    files = [data.safe_join(cfg["images"], r) for r in rel]
-    return report(args, cfg, meta, files, D, I)
+    src = data.image_source(cfg["images"], must_exist=False)
+    files = [os.path.join(cfg["images"], r) for r in rel]  # names to print, thumbnails from src
+    return report(args, cfg, meta, files, D, I, [src.thumb(r) for r in rel])
 
 
 def drop_self(I, ids, k):
@@ -768,8 +769,9 @@ def drop_self(I, ids, k):
     return keep & (np.cumsum(keep, 1) <= k)
 
 
-def report(args, cfg, meta, queries, D, I):
-    """Print the ranked lists, write the contact sheet; returns (D, I)."""
+def report(args, cfg, meta, queries, D, I, thumbs=None):
+    """Print the ranked lists, write the contact sheet; returns (D, I). thumbs: what to draw
+    for each query when not its path (an indexed image inside a zip)."""
     for q, d_row, i_row in zip(queries, D, I, strict=True):
         print(f"query: {q}\n  rank  score  path  [title - attribution]")
         for rank, (score, i) in enumerate(zip(d_row, i_row, strict=True), 1):
@@ -778,17 +780,17 @@ def report(args, cfg, meta, queries, D, I):
                 label = " - ".join(x for x in (r.get("title"), r.get("attribution")) if x)
                 print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}")
     sheet = args.sheet or os.path.join(args.index, "query_sheet.png")
-    query_sheet(queries, D, I, meta, cfg["images"], sheet)
+    query_sheet(queries, D, I, meta, cfg["images"], sheet, thumbs)
     print(f"contact sheet: {sheet}")
     return D, I
 
 
-def query_sheet(queries, D, I, meta, root, path):
+def query_sheet(queries, D, I, meta, root, path, thumbs=None):
     """One row per query: the query (framed), then its top k with rank, score and title."""
-    rows = []
-    for q, d_row, i_row in zip(queries, D, I, strict=True):
-        rows.append([(q, "query", os.path.basename(q))] + [
-            (data.safe_join(root, meta[i]["path"]), f"{rank}. {s:.3f}",
+    rows, src = [], data.image_source(root, must_exist=False)  # a folder or a zip
+    for n, (q, d_row, i_row) in enumerate(zip(queries, D, I, strict=True)):
+        rows.append([(thumbs[n] if thumbs else q, "query", os.path.basename(q))] + [
+            (src.thumb(meta[i]["path"]), f"{rank}. {s:.3f}",
              meta[i].get("title") or os.path.basename(meta[i]["path"]))
             for rank, (s, i) in enumerate(zip(d_row, i_row, strict=True), 1) if i >= 0])
     pages.contact_sheet(rows, path, frame_first=True)
@@ -818,9 +820,10 @@ def copy_of(im, rng):
 
 
 def original(cfg, rel):
-    path = data.safe_join(cfg["images"], rel)
+    path = os.path.join(cfg["images"], rel)
     try:
-        return data.load_image(path, 2 * cfg["img_size"])  # 2x: the crop is enlarged later
+        src = data.image_source(cfg["images"], must_exist=False)  # a folder or a zip
+        return data.load_image(src.loadable(rel), 2 * cfg["img_size"])  # 2x: crop enlarged later
     except data.DECODE_ERRORS as e:
         raise UserError(f"copy detection needs the indexed images: {path} "
                         f"({data.decode_error(e)}); "
@@ -920,7 +923,8 @@ def build_parser():
     mode.add_argument("--query-id", nargs="+", metavar="PATH",
                       help="indexed paths (as in meta.csv) to search for, minus themselves")
     mode.add_argument("--eval", action="store_true", help="self, copy-detection, label retrieval")
-    p.add_argument("--images", help=f"image root; paths are stored relative to it (default: "
+    p.add_argument("--images", help=f"image folder, or a .zip read in place; paths are stored "
+                   f"relative to it (default: "
                    f"{DEFAULT_IMAGES} for --build, else the index's root)")
     p.add_argument("--manifest", help=f"CSV with a path column (default: {DEFAULT_MANIFEST} "
                    "with the default --images if it exists, else every image under --images; "

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.error
+import zipfile
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -189,14 +191,98 @@ def demo(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def demo_zip(demo):
+    """demo/images as a zip under one top folder (as wikiart.zip holds wikiart/<Style>/...)."""
+    path = demo.parent / "demo_images.zip"
+    if not path.exists():
+        root = demo / "images"
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        write_zip(path, {p.relative_to(root).as_posix(): p.read_bytes() for p in files},
+                  prefix="images/")
+    return path
+
+
+def noise_jpeg(seed, size=(48, 32)):
+    """A small noisy JPEG: its bytes are mostly entropy-coded data, so a flipped byte in the
+    middle still decodes (to wrong pixels) and only the zip's CRC-32 can tell."""
+    a = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_zip(path, members, prefix="", corrupt=None):
+    """A stored (uncompressed) zip of {name: bytes} under `prefix`; member `corrupt` gets one
+    byte in the middle of its data flipped after writing, so its CRC-32 no longer matches."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, body in members.items():
+            zf.writestr(prefix + name, body)
+    if corrupt is not None:
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(prefix + corrupt)
+        with open(path, "r+b") as f:
+            f.seek(info.header_offset + 26)  # local header: name and extra-field lengths
+            n_name, n_extra = struct.unpack("<HH", f.read(4))
+            at = info.header_offset + 30 + n_name + n_extra + info.compress_size // 2
+            f.seek(at)
+            byte = f.read(1)[0]
+            f.seek(at)
+            f.write(bytes([byte ^ 0x10]))
+    return path
+
+
+class HandleProbe:
+    """Item i of an ImageDataset read, then (pid that opened the zip handle, pid reading)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        assert self.ds[i] is not None
+        return torch.tensor([self.ds.source._pid, os.getpid()])
+
+
+HF_NAMES = {"style": ["Baroque", "Cubism", "Impressionism"],
+            "artist": ["Unknown Artist", "claude-monet", "pablo-picasso", "rembrandt", "paul-klee"],
+            "genre": ["landscape", "portrait", "Unknown Genre"]}
+
+
+def hf_shard(i, n=12, columns=("image", "artist", "genre", "style"), metadata=True):
+    """Parquet bytes in the huggan/wikiart layout: image {bytes, path}, integer labels, the
+    ClassLabel names in the schema's `huggingface` metadata; 3-row row groups (streamed). Row
+    j = i * n + k has style j % 3, artist j % 5, genre j % 3; row k = 5 is not an image."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    js = range(i * n, i * n + n)
+    cols = {"image": pa.array([{"bytes": b"junk" if j % n == 5 else noise_jpeg(j), "path":
+                                f"painter-{j % 7}_work-{j}.jpg"} for j in js]),
+            "artist": pa.array([j % 5 for j in js], pa.int64()),
+            "genre": pa.array([j % 3 for j in js], pa.int64()),
+            "style": pa.array([j % 3 for j in js], pa.int64())}
+    table = pa.table({c: cols[c] for c in columns})
+    if metadata:
+        feats = {"image": {"_type": "Image"}, **{t: {"names": names, "_type": "ClassLabel"}
+                                                 for t, names in HF_NAMES.items()}}
+        table = table.replace_schema_metadata(
+            {"huggingface": json.dumps({"info": {"features": feats}})})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=3)
+    return buf.getvalue()
+
+
 # --------------------------------------------------------------------------- a loopback HTTP server
 
 
 class Server:
-    """127.0.0.1 image server: 503-then-200, 429 with Retry-After, truncated JPEG, 404."""
+    """127.0.0.1 image server: 503-then-200, 429 with Retry-After, truncated JPEG, 404; and the
+    bytes of `files` ({url path: bytes}, e.g. parquet shards), 404 for other /hf/ paths."""
 
     def __init__(self):
-        self.hits, self.times, self.agents = {}, {}, set()
+        self.hits, self.times, self.agents, self.files = {}, {}, set(), {}
         self.inflight = self.max_inflight = 0
         self.lock = threading.Lock()
         server = self
@@ -220,7 +306,9 @@ class Server:
                         server.inflight -= 1
 
             def respond(self, n):
-                body = jpeg_bytes()
+                body = server.files.get(self.path, jpeg_bytes())
+                if self.path.startswith("/hf/") and self.path not in server.files:
+                    return self.send_error(404)
                 if self.path.startswith("/lag"):
                     time.sleep(0.4)
                 if self.path.startswith("/flaky") and n == 1:
@@ -693,7 +781,8 @@ def test_data_wikiart_real_list_formats(tmp_path, capsys):
     write_lists(tmp_path / "lists")
     out = tmp_path / "out"
     assert data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
-                      "--per-class", "12", "--min-per-class", "5", "--seed", "3"]) == 0
+                      "--per-class", "12", "--min-per-class", "5", "--seed", "3",
+                      "--split", "random"]) == 0
     log = capsys.readouterr().out
     rows = data.read_csv(out / "manifest.csv")
     assert list(rows[0]) == ["path", "style", "artist", "genre", "split"]
@@ -1008,6 +1097,224 @@ def test_data_image_dataset_skips_unreadable(tmp_path):
         data.ImageDataset(["../x.jpg"], tmp_path)
 
 
+# ------------------------------------------------------------------------------------- zip archives
+
+
+def test_data_zip_bad_crc_listed_and_same_subset_as_folder(tmp_path, capsys):
+    items = write_lists(tmp_path / "lists")
+    bodies = {p: noise_jpeg(k) for k, (p, _) in enumerate(items)}
+    victim = items[5][0]
+    zpath = write_zip(tmp_path / "w.zip", bodies, "wikiart/", corrupt=victim)
+    flipped = bytearray(bodies[victim])
+    flipped[len(flipped) // 2] ^= 0x10  # what write_zip did to the stored bytes:
+    assert data.load_image(io.BytesIO(bytes(flipped))).size == (48, 32)  # decoding cannot tell
+    root = tmp_path / "img"  # the same images as a folder, the victim missing
+    for p, body in bodies.items():
+        if p != victim:
+            (root / p).parent.mkdir(parents=True, exist_ok=True)
+            (root / p).write_bytes(body)
+    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--per-class", "0"]
+    capsys.readouterr()
+    data.main([*base, "--out", str(tmp_path / "z"), "--images", str(zpath)])
+    assert "skipped 1 bad CRC images" in capsys.readouterr().out
+    data.main([*base, "--out", str(tmp_path / "f"), "--images", str(root)])
+    assert (tmp_path / "z" / "manifest.csv").read_bytes() == \
+        (tmp_path / "f" / "manifest.csv").read_bytes()
+    rows = data.read_csv(tmp_path / "z" / "manifest.csv")
+    assert len(rows) == 62 and MOJI in {r["path"] for r in rows}  # UTF-8 member names match
+    assert [(r["path"], r["reason"]) for r in data.read_csv(tmp_path / "z" / "unusable.csv")] == \
+        [(victim, "bad CRC")]
+    assert [r["reason"] for r in data.read_csv(tmp_path / "f" / "unusable.csv")] == ["missing"]
+    info = zipfile.ZipInfo(MOJI.encode("utf-8").decode("cp437"))  # UTF-8 name, no UTF-8 flag
+    assert data.member_name(info) == MOJI
+
+
+def test_data_resize_from_zip_and_bad_zips_are_one_line(tmp_path, capsys):
+    bodies = {f"S/{k}.jpg": noise_jpeg(k, (96, 64)) for k in range(4)}
+    zpath = write_zip(tmp_path / "a.zip", bodies, "top/", corrupt="S/2.jpg")
+    data.write_csv(tmp_path / "m.csv", ["path"], [[p] for p in bodies] + [["S/9.jpg"]])
+    cache = tmp_path / "cache"
+    argv = ["resize", "--manifest", str(tmp_path / "m.csv"), "--out", str(cache), "--size", "32",
+            "--workers", "2"]
+    assert data.main([*argv, "--root", str(zpath)]) == 0
+    assert Image.open(cache / "S" / "3.jpg").size == (48, 32)
+    bad = {r["path"]: r["error"] for r in data.read_csv(cache / "unreadable.csv")}
+    assert set(bad) == {"S/2.jpg", "S/9.jpg"} and "CRC" in bad["S/2.jpg"]
+    capsys.readouterr()
+    data.main([*argv, "--root", str(zpath)])
+    assert "3 already cached, 2 to resize" in capsys.readouterr().out
+    (tmp_path / "not.zip").write_bytes(b"PK\x03\x04 and then nothing of a zip")
+    whole = zpath.read_bytes()
+    (tmp_path / "cut.zip").write_bytes(whole[: len(whole) // 2])  # no central directory
+    write_zip(tmp_path / "evil.zip", {"S/0.jpg": noise_jpeg(0), "../evil.jpg": noise_jpeg(1)})
+    for name, msg in (("not.zip", "cannot read zip"), ("cut.zip", "cannot read zip"),
+                      ("evil.zip", "escapes the zip's root"), ("none.zip", "image zip not found")):
+        with pytest.raises(SystemExit) as e:
+            data.main([*argv[:3], "--out", str(tmp_path / "c2"), "--root", str(tmp_path / name)])
+        msg_got = str(e.value.code)
+        assert msg in msg_got and msg_got.startswith("data.py: error: ") and "\n" not in msg_got
+    assert not (tmp_path / "c2").exists()
+
+
+def test_data_zip_dataloader_workers_open_their_own_handle(tmp_path):
+    bodies = {f"d/{k}.jpg": noise_jpeg(k) for k in range(24)}
+    zpath = write_zip(tmp_path / "w.zip", bodies)
+    for p, body in bodies.items():
+        (tmp_path / "dir" / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "dir" / p).write_bytes(body)
+
+    def pixels(root, workers):
+        ds = data.ImageDataset(list(bodies), root, lambda im: torch.from_numpy(np.array(im)))
+        loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=workers,
+                                             collate_fn=data.collate_skip)
+        return torch.cat([x for x, _, _ in loader])
+
+    assert torch.equal(pixels(zpath, 2), pixels(tmp_path / "dir", 0))
+    # forked workers reading through the parent's handle would share its file offset and read
+    # each other's members now and then: each must use a handle it opened itself
+    probe = HandleProbe(data.ImageDataset(list(bodies), zpath))
+    pids = torch.cat(list(torch.utils.data.DataLoader(probe, batch_size=4, num_workers=2)))
+    assert (pids[:, 0] == pids[:, 1]).all() and (pids[:, 1] != os.getpid()).all()
+    src = data.image_source(zpath)
+    assert src._pid == os.getpid()  # the parent's own handle, still its own
+    assert pickle.loads(pickle.dumps(src))._zf is None  # a spawned worker opens its own
+
+
+# --------------------------------------------------------------------------------------- hf-wikiart
+
+
+def hf_expected(path):
+    """Labels and painter of a converted row, from its <Style>/<shard>-<row>.jpg name."""
+    shard, row = map(int, path.rsplit("/", 1)[1][:-4].split("-"))
+    j = shard * 12 + row
+
+    def name(t, k):
+        return "" if HF_NAMES[t][k].startswith("Unknown") else HF_NAMES[t][k]
+    labels = {"style": name("style", j % 3), "artist": name("artist", j % 5),
+              "genre": name("genre", j % 3)}
+    return labels, labels["artist"] or f"painter-{j % 7}"
+
+
+def test_data_hf_wikiart_download_convert_resume(tmp_path, server, monkeypatch, capsys):
+    for i in (0, 1):
+        server.files[f"/hf/{data.shard_name(i)}.parquet"] = hf_shard(i)
+    out = tmp_path / "hf"
+    argv = ["hf-wikiart", "--out", str(out), "--shards", "0-1", "--base-url", server.url + "/hf",
+            "--size", "32", "--per-class", "0", "--downloads", "1", "--workers", "2"]
+    real, calls = data.convert_row, []
+
+    def interrupted(*a):  # Ctrl-C in the fourth row of shard 1
+        calls.append(1)
+        if len(calls) == 16:
+            raise KeyboardInterrupt
+        return real(*a)
+    monkeypatch.setattr(data, "convert_row", interrupted)
+    with pytest.raises(SystemExit) as e:
+        data.main(argv)
+    assert e.value.code == 130 and "run the same command" in capsys.readouterr().out
+    parquet, shards = out / "parquet", out / "shards"
+    assert (shards / f"{data.shard_name(0)}.csv").exists()
+    assert not (shards / f"{data.shard_name(1)}.csv").exists()
+    assert not (parquet / f"{data.shard_name(0)}.parquet").exists()  # converted: deleted
+    assert (parquet / f"{data.shard_name(1)}.parquet").exists()  # downloaded: kept
+    assert not (out / "manifest.csv").exists()
+    monkeypatch.setattr(data, "convert_row", real)
+    assert data.main(argv) == 0
+    assert sorted(server.hits.values()) == [1, 1]  # no shard downloaded twice
+    rows = data.read_csv(out / "manifest.csv")
+    assert len(rows) == 22 and {r["split"] for r in rows} == {"train", "val"}
+    for r in rows:
+        assert {t: r[t] for t in ("style", "artist", "genre")} == hf_expected(r["path"])[0]
+    assert Image.open(out / "images" / rows[0]["path"]).size == (48, 32)
+    assert sorted(r["path"] for r in data.read_csv(out / "unusable.csv")) == \
+        ["Impressionism/00000-00005.jpg", "Impressionism/00001-00005.jpg"]
+    assert json.loads((out / "classes.json").read_text()) == {
+        "style": HF_NAMES["style"], "artist": HF_NAMES["artist"][1:],
+        "genre": HF_NAMES["genre"][:2]}  # "Unknown ..." is no label
+    capsys.readouterr()
+    data.main([*argv, "--split", "artist"])  # everything converted: no download, no decoding
+    assert "2 converted already, 0 to download" in capsys.readouterr().out
+    assert sorted(server.hits.values()) == [1, 1]
+    splits = {}
+    for r in data.read_csv(out / "manifest.csv"):
+        splits.setdefault(hf_expected(r["path"])[1], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits.values())  # no painter in two splits
+    assert set().union(*splits.values()) == {"train", "dev", "test"}
+    assert not [p for p in out.rglob("*") if p.name.endswith((".part", ".tmp"))]
+
+
+def test_data_hf_wikiart_bad_input_is_one_line(tmp_path, server, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    server.files[f"/hf/{data.shard_name(0)}.parquet"] = hf_shard(0, 4, ("image", "artist"))
+    server.files[f"/hf/{data.shard_name(1)}.parquet"] = b"PAR1 but no parquet in here PAR1"
+
+    def error(shards, out):
+        with pytest.raises(SystemExit) as e:
+            data.main(["hf-wikiart", "--base-url", server.url + "/hf", "--retries", "0",
+                       "--shards", shards, "--out", str(tmp_path / out)])
+        msg = str(e.value.code)
+        assert msg.startswith("data.py: error: ") and "\n" not in msg, msg
+        return msg
+    assert "HTTP 404" in error("3", "a") and not list((tmp_path / "a").rglob("*.parquet"))
+    assert "no column style" in error("0", "b")
+    assert not (tmp_path / "b" / "shards").exists() and not (tmp_path / "b" / "images").exists()
+    assert "cannot read parquet" in error("1", "c")
+    assert "numbered 0..71" in error("70-72", "d")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # not installed
+    assert "pip install pyarrow" in error("0", "e")
+    for meta in (None, {"huggingface": "{not json"}, {"huggingface": '{"info": []}'},
+                 {"huggingface": json.dumps({"info": {"features": {"style": {"names": 3}}}})}):
+        assert data.class_names(pa.schema([("style", pa.int64())], metadata=meta), "style") \
+            is None
+    yaml_like = {"info": {"features": {"style": {"names": {"0": "A", "1": "B"}}}}}
+    schema = pa.schema([("style", pa.int64())], metadata={"huggingface": json.dumps(yaml_like)})
+    assert data.class_names(schema, "style") == ["A", "B"]
+    assert data.row_label(2, None, "style") == "style_2"  # no names: named by index
+    assert data.row_label(0, HF_NAMES["artist"], "artist") == "" == data.row_label(None, [], "x")
+
+
+# -------------------------------------------------------------------------------------- split rules
+
+
+def test_data_split_official_test_is_the_val_lists(tmp_path, capsys):
+    write_lists(tmp_path / "lists")
+    folders = ["Art_Nouveau_Modern", "Baroque", "Cubism"]
+    style_val = {f"{f}/artist-{c}_work-{i}(1).jpg" for c, f in enumerate(folders)
+                 for i in range(0, 20, 4)}
+    genre_val = {"Cubism/artist-2_work-3(1).jpg", MOJI}  # both train in the style lists
+    artist_val = {"Baroque/artist-1_work-5(1).jpg"}  # train in the style lists
+    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o")]
+    for extra, test in ((["--per-class", "0"], style_val | genre_val | artist_val),
+                        (["--per-class", "5"], style_val | genre_val | artist_val),
+                        (["--tasks", "style,genre"], style_val | genre_val)):
+        capsys.readouterr()
+        data.main(base + extra)
+        log = capsys.readouterr().out
+        rows = data.read_csv(tmp_path / "o" / "manifest.csv")
+        assert {r["path"] for r in rows if r["split"] == "test"} == test, extra
+        assert {r["split"] for r in rows} == {"train", "dev", "test"}
+        fit = [r for r in rows if r["split"] != "test"]
+        assert not {r["path"] for r in fit} & test
+        if "5" in extra:  # the cap is on train (and dev) only
+            assert max(sum(1 for r in fit if r["style"] == c) for c in ("Baroque", "Cubism")) == 5
+    assert "genre val list: 2 images, 2 of them not in the style val list" in log
+
+
+def test_data_split_artist_no_painter_in_two_splits(tmp_path, capsys):
+    write_lists(tmp_path / "lists")
+    data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o"),
+               "--per-class", "0", "--split", "artist", "--test-frac", "0.3"])
+    assert "split artist: 5 artists" in capsys.readouterr().out
+    splits = {}
+    for r in data.read_csv(tmp_path / "o" / "manifest.csv"):
+        splits.setdefault(data.artist_of(r["path"]), set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits.values()) and len(splits) == 5
+    assert {"train", "test"} <= set().union(*splits.values())
+    with pytest.raises(SystemExit, match="--test-frac \\+ --dev-frac must be < 1"):
+        data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o"),
+                   "--split", "artist", "--test-frac", "0.9"])
+
+
 # --------------------------------------------------------------------------------------------- demo
 
 
@@ -1295,6 +1602,46 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
     assert "1 images classified, 2 skipped" in capsys.readouterr().out
 
 
+def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path, capsys):
+    """A train/dev/test manifest (as `wikiart --split official` writes) over the zipped demo
+    images; one genre class is labelled only in test."""
+    classes = json.loads((demo / "classes.json").read_text())
+    rare, rows = classes["genre"][0], []
+    for k, r in enumerate(data.read_csv(demo / "manifest.csv")):
+        split = "test" if r["split"] == "val" else "dev" if k % 4 == 0 else "train"
+        genre = "" if split != "test" and r["genre"] == rare else r["genre"]
+        rows.append([r["path"], r["style"], r["artist"], genre, split])
+    data.write_csv(tmp_path / "m.csv", ["path", "style", "artist", "genre", "split"], rows)
+    (tmp_path / "classes.json").write_text(json.dumps(classes))
+    out = tmp_path / "run"
+    capsys.readouterr()
+    crnn.main(["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo_zip), *CRNN_FAST,
+               "--freeze-backbone", "--epochs", "2", "--tasks", "style,genre", "--out", str(out)])
+    log = capsys.readouterr().out
+    assert "selecting best.pt on dev" in log
+    assert f"warning: genre: test classes never seen in train (always scored wrong): {rare}" in log
+    assert sorted(os.listdir(out / "cache")) == ["dev.json", "dev.npy", "train.json", "train.npy"]
+    assert [json.loads(ln)["split"] for ln in open(out / "log.jsonl")] == ["dev", "dev"]
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["selected_on"] == "dev" and list(ckpt["classes"]) == ["style", "genre"]
+    crnn.main(["--eval", "--ckpt", str(out / "best.pt"), "--outliers", "3", "--workers", "0"])
+    n_test = sum(1 for r in rows if r[4] == "test")
+    report = (out / "report.txt").read_text()
+    assert f"(test split, {n_test} images, 0 unreadable" in report and rare in report
+    assert "selected on" not in report
+    assert {r["path"] for r in data.read_csv(out / "predictions.csv")} == \
+        {r[0] for r in rows if r[4] == "test"}
+    assert data.read_csv(out / "outliers.csv")
+    with Image.open(out / "outliers.png") as im:  # thumbnails read from the zip, not grey
+        assert im.getpixel((90, 90)) not in (pages.GREY, (255, 255, 255))
+    crnn.main(["--eval", "--ckpt", str(out / "best.pt"), "--split", "dev", "--workers", "0"])
+    assert "note: best.pt was selected on this dev split" in (out / "report.txt").read_text()
+    msg = crnn_error(capsys, ["--eval", "--ckpt", str(out / "best.pt"), "--split", "val"])
+    assert "no labelled rows with split val (splits here: dev, test, train" in msg
+    msg = crnn_error(capsys, ["--train", "--data", str(tmp_path / "m.csv"), "--tasks", "colour"])
+    assert "--tasks 'colour'" in msg
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 
@@ -1465,6 +1812,29 @@ def test_retrieve_add_equals_build_at_once(built, demo, tmp_path):
     np.testing.assert_allclose(Da, Db, atol=1e-5)
     retrieve.main(["--add", "--index", part, "--workers", "0"])  # nothing new: a no-op
     assert retrieve.open_index(part)[0]["n"] == 120
+
+
+def test_retrieve_build_from_zip_equals_folder(built, demo, tmp_path):
+    """--images a zip read in place, scanned (no manifest): the same vectors as the folder's;
+    the query sheet's thumbnails come out of the zip."""
+    _, built_meta, ref, _ = retrieve.open_index(built)
+    rows = built_meta[:12]
+    members = {r["path"]: (demo / "images" / r["path"]).read_bytes() for r in rows}
+    members.update({"notes.txt": b"hello", "Cubism/broken.jpg": b"not a jpeg"})
+    zpath = write_zip(tmp_path / "g.zip", members, prefix="gallery/")
+    index = tmp_path / "idx"
+    retrieve.main(["--build", "--images", str(zpath), "--index", str(index), *RETRIEVE_FAST,
+                   "--no-amp"])
+    _, got, xb, _ = retrieve.open_index(index)
+    meta = [r["path"] for r in got]
+    assert meta == sorted(r["path"] for r in rows)
+    assert [r["path"] for r in data.read_csv(index / "skipped.csv")] == ["Cubism/broken.jpg"]
+    at = {r["path"]: i for i, r in enumerate(built_meta)}
+    np.testing.assert_allclose(xb, ref[[at[p] for p in meta]], atol=1e-5)
+    retrieve.main(["--query-id", meta[0], "--index", str(index), "-k", "2"])
+    with Image.open(index / "query_sheet.png") as im:  # query cell, then the first result
+        assert {im.getpixel((90, 90)), im.getpixel((270, 90))}.isdisjoint(
+            {pages.GREY, (255, 255, 255)})
 
 
 def test_retrieve_hnsw_pca_build_then_query(demo, tmp_path):
