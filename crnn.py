@@ -5,12 +5,12 @@ data.py's, the backbone, device and precision nets.py's, pictures pages.py's; no
 
 Shell:
     python data.py demo                                   # synthetic data in demo/
-    python crnn.py --train --weights none                 # demo/manifest.csv -> runs/crnn/
-    python crnn.py --eval --outliers 20                   # runs/crnn/best.pt on the test split
+    python crnn.py --train --weights none                 # demo/manifest.csv -> runs/demo/
+    python crnn.py --eval --outliers 20                   # runs/demo/best.pt on the test split
     python crnn.py --predict painting.jpg more_paintings/ -k 3
     python crnn.py --train --data subset/manifest.csv --root wikiart --out runs/r50 \
         --freeze-backbone
-    python crnn.py --train --data subset/manifest.csv --root wikiart --out runs/r50 --resume
+    python crnn.py --train --resume --out runs/r50 --epochs 20   # last.pt's own flags, extended
     python crnn.py --train --data hf/manifest.csv --root wikiart.zip --tasks style,genre
 
 Notebook:
@@ -30,8 +30,9 @@ Splits: best.pt is selected on `dev` when the manifest has one (else on `val`), 
 reports on `test` (else `val`; --split picks), so the reported figures are not the ones the
 checkpoint was chosen on. --root may be a folder or a .zip read in place (data.image_source).
 
-Files (OUT = --out): log.jsonl (one JSON object per epoch), last.pt every epoch and best.pt (best
-mean macro-F1 over tasks on dev/val), cache/ (--freeze-backbone features). --eval writes report.txt,
+Files (OUT = --out, default runs/<the manifest's folder>): log.jsonl (one JSON object per epoch),
+last.pt every epoch and best.pt (best mean macro-F1 over tasks on dev/val), skipped.csv (images
+that did not decode, with why), cache/ (--freeze-backbone features). --eval writes report.txt,
 metrics.json, predictions.csv, confusion_<task>.csv/.png and, with --outliers N, outliers.csv and
 outliers.png. An outlier's score is p(pred) - p(true) over misclassified (image, task) pairs.
 
@@ -65,11 +66,13 @@ import nets
 import pages
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
+DEFAULT_DATA = os.path.join("demo", "manifest.csv")
 ARCH = "crnn-v1"  # stored in every checkpoint; load_checkpoint refuses anything else
 UserError, one_line = data.UserError, data.one_line
 # --eval/--predict rebuild the model from the checkpoint: only these flags mean anything there
 EVAL_ARGS = ("eval", "predict", "ckpt", "data", "root", "classes", "out", "outliers", "k",
-             "split", "drop_leaks", "batch_size", "workers", "amp", "device")
+             "split", "drop_leaks", "outliers_split", "batch_size", "workers", "amp",
+             "device")
 
 
 # ----------------------------------------------------------------------------- model
@@ -164,7 +167,7 @@ def resolve_data(args, ckpt_args=None):
     """--data defaults to demo/manifest.csv (--eval/--predict: the checkpoint's); --root and
     --classes default to images/ and classes.json beside the manifest."""
     if args.data is None:
-        args.data = ckpt_args["data"] if ckpt_args else os.path.join("demo", "manifest.csv")
+        args.data = ckpt_args["data"] if ckpt_args else DEFAULT_DATA
         if ckpt_args and args.root is None:
             args.root = ckpt_args["root"]
         if not ckpt_args and not os.path.isfile(args.data):
@@ -173,6 +176,13 @@ def resolve_data(args, ckpt_args=None):
     base = os.path.dirname(args.data)
     args.root = args.root or os.path.join(base, "images")
     args.classes = args.classes or os.path.join(base, "classes.json")
+
+
+def default_out(manifest):
+    """runs/<the manifest's folder name>: the demo trains into runs/demo, subset/ into
+    runs/subset, so that runs on different data never share a folder."""
+    name = os.path.basename(os.path.dirname(os.path.abspath(manifest))) or "run"
+    return os.path.join("runs", name)
 
 
 def read_class_file(path):
@@ -271,10 +281,10 @@ def unseen_classes(table, split):
     return out
 
 
-def warn_unseen(table, split):
+def warn_unseen(table, split, show=True):
     lines = [f"warning: {t}: {split} classes never seen in train (always scored wrong): "
              f"{', '.join(names)}" for t, names in unseen_classes(table, split).items()]
-    for ln in lines:
+    for ln in lines if show else ():
         print(ln)
     return lines
 
@@ -577,20 +587,92 @@ def save_checkpoint(fit, out, state, table, args, is_best):
         data.atomic_write(os.path.join(out, "best.pt"), buf.getvalue(), "wb")
 
 
-def resume_checkpoint(table, args):
-    """OUT/last.pt, checked against this run's model options and class lists."""
+# What a run is: --resume takes these from last.pt unless typed (a larger --epochs extends the
+# run: the cosine schedule is recomputed over the new total); RUN_FLAGS tell two runs apart.
+RESUME_FLAGS = ("data", "root", "classes", "tasks", "backbone", "weights", "rnn", "hidden",
+                "dropout", "img_size", "epochs", "batch_size", "lr", "weight_decay", "warmup",
+                "label_smoothing", "balance", "patience", "freeze_backbone", "cache", "seed",
+                "drop_leaks")
+RUN_FLAGS = ("data", "tasks", "backbone", "weights", "rnn", "hidden", "img_size",
+             "freeze_backbone")
+PATH_FLAGS = ("data", "root", "classes", "cache", "weights")
+
+
+def typed_flags(parser, argv):
+    """The dests of the flags argv types (parsed once more with every default suppressed), so
+    that a typed value can be told from a default one."""
+    saved = [(a, a.default) for a in parser._actions]
+    for a, _ in saved:
+        a.default = argparse.SUPPRESS
+    try:
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, d in saved:
+            a.default = d
+
+
+def same_flag(k, a, b):
+    if k in PATH_FLAGS and isinstance(a, str) and isinstance(b, str) and a not in (
+            "imagenet", "none"):
+        return os.path.abspath(a) == os.path.abspath(b)
+    return a == b
+
+
+def resume_flags(args, typed):
+    """OUT/last.pt, after setting args to its flags wherever the user typed none; typed flags
+    that contradict it are refused, all named at once."""
     path = os.path.join(args.out, "last.pt")
     if not os.path.isfile(path):
         raise UserError(f"--resume: no checkpoint to resume from: {path}")
     ckpt = read_checkpoint(path)
-    for k in ("backbone", "hidden", "rnn", "freeze_backbone", "img_size"):
-        if ckpt["args"].get(k) != getattr(args, k):
-            raise UserError(f"--resume: {path} has --{k.replace('_', '-')} "
-                            f"{ckpt['args'].get(k)}, this run {getattr(args, k)}")
-    if ckpt["classes"] != table.classes:
-        raise UserError(f"--resume: {path} was trained on other class lists than {args.data}")
-    print(f"resuming from {path} after epoch {ckpt['epoch']} (best mean F1 {ckpt['best']:.4f})")
+    was = ckpt["args"]
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (it has {was.get(k)})"
+             for k in RESUME_FLAGS if k in typed and k != "epochs"
+             and not same_flag(k, getattr(args, k), was.get(k))]
+    if clash:
+        raise UserError(f"--resume: {path} was trained with other flags: {'; '.join(clash)}; "
+                        "drop them to continue it, or train anew into another --out")
+    for k in RESUME_FLAGS:
+        if k not in typed and k in was:
+            setattr(args, k, was[k])
+    if args.epochs <= ckpt["epoch"]:
+        raise UserError(f"--resume: {path} has done its {ckpt['epoch']} of {args.epochs} "
+                        "epochs: pass a larger --epochs to extend it")
+    shown = " ".join(f"--{k.replace('_', '-')}" + ("" if was[k] is True else f" {was[k]}")
+                     for k in RESUME_FLAGS if k not in typed and was.get(k) not in (None, False))
+    print(f"resuming {path} after epoch {ckpt['epoch']} (best mean F1 {ckpt['best']:.4f}) "
+          f"with its flags: {shown}")
     return ckpt
+
+
+def check_out(args):
+    """Refuses to train over another run's checkpoint in --out (other data or model flags)
+    unless --overwrite; the same run again may start over."""
+    path = os.path.join(args.out, "last.pt")
+    if args.overwrite or not os.path.isfile(path):
+        return
+    try:
+        was = read_checkpoint(path)["args"]
+    except UserError:
+        was = {}
+    diff = [f"--{k.replace('_', '-')} {was.get(k)}" for k in RUN_FLAGS
+            if not same_flag(k, getattr(args, k), was.get(k))]
+    if diff:
+        raise UserError(f"{args.out} holds another run ({' '.join(diff)}): pass another --out, "
+                        "--resume to continue that one, or --overwrite to replace it")
+
+
+def check_numbers(args):
+    """One line for a number out of range, before anything is read or written."""
+    rules = [("epochs", 1, None), ("batch_size", 1, None), ("lr", 0, None),
+             ("weight_decay", 0, None), ("warmup", 0, None), ("label_smoothing", 0, 0.99),
+             ("dropout", 0, 0.99), ("hidden", 1, None), ("img_size", 32, None),
+             ("patience", 0, None), ("workers", 0, None), ("outliers", 0, None), ("k", 1, None)]
+    for k, lo, hi in rules:
+        v = getattr(args, k)
+        if not lo <= v <= (hi if hi is not None else v) or isinstance(v, float) and v != v:
+            limit = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise UserError(f"--{k.replace('_', '-')} {v}: must be {limit}")
 
 
 def restore(fit, ckpt):
@@ -708,13 +790,15 @@ def run_epoch(fit, feeds, table, args, epoch, state):
     return state
 
 
-def cmd_train(args, device):
+def cmd_train(args, device, ckpt=None):
+    """Trains into args.out; ckpt: last.pt to continue (--resume), its flags already in args."""
     table = read_table(args.data, args.classes, train_tasks(args.tasks),
                        drop_leaks=args.drop_leaks)
+    if ckpt and ckpt["classes"] != table.classes:
+        raise UserError(f"--resume: {args.out} was trained on other class lists than {args.data}")
     sel = announce_splits(table, args.data)
     seed_all(args.seed)
     amp = nets.autocast_dtype(device) if args.amp else None
-    ckpt = resume_checkpoint(table, args) if args.resume else None
     model = CRNN({t: len(c) for t, c in table.classes.items()}, args.backbone,
                  "none" if ckpt else args.weights, args.hidden, args.rnn, args.dropout)
     if ckpt:  # before make_feeds: a missing feature cache is rebuilt from these weights
@@ -777,11 +861,11 @@ def eval_split(args, table):
 
 
 def eval_notes(table, split, ckpt):
-    """Warnings for the report: classes never seen in train, and a split best.pt was chosen on."""
-    notes = warn_unseen(table, split)
+    """Warnings for the report (printed with it): classes never seen in train, and a split
+    best.pt was chosen on."""
+    notes = warn_unseen(table, split, show=False)
     if split == ckpt.get("selected_on", "val"):  # older checkpoints were chosen on val
         notes.append(f"note: best.pt was selected on this {split} split: optimistic scores")
-        print(notes[-1])
     return notes
 
 
@@ -846,30 +930,66 @@ def cmd_eval(args, device):
     args.split = eval_split(args, table)
     rows = np.flatnonzero((table.split == args.split) & (table.y >= 0).any(1))
     notes = eval_notes(table, args.split, ckpt)
+    searched = outlier_rows(table, args.outliers_split) if args.outliers else rows
     ds = data.ImageDataset(table.paths, args.root, nets.make_transform(size), size)
     amp = nets.autocast_dtype(device) if args.amp else None
-    loader = image_loader(ds, sequential(rows, args.batch_size), args, device)
-    idx, probs, _ = predict_probs(model, model, loader, device, amp)
+    loader = image_loader(ds, sequential(np.union1d(rows, searched), args.batch_size), args,
+                          device)
+    all_idx, all_probs, _ = predict_probs(model, model, loader, device, amp)
+    keep = np.isin(all_idx, rows)
+    idx, probs = all_idx[keep], {t: all_probs[t][keep] for t in table.tasks}
     if not len(idx):
         raise UserError(f"none of the {len(rows)} {args.split} images under {args.root} "
                         "could be read")
-    probs = {t: probs[t] for t in table.tasks}
     res = {t: task_result(table.y[idx, j], probs[t], table.classes[t])
            for j, t in enumerate(table.tasks) if (table.y[idx, j] >= 0).any()}
     text = report_text(res, args, len(rows), len(rows) - len(idx), notes)
     write_eval(out, res, table, idx, probs, text)
     print(text)
     if args.outliers:
-        found = outliers(table, idx, probs, args.outliers)
+        keep = np.isin(all_idx, searched)
+        found = outliers(table, all_idx[keep], {t: p[keep] for t, p in all_probs.items()},
+                         args.outliers)
         keys = ["path", "task", "true", "pred", "p_true", "p_pred", "score"]
         data.write_csv(os.path.join(out, "outliers.csv"), keys,
                        [[o[k] if isinstance(o[k], str) else f"{o[k]:.4f}" for k in keys]
                         for o in found])
         outlier_sheet(found, args.root, os.path.join(out, "outliers.png"))
-        print(f"outliers: {len(found)} most confident disagreements, score = p(pred) - p(true)"
-              f" -> {os.path.join(out, 'outliers.csv')}, outliers.png")
+        print(f"outliers: {len(found)} most confident disagreements among {keep.sum()} "
+              f"{args.outliers_split} images, score = p(pred) - p(true) -> "
+              f"{os.path.join(out, 'outliers.csv')}, outliers.png")
+        planted_found(found, table, searched, args.data)
     print(f"wrote report.txt, metrics.json, predictions.csv, confusion_<task>.csv/.png to {out}")
     return {t: {"accuracy": r["report"]["accuracy"], "top3": r["top3"]} for t, r in res.items()}
+
+
+def outlier_rows(table, which):
+    """Labelled rows to look for outliers in: heldout (every split but train: the model never
+    fitted their labels), train, or all."""
+    labelled = (table.y >= 0).any(1)
+    if which == "train":
+        print("note: training images score optimistically: the model has fitted their labels, "
+              "wrong ones included")
+        return np.flatnonzero(labelled & (table.split == "train"))
+    if which == "all":
+        print("note: --outliers-split all includes the training images, which score "
+              "optimistically (the model has fitted their labels, wrong ones included)")
+        return np.flatnonzero(labelled)
+    return np.flatnonzero(labelled & (table.split != "train"))
+
+
+def planted_found(found, table, searched, manifest):
+    """With a label_noise.csv beside the manifest (the demo's deliberately wrong style labels):
+    how many of them the outliers name. Returns (found, planted) or None."""
+    path = os.path.join(os.path.dirname(manifest), "label_noise.csv")
+    if not os.path.isfile(path):
+        return None
+    planted = {r["path"] for r in data.read_csv(path, ("path",))}
+    there = planted & {table.paths[i] for i in searched}
+    hits = planted & {o["path"] for o in found if o["task"] == "style"}
+    print(f"planted label errors ({path}): {len(hits)} of {len(planted)} named as style "
+          f"outliers ({len(there)} of them in the images searched)")
+    return len(hits), len(planted)
 
 
 def outlier_sheet(found, root, path, cols=5):
@@ -967,8 +1087,9 @@ def build_parser():
                    "beside --data)")
     p.add_argument("--classes", help="class lists (default: classes.json beside --data, else "
                    "the sorted labels of the manifest)")
-    p.add_argument("--out", help="output folder (default: runs/crnn; --eval: the checkpoint's)")
-    p.add_argument("--ckpt", default=os.path.join("runs", "crnn", "best.pt"),
+    p.add_argument("--out", help="output folder (default: runs/<the manifest's folder>, "
+                   "runs/demo for the demo; --eval: the checkpoint's)")
+    p.add_argument("--ckpt", default=os.path.join(default_out(DEFAULT_DATA), "best.pt"),
                    help="checkpoint for --eval/--predict")
     p.add_argument("--tasks", help="with --train: a subset of the manifest's tasks, e.g. "
                    "style,genre (default: every task with labels)")
@@ -1001,7 +1122,10 @@ def build_parser():
                    help="cache the frozen backbone's maps (fp16, OUT/cache) and train only the "
                    "RNN and heads from them: no augmentation, >= 20x faster epochs")
     t.add_argument("--cache", help="feature cache folder (default: OUT/cache)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--resume", action="store_true", help="continue OUT/last.pt with its own "
+                   "flags (a larger --epochs extends it)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="train into an --out that holds another run's checkpoint")
     t.add_argument("--drop-leaks", action="store_true",
                    help="a path listed in two splits is left out of train (default: refused)")
     t.add_argument("--seed", type=int, default=0,
@@ -1009,6 +1133,10 @@ def build_parser():
     e = p.add_argument_group("evaluation and prediction")
     e.add_argument("--outliers", type=int, default=0, metavar="N",
                    help="with --eval: the N most confident disagreements with the labels")
+    e.add_argument("--outliers-split", default="heldout", choices=("heldout", "train", "all"),
+                   help="where --outliers looks: heldout = every split but train (the model "
+                   "never fitted those labels), train, or all (train images score "
+                   "optimistically)")
     e.add_argument("-k", type=int, default=3, help="top-k classes to print per task")
     e.add_argument("--split", choices=("dev", "val", "test"),
                    help="with --eval: the split to report on (default: test, else val)")
@@ -1022,22 +1150,27 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     data.tolerant_stdout()
     nets.tune_malloc()
     shown = vars(args) if args.train else {k: v for k, v in vars(args).items() if k in EVAL_ARGS}
     print("args: " + json.dumps({k: v for k, v in shown.items() if v is not None}))
     try:
+        check_numbers(args)
         device = nets.pick_device(args.device)
         if args.eval:
             return cmd_eval(args, device)
         if args.predict:
             return cmd_predict(args, device)
+        args.out = args.out or default_out(args.data or DEFAULT_DATA)
+        ckpt = resume_flags(args, typed_flags(parser, argv)) if args.resume else None
         resolve_data(args)
-        args.out = args.out or os.path.join("runs", "crnn")
+        if not ckpt:
+            check_out(args)
         torch.backends.cudnn.benchmark = False  # seeded runs repeat on the GPU too
         torch.backends.cudnn.deterministic = True
-        return cmd_train(args, device)
+        return cmd_train(args, device, ckpt)
     except UserError as e:
         raise SystemExit(f"crnn.py: error: {e}") from None
 

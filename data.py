@@ -866,6 +866,9 @@ def read_constituents(args):
 def cmd_nga(args):
     objects = read_csv(args.objects, ("objectid", "title", "classification"), what="objects CSV")
     images = primary_images(args.published_images, args.open_access)
+    if args.open_access and not any("openaccess" in r for r in (*objects[:1], *images.values())):
+        raise UserError("--open-access: neither the objects CSV nor the published_images CSV "
+                        "has an openaccess column, so nothing tells which images are open")
     by_obj, by_name = read_constituents(args)
     want = args.classification.lower()
     rows, n_class, no_image = [], 0, []
@@ -1526,7 +1529,7 @@ def write_demo_lists(lists, items, noise):
 def cmd_demo(args):
     rng = np.random.default_rng(args.seed)
     hands = demo_artists(rng)
-    items, prog = [], Progress(args.n, "demo", every=5.0)
+    items, prog, reused = [], Progress(args.n, "demo", every=5.0), 0
     for i in range(args.n):
         a = i % len(hands)
         hand = hands[a]
@@ -1534,13 +1537,10 @@ def cmd_demo(args):
             int(rng.integers(len(DEMO_STYLES)))
         g = int(rng.integers(len(DEMO_GENRES)))
         path = f"{DEMO_STYLES[st]}/{hand['slug']}_{DEMO_GENRES[g].replace('_', '-')}-{i}.jpg"
-        dest = os.path.join(args.out, "images", path)
-        if not os.path.isfile(dest):
-            im = demo_painting(DEMO_STYLES[st], DEMO_GENRES[g], hand, rng)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=90)
-            atomic_write(dest, buf.getvalue(), "wb")
+        # painted every time, so that the random stream (and all that follows) never depends
+        # on which files a previous run left: the same command gives the same data
+        reused += write_if_changed(os.path.join(args.out, "images", path),
+                                   demo_painting(DEMO_STYLES[st], DEMO_GENRES[g], hand, rng))
         split = lambda: "val" if rng.random() < 0.25 else "train"  # noqa: E731
         s = split()
         items.append({"path": path, "style": st, "shown": g,
@@ -1559,11 +1559,38 @@ def cmd_demo(args):
            "--seed", str(args.seed)]
     cmd_wikiart(build_parser().parse_args(sub))
     write_demo_gallery(args.out, items)
+    if reused:
+        print(f"{reused} of the {args.n} images were already in {args.out} with the same bytes "
+              "(kept as they were)")
+    listed = {os.path.normpath(it["path"]) for it in items}
+    others = [p for p in scan_files(os.path.join(args.out, "images")) if p not in listed]
+    if others:
+        print(f"note: {len(others)} other files in {os.path.join(args.out, 'images')} are not "
+              f"part of this demo (another --seed or --n?), e.g. {others[0]}; the manifests "
+              "leave them out")
     print(f"SYNTHETIC demo data (not real paintings): {args.n} images in "
           f"{os.path.join(args.out, 'images')}; classification manifest "
           f"{os.path.join(args.out, 'manifest.csv')}; retrieval gallery "
           f"{os.path.join(args.out, 'gallery.csv')}")
     return 0
+
+
+def write_if_changed(dest, im):
+    """Saves im as a q90 JPEG at dest unless dest holds those very bytes; 1 if it did."""
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    if os.path.isfile(dest):
+        with open(dest, "rb") as f:
+            if f.read() == buf.getvalue():
+                return 1
+    atomic_write(dest, buf.getvalue(), "wb")
+    return 0
+
+
+def scan_files(root):
+    """Relative paths (os.sep) of every file under root."""
+    return [os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root)
+            for f in files]
 
 
 def write_demo_gallery(out, items):
@@ -1599,7 +1626,7 @@ def add_split_args(p, rules):
     p.add_argument("--dev-frac", type=float, default=0.1,
                    help="--split official/artist: dev share (of train / of all images)")
     p.add_argument("--test-frac", type=float, default=0.2, help="--split artist: test share")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the subset and the split")
 
 
 def add_hf_parser(sub):
@@ -1618,7 +1645,7 @@ def add_hf_parser(sub):
     h.add_argument("--downloads", type=int, default=2,
                    help="shards downloaded at once (and on disk at once, before conversion)")
     h.add_argument("--keep-parquet", action="store_true", help="keep shards after conversion")
-    h.add_argument("--retries", type=int, default=5)
+    h.add_argument("--retries", type=int, default=5, help="tries after the first, per shard")
     h.add_argument("--backoff", type=float, default=1.0, help="first retry wait, s (x2 each)")
     h.add_argument("--timeout", type=float, default=60.0, help="per read, s")
     h.set_defaults(func=cmd_hf_wikiart)
@@ -1646,7 +1673,7 @@ def build_parser():
                    help="published_images.csv (several files are merged)")
     n.add_argument("--constituents", help="constituents.csv: adds a nationality column")
     n.add_argument("--objects-constituents", help="objects_constituents.csv (else by name)")
-    n.add_argument("--out", required=True)
+    n.add_argument("--out", required=True, help="writes OUT/manifest.csv")
     n.add_argument("--classification", default="Painting", help="'all' keeps every object")
     n.add_argument("--title-contains", help="case-insensitive, e.g. Portrait")
     n.add_argument("--open-access", action="store_true", help="keep openaccess=1 rows only")
@@ -1656,11 +1683,11 @@ def build_parser():
 
     d = sub.add_parser("download", help="fetch a manifest's urls, resumably",
                        formatter_class=Help)
-    d.add_argument("--manifest", required=True)
+    d.add_argument("--manifest", required=True, help="CSV with path and url columns")
     d.add_argument("--root", required=True, help="images go to ROOT/<path>")
     d.add_argument("--size", type=int, default=512, help="IIIF size to ask for (0: url as is)")
     d.add_argument("--workers", type=int, default=4, help="requests in flight at most")
-    d.add_argument("--retries", type=int, default=5)
+    d.add_argument("--retries", type=int, default=5, help="tries after the first, per file")
     d.add_argument("--backoff", type=float, default=1.0, help="first retry wait, s (x2 each)")
     d.add_argument("--timeout", type=float, default=30.0, help="per request, s")
     d.add_argument("--max-bytes", type=int, default=MAX_BYTES,
@@ -1670,21 +1697,22 @@ def build_parser():
 
     r = sub.add_parser("resize", help="pre-resize a manifest's images into a cache folder",
                        formatter_class=Help)
-    r.add_argument("--manifest", required=True)
+    r.add_argument("--manifest", required=True, help="CSV with a path column")
     r.add_argument("--root", required=True, help="original images: a folder, or a .zip read "
                    "in place (bad members are listed in OUT/unreadable.csv)")
     r.add_argument("--out", required=True, help="cache folder, same relative paths")
     r.add_argument("--size", type=int, default=256, help="shorter side, px")
-    r.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    r.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="decoding threads")
     r.set_defaults(func=cmd_resize)
 
     add_hf_parser(sub)
 
     m = sub.add_parser("demo", help="small SYNTHETIC dataset in the real formats",
                        formatter_class=Help)
-    m.add_argument("--out", default="demo")
+    m.add_argument("--out", default="demo", help="writes images/, lists/ and the manifests")
     m.add_argument("--n", type=int, default=360, help="number of images")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="the same seed gives the same data")
     m.set_defaults(func=cmd_demo)
     return p
 

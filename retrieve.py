@@ -12,7 +12,7 @@ Shell:
     python retrieve.py --build --images nga/images --manifest nga/manifest.csv --index nga/index \\
         --index-type hnsw --pca 256
     python retrieve.py --add --manifest nga/manifest.csv --index nga/index   # only new paths
-    python retrieve.py --build --ckpt runs/crnn/best.pt --index demo/style_index  # learned style
+    python retrieve.py --build --ckpt runs/demo/best.pt --index demo/style_index  # learned style
     python retrieve.py --build --images wikiart.zip --manifest subset/manifest.csv  # zip in place
 
 Notebook:
@@ -678,7 +678,8 @@ def cmd_add(args, device, amp):
     with IndexWriter(args.index) as w:  # locked before reading: no other writer in between
         cfg, meta, xb, index = open_index(args.index)
         check_same_model(args, cfg)
-        root = cfg["images"] = args.images or cfg["images"]  # same collection, maybe moved
+        root = same_root(args.images, cfg, meta)
+        moved, cfg["images"] = root != cfg["images"], root
         manifest = args.manifest or (cfg["manifest"] if not args.images and cfg["manifest"] and
                                      os.path.isfile(cfg["manifest"]) else None)
         header, rows = read_collection(root, manifest, args.index)
@@ -686,6 +687,10 @@ def cmd_add(args, device, amp):
         new = [r for r in rows if r["path"] not in have]
         print(f"{len(rows) - len(new)} of {len(rows)} images are indexed already")
         if not new:
+            if moved:  # nothing to embed, but the next --add and --eval must find them there
+                copy_rows(os.path.join(w.dir, "embeddings.npy"), [(xb.filename, len(xb))])
+                write_generation(w.dir, index, list(meta[0]), meta, cfg)
+                w.commit()
             return cfg
         part = os.path.join(w.dir, "added.npy")
         model = load_model(cfg, device, amp)
@@ -700,6 +705,21 @@ def cmd_add(args, device, amp):
     log(args.index, event="add", n_new=len(new), n=cfg["n"], skipped=n_skip, seconds=round(dt, 2))
     print(f"added {len(new)} images: {cfg['n']} in {args.index}")
     return cfg
+
+
+def same_root(images, cfg, meta):
+    """The image root for --add: the index's own, or --images where the indexed images moved
+    to. One root per index: new images from another folder belong under it (or a new index)."""
+    if not images or os.path.abspath(images) == os.path.abspath(cfg["images"]):
+        return cfg["images"]
+    moved = data.image_source(images).exists(meta[0]["path"]) and \
+        not os.path.exists(cfg["images"])
+    if not moved:
+        raise UserError(f"{cfg['images']} is this index's image root (one root per index): "
+                        f"put the new images under it and run --add without --images, or "
+                        f"--build a new --index for {images}")
+    print(f"note: the indexed images moved from {cfg['images']} to {images}")
+    return images
 
 
 # ----------------------------------------------------------------------------- query

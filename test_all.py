@@ -894,6 +894,10 @@ def test_data_nga_filters(tmp_path):
     assert rows[0]["url"].endswith("/full/!256,256/0/default.jpg")
     data.main(base + ["--limit", "1"])
     assert len(data.read_csv(tmp_path / "o" / "manifest.csv")) == 1
+    no_column = IMAGES.replace(",openaccess,", ",access,")
+    (tmp_path / "published_images.csv").write_text(no_column)  # and objects.csv has none
+    with pytest.raises(SystemExit, match="--open-access: neither the objects CSV"):
+        data.main(base + ["--open-access"])
 
 
 def test_data_nga_missing_column(tmp_path):
@@ -1334,6 +1338,19 @@ def test_data_demo_formats(tmp_path, capsys):
     assert len(gallery) == 48 and gallery[0]["attribution"]
 
 
+def test_data_demo_again_gives_the_same_data(tmp_path, capsys):
+    """The quick start's line run twice: the same files, byte for byte, not a shifted stream."""
+    def files(root):
+        return {p: (root / p).read_bytes() for p in data.scan_files(root)}
+    data.main(["demo", "--out", str(tmp_path / "a"), "--n", "24"])
+    first = files(tmp_path / "a")
+    os.remove(tmp_path / "a" / sorted(p for p in first if p.startswith("images"))[3])
+    capsys.readouterr()
+    data.main(["demo", "--out", str(tmp_path / "a"), "--n", "24"])
+    assert "23 of the 24 images were already in" in capsys.readouterr().out
+    assert files(tmp_path / "a") == first
+
+
 # ============================================================================
 # nets: the one backbone loader
 
@@ -1416,7 +1433,7 @@ def test_crnn_resume_equals_uninterrupted(demo, tmp_path, monkeypatch, capsys, m
     shutil.rmtree(tmp_path / "b" / "cache", ignore_errors=True)  # rebuilt from last.pt
     capsys.readouterr()
     crnn.main([*args, "--out", str(tmp_path / "b"), "--resume"])
-    assert "resuming from" in capsys.readouterr().out
+    assert "resuming " in capsys.readouterr().out
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in "ab")
     assert a["epoch"] == b["epoch"] == 3
     for k, v in a["model"].items():
@@ -1424,6 +1441,24 @@ def test_crnn_resume_equals_uninterrupted(demo, tmp_path, monkeypatch, capsys, m
     assert a["val"] == b["val"]
     logs = [[json.loads(ln)["loss"] for ln in open(tmp_path / d / "log.jsonl")] for d in "ab"]
     assert logs[0] == logs[1] and len(logs[0]) == 3
+
+
+def test_crnn_resume_takes_its_flags_from_last_pt(demo, tmp_path, capsys):
+    """--resume alone continues the run with the flags last.pt was trained with; a larger
+    --epochs extends it; typed flags that contradict it are all named in one line."""
+    out = ["--out", str(tmp_path)]
+    crnn.main(["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, "--freeze-backbone",
+               "--epochs", "1", "--hidden", "32", "--lr", "1e-3", *out])
+    capsys.readouterr()
+    state = crnn.main(["--train", "--resume", "--epochs", "2", "--workers", "0", *out])
+    printed = capsys.readouterr().out
+    assert state["epoch"] == 2 and "--backbone resnet18" in printed and "--hidden 32" in printed
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ckpt["args"]["hidden"] == 32 and ckpt["args"]["epochs"] == 2
+    msg = crnn_error(capsys, ["--train", "--resume", "--epochs", "3", "--hidden", "64",
+                              "--backbone", "resnet34", *out])
+    assert "--backbone resnet34 (it has resnet18); --hidden 64 (it has 32)" in msg
+    assert "pass a larger --epochs" in crnn_error(capsys, ["--train", "--resume", *out])
 
 
 def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
@@ -1436,13 +1471,13 @@ def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
     assert feats.dtype == np.float16 and feats.shape[1:] == (512, 2, 2)  # 64 px / 32
     crnn.main(args)
     assert capsys.readouterr().out.count("cache: reusing") == 2
-    crnn.main([*args, "--img-size", "96"])  # another key: rebuilt, 3x3 maps
+    crnn.main([*args, "--img-size", "96", "--overwrite"])  # another key: rebuilt, 3x3 maps
     assert capsys.readouterr().out.count("cache: wrote") == 2
     assert np.load(tmp_path / "cache" / "val.npy", mmap_mode="r").shape[2:] == (3, 3)
     with open(tmp_path / "cache" / "train.npy", "r+b") as f:  # killed while writing it
         f.truncate(1000)
     (tmp_path / "cache" / "val.json").write_text('{"key": "resnet18|none|9')  # truncated
-    crnn.main([*args, "--img-size", "96"])
+    crnn.main([*args, "--img-size", "96", "--overwrite"])
     out = capsys.readouterr().out
     assert out.count("does not load") == 2 and out.count("cache: wrote") == 2
     assert not [f for f in os.listdir(tmp_path / "cache") if ".tmp" in f]
@@ -1567,6 +1602,24 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
 
 
 @pytest.mark.xdist_group("trained")
+@pytest.mark.xdist_group("trained")
+def test_crnn_outliers_anywhere_find_the_planted_labels(trained, demo, tmp_path, capsys):
+    """The demo's deliberately wrong style labels: outliers looked for in every split name
+    more of them than in the held-out split alone, and say how many."""
+    found = {}
+    for where in ("heldout", "all"):
+        crnn.main(["--eval", "--ckpt", str(trained / "best.pt"), "--outliers", "20",
+                   "--outliers-split", where, "--out", str(tmp_path / where), "--workers", "0"])
+        line = next(ln for ln in capsys.readouterr().out.splitlines()
+                    if ln.startswith("planted label errors"))
+        found[where] = int(re.search(r": (\d+) of (\d+) named", line)[1])
+        planted = {r["path"] for r in data.read_csv(demo / "label_noise.csv")}
+        named = {r["path"] for r in data.read_csv(tmp_path / where / "outliers.csv")
+                 if r["task"] == "style"}
+        assert found[where] == len(planted & named)
+    assert found["all"] > found["heldout"], found
+
+
 def test_crnn_eval_uses_the_checkpoints_classes(trained, demo, tmp_path):
     """A classes.json beside the manifest that differs from the checkpoint's (another subset's)
     is not consulted: the checkpoint's own lists label the rows."""
@@ -1681,6 +1734,11 @@ def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse choices: usage + one error line, status 2
         crnn.main(["--train", "--backbone", "vgg16"])
     assert e.value.code == 2 and "invalid choice: 'vgg16'" in capsys.readouterr().err
+    train = ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST]
+    assert "--epochs 0: must be >= 1" in crnn_error(capsys, [*train, "--epochs", "0"])
+    assert "--lr -0.1: must be >= 0" in crnn_error(capsys, [*train, "--lr", "-0.1"])
+    msg = crnn_error(capsys, [*train, "--backbone", "resnet34", "--out", str(trained)])
+    assert f"{trained} holds another run (--backbone resnet18)" in msg  # nothing overwritten
 
 
 # ============================================================================
@@ -1993,6 +2051,27 @@ def test_retrieve_killed_after_the_switch_then_next_write_cleans(demo, small_bui
                zip(answers(index), answers(folders[1]), strict=True))
     retrieve.main(["--add", "--index", str(index), "--workers", "0"])  # any write cleans up
     assert len([g for g in os.listdir(index) if g.startswith("gen-")]) == 1
+
+
+def test_retrieve_add_keeps_one_image_root(demo, small_builds, tmp_path):
+    """--add --images: accepted where the indexed images moved to (and remembered), refused in
+    one line for another folder while the index's own root is still there."""
+    manifest, _ = small_builds
+    rows = data.read_csv(manifest)
+    for r in rows:
+        (tmp_path / "a" / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(demo / "images" / r["path"], tmp_path / "a" / r["path"])
+    index = str(tmp_path / "idx")
+    retrieve.main(["--build", "--images", str(tmp_path / "a"), "--manifest", str(manifest),
+                   "--index", index, *RETRIEVE_FAST])
+    os.rename(tmp_path / "a", tmp_path / "b")  # the collection moved
+    retrieve.main(["--add", "--images", str(tmp_path / "b"), "--index", index, "--workers", "0"])
+    assert retrieve.open_index(index)[0]["images"] == str(tmp_path / "b")
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    msg = retrieve_error(["--add", "--images", str(tmp_path / "c"), "--index", index])
+    assert f"{tmp_path / 'b'} is this index's image root" in msg
+    res = retrieve.main(["--eval", "--index", index, "--workers", "0", "--eval-queries", "5"])
+    assert res["copy"]["queries"] == 5  # copies made from the images under the root it keeps
 
 
 def test_retrieve_second_writer_refused_readers_never_wait(demo, small_builds, tmp_path):
