@@ -20,6 +20,8 @@ import sys
 import threading
 import time
 import urllib.error
+from collections import Counter
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import faiss
@@ -65,6 +67,15 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture
+def one_blas_thread():
+    """numpy's OpenBLAS threads spin on a busy 2-core runner: an SVD of 300 x 512 took 0.3-2.8 s
+    with them, 0.05 s with one (threadpoolctl comes with scikit-learn)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        yield
 
 
 # ----------------------------------------------------------------------------- data the tests write
@@ -280,6 +291,54 @@ def retrieve_error(argv):
     msg = str(e.value.code)
     assert msg.startswith("retrieve.py: error: ") and "\n" not in msg, msg
     return msg
+
+
+# --------------------------------------------------------------------------------------- html pages
+
+
+class PageParser(HTMLParser):
+    """html.parser over a page: elements must close in order; counts classes and tags; keeps
+    the text of <script type="application/json"> blocks."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+            "track", "wbr"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.open, self.errors, self.json, self.in_json = [], [], [], False
+        self.classes, self.tags = Counter(), Counter()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags[tag] += 1
+        self.classes.update((a.get("class") or "").split())
+        self.in_json = tag == "script" and a.get("type") == "application/json"
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.open[-1:]}")
+        else:
+            self.open.pop()
+        self.in_json = False
+
+    def handle_data(self, text):
+        if self.in_json:
+            self.json.append(json.loads(text))
+
+
+def check_page(path):
+    """Parse a page written by pages.py; it must load nothing from outside. Returns the parser."""
+    text = open(path, encoding="utf-8").read()
+    p = PageParser()
+    p.feed(text)
+    p.close()
+    assert not p.errors and p.open == [], (p.errors, p.open)
+    assert not re.search(r"""\bsrc\s*=\s*["']?\s*(https?:)?//""", text, re.I)  # no src="http
+    assert "url(" not in text and "<link" not in text and "@import" not in text
+    assert p.tags["html"] == p.tags["body"] == 1
+    return p
 
 
 # ------------------------------------------------------------------------------------------ vectors
@@ -967,6 +1026,33 @@ def test_nets_backbone_seed_rebuilds_the_same_model():
     d = nets.backbone("resnet18", "none")[0]  # seed None: torch's global stream, as crnn.py uses
     torch.manual_seed(0)
     assert torch.equal(d[0].weight, torchvision.models.resnet18().conv1.weight)
+
+
+# ============================================================================
+# pages: heat overlays and the HTML pieces (the pages themselves come with each script's runs)
+
+
+def test_pages_heat_overlay_is_bilinear_and_red_where_hot():
+    im = Image.new("RGB", (64, 48), (128, 128, 128))
+    heat = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # hot: the bottom right of a 2 x 3 grid
+    a = np.asarray(pages.heat_overlay(im, heat), np.int64)
+    assert a.shape == (48, 64, 3)
+    hot, cold = a[40, 56], a[4, 4]  # inside the hot cell, far from it
+    assert hot[0] > hot[2] + 60 and cold[2] > cold[0] + 60  # red against blue (jet)
+    row = a[40]  # the bottom row runs from cold to hot: smoothly (nearest would jump ~70 at once)
+    assert np.abs(np.diff(row, axis=0)).max() <= 30 and np.ptp(row, axis=0).max() > 100
+    flat = np.asarray(pages.heat_overlay(im, np.ones((2, 3))), np.int64)
+    assert (flat == flat[0, 0]).all()  # a uniform map tints evenly
+
+
+def test_pages_rows_are_escaped_and_nga_rows_link_to_nga(tmp_path):
+    row = {"path": "a.jpg", "objectid": "46189", "title": "<script>alert(1)</script>",
+           "url": "https://api.nga.gov/iiif/x/full/!512,512/0/default.jpg", "note": "a & b"}
+    out = pages.row_html(row)
+    assert "<script>" not in out and "&lt;script&gt;" in out and "a &amp; b" in out
+    assert 'href="https://www.nga.gov/content/ngaweb/Collection/art-object-page.46189.html"' in out
+    assert data.nga_page_url({**row, "url": ""}) is None  # the demo's made-up ids: no link
+    assert pages.script_json({"t": "</script><!--"}) == '{"t":"<\\/script><\\!--"}'
 
 
 # ============================================================================
