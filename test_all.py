@@ -7,6 +7,7 @@ the scripts import each other. Run: python -m pytest -q test_all.py
 """
 
 import csv
+import html
 import io
 import itertools
 import json
@@ -1238,6 +1239,128 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
     results = crnn.main(["--predict", str(folder), *ckpt])
     assert list(results) == [str(folder / "sub" / "a.jpg")]
     assert "1 images classified, 2 skipped" in capsys.readouterr().out
+
+
+def test_crnn_eval_html_report(trained, demo, tmp_path, capsys):
+    out = tmp_path / "eval"
+    crnn.main(["--eval", "--ckpt", str(trained / "best.pt"), "--outliers", "5", "--out", str(out),
+               "--workers", "0"])
+    p = check_page(out / "report.html")
+    text = (out / "report.html").read_text(encoding="utf-8")
+    found = data.read_csv(out / "outliers.csv")
+    summary = json.loads((out / "metrics.json").read_text())
+    assert p.classes["outlier"] == len(found) > 0
+    assert p.tags["img"] == 2 * len(found)  # what the model saw, and its attention over it
+    assert p.classes["cm"] == 3 and text.count('<td style="background') == 6 * 6 + 6 * 6 + 4 * 4
+    assert "model: resnet18 + lstm 256, 64 px" in text and "val split" in text
+    for t, s in summary.items():
+        assert f"{s['macro']['f1']:.3f}" in text and f"{s['top3']:.3f}" in text
+        assert f"<h2>{t}: {s['n']} labelled images</h2>" in text
+    assert "title=\"true " in text and "\u2192 predicted" in text  # a cell's hover names its pair
+    for r in found:
+        assert html.escape(r["path"]) in text
+    # an outlier whose file no longer decodes: a grey card, counted, not a crash
+    gone = {"path": "gone.jpg", "task": "style", "true": "A", "pred": "B", "p_true": 0.1,
+            "p_pred": 0.8, "score": 0.7}
+    model, _ = crnn.load_checkpoint(str(trained / "best.pt"))
+    crnn.look_at_outliers(model, [gone], str(demo / "images"), 64, torch.device("cpu"))
+    res = {"style": {"report": summary["style"], "top3": 0.5, "confusion": np.eye(6, dtype=int)}}
+    res["style"]["report"]["per_class"] = summary["style"]["per_class"]
+    pages.eval_page(str(tmp_path / "gone.html"), ["x"], res, [gone], 1)
+    p = check_page(tmp_path / "gone.html")
+    assert p.classes["outlier"] == 1 and "1 image(s) no longer decode" in \
+        (tmp_path / "gone.html").read_text(encoding="utf-8")
+
+
+def patch_images(n, seed, present=0.5, rows=4, cols=6):
+    """n images (3, 8 rows, 8 cols) that are flat 0 except, in a fraction `present` of them, one
+    8 x 8 px cell of +-1 noise (the backbone below sees it as one cell); label 1 = has it."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 3, 8 * rows, 8 * cols), np.float32)
+    y = (rng.random(n) < present).astype(np.int64)
+    cell = rng.integers(0, rows * cols, n)
+    for i in np.flatnonzero(y):
+        r, c = divmod(int(cell[i]), cols)
+        x[i, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = rng.choice([-1.0, 1.0], (8, 8))
+    return torch.from_numpy(x), torch.from_numpy(y), cell
+
+
+def test_crnn_attention_finds_the_textured_patch():
+    """A CRNN with a tiny trunk (an 8 px cell -> one position of a 4 x 6 grid, not square, so a
+    transposed map would show) trained 40 steps to tell whether an image has a noise patch.
+    Measured over seeds 0-11: every map puts its peak on the patch. (When the label is the
+    patch's orientation instead, the model may recognise one class by the patch's absence, or
+    read the patch from the RNN's memory at the sequence ends: the peak lands on the patch in
+    only about half the images; attention shows what the model used, not where the object is.)"""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 2, stride=2), torch.nn.ReLU())
+    model = crnn.CRNN({"patch": 2}, trunk, hidden=8, rnn="lstm", dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(40):
+        x, y, _ = patch_images(32, 100 + step)
+        loss = torch.nn.functional.cross_entropy(model(x)["patch"], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y, cell = patch_images(48, 1, present=1.0)
+    a = crnn.attention_maps(model, x)
+    assert a.shape == (48, 4, 6)
+    np.testing.assert_allclose(a.sum((1, 2)), 1.0, atol=1e-5)
+    assert (model(x)["patch"].argmax(1) == 1).all()
+    assert (a.reshape(48, -1).argmax(1) == cell).all()
+    assert a.max((1, 2)).min() > 3 / 24  # well above uniform (1/24)
+
+
+class LinearToy(torch.nn.Module):
+    """backbone: a 1x1 conv (A = W x); head: the grid mean of A times V. Linear, so Grad-CAM
+    has a closed form: d logit_c / d A_k(i, j) = V[c, k] / (h w) at every cell."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False))
+        self.heads = torch.nn.ModuleDict({"style": torch.nn.Linear(4, 3)})
+
+    def forward(self, x):
+        return {"style": self.heads["style"](self.backbone(x).mean((2, 3)))}
+
+
+def test_crnn_gradcam_linear_toy_equals_hand():
+    torch.manual_seed(0)
+    model = LinearToy().eval()
+    x, h, w = torch.randn(2, 3, 5, 7), 5, 7
+    cam, cls = crnn.grad_cam(model, x, "style", torch.tensor([2, 0]))
+    W, V = model.backbone[0].weight[:, :, 0, 0].detach(), model.heads["style"].weight.detach()
+    A = torch.einsum("kc,bchw->bkhw", W, x)
+    alpha = V[[2, 0]] / (h * w)  # (2, 4): per image, per channel
+    want = torch.relu((alpha[:, :, None, None] * A).sum(1))
+    assert cam.shape == (2, 5, 7) and cls.tolist() == [2, 0] and want.max() > 0
+    np.testing.assert_allclose(cam, want.numpy(), rtol=1e-5, atol=1e-6)
+    _, top = crnn.grad_cam(model, x, "style")  # no class: the predicted one
+    assert top.tolist() == model(x)["style"].argmax(1).tolist()
+    assert all(p.grad is None for p in model.parameters())  # hooks removed, no grads left
+
+
+def test_crnn_predict_explain_writes_pngs(trained, demo, tmp_path, capsys):
+    src = sorted((demo / "images" / "Cubism").iterdir())[:2]
+    pics = tmp_path / "pics"
+    (pics / "sub").mkdir(parents=True)
+    (pics / "a.jpg").write_bytes(src[0].read_bytes())
+    (pics / "sub" / "a.jpg").write_bytes(src[1].read_bytes())  # the same name twice
+    crnn.main(["--predict", str(pics), "--ckpt", str(trained / "best.pt"), "--explain",
+               "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    names = sorted(os.listdir(tmp_path / "o" / "explain"))
+    assert names == sorted(f"{s}_{t}.png" for s in ("a", "a-2")
+                           for t in ("style", "artist", "genre"))
+    for n in names:
+        assert str(tmp_path / "o" / "explain" / n) in out
+        with Image.open(tmp_path / "o" / "explain" / n) as im:
+            assert im.width == 10 + 3 * (pages.PANEL + 10) and im.height > pages.PANEL
+    assert out.count("  explained: ") == 2
+    assert "--explain goes with --predict" in crnn_error(
+        capsys, ["--eval", "--explain", "--ckpt", str(trained / "best.pt")])
 
 
 # ---------------------------------------------------------------------------------------- bad input
