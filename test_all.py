@@ -1589,6 +1589,109 @@ def test_retrieve_bad_input_is_one_line(built, demo, tmp_path):
     assert "version" in retrieve_error(["--eval", "--index", str(old)])
 
 
+def test_retrieve_query_html_cards(built, demo, tmp_path, capsys):
+    meta = data.read_csv(str(built / "meta.csv"))
+    imgs = [str(demo / "images" / meta[i]["path"]) for i in (3, 40)]
+    page = tmp_path / "results.html"
+    D, I = retrieve.main(["--query", *imgs, "--index", str(built), "-k", "4", "--html", str(page),
+                          "--sheet", str(tmp_path / "s.png")])
+    p = check_page(page)
+    text = page.read_text(encoding="utf-8")
+    assert p.classes["query"] == 2 and p.classes["hit"] == 2 + 2 * 4 and p.tags["img"] == 10
+    assert p.classes["bad"] == 0 and "no longer decode" not in text
+    at = -1
+    for i, s in zip(I[1], D[1], strict=True):  # the second query's cards in rank order
+        at = text.index(f"score {s:.3f}</div><div><b>{html.escape(meta[i]['title'])}</b>", at + 1)
+        for col, v in meta[i].items():  # every non-empty manifest column (title: bold, above)
+            assert not v or col == "title" or f'<td class="k">{col}</td><td>{html.escape(v)}' \
+                '</td>' in text
+    assert f"html: {page}" in capsys.readouterr().out
+
+
+def test_retrieve_query_id_html_unreadable_is_a_grey_card(built, demo, tmp_path, capsys):
+    """An indexed image that no longer decodes shows as a grey card, counted, not a crash."""
+    moved = tmp_path / "images"
+    shutil.copytree(demo / "images", moved)
+    meta = data.read_csv(str(built / "meta.csv"))
+    D, I = retrieve.main(["--query-id", meta[5]["path"], "--index", str(built), "-k", "3",
+                          "--images", str(moved), "--sheet", str(tmp_path / "s.png")])
+    (moved / meta[I[0, 1]]["path"]).write_bytes(b"no longer a jpeg")
+    page = tmp_path / "q.html"
+    retrieve.main(["--query-id", meta[5]["path"], "--index", str(built), "-k", "3", "--images",
+                   str(moved), "--html", str(page), "--sheet", str(tmp_path / "s.png")])
+    p = check_page(page)
+    assert p.classes["hit"] == 4 and p.classes["bad"] == 1
+    assert "1 image(s) no longer decode" in page.read_text(encoding="utf-8")
+    assert "1 images no longer decode: grey" in capsys.readouterr().out
+
+
+def test_retrieve_map_html_points_neighbours_sprites(built, capsys, one_blas_thread,
+                                                    one_faiss_thread):
+    xy = retrieve.main(["--map", "--index", str(built), "-k", "4"])
+    page = built / "map.html"
+    p = check_page(page)
+    (d,) = p.json
+    meta = data.read_csv(str(built / "meta.csv"))
+    assert d["n"] == len(d["rows"]) == len(d["nn"]) == 120 and len(d["xy"]) == 240
+    assert xy.shape == (120, 2) and np.isfinite(xy).all()
+    assert d["cols"] == list(meta[0]) and d["rows"][7] == list(meta[7].values())
+    xb = np.load(built / "embeddings.npy")
+    for q in (0, 50, 119):  # precomputed neighbours = numpy brute force, minus the painting itself
+        s = xb @ xb[q]
+        order = [i for i in np.argsort(-s, kind="stable") if i != q][:4]
+        assert d["nn"][q] == order
+        np.testing.assert_allclose(d["ns"][q], s[order], atol=2e-3)
+    sp = np.array(d["sp"]).reshape(120, 5)
+    assert len(d["sheets"]) == 1 and p.tags["img"] == 0  # one sprite sheet, no <img> per point
+    assert (sp[:, 3:] <= d["cell"]).all() and (sp[:, 3:].max(1) == d["cell"]).all()
+    assert len({(x, y) for _, x, y, _, _ in sp}) == 120  # each thumbnail its own place
+    assert f"map: {page}" in capsys.readouterr().out
+
+
+def test_retrieve_map_layout_keeps_clusters_apart(one_blas_thread, one_faiss_thread):
+    """Six clusters on a 32-d subspace of 512-d unit vectors: the 2-D layout keeps each
+    painting's 10 nearest neighbours in its cluster (the first two principal components alone
+    mix them: 0.79 of the neighbours share the cluster)."""
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((512, 32)))[0]
+    lab = rng.integers(0, 6, 300)
+    x = unit(((rng.standard_normal((6, 32))[lab] + 0.6 * rng.standard_normal((300, 32)))
+              @ basis.T).astype(np.float32))
+    y = retrieve.layout_2d(x, seed=0)
+    nn = retrieve.knn_graph(y.astype(np.float32), 10)
+    assert (lab[nn] == lab[:, None]).mean() > 0.95
+    np.testing.assert_array_equal(y, retrieve.layout_2d(x, seed=0))  # seeded
+    z = retrieve.pca_project(x, 50)
+    assert z.shape == (300, 50) and abs(float(z[:, 0] @ z[:, 1])) < 1e-2 * float(z[:, 0] @ z[:, 0])
+
+
+def test_retrieve_eval_html_copy_failures(built, tmp_path, capsys):
+    page = tmp_path / "eval.html"
+    res = retrieve.main(["--eval", "--index", str(built), "--workers", "0", "--eval-queries", "24",
+                         "--html", str(page)])
+    p = check_page(page)
+    text = page.read_text(encoding="utf-8")
+    misses = round(24 * (1 - res["copy"]["top1"]))
+    assert misses > 0 and p.classes["fail"] == misses and p.tags["img"] == 3 * misses
+    assert f"{misses} failure(s)" in text and f"<td>{res['copy']['top1']:.3f}</td>" in text
+    ranks = [int(r) for r in re.findall(r"ranked (\d+)", text)]
+    assert len(ranks) + text.count("not in the top 10") == misses and all(r > 1 for r in ranks)
+    assert f"html: {page} ({misses} copy-detection failures)" in capsys.readouterr().out
+
+
+def test_retrieve_html_bad_input(built, tmp_path):
+    img = str(next((built.parent / "images" / "Cubism").iterdir()))
+    nowhere = str(tmp_path / "no" / "such" / "folder" / "r.html")
+    assert "does not exist" in retrieve_error(["--query", img, "--index", str(built), "--html",
+                                               nowhere])
+    assert "does not exist" in retrieve_error(["--map", "--index", str(built), "--html", nowhere])
+    assert "--html goes with" in retrieve_error(["--build", "--html", str(tmp_path / "x.html")])
+    bare = tmp_path / "bare"
+    shutil.copytree(built, bare)
+    (bare / "embeddings.npy").unlink()
+    assert "embeddings.npy is missing" in retrieve_error(["--map", "--index", str(bare)])
+
+
 def test_retrieve_offline_imagenet_is_one_line(demo, tmp_path, monkeypatch):
     def offline(*a, **kw):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
