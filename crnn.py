@@ -868,8 +868,9 @@ def explain(model, xs, files, tops, stems, classes, device):
             for j, f in enumerate(files[i:i + EXPLAIN_BATCH]):
                 a, png = att[j], f"{stems[f]}_{t}.png"
                 pages.explain_png(crops[j], [
-                    (a, "attention (all tasks)", f"peak {a.max():.2f}, uniform {1 / a.size:.2f}"),
-                    (cam[j], f"Grad-CAM: {best[j][0]}", f"top {t}, p {best[j][1]:.3f}"),
+                    (a, pages.attention_top(a), "attention (all tasks)",
+                     f"peak {a.max():.2f}, uniform {1 / a.size:.2f}"),
+                    (cam[j], None, f"Grad-CAM: {best[j][0]}", f"top {t}, p {best[j][1]:.3f}"),
                 ], f"{os.path.basename(f)} - {t}", png)
                 done[f].append(png)
     return done

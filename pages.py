@@ -131,26 +131,35 @@ def as_image(im):
     return im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, np.uint8), "RGB")
 
 
-def heat_overlay(im, heat, alpha=0.5):
+def heat_overlay(im, heat, vmax=None, alpha=0.5):
     """im with heat ((h, w) >= 0, e.g. one value per backbone grid cell) upsampled bilinearly to
-    its size, divided by its maximum and blended in as jet colours: red where heat is highest."""
+    its size, divided by vmax (default: its maximum) and blended in as jet colours: dark blue
+    at 0, red at vmax."""
     im = as_image(im).convert("RGB")
     h = np.asarray(heat, np.float32)
-    h = h / h.max() if h.size and h.max() > 0 else np.zeros_like(h)
+    top = float(h.max()) if vmax is None and h.size else vmax or 0.0
+    h = h / top if top > 0 else np.zeros_like(h)
     up = np.asarray(Image.fromarray(h, "F").resize(im.size, Image.BILINEAR))  # pixel centres
     colours = np.stack([np.interp(np.clip(up, 0, 1), JET_AT, JET[:, c]) for c in range(3)], -1)
     out = (1 - alpha) * np.asarray(im, np.float32) + alpha * colours
     return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
 
 
+def attention_top(a):
+    """The weight drawn red in an attention map: its peak, but at least twice the uniform
+    weight 1/cells, so that an almost even map stays one colour instead of looking focused."""
+    return max(float(np.max(a)), 2.0 / np.size(a))
+
+
 def explain_png(image, panels, title, path):
-    """The image, then one heat overlay per panel, side by side; panels: [(heat or None,
+    """The image, then one heat overlay per panel, side by side; panels: [(heat or None, vmax,
     caption line 1, caption line 2)]. A None heat shows the plain image."""
     im = as_image(image).convert("RGB")
     im = im.resize((PANEL, round(PANEL * im.height / im.width)), Image.BICUBIC)
     fnt, pad, top, caption = font(13), 10, 26, 40
     cells = [(im, "what the model saw", "(centre crop)")]
-    cells += [(heat_overlay(im, h) if h is not None else im, a, b) for h, a, b in panels]
+    cells += [(heat_overlay(im, h, top) if h is not None else im, a, b)
+              for h, top, a, b in panels]
     sheet = Image.new("RGB", (pad + len(cells) * (PANEL + pad), top + im.height + caption),
                       "white")
     d = ImageDraw.Draw(sheet)
@@ -172,6 +181,9 @@ JPEG_QUALITY = 80  # ~4-7 KB per 128 px painting; 5,000 of them stay under 40 MB
 CSS = """
 .ae{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
  color:#222;background:#fff;padding:10px 16px;box-sizing:border-box}
+.ae table tr{background:none}
+.ae table td,.ae table th{border:0;max-width:none;text-align:left;vertical-align:top;
+ font-size:inherit}
 .ae h1{font-size:22px;margin:4px 0 6px}
 .ae h2{font-size:18px;margin:26px 0 8px;padding-bottom:3px;border-bottom:1px solid #ddd}
 .ae h3{font-size:15px;margin:16px 0 6px}
@@ -179,18 +191,20 @@ CSS = """
 .ae .warn{color:#a40;margin:4px 0;font-size:13px}
 .ae .row{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}
 .ae table{border-collapse:collapse}
-.ae table.num{font-size:13px}
+.ae table.num{font-size:13px;margin:8px 0}
 .ae table.num th,.ae table.num td{padding:2px 9px;text-align:right;border-bottom:1px solid #eee}
 .ae table.num th:first-child,.ae table.num td:first-child{text-align:left}
 .ae table.num tr.sum td{border-top:1px solid #bbb}
 .ae .na{color:#999}
-.ae table.cm td{width:30px;height:30px;padding:0;text-align:center;font-size:11px;
- border:1px solid #e6e6e6}
+.ae table.cm td{width:30px;height:30px;padding:0;text-align:center;vertical-align:middle;
+ font-size:11px;border:1px solid #e6e6e6}
 .ae table.cm td:hover{outline:2px solid #e60;outline-offset:-2px}
 .ae table.cm th{font-weight:normal;font-size:12px;padding:2px 6px;white-space:nowrap}
-.ae table.cm th.col{writing-mode:vertical-rl;transform:rotate(180deg);text-align:left;
+.ae table.cm th.col{writing-mode:vertical-rl;transform:rotate(180deg);vertical-align:bottom;
+ text-align:left;
  padding:6px 2px;max-height:160px;overflow:hidden;text-overflow:ellipsis}
-.ae table.cm th.row{text-align:right;max-width:200px;overflow:hidden;text-overflow:ellipsis}
+.ae table.cm th.row{text-align:right;vertical-align:middle;max-width:200px;overflow:hidden;
+ text-overflow:ellipsis}
 .ae .axis{font-size:12px;color:#555}
 .ae .cards{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
 .ae .card{border:1px solid #ddd;border-radius:6px;padding:6px;background:#fafafa;
@@ -348,8 +362,8 @@ def outlier_card(rank, o):
         peak = ""
     else:
         a = o["attention"]
-        pics = img_tag(o["seen"], "what the model saw") + img_tag(heat_overlay(o["seen"], a),
-                                                                  "attention over the grid")
+        pics = img_tag(o["seen"], "what the model saw") + img_tag(
+            heat_overlay(o["seen"], a, attention_top(a)), "attention over the grid")
         peak = f'<div class="k">attention peak {a.max():.2f}, uniform {1 / a.size:.2f}</div>'
     return (f'<div class="card wide outlier"><div class="pics">{pics}</div>'
             f'<div class="rank"><b>#{rank}</b> score {o["score"]:.3f}</div>'
@@ -367,8 +381,9 @@ def eval_page(path, lines, results, outliers, asked):
     if asked:
         body += meta_lines([f"outliers: the {len(outliers)} most confident disagreements with "
                             "the labels (score = p(pred) - p(true)); left: the centre crop the "
-                            "model saw, right: its attention over the backbone grid (red = "
-                            "highest weight)"])
+                            "model saw, right: its attention over the backbone grid (red: the "
+                            "peak weight or twice the uniform one, whichever is higher; blue: "
+                            "0)"])
     else:
         body += meta_lines(["outliers: add --outliers N to list the most confident "
                             "disagreements with the labels"])
@@ -570,8 +585,22 @@ MAP_JS = r"""
   var view = {s: 1, x: 0, y: 0}, W = 0, H = 0, dpr = window.devicePixelRatio || 1;
   var low = D.rows.map(function (r) { return r.map(function (v) { return v.toLowerCase(); }); });
   var any = low.map(function (r) { return r.join("\n"); });
-  var sheets = D.sheets.map(function (src) {
-    var im = new Image(); im.onload = redraw; im.src = src; return im;
+  // Each sheet is copied once onto a canvas: drawing from an <img> let the browser drop and
+  // re-decode the 4096 px JPEGs over and over (0.5-1.7 s frames at 5,000-20,000 paintings).
+  // Small thumbnails come from a half-resolution copy: fewer source pixels per draw call
+  // (worst zoom frame at 20,000 paintings, software canvas: 190 -> 100 ms).
+  var halves = [];
+  var sheets = D.sheets.map(function (src, s) {
+    var im = new Image();
+    im.onload = function () {
+      var c = el("canvas"), h = el("canvas");
+      c.width = im.width; c.height = im.height; c.getContext("2d").drawImage(im, 0, 0);
+      h.width = Math.ceil(im.width / 2); h.height = Math.ceil(im.height / 2);
+      h.getContext("2d").drawImage(im, 0, 0, h.width, h.height);
+      sheets[s] = c; halves[s] = h; redraw();
+    };
+    im.src = src;
+    return null;
   });
 
   function el(tag, cls, txt) {
@@ -608,8 +637,11 @@ MAP_JS = r"""
       var b = rect(i, px);
       if (b[0] > W || b[1] > H || b[0] + b[2] < 0 || b[1] + b[3] < 0) continue;
       var k = 5 * i, im = sheets[sp[k]];
-      if (px < 6 || !im.complete) {  // far out: a dot of the painting's mean colour is enough
+      if (px < 10 || !im) {  // far out (or loading): a square of the painting's mean colour
         ctx.fillStyle = D.colour[i]; ctx.fillRect(b[0], b[1], b[2], b[3]);
+      } else if (px < D.cell / 2) {
+        ctx.drawImage(halves[sp[k]], sp[k + 1] / 2, sp[k + 2] / 2, sp[k + 3] / 2, sp[k + 4] / 2,
+                      b[0], b[1], b[2], b[3]);
       } else {
         ctx.drawImage(im, sp[k + 1], sp[k + 2], sp[k + 3], sp[k + 4], b[0], b[1], b[2], b[3]);
       }
@@ -647,7 +679,7 @@ MAP_JS = r"""
     var k = 5 * i, w = sp[k + 3], h = sp[k + 4], f = max / Math.max(w, h, 1);
     var c = el("canvas"), g = c.getContext("2d"), im = sheets[sp[k]];
     c.width = Math.max(1, Math.round(w * f)); c.height = Math.max(1, Math.round(h * f));
-    if (im.complete) g.drawImage(im, sp[k + 1], sp[k + 2], w, h, 0, 0, c.width, c.height);
+    if (im) g.drawImage(im, sp[k + 1], sp[k + 2], w, h, 0, 0, c.width, c.height);
     else { g.fillStyle = D.colour[i]; g.fillRect(0, 0, c.width, c.height); }
     return c;
   }

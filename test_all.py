@@ -1044,6 +1044,10 @@ def test_pages_heat_overlay_is_bilinear_and_red_where_hot():
     assert np.abs(np.diff(row, axis=0)).max() <= 30 and np.ptp(row, axis=0).max() > 100
     flat = np.asarray(pages.heat_overlay(im, np.ones((2, 3))), np.int64)
     assert (flat == flat[0, 0]).all()  # a uniform map tints evenly
+    even = np.full((2, 3), 1 / 6)  # uniform attention: drawn at half the scale (green), not red
+    assert pages.attention_top(even) == pytest.approx(2 / 6)
+    g = np.asarray(pages.heat_overlay(im, even, pages.attention_top(even)), np.int64)[10, 10]
+    assert g[1] > g[0] + 40 and g[1] > g[2] + 40
 
 
 def test_pages_rows_are_escaped_and_nga_rows_link_to_nga(tmp_path):
