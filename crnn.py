@@ -8,6 +8,7 @@ Shell:
     python crnn.py --train --weights none                 # demo/manifest.csv -> runs/demo/
     python crnn.py --eval --outliers 20                   # runs/demo/best.pt on the test split
     python crnn.py --predict painting.jpg more_paintings/ -k 3
+    python crnn.py --predict painting.jpg --explain        # runs/demo/explain/painting_<task>.png
     python crnn.py --train --data subset/manifest.csv --root wikiart --out runs/r50 \
         --freeze-backbone
     python crnn.py --train --resume --out runs/r50 --epochs 20   # last.pt's own flags, extended
@@ -33,8 +34,13 @@ checkpoint was chosen on. --root may be a folder or a .zip read in place (data.i
 Files (OUT = --out, default runs/<the manifest's folder>): log.jsonl (one JSON object per epoch),
 last.pt every epoch and best.pt (best mean macro-F1 over tasks on dev/val), skipped.csv (images
 that did not decode, with why), cache/ (--freeze-backbone features). --eval writes report.txt,
+report.html (the same tables, confusion grids and outlier cards with attention maps: one file),
 metrics.json, predictions.csv, confusion_<task>.csv/.png and, with --outliers N, outliers.csv and
 outliers.png. An outlier's score is p(pred) - p(true) over misclassified (image, task) pairs.
+
+Where the model looked: attention_maps() gives the attention pooling's weight per grid cell,
+grad_cam() the Grad-CAM of any task's class at the backbone's last block; --predict --explain
+draws both over the crop the model saw, in explain/<name>_<task>.png.
 
 Training is deterministic for --seed: each epoch reseeds from (seed, epoch), so --resume after
 a kill repeats exactly what an uninterrupted run does (bit-exact on the CPU with --workers 0;
@@ -71,7 +77,7 @@ ARCH = "crnn-v1"  # stored in every checkpoint; load_checkpoint refuses anything
 UserError, one_line = data.UserError, data.one_line
 # --eval/--predict rebuild the model from the checkpoint: only these flags mean anything there
 EVAL_ARGS = ("eval", "predict", "ckpt", "data", "root", "classes", "out", "outliers", "k",
-             "split", "drop_leaks", "outliers_split", "batch_size", "workers", "amp",
+             "split", "drop_leaks", "outliers_split", "explain", "batch_size", "workers", "amp",
              "device")
 
 
@@ -84,7 +90,10 @@ class CRNN(nn.Module):
     def __init__(self, n_classes, backbone="resnet50", weights="none", hidden=256, rnn="lstm",
                  dropout=0.2):
         super().__init__()
-        self.backbone, channels = nets.backbone(backbone, weights)  # C = 512 or 2048
+        if isinstance(backbone, nn.Module):  # any trunk of (B, C, H, W) maps (tests: tiny)
+            self.backbone, channels = backbone, nets.trunk_channels(backbone)
+        else:
+            self.backbone, channels = nets.backbone(backbone, weights)  # C = 512 or 2048
         self.proj = nn.Conv2d(channels, hidden, 1)
         self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[rnn](hidden, hidden, batch_first=True,
                                                          bidirectional=True)
@@ -93,15 +102,20 @@ class CRNN(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({t: nn.Linear(self.dim, n) for t, n in n_classes.items()})
 
-    def pool(self, fmap):
-        """(B, C, H, W) backbone features -> (B, D) attention-weighted mean of RNN states."""
+    def attend(self, fmap):
+        """(B, C, H, W) backbone features -> (attention weights (B, H*W) over the grid cells in
+        raster order, each row summing to 1; RNN states (B, H*W, D))."""
         seq = self.proj(fmap).flatten(2).transpose(1, 2)  # (B, H*W, hidden), raster order
         if seq.device.type == "cpu":  # oneDNN's bf16 LSTM trained 1.7x slower than fp32
             with torch.autocast("cpu", enabled=False):
                 h, _ = self.rnn(seq.float())  # (B, H*W, D)
         else:
             h, _ = self.rnn(seq)
-        a = torch.softmax(self.score(h).squeeze(-1).float(), dim=1)  # (B, H*W), sums to 1
+        return torch.softmax(self.score(h).squeeze(-1).float(), dim=1), h
+
+    def pool(self, fmap):
+        """(B, C, H, W) backbone features -> (B, D) attention-weighted mean of RNN states."""
+        a, h = self.attend(fmap)
         return torch.einsum("bn,bnd->bd", a, h.float())
 
     def classify(self, fmap):
@@ -145,10 +159,14 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"{path}: checkpoint does not match crnn.py's model ({one_line(e)})") \
             from None
     model.backbone.to(memory_format=torch.channels_last)
-    a = ckpt["args"]
-    print(f"model: {a['backbone']} + {a['rnn']} {a['hidden']}, {a['img_size']} px, from {path} "
-          f"(epoch {ckpt.get('epoch')})")
+    print(model_line(ckpt, path))
     return model.to(device).eval(), ckpt
+
+
+def model_line(ckpt, path):
+    a = ckpt["args"]
+    return (f"model: {a['backbone']} + {a['rnn']} {a['hidden']}, {a['img_size']} px, from {path} "
+            f"(epoch {ckpt.get('epoch')})")
 
 
 # ----------------------------------------------------------------------------- data
@@ -946,6 +964,7 @@ def cmd_eval(args, device):
     text = report_text(res, args, len(rows), len(rows) - len(idx), notes)
     write_eval(out, res, table, idx, probs, text)
     print(text)
+    found = []
     if args.outliers:
         keep = np.isin(all_idx, searched)
         found = outliers(table, all_idx[keep], {t: p[keep] for t, p in all_probs.items()},
@@ -959,7 +978,9 @@ def cmd_eval(args, device):
               f"{args.outliers_split} images, score = p(pred) - p(true) -> "
               f"{os.path.join(out, 'outliers.csv')}, outliers.png")
         planted_found(found, table, searched, args.data)
-    print(f"wrote report.txt, metrics.json, predictions.csv, confusion_<task>.csv/.png to {out}")
+    eval_html(model, found, res, text, args, ckpt, device, out)
+    print(f"wrote report.txt, report.html, metrics.json, predictions.csv, "
+          f"confusion_<task>.csv/.png to {out}")
     return {t: {"accuracy": r["report"]["accuracy"], "top3": r["top3"]} for t, r in res.items()}
 
 
@@ -998,6 +1019,119 @@ def outlier_sheet(found, root, path, cols=5):
     cells = [(src.thumb(o["path"]), f"{o['task']} true: {o['true']}",
               f"pred: {o['pred']} ({o['p_pred']:.2f})") for o in found]
     pages.contact_sheet([cells[i:i + cols] for i in range(0, len(cells), cols)], path)
+
+
+# ----------------------------------------------------------------------- where the model looked
+
+EXPLAIN_BATCH = 8  # images per Grad-CAM backward pass: a ResNet50 at 224 px keeps ~0.1 GB each
+
+
+def seen(x):
+    """(B, 3, S, S) normalised batch -> (B, S, S, 3) uint8: the crops the model saw."""
+    mean = torch.tensor(nets.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(nets.IMAGENET_STD).view(1, 3, 1, 1)
+    x = (x.detach().float().cpu() * std + mean).clamp(0, 1)
+    return (x * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def attention_maps(model, x):
+    """(B, H, W) numpy: the attention pooling's weight on each cell of the backbone's grid, each
+    map summing to 1. Cell (i, j) stands for the crop's pixels [i S/H, (i+1) S/H) x
+    [j S/W, (j+1) S/W) (its receptive field is wider)."""
+    fmap = model.backbone(x)
+    a, _ = model.attend(fmap)
+    return a.reshape(len(x), *fmap.shape[2:]).cpu().numpy()
+
+
+def last_block(model):
+    """Where Grad-CAM reads: the backbone's last block (ResNet: layer4[-1]; its output is the
+    map that the RNN reads)."""
+    last = list(model.backbone.children())[-1]
+    return last[-1] if isinstance(last, nn.Sequential) and len(last) else last
+
+
+def grad_cam(model, x, task, classes=None):
+    """(maps (B, h, w) numpy >= 0, classes (B,) tensor): Grad-CAM (Selvaraju et al. 2017) of each
+    image's class for `task`, the predicted one when classes is None. map = ReLU(sum_k alpha_k
+    A_k): A is the last block's output, alpha_k the grid mean of d logit / d A_k. Plain hooks: a
+    forward hook keeps A and hangs a tensor hook on it for the gradient (full backward hooks
+    fail on ResNet's in-place ReLU). Call with the model in eval mode."""
+    got = {}
+
+    def keep(module, inputs, out):
+        got["A"] = out
+        out.register_hook(lambda g: got.update(G=g))
+
+    handle = last_block(model).register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)  # a path for gradients through a frozen trunk
+            logits = model(x)[task].float()
+            classes = logits.argmax(1) if classes is None else classes.to(logits.device)
+            # images are independent in eval mode (BatchNorm uses running stats): one backward
+            logits.gather(1, classes.view(-1, 1)).sum().backward(inputs=[x])
+    finally:
+        handle.remove()
+    A, G = got["A"].detach().float(), got["G"].float()
+    return torch.relu((G.mean((2, 3), keepdim=True) * A).sum(1)).cpu().numpy(), classes.cpu()
+
+
+def look_at_outliers(model, found, root, size, device):
+    """Adds to each outlier "seen" (the crop the model saw, None when the file no longer
+    decodes) and "attention" (its (H, W) attention weights), for report.html."""
+    tf, xs, ok = nets.make_transform(size), [], []
+    for o in found:
+        o["seen"] = o["attention"] = None
+        try:
+            xs.append(tf(data.load_image(data.safe_join(root, o["path"]), size)))
+            ok.append(o)
+        except data.DECODE_ERRORS:
+            pass
+    for i in range(0, len(ok), EXPLAIN_BATCH):
+        x = to_device(torch.stack(xs[i:i + EXPLAIN_BATCH]), device)
+        for o, crop, att in zip(ok[i:i + EXPLAIN_BATCH], seen(x), attention_maps(model, x),
+                                strict=True):
+            o["seen"], o["attention"] = crop, att
+
+
+def eval_html(model, found, res, text, args, ckpt, device, out):
+    """report.html beside report.txt: its head lines (which split), tables, confusion grids and
+    the outliers with their attention maps."""
+    look_at_outliers(model, found, args.root, ckpt["args"]["img_size"], device)
+    head = [model_line(ckpt, args.ckpt)] + text.split("\n\n")[0].splitlines()
+    return pages.eval_page(os.path.join(out, "report.html"), head, res, found, args.outliers)
+
+
+def explain_stems(files, folder):
+    """folder/<name> per image, distinct: photo.jpg and a/photo.jpg give photo and photo-2."""
+    count, stems = {}, {}
+    for f in files:
+        name = os.path.splitext(os.path.basename(f))[0]
+        count[name] = count.get(name, 0) + 1
+        stems[f] = os.path.join(folder, name if count[name] == 1 else f"{name}-{count[name]}")
+    return stems
+
+
+def explain(model, xs, files, tops, stems, classes, device):
+    """<stem>_<task>.png per image and task: the crop, the attention over the grid (one for all
+    tasks) and the Grad-CAM of the top class in tops (top_k's). Returns {file: [png paths]}."""
+    done = {f: [] for f in files}
+    for i in range(0, len(xs), EXPLAIN_BATCH):
+        x = to_device(torch.stack(xs[i:i + EXPLAIN_BATCH]), device)
+        crops, att = seen(x), attention_maps(model, x)
+        for t in model.heads:
+            best = [top[t][0] for top in tops[i:i + EXPLAIN_BATCH]]  # (class name, p)
+            cam, _ = grad_cam(model, x, t, torch.tensor([classes[t].index(c) for c, _ in best]))
+            for j, f in enumerate(files[i:i + EXPLAIN_BATCH]):
+                a, png = att[j], f"{stems[f]}_{t}.png"
+                pages.explain_png(crops[j], [
+                    (a, pages.attention_top(a), "attention (all tasks)",
+                     f"peak {a.max():.2f}, uniform {1 / a.size:.2f}"),
+                    (cam[j], None, f"Grad-CAM: {best[j][0]}", f"top {t}, p {best[j][1]:.3f}"),
+                ], f"{os.path.basename(f)} - {t}", png)
+                done[f].append(png)
+    return done
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -1057,17 +1191,22 @@ def cmd_predict(args, device):
     alone = len(args.predict) == 1 and os.path.isfile(args.predict[0])
     size = ckpt["args"]["img_size"]
     tf, amp = nets.make_transform(size), nets.autocast_dtype(device) if args.amp else None
-    results = {}
+    folder = os.path.join(args.out or os.path.dirname(os.path.abspath(args.ckpt)), "explain")
+    results, stems = {}, explain_stems(files, folder)
     for i in range(0, len(files), args.batch_size):
         chunk = files[i:i + args.batch_size]
         xs, ok = load_batch(chunk, tf, size, alone)
         skipped += len(chunk) - len(ok)
-        for f, per_task in zip(ok, top_k(model, xs, ckpt["classes"], args.k, device, amp)
-                               if xs else [], strict=True):
+        tops = top_k(model, xs, ckpt["classes"], args.k, device, amp) if xs else []
+        shown = explain(model, xs, ok, tops, stems, ckpt["classes"], device) \
+            if args.explain and xs else {}
+        for f, per_task in zip(ok, tops, strict=True):
             results[f] = per_task
             print(f)
             for t, top in per_task.items():
                 print(f"  {t}: " + ", ".join(f"{c} {q:.3f}" for c, q in top))
+            if f in shown:
+                print(f"  explained: {', '.join(shown[f])}")
     print(f"{len(results)} images classified, {skipped} skipped (not images)")
     return results
 
@@ -1140,6 +1279,10 @@ def build_parser():
     e.add_argument("-k", type=int, default=3, help="top-k classes to print per task")
     e.add_argument("--split", choices=("dev", "val", "test"),
                    help="with --eval: the split to report on (default: test, else val)")
+    e.add_argument("--explain", action="store_true",
+                   help="with --predict: OUT/explain/<name>_<task>.png per image and task, the "
+                   "crop, the attention over the grid and the Grad-CAM of the predicted class "
+                   "(OUT: --out, else the checkpoint's folder)")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -1159,6 +1302,8 @@ def main(argv=None):
     try:
         check_numbers(args)
         device = nets.pick_device(args.device)
+        if args.explain and not args.predict:
+            raise UserError("--explain goes with --predict")
         if args.eval:
             return cmd_eval(args, device)
         if args.predict:

@@ -824,6 +824,16 @@ def iiif_url(base, size):
     return f"{base.rstrip('/')}/full/!{size},{size}/0/default.jpg"
 
 
+def nga_page_url(row):
+    """The nga.gov page of a manifest row written by `nga` (its image url is on nga.gov), else
+    None. Pages now live at /artworks/<objectid>-<title slug>, a slug the CSVs do not hold;
+    this older form redirects there (NationalGalleryOfArt/opendata issue 19, 2025)."""
+    oid, url = (row.get("objectid") or "").strip(), row.get("url") or ""
+    if not oid.isdigit() or not re.match(r"https?://[^/]*\bnga\.gov/", url):
+        return None
+    return f"https://www.nga.gov/content/ngaweb/Collection/art-object-page.{oid}.html"
+
+
 def primary_images(image_files, open_access):
     """{objectid: image row}: one per object, primary view first, then lowest sequence."""
     best = {}

@@ -1,12 +1,22 @@
-"""What people look at: fonts, thumbnails, contact sheets and confusion images, drawn with PIL.
+"""What people look at: contact sheets, confusion images, heat overlays and self-contained HTML.
 
-Holds no model code and no metrics: callers pass in numbers, labels and image paths.
+Holds no model code and no metrics: callers pass in numbers, labels, image paths and numpy maps.
 
     import pages
     pages.contact_sheet([[(path, "line 1", "line 2"), ...], ...], "sheet.png")
+    pages.heat_overlay(image, heat)                  # a (h, w) map over a PIL image, bilinear
+
+Every HTML page is one file: thumbnails as base64 JPEG, inline CSS scoped to `.ae` (so that a
+notebook's own styles are left alone), plain JavaScript only on the map, nothing fetched.
 """
 
+import base64
+import hashlib
+import html
 import io
+import json
+import math
+import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -41,10 +51,21 @@ def save_png(im, path):
 
 def thumbnail(path, size=THUMB):
     """The image at path fitted into size x size, or a grey square when it does not decode."""
+    return open_thumbnail(path, size)[0]
+
+
+def image_file(root, rel):
+    """What data.load_image reads for rel under root, a folder or a zip read in place (a path,
+    or the zip member); an image missing there comes out grey."""
+    return data.image_source(root, must_exist=False).thumb(rel)
+
+
+def open_thumbnail(path, size=THUMB):
+    """(image fitted into size x size, True), or (a grey square, False) when it does not decode."""
     try:
-        return ImageOps.contain(data.load_image(path, size), (size, size))
+        return ImageOps.contain(data.load_image(path, size), (size, size)), True
     except data.DECODE_ERRORS:  # moved, unreadable, or too large to decode
-        return Image.new("RGB", (size, size), GREY)
+        return Image.new("RGB", (size, size), GREY), False
 
 
 def contact_sheet(rows, path, thumb=THUMB, frame_first=False):
@@ -100,3 +121,665 @@ def confusion_png(cm, names, title, path):
                 d.text((x + 3, y + cell // 2 - 6), str(int(cm[i, j])), font=small,
                        fill="white" if v > 0.5 else "black")
     save_png(im, path)
+
+
+# ----------------------------------------------------------------------------- heat maps
+
+# jet, the usual Grad-CAM palette: dark blue (0) -> cyan -> yellow -> dark red (1)
+JET_AT = [0.0, 0.125, 0.375, 0.625, 0.875, 1.0]
+JET = np.array([(0, 0, 143), (0, 0, 255), (0, 255, 255), (255, 255, 0), (255, 0, 0),
+                (128, 0, 0)], np.float32)
+PANEL = 256  # px, the side of each picture in an explain PNG
+
+
+def as_image(im):
+    """A PIL RGB image from a PIL image or an (H, W, 3) uint8 array."""
+    return im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, np.uint8), "RGB")
+
+
+def heat_overlay(im, heat, vmax=None, alpha=0.5):
+    """im with heat ((h, w) >= 0, e.g. one value per backbone grid cell) upsampled bilinearly to
+    its size, divided by vmax (default: its maximum) and blended in as jet colours: dark blue
+    at 0, red at vmax."""
+    im = as_image(im).convert("RGB")
+    h = np.asarray(heat, np.float32)
+    top = float(h.max()) if vmax is None and h.size else vmax or 0.0
+    h = h / top if top > 0 else np.zeros_like(h)
+    up = np.asarray(Image.fromarray(h, "F").resize(im.size, Image.BILINEAR))  # pixel centres
+    colours = np.stack([np.interp(np.clip(up, 0, 1), JET_AT, JET[:, c]) for c in range(3)], -1)
+    out = (1 - alpha) * np.asarray(im, np.float32) + alpha * colours
+    return Image.fromarray(np.clip(out + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def attention_top(a):
+    """The weight drawn red in an attention map: its peak, but at least twice the uniform
+    weight 1/cells, so that an almost even map stays one colour instead of looking focused."""
+    return max(float(np.max(a)), 2.0 / np.size(a))
+
+
+def explain_png(image, panels, title, path):
+    """The image, then one heat overlay per panel, side by side; panels: [(heat or None, vmax,
+    caption line 1, caption line 2)]. A None heat shows the plain image."""
+    im = as_image(image).convert("RGB")
+    im = im.resize((PANEL, round(PANEL * im.height / im.width)), Image.BICUBIC)
+    fnt, pad, top, caption = font(13), 10, 26, 40
+    cells = [(im, "what the model saw", "(centre crop)")]
+    cells += [(heat_overlay(im, h, top) if h is not None else im, a, b)
+              for h, top, a, b in panels]
+    sheet = Image.new("RGB", (pad + len(cells) * (PANEL + pad), top + im.height + caption),
+                      "white")
+    d = ImageDraw.Draw(sheet)
+    d.text((pad, 6), fit_text(title, fnt, sheet.width - 2 * pad), fill="black", font=fnt)
+    for i, (pic, a, b) in enumerate(cells):
+        x = pad + i * (PANEL + pad)
+        sheet.paste(pic, (x, top))
+        for dy, text, grey in ((4, a, 0), (20, b, 80)):
+            d.text((x, top + im.height + dy), fit_text(text, fnt, PANEL), fill=(grey,) * 3,
+                   font=fnt)
+    save_png(sheet, path)
+
+
+# ----------------------------------------------------------------------------- html pieces
+
+THUMB_HTML = 128  # px, the longer side of a thumbnail embedded in a page
+JPEG_QUALITY = 80  # ~4-7 KB per 128 px painting; 5,000 of them stay under 40 MB in base64
+
+CSS = """
+.ae{font:14px/1.4 system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+ color:#222;background:#fff;padding:10px 16px;box-sizing:border-box}
+.ae table tr{background:none}
+.ae table td,.ae table th{border:0;max-width:none;text-align:left;vertical-align:top;
+ font-size:inherit}
+.ae h1{font-size:22px;margin:4px 0 6px}
+.ae h2{font-size:18px;margin:26px 0 8px;padding-bottom:3px;border-bottom:1px solid #ddd}
+.ae h3{font-size:15px;margin:16px 0 6px}
+.ae .meta{color:#555;margin:2px 0;font-size:13px}
+.ae .warn{color:#a40;margin:4px 0;font-size:13px}
+.ae .row{display:flex;flex-wrap:wrap;gap:28px;align-items:flex-start}
+.ae table{border-collapse:collapse}
+.ae table.num{font-size:13px;margin:8px 0}
+.ae table.num th,.ae table.num td{padding:2px 9px;text-align:right;border-bottom:1px solid #eee}
+.ae table.num th:first-child,.ae table.num td:first-child{text-align:left}
+.ae table.num tr.sum td{border-top:1px solid #bbb}
+.ae .na{color:#999}
+.ae table.cm td{width:30px;height:30px;padding:0;text-align:center;vertical-align:middle;
+ font-size:11px;border:1px solid #e6e6e6}
+.ae table.cm td:hover{outline:2px solid #e60;outline-offset:-2px}
+.ae table.cm th{font-weight:normal;font-size:12px;padding:2px 6px;white-space:nowrap}
+.ae table.cm th.col{writing-mode:vertical-rl;transform:rotate(180deg);vertical-align:bottom;
+ text-align:left;
+ padding:6px 2px;max-height:160px;overflow:hidden;text-overflow:ellipsis}
+.ae table.cm th.row{text-align:right;vertical-align:middle;max-width:200px;overflow:hidden;
+ text-overflow:ellipsis}
+.ae .axis{font-size:12px;color:#555}
+.ae .cards{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.ae .card{border:1px solid #ddd;border-radius:6px;padding:6px;background:#fafafa;
+ font-size:12px;width:132px;overflow-wrap:anywhere}
+.ae .card.wide{width:268px}
+.ae .card.hit{width:200px}
+.ae .card.fail{width:300px}
+.ae .card.query{border:2px solid #1e5ac8;background:#eef3fc}
+.ae .card.bad{background:#f3f3f3}
+.ae .card .pics{display:flex;gap:4px;min-height:128px;align-items:center}
+.ae .card img{display:block;max-width:128px;max-height:128px}
+.ae .card .k{color:#777}
+.ae .card b{font-weight:600}
+.ae .card .rank{font-size:13px;margin:4px 0 2px}
+.ae .card table td{padding:0 5px 0 0;vertical-align:top;font-size:12px}
+.ae td.k{white-space:nowrap;color:#777}
+.ae .arrow{align-self:center;font-size:22px;color:#888}
+.ae a{color:#1e5ac8}
+.ae .mapbar{display:flex;flex-wrap:wrap;gap:8px;align-items:center;margin:8px 0}
+.ae .mapbar input{width:240px;padding:3px 6px;font-size:13px}
+.ae .mapbar select,.ae .mapbar button{font-size:13px;padding:2px 8px}
+.ae .mapbar .help{color:#666;font-size:12px}
+.ae .mapwrap{display:flex;gap:10px;align-items:flex-start}
+.ae .stage{position:relative;flex:1;min-width:0}
+.ae .stage canvas{display:block;width:100%;height:680px;border:1px solid #ccc;border-radius:4px;
+ cursor:grab;touch-action:none;background:#f2f2f2}
+.ae .tip{position:absolute;display:none;pointer-events:none;background:rgba(20,20,20,.88);
+ color:#fff;padding:3px 7px;border-radius:4px;font-size:12px;max-width:340px;z-index:2}
+.ae .side{width:300px;flex:none;height:680px;overflow:auto;font-size:12px;padding:8px;
+ border:1px solid #ddd;border-radius:4px;box-sizing:border-box;overflow-wrap:anywhere}
+.ae .side .nb{display:flex;gap:6px;align-items:center;margin:3px 0;cursor:pointer;padding:2px}
+.ae .side .nb:hover{background:#eef3fc}
+.ae .side canvas{display:block;flex:none}
+.ae .side .title{font-weight:600;margin:6px 0 4px;font-size:13px}
+.ae .side table td{padding:0 6px 0 0;vertical-align:top}
+.ae .side h3{font-size:13px;margin:10px 0 4px}
+"""
+
+
+def esc(x):
+    """Text made safe for HTML (element content and quoted attributes)."""
+    return html.escape(str(x), quote=True)
+
+
+def jpeg_uri(im, quality=JPEG_QUALITY):
+    buf = io.BytesIO()
+    as_image(im).convert("RGB").save(buf, "JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def shrink(im, size=THUMB_HTML):
+    """A copy of a PIL image fitted into size x size (kept small for a page)."""
+    return ImageOps.contain(im, (size, size))
+
+
+def img_tag(im, alt, size=THUMB_HTML):
+    im = ImageOps.contain(as_image(im), (size, size))
+    return f'<img src="{jpeg_uri(im)}" width="{im.width}" height="{im.height}" alt="{esc(alt)}">'
+
+
+class Thumbs:
+    """Thumbnail <img> tags for image paths, counting those that no longer decode (grey)."""
+
+    def __init__(self, size=THUMB_HTML):
+        self.size, self.bad = size, 0
+
+    def tag(self, path, alt=""):
+        """(the <img> tag, True), or (a grey square's, False) when the image does not decode."""
+        im, ok = open_thumbnail(path, self.size)
+        self.bad += not ok
+        return img_tag(im, alt or ("unreadable image" if not ok else ""), self.size), ok
+
+
+def page(title, body):
+    """A whole page: everything inside one `.ae` block, so that it also shows in a notebook
+    (IPython.display.HTML) without touching the notebook's own look."""
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{esc(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n"
+            f'<div class="ae">\n<h1>{esc(title)}</h1>\n{body}\n</div>\n</body>\n</html>\n')
+
+
+def write_page(path, title, body):
+    data.atomic_write(path, page(title, body))
+    return path
+
+
+def meta_lines(lines, cls="meta"):
+    return "".join(f'<p class="{cls}">{esc(s)}</p>\n' for s in lines if s)
+
+
+def num(x, digits=3):
+    return '<span class="na">n/a</span>' if x is None else f"{x:.{digits}f}"
+
+
+def unreadable_note(n):
+    return meta_lines([f"{n} image(s) no longer decode: shown as grey squares."], "warn") \
+        if n else ""
+
+
+# ----------------------------------------------------------------------------- crnn.py --eval
+
+def metrics_table(rep, top3):
+    """The text report's numbers (metrics.classification_report) as a table; n/a = undefined."""
+    th = "".join(f"<th>{h}</th>" for h in ("class", "precision", "recall", "f1-score", "support"))
+    rows = [f"<tr><td>{esc(c['name'])}</td><td>{num(c['precision'])}</td><td>{num(c['recall'])}"
+            f"</td><td>{num(c['f1'])}</td><td>{c['support']}</td></tr>" for c in rep["per_class"]]
+    rows.append(f'<tr class="sum"><td>accuracy</td><td></td><td></td><td>{num(rep["accuracy"])}'
+                f'</td><td>{rep["n"]}</td></tr>')
+    for avg in ("macro", "weighted", "micro"):
+        a = rep[avg]
+        rows.append(f"<tr><td>{avg} avg</td><td>{num(a['precision'])}</td><td>{num(a['recall'])}"
+                    f"</td><td>{num(a['f1'])}</td><td>{rep['n']}</td></tr>")
+    rows.append(f"<tr><td>top-3 accuracy</td><td></td><td></td><td>{num(top3)}</td><td></td></tr>")
+    notes = [f"undefined {w} (n/a, counted as 0 in macro/weighted): "
+             + ", ".join(rep[f"undefined_{w}"]) for w in ("precision", "recall")
+             if rep[f"undefined_{w}"]]
+    return (f'<div><table class="num"><tr>{th}</tr>{"".join(rows)}</table>'
+            f'{meta_lines(notes)}</div>')
+
+
+def cell_colour(v):
+    """white (0) -> dark blue (1), as confusion_png; returns (background, text colour)."""
+    r, g, b = (int(255 - v * (255 - c)) for c in (8, 48, 107))
+    return f"#{r:02x}{g:02x}{b:02x}", "#fff" if v > 0.5 else "#222"
+
+
+def confusion_grid(cm, names):
+    """Counts in cells coloured by their share of the row (recall per true class); hovering a
+    cell names its pair of classes."""
+    cm = np.asarray(cm)
+    totals = cm.sum(1)
+    head = "<tr><th></th>" + "".join(f'<th class="col" title="predicted {esc(n)}">{esc(n)}</th>'
+                                      for n in names) + "</tr>"
+    rows = []
+    for i, t in enumerate(names):
+        cells = []
+        for j, p in enumerate(names):
+            v = cm[i, j] / max(totals[i], 1)
+            bg, fg = cell_colour(v)
+            tip = f"true {t} \u2192 predicted {p}: {cm[i, j]} of {totals[i]} ({v:.0%})"
+            cells.append(f'<td style="background:{bg};color:{fg}" title="{esc(tip)}">'
+                         f'{cm[i, j] if cm[i, j] else ""}</td>')
+        rows.append(f'<tr><th class="row" title="true {esc(t)}">{esc(t)}</th>{"".join(cells)}'
+                    "</tr>")
+    return (f'<div><table class="cm">{head}{"".join(rows)}</table><p class="axis">rows: true '
+            "class, columns: predicted; colour: share of the row (recall); hover a cell for "
+            "its pair</p></div>")
+
+
+def outlier_card(rank, o):
+    """One misclassified painting: what the model saw, its attention, labels and the score."""
+    if o.get("seen") is None:  # the file no longer decodes: a grey square, counted by the caller
+        pics = img_tag(Image.new("RGB", (THUMB_HTML, THUMB_HTML), GREY), "unreadable image")
+        peak = ""
+    else:
+        a = o["attention"]
+        pics = img_tag(o["seen"], "what the model saw") + img_tag(
+            heat_overlay(o["seen"], a, attention_top(a)), "attention over the grid")
+        peak = f'<div class="k">attention peak {a.max():.2f}, uniform {1 / a.size:.2f}</div>'
+    return (f'<div class="card wide outlier"><div class="pics">{pics}</div>'
+            f'<div class="rank"><b>#{rank}</b> score {o["score"]:.3f}</div>'
+            f'<div>true <b>{esc(o["true"])}</b> <span class="k">p {o["p_true"]:.3f}</span></div>'
+            f'<div>pred <b>{esc(o["pred"])}</b> <span class="k">p {o["p_pred"]:.3f}</span></div>'
+            f'{peak}<div class="k">{esc(o["path"])}</div></div>')
+
+
+def eval_page(path, lines, results, outliers, asked):
+    """crnn.py --eval's report.html. results: {task: {"report", "top3", "confusion"}};
+    outliers: crnn.outliers() dicts with "seen" (the crop the model saw, uint8 array, or None
+    when it no longer decodes) and "attention" (its grid of attention weights); asked: N."""
+    bad = sum(o.get("seen") is None for o in outliers)
+    body = meta_lines(lines) + unreadable_note(bad)
+    if asked:
+        body += meta_lines([f"outliers: the {len(outliers)} most confident disagreements with "
+                            "the labels (score = p(pred) - p(true)); left: the centre crop the "
+                            "model saw, right: its attention over the backbone grid (red: the "
+                            "peak weight or twice the uniform one, whichever is higher; blue: "
+                            "0)"])
+    else:
+        body += meta_lines(["outliers: add --outliers N to list the most confident "
+                            "disagreements with the labels"])
+    for t, r in results.items():
+        body += f'<h2>{esc(t)}: {r["report"]["n"]} labelled images</h2>\n<div class="row">'
+        body += metrics_table(r["report"], r["top3"])
+        body += confusion_grid(r["confusion"], [c["name"] for c in r["report"]["per_class"]])
+        body += "</div>\n"
+        mine = [outlier_card(i, o) for i, o in enumerate(outliers, 1) if o["task"] == t]
+        if asked:
+            body += (f"<h3>{esc(t)} outliers: {len(mine)}</h3>\n<div class=\"cards\">"
+                     f'{"".join(mine)}</div>\n')
+    return write_page(path, "CRNN evaluation", body)
+
+
+# ----------------------------------------------------------------------------- retrieve.py pages
+
+def value_html(v):
+    """A manifest value; web addresses become links (opened in a new tab, never fetched)."""
+    if v.startswith(("http://", "https://")):
+        return f'<a href="{esc(v)}" target="_blank" rel="noopener">link</a>'
+    return esc(v)
+
+
+def row_html(row, skip=("title",)):
+    """Every non-empty column of a manifest row, the title first and in bold, and the nga.gov
+    page of an NGA painting."""
+    title = f'<div><b>{esc(row["title"])}</b></div>' if row.get("title") else ""
+    cells = "".join(f'<tr><td class="k">{esc(k)}</td><td>{value_html(v)}</td></tr>'
+                    for k, v in row.items() if v and k not in skip)
+    nga = data.nga_page_url(row)
+    link = f'<div><a href="{esc(nga)}" target="_blank" rel="noopener">nga.gov page</a></div>' \
+        if nga else ""
+    return f"{title}<table>{cells}</table>{link}"
+
+
+def hit_card(thumbs, root, rank, score, row):
+    tag, ok = thumbs.tag(image_file(root, row["path"]), row.get("title", ""))
+    return (f'<div class="card hit{"" if ok else " bad"}"><div class="pics">{tag}</div>'
+            f'<div class="rank"><b>{rank}.</b> score {score:.3f}</div>{row_html(row)}</div>')
+
+
+def results_page(path, lines, queries, root):
+    """retrieve.py --query/--query-id --html: per query, the query image then its neighbours in
+    rank order. queries: [(query name, what load_image reads for it, [(score, manifest row),
+    ...])]; root: the index's image folder or zip."""
+    thumbs, parts = Thumbs(), []
+    for q, (file, image, hits) in enumerate(queries, 1):
+        tag, ok = thumbs.tag(image, "query")
+        cards = [f'<div class="card hit query{"" if ok else " bad"}"><div class="pics">{tag}'
+                 f'</div><div class="rank"><b>query {q}</b></div><div>{esc(file)}</div></div>']
+        cards += [hit_card(thumbs, root, r, s, row) for r, (s, row) in enumerate(hits, 1)]
+        parts.append(f"<h2>Query {q}: {esc(os.path.basename(file))}</h2>\n"
+                     f'<div class="cards">{"".join(cards)}</div>\n')
+    body = meta_lines(lines) + unreadable_note(thumbs.bad) + "".join(parts)
+    write_page(path, "Similar paintings", body)
+    return thumbs.bad
+
+
+def table_html(head, rows):
+    """A numeric table: head names, rows of (name, [cell text])."""
+    th = "".join(f"<th>{esc(h)}</th>" for h in head)
+    trs = "".join(f"<tr><td>{esc(name)}</td>{''.join(f'<td>{esc(c)}</td>' for c in cells)}</tr>"
+                  for name, cells in rows)
+    return f'<table class="num"><tr><th>protocol</th>{th}</tr>{trs}</table>'
+
+
+def failure_card(thumbs, root, f):
+    """A copy-detection miss: the transformed copy, what came first, the original and its rank."""
+    first, orig = f["first"], f["original"]
+    if first is None:  # an approximate index may return nothing
+        tag1, found = img_tag(Image.new("RGB", (THUMB_HTML, THUMB_HTML), GREY), "nothing"), \
+            "the copy found nothing"
+    else:
+        tag1 = thumbs.tag(image_file(root, first["path"]), "came first")[0]
+        found = (f'the copy found <b>{esc(first.get("title") or first["path"])}</b> first '
+                 f'(score {f["score"]:.3f})')
+    tag2 = thumbs.tag(image_file(root, orig["path"]), "the original")[0]
+    rank = f"ranked {f['rank']}" if f["rank"] else f"not in the top {f['depth']}"
+    return (f'<div class="card fail"><div class="pics">{img_tag(f["copy"], "transformed copy")}'
+            f'<span class="arrow">\u2192</span>{tag1}</div><div class="rank">{found}</div>'
+            f'<div class="pics">{tag2}<div>original: <b>{esc(orig.get("title") or orig["path"])}'
+            f'</b><br>{esc(rank)}<br><span class="k">{esc(orig["path"])}</span></div></div></div>')
+
+
+def retrieval_eval_page(path, lines, table, notes, failures, root):
+    """retrieve.py --eval --html: the protocol table and its notes, then the copy-detection
+    failures. table: (head, rows) as for table_html; failures: dicts of copy (PIL image), first
+    and original (manifest rows), score (of first), rank (1-based, None beyond depth), depth."""
+    thumbs = Thumbs()
+    cards = [failure_card(thumbs, root, f) for f in failures]
+    body = (meta_lines(lines) + table_html(*table) + meta_lines(notes) + unreadable_note(thumbs.bad)
+            + f"<h2>Copy detection: {len(failures)} failure(s)</h2>\n"
+            + meta_lines(["each transformed copy (crop, rotation, colour, JPEG) was searched "
+                          "against the whole index; these did not find their original first"])
+            + f'<div class="cards">{"".join(cards)}</div>\n')
+    write_page(path, "Retrieval evaluation", body)
+    return thumbs.bad
+
+
+# ----------------------------------------------------------------------------- the map
+
+MAP_PIXELS = 5000 * 96 * 96  # thumbnail pixels per map: 5,000 at 96 px or 20,000 at 48 px
+SHEET = 4096  # px, a sprite sheet's largest side: within every browser's image limits
+
+
+def map_cell(n):
+    """px per thumbnail on a map of n paintings: 128 up to ~2,800, then fewer so that the page
+    stays near 15 MB at any n (48 px at 20,000)."""
+    return int(max(32, min(THUMB_HTML, math.sqrt(MAP_PIXELS / max(n, 1)))))
+
+
+def sprite_sheets(root, paths, cell):
+    """The thumbnails packed on a few large JPEGs: a map of 20,000 paintings loads a handful of
+    images, not 20,000. Returns (sheets as data URIs, (n, 5) int array [sheet, x, y, w, h] per
+    image, '#rrggbb' mean colour per image (drawn when zoomed far out), n unreadable)."""
+    per_row = SHEET // cell
+    per_sheet = per_row * per_row
+    sheets, sp, colours, bad, sheet = [], np.zeros((len(paths), 5), np.int64), [], 0, None
+    prog = data.Progress(len(paths), "thumbnails")
+    for i, rel in enumerate(paths):
+        s, k = divmod(i, per_sheet)
+        if k == 0:
+            if sheet is not None:
+                sheets.append(jpeg_uri(sheet))
+            left = min(per_sheet, len(paths) - i)
+            sheet = Image.new("RGB", (min(left, per_row) * cell, -(-left // per_row) * cell), GREY)
+        im, ok = open_thumbnail(image_file(root, rel), cell)
+        bad += not ok
+        x, y = (k % per_row) * cell, (k // per_row) * cell
+        sheet.paste(im, (x, y))
+        sp[i] = s, x, y, im.width, im.height
+        r, g, b = im.resize((1, 1), Image.BOX).getpixel((0, 0))
+        colours.append(f"#{r:02x}{g:02x}{b:02x}")
+        prog.update(1)
+    if sheet is not None:
+        sheets.append(jpeg_uri(sheet))
+    return sheets, sp, colours, bad
+
+
+def script_json(obj):
+    """JSON that is safe inside a <script> element: no '</script>' or '<!--' can close it."""
+    return json.dumps(obj, separators=(",", ":")).replace("</", "<\\/").replace("<!--", "<\\!--")
+
+
+def map_data(xy, rows, nn, ns, root):
+    """The map's JSON: positions scaled into 0..1000 (aspect kept), sprites, every manifest
+    column, neighbours and their scores, and nga.gov pages where known. Returns (dict, bad)."""
+    n, cell = len(rows), map_cell(len(rows))
+    sheets, sp, colours, bad = sprite_sheets(root, [r["path"] for r in rows], cell)
+    xy = np.asarray(xy, np.float64)
+    lo, span = xy.min(0), max(float(np.ptp(xy, 0).max()), 1e-9)
+    xy = (xy - lo) / span * 1000
+    cols = list(rows[0])
+    links = [data.nga_page_url(r) or "" for r in rows]
+    return {"n": n, "cell": cell, "tw": min(80.0, 900 / math.sqrt(n)),
+            "xy": np.round(xy, 1).ravel().tolist(), "sp": sp.ravel().tolist(),
+            "colour": colours, "cols": cols, "rows": [[r.get(c) or "" for c in cols] for r in rows],
+            "label": cols.index("title") if "title" in cols else cols.index("path"),
+            "by": next((cols.index(c) for c in ("attribution", "artist") if c in cols), -1),
+            "nn": [[int(j) for j in r] for r in nn], "ns": [[round(float(s), 3) for s in r]
+                                                            for r in ns],
+            "links": links if any(links) else None, "sheets": sheets}, bad
+
+
+def map_page(path, lines, xy, rows, nn, ns, root):
+    """retrieve.py --map: the collection on a canvas at the 2-D positions xy (n, 2); rows: the
+    manifest rows; nn (n, k) neighbour ids best first, ns their scores; root: the images'
+    folder or zip.
+    Returns the number of images that no longer decode (grey)."""
+    d, bad = map_data(xy, rows, nn, ns, root)
+    blob = script_json(d)
+    uid = "ae-map-" + hashlib.sha1(blob.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    options = "".join(f'<option value="{j}">{esc(c)}</option>' for j, c in enumerate(d["cols"]))
+    body = (meta_lines(lines) + unreadable_note(bad) + f'<div class="map" id="{uid}">'
+            '<div class="mapbar"><select><option value="-1">any column</option>'
+            f'{options}</select><input type="search" placeholder="filter, e.g. Cubism" '
+            'aria-label="filter"><span class="count"></span><button class="zin">+</button>'
+            '<button class="zout">&minus;</button><button class="reset">reset</button>'
+            '<span class="help">drag to pan, wheel or +/&minus; to zoom, click a painting for '
+            'its nearest neighbours</span></div><div class="mapwrap"><div class="stage">'
+            '<canvas></canvas><div class="tip"></div></div><div class="side"></div></div>'
+            f'<script type="application/json" class="data">{blob}</script>'
+            f'<script>{MAP_JS.replace("__ID__", uid)}</script></div>')
+    write_page(path, "Collection map", body)
+    return bad
+
+
+MAP_JS = r"""
+(function () {
+  "use strict";
+  var root = document.getElementById("__ID__");
+  var D = JSON.parse(root.querySelector("script.data").textContent);
+  var n = D.n, xy = D.xy, sp = D.sp, tw = D.tw;
+  var cv = root.querySelector("canvas"), ctx = cv.getContext("2d");
+  var tip = root.querySelector(".tip"), side = root.querySelector(".side");
+  var box = root.querySelector("input"), pick = root.querySelector("select");
+  var count = root.querySelector(".count");
+  var match = new Uint8Array(n).fill(1), sel = -1, queued = false, drag = null;
+  var view = {s: 1, x: 0, y: 0}, W = 0, H = 0, dpr = window.devicePixelRatio || 1;
+  var low = D.rows.map(function (r) { return r.map(function (v) { return v.toLowerCase(); }); });
+  var any = low.map(function (r) { return r.join("\n"); });
+  // Each sheet is copied once onto a canvas: drawing from an <img> let the browser drop and
+  // re-decode the 4096 px JPEGs over and over (0.5-1.7 s frames at 5,000-20,000 paintings).
+  // Small thumbnails come from a half-resolution copy: fewer source pixels per draw call
+  // (worst zoom frame at 20,000 paintings, software canvas: 190 -> 100 ms).
+  var halves = [];
+  var sheets = D.sheets.map(function (src, s) {
+    var im = new Image();
+    im.onload = function () {
+      var c = el("canvas"), h = el("canvas");
+      c.width = im.width; c.height = im.height; c.getContext("2d").drawImage(im, 0, 0);
+      h.width = Math.ceil(im.width / 2); h.height = Math.ceil(im.height / 2);
+      h.getContext("2d").drawImage(im, 0, 0, h.width, h.height);
+      sheets[s] = c; halves[s] = h; redraw();
+    };
+    im.src = src;
+    return null;
+  });
+
+  function el(tag, cls, txt) {
+    var e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (txt !== undefined) e.textContent = txt;
+    return e;
+  }
+  function fit() {  // canvas pixels follow its CSS size and the screen's pixel density
+    W = cv.clientWidth; H = cv.clientHeight;
+    cv.width = Math.round(W * dpr); cv.height = Math.round(H * dpr);
+  }
+  function reset() {  // the whole collection, as large as the canvas allows
+    fit();
+    var x0 = Infinity, x1 = -Infinity, y0 = Infinity, y1 = -Infinity;
+    for (var i = 0; i < n; i++) {
+      x0 = Math.min(x0, xy[2 * i]); x1 = Math.max(x1, xy[2 * i]);
+      y0 = Math.min(y0, xy[2 * i + 1]); y1 = Math.max(y1, xy[2 * i + 1]);
+    }
+    var s = Math.min((W - 20) / (x1 - x0 + tw), (H - 20) / (y1 - y0 + tw));
+    view = {s: s, x: W / 2 - s * (x0 + x1) / 2, y: H / 2 - s * (y0 + y1) / 2};
+    redraw();
+  }
+  function redraw() { if (!queued) { queued = true; requestAnimationFrame(draw); } }
+  function rect(i, px) {  // screen box of painting i when its longer side is px
+    var k = 5 * i, w = sp[k + 3], h = sp[k + 4], f = px / Math.max(w, h, 1);
+    return [xy[2 * i] * view.s + view.x - w * f / 2, xy[2 * i + 1] * view.s + view.y - h * f / 2,
+            w * f, h * f];
+  }
+  function layer(on, px) {  // greyed-out paintings first, the matching ones over them
+    ctx.globalAlpha = on ? 1 : 0.12;
+    for (var i = 0; i < n; i++) {
+      if (match[i] !== on) continue;
+      var b = rect(i, px);
+      if (b[0] > W || b[1] > H || b[0] + b[2] < 0 || b[1] + b[3] < 0) continue;
+      var k = 5 * i, im = sheets[sp[k]];
+      if (px < 10 || !im) {  // far out (or loading): a square of the painting's mean colour
+        ctx.fillStyle = D.colour[i]; ctx.fillRect(b[0], b[1], b[2], b[3]);
+      } else if (px < D.cell / 2) {
+        ctx.drawImage(halves[sp[k]], sp[k + 1] / 2, sp[k + 2] / 2, sp[k + 3] / 2, sp[k + 4] / 2,
+                      b[0], b[1], b[2], b[3]);
+      } else {
+        ctx.drawImage(im, sp[k + 1], sp[k + 2], sp[k + 3], sp[k + 4], b[0], b[1], b[2], b[3]);
+      }
+    }
+    ctx.globalAlpha = 1;
+  }
+  function mark(i, colour, width) {
+    var b = rect(i, Math.max(tw * view.s, 8));
+    ctx.strokeStyle = colour; ctx.lineWidth = width;
+    ctx.strokeRect(b[0] - 2, b[1] - 2, b[2] + 4, b[3] + 4);
+  }
+  function draw() {
+    queued = false;
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.fillStyle = "#f2f2f2"; ctx.fillRect(0, 0, W, H);
+    var px = tw * view.s;
+    layer(0, px); layer(1, px);
+    if (sel >= 0) {
+      D.nn[sel].forEach(function (j) { mark(j, "#1e5ac8", 2); });
+      mark(sel, "#e60", 3);
+    }
+  }
+  function hit(mx, my) {  // the painting under the pointer, a matching one when several
+    var px = Math.max(tw * view.s, 6), best = -1, bd = Infinity;
+    for (var i = 0; i < n; i++) {
+      var b = rect(i, px);
+      if (mx < b[0] || my < b[1] || mx > b[0] + b[2] || my > b[1] + b[3]) continue;
+      var dx = mx - b[0] - b[2] / 2, dy = my - b[1] - b[3] / 2;
+      var d = dx * dx + dy * dy + (match[i] ? 0 : 1e12);
+      if (d < bd) { bd = d; best = i; }
+    }
+    return best;
+  }
+  function thumb(i, max) {
+    var k = 5 * i, w = sp[k + 3], h = sp[k + 4], f = max / Math.max(w, h, 1);
+    var c = el("canvas"), g = c.getContext("2d"), im = sheets[sp[k]];
+    c.width = Math.max(1, Math.round(w * f)); c.height = Math.max(1, Math.round(h * f));
+    if (im) g.drawImage(im, sp[k + 1], sp[k + 2], w, h, 0, 0, c.width, c.height);
+    else { g.fillStyle = D.colour[i]; g.fillRect(0, 0, c.width, c.height); }
+    return c;
+  }
+  function field(table, name, v) {
+    var tr = el("tr"), td = el("td");
+    if (/^https?:\/\//.test(v)) {
+      var a = el("a", null, name === "nga.gov" ? "nga.gov page" : "link");
+      a.href = v; a.target = "_blank"; a.rel = "noopener"; td.appendChild(a);
+    } else { td.textContent = v; }
+    tr.appendChild(el("td", "k", name)); tr.appendChild(td); table.appendChild(tr);
+  }
+  function select(i, centre) {
+    sel = i; side.textContent = "";
+    if (i < 0) {
+      side.appendChild(el("p", "k", "Click a painting to see it here with its " +
+                          (D.nn.length ? D.nn[0].length : 0) + " nearest neighbours."));
+      redraw(); return;
+    }
+    side.appendChild(thumb(i, 200));
+    side.appendChild(el("div", "title", D.rows[i][D.label]));
+    var t = el("table");
+    D.cols.forEach(function (c, j) { if (D.rows[i][j]) field(t, c, D.rows[i][j]); });
+    if (D.links && D.links[i]) field(t, "nga.gov", D.links[i]);
+    side.appendChild(t);
+    side.appendChild(el("h3", null, "nearest neighbours"));
+    D.nn[i].forEach(function (j, r) {
+      var row = el("div", "nb");
+      row.appendChild(thumb(j, 56));
+      row.appendChild(el("span", null, (r + 1) + ". " + D.ns[i][r].toFixed(3) + "  " +
+                         D.rows[j][D.label]));
+      row.onclick = function () { select(j, true); };
+      side.appendChild(row);
+    });
+    if (centre) { view.x = W / 2 - xy[2 * i] * view.s; view.y = H / 2 - xy[2 * i + 1] * view.s; }
+    redraw();
+  }
+  function filter() {
+    var q = box.value.trim().toLowerCase(), c = +pick.value, hits = 0;
+    for (var i = 0; i < n; i++) {
+      var ok = !q || (c < 0 ? any[i] : low[i][c]).indexOf(q) >= 0;
+      match[i] = ok ? 1 : 0; hits += ok ? 1 : 0;
+    }
+    count.textContent = q ? hits + " of " + n + " match" : n + " paintings";
+    redraw();
+  }
+  function zoom(f, mx, my) {
+    var s = Math.max(0.02, Math.min(view.s * f, 400));
+    f = s / view.s; view.s = s;
+    view.x = mx - (mx - view.x) * f; view.y = my - (my - view.y) * f;
+    redraw();
+  }
+  function at(e) {
+    var r = cv.getBoundingClientRect();
+    return [e.clientX - r.left, e.clientY - r.top];
+  }
+  cv.addEventListener("pointerdown", function (e) {
+    drag = {x: e.clientX, y: e.clientY, vx: view.x, vy: view.y, moved: false};
+    cv.setPointerCapture(e.pointerId);
+  });
+  cv.addEventListener("pointermove", function (e) {
+    var p = at(e);
+    if (drag) {
+      var dx = e.clientX - drag.x, dy = e.clientY - drag.y;
+      if (Math.abs(dx) + Math.abs(dy) > 3) drag.moved = true;
+      if (drag.moved) {
+        view.x = drag.vx + dx; view.y = drag.vy + dy; tip.style.display = "none"; redraw();
+        return;
+      }
+    }
+    var i = hit(p[0], p[1]);
+    cv.style.cursor = i < 0 ? "grab" : "pointer";
+    if (i < 0) { tip.style.display = "none"; return; }
+    var by = D.by >= 0 ? D.rows[i][D.by] : "";
+    tip.textContent = D.rows[i][D.label] + (by ? " \u2014 " + by : "");
+    tip.style.left = Math.min(p[0] + 14, W - 200) + "px"; tip.style.top = (p[1] + 14) + "px";
+    tip.style.display = "block";
+  });
+  cv.addEventListener("pointerup", function (e) {
+    if (drag && !drag.moved) { var p = at(e); select(hit(p[0], p[1]), false); }
+    drag = null;
+  });
+  cv.addEventListener("pointerleave", function () { tip.style.display = "none"; });
+  cv.addEventListener("wheel", function (e) {
+    e.preventDefault();
+    var p = at(e), dy = e.deltaY * (e.deltaMode === 1 ? 40 : 1);
+    zoom(Math.exp(-dy * 0.0015), p[0], p[1]);
+  }, {passive: false});
+  root.querySelector(".zin").onclick = function () { zoom(1.5, W / 2, H / 2); };
+  root.querySelector(".zout").onclick = function () { zoom(1 / 1.5, W / 2, H / 2); };
+  root.querySelector(".reset").onclick = reset;
+  box.addEventListener("input", filter);
+  pick.addEventListener("change", filter);
+  window.addEventListener("resize", function () { fit(); redraw(); });
+  reset(); filter(); select(-1, false);
+})();
+"""

@@ -9,6 +9,9 @@ Shell:
     python retrieve.py --query demo/images/Cubism/leon-voss_cityscape-7.jpg -k 5
     python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg   # indexed; minus itself
     python retrieve.py --eval                # self-retrieval, copy detection, label retrieval
+    python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg --html results.html
+    python retrieve.py --eval --html eval.html   # the table and the copy-detection failures
+    python retrieve.py --map                 # demo/index/map.html: the collection in 2-D
     python retrieve.py --build --images nga/images --manifest nga/manifest.csv --index nga/index \\
         --index-type hnsw --pca 256
     python retrieve.py --add --manifest nga/manifest.csv --index nga/index   # only new paths
@@ -27,7 +30,9 @@ same row order: row number = FAISS id), index.faiss and config.json (what is nee
 query the same way, and fingerprints of the other three files). A --build or --add writes a new
 generation and switches CURRENT at the end: a query never sees a half-written index, and a
 second writer is refused while one runs (DIR/lock). Beside them: skipped.csv (missing or
-unreadable images, with why), log.jsonl, eval.json, query_sheet.png.
+unreadable images, with why), log.jsonl, eval.json, query_sheet.png, map.html (--map).
+HTML pages are single files (thumbnails inside): open from disk, or in a notebook with
+IPython.display.HTML(open(path, encoding="utf-8").read()).
 Bad input (a query that is not an image, an empty folder, an index from another version or
 model, k above the number of indexed images) ends with one line on stderr and exit status 1.
 Non-image files in a folder are skipped and counted; unreadable images are listed in skipped.csv.
@@ -802,7 +807,30 @@ def report(args, cfg, meta, queries, D, I, thumbs=None):
     sheet = args.sheet or os.path.join(args.index, "query_sheet.png")
     query_sheet(queries, D, I, meta, cfg["images"], sheet, thumbs)
     print(f"contact sheet: {sheet}")
+    if args.html:
+        results_html(args, cfg, meta, queries, D, I, thumbs)
     return D, I
+
+
+def index_line(folder, cfg):
+    """One line on what an index holds and how it embeds, for the top of a page."""
+    model = f"crnn checkpoint {cfg['ckpt']}" if cfg.get("ckpt") else \
+        f"{cfg['backbone']} ({cfg['weights']} weights), {cfg['pool']} pooling"
+    return (f"index {folder}: {cfg['n']} images from {cfg['images']}, {model}, "
+            f"{cfg['img_size']} px, {cfg['index_type']}" + (f", pca {cfg['pca']}" if cfg["pca"]
+                                                             else ""))
+
+
+def results_html(args, cfg, meta, queries, D, I, thumbs=None):
+    """--html: each query, then its neighbours in rank order with every manifest column.
+    thumbs: what to draw for each query when not its path (as for the contact sheet)."""
+    hits = [[(float(s), meta[i]) for s, i in zip(d_row, i_row, strict=True) if i >= 0]
+            for d_row, i_row in zip(D, I, strict=True)]
+    lines = [index_line(args.index, cfg), f"{args.k} neighbours per query; score: cosine "
+             "similarity of the embeddings (1 = the same direction)"]
+    bad = pages.results_page(args.html, lines, list(zip(queries, thumbs or queries, hits,
+                                                        strict=True)), cfg["images"])
+    print(f"html: {args.html}" + (f" ({bad} images no longer decode: grey)" if bad else ""))
 
 
 def query_sheet(queries, D, I, meta, root, path, thumbs=None):
@@ -850,15 +878,20 @@ def original(cfg, rel):
                         "pass --images ROOT if they moved") from None
 
 
-def eval_copies(model, index, meta, cfg, args, device, ids):
-    """Copy detection: a transformed copy of each id searched against the full index."""
+def eval_copies(model, index, meta, cfg, args, device, ids, keep=None):
+    """Copy detection: a transformed copy of each id searched against the full index.
+    keep: a dict that receives the copies' thumbnails and D, I (for --html)."""
     rng, xq = np.random.default_rng(args.seed), []
     prog = data.Progress(len(ids), "copies")
     for i in range(0, len(ids), args.batch_size):
         ims = [copy_of(original(cfg, meta[j]["path"]), rng) for j in ids[i:i + args.batch_size]]
         xq.append(embed_pils(model, ims, cfg, args, device))
+        if keep is not None:
+            keep.setdefault("copies", []).extend(pages.shrink(im) for im in ims)
         prog.update(len(ims))
-    _, I = search(index, np.concatenate(xq), 10)
+    D, I = search(index, np.concatenate(xq), 10)
+    if keep is not None:
+        keep.update(D=D, I=I)
     return {"queries": len(ids), **metrics.retrieval_metrics(I, ids, ks=(1, 5))}
 
 
@@ -897,16 +930,51 @@ def cmd_eval(args, device, amp):
     _, I = search(index, xb[ids], 11)
     res = {"n": n, "self": {"queries": len(ids), **metrics.retrieval_metrics(I[:, :10], ids)}}
     cids = np.sort(rng.choice(n, size=min(n, args.eval_queries or 200), replace=False))
-    res["copy"] = eval_copies(load_model(cfg, device, amp), index, meta, cfg, args, device, cids)
+    keep = {} if args.html else None
+    res["copy"] = eval_copies(load_model(cfg, device, amp), index, meta, cfg, args, device, cids,
+                              keep)
     res["labels"] = eval_labels(meta, I[drop_self(I, ids, 10)].reshape(len(ids), 10), ids, n)
     print(format_eval(res))
     data.atomic_write(os.path.join(args.index, "eval.json"),
                       json.dumps({**res, "config": cfg}, indent=1) + "\n")
     log(args.index, event="eval", **res)
+    if args.html:
+        eval_html(args, cfg, meta, res, cids, keep)
     return res
 
 
-def format_eval(res):
+def copy_failures(meta, ids, keep):
+    """The copy-detection queries whose original did not come first, worst first: the copy,
+    what came first (None when nothing did) and the original's rank (None: below 10)."""
+    out = []
+    for q, j in enumerate(ids):
+        row, first = keep["I"][q], keep["I"][q][0]
+        if first == j:
+            continue
+        at = np.flatnonzero(row == j)
+        out.append({"copy": keep["copies"][q], "first": meta[first] if first >= 0 else None,
+                    "score": float(keep["D"][q, 0]), "original": meta[j],
+                    "rank": int(at[0]) + 1 if len(at) else None, "depth": len(row)})
+    return sorted(out, key=lambda f: -(f["rank"] or f["depth"] + 1))
+
+
+def eval_html(args, cfg, meta, res, ids, keep):
+    lines = [index_line(args.index, cfg), f"seed {args.seed}; copy detection: "
+             f"{res['copy']['queries']} transformed copies searched among all {res['n']}"]
+    failures = copy_failures(meta, ids, keep)
+    bad = pages.retrieval_eval_page(args.html, lines, eval_table(res),
+                                    EVAL_NOTE.format(n=res["n"]).split("\n"), failures,
+                                    cfg["images"])
+    print(f"html: {args.html} ({len(failures)} copy-detection failures"
+          + (f", {bad} images no longer decode: grey)" if bad else ")"))
+
+
+EVAL_NOTE = ("{n} images indexed. * a sanity check only: 1.0 for any injective embedding.\n"
+             "rnd = expected under a random ranking of the same candidates.")
+
+
+def eval_table(res):
+    """(column heads, [(protocol, [cell text])]): the eval table for text and HTML alike."""
     cols = ("queries", "top1", "recall@5", "mrr", "map@10", "p@5", "random_map@10", "random_p@5")
     head = ("queries", "Top-1", "R@5", "MRR@10", "mAP@10", "P@5", "rnd mAP", "rnd P@5")
     rows = [("self-retrieval *", res["self"]), ("copy detection", res["copy"])]
@@ -915,18 +983,132 @@ def format_eval(res):
     def cell(v):
         return "-" if v is None else str(v) if isinstance(v, int) else f"{v:.3f}"
 
-    w = max(len(r[0]) for r in rows)
+    return head, [(name, [cell(r.get(c)) for c in cols]) for name, r in rows]
+
+
+def format_eval(res):
+    head, rows = eval_table(res)
+    w = max(len(name) for name, _ in rows)
     lines = [f"{'protocol':<{w}}" + "".join(f"{h:>8}" for h in head)]
-    lines += [f"{name:<{w}}" + "".join(f"{cell(r.get(c)):>8}" for c in cols) for name, r in rows]
-    lines.append(f"{res['n']} images indexed. * a sanity check only: 1.0 for any injective "
-                 "embedding.\nrnd = expected under a random ranking of the same candidates.")
+    lines += [f"{name:<{w}}" + "".join(f"{c:>8}" for c in cells) for name, cells in rows]
+    lines.append(EVAL_NOTE.format(n=res["n"]))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- map
+
+LAYOUT_DIMS = 50  # PCA dims before the layout, as usual before t-SNE: drops the noisy tail
+LAYOUT_K = 15  # neighbours per painting in the layout's graph (UMAP's default)
+
+
+def pca_project(xb, d=LAYOUT_DIMS):
+    """(n, min(d, n - 1, dim)) float32: xb centred and projected on its top principal axes.
+    n <= dim: an SVD of the rows; else the covariance, summed CHUNK rows at a time, then eigh."""
+    n, dim = xb.shape
+    d = max(1, min(d, n - 1, dim))
+    chunks = range(0, n, CHUNK)
+    mean = sum(np.asarray(xb[i:i + CHUNK], np.float64).sum(0) for i in chunks) / n
+    if n <= dim:
+        u, s, _ = np.linalg.svd(np.asarray(xb, np.float64) - mean, full_matrices=False)
+        return (u[:, :d] * s[:d]).astype(np.float32)
+    cov = np.zeros((dim, dim))
+    for i in chunks:
+        a = np.asarray(xb[i:i + CHUNK], np.float32) - mean.astype(np.float32)
+        cov += a.T @ a  # float32 products, float64 sum: 2x faster, plenty for a picture
+    axes = np.linalg.eigh(cov)[1][:, ::-1][:, :d]  # eigh: ascending eigenvalues
+    return np.concatenate([(np.asarray(xb[i:i + CHUNK], np.float64) - mean) @ axes
+                           for i in chunks]).astype(np.float32)
+
+
+def knn_graph(z, k):
+    """(n, k) ids of each row's k nearest other rows of z (exact, squared L2)."""
+    index = faiss.IndexFlatL2(z.shape[1])
+    index.add(np.ascontiguousarray(z, np.float32))
+    _, I = index.search(np.ascontiguousarray(z, np.float32), k + 1)
+    return I[drop_self(I, np.arange(len(z)), k)].reshape(len(z), k)
+
+
+def graph_layout(nn, y, seed=0, epochs=200, draws=8, push_rate=5):
+    """Positions (n, 2) for the k-nearest-neighbour graph nn (n, k), from y (n, 2): each
+    epoch every edge pulls its two ends together and random pairs push apart, with the
+    Student-t forces of t-SNE, LargeVis and UMAP (clipped to 4, as UMAP) and a step that falls
+    linearly to 0. Each painting draws `draws` random others, weighted to stand for push_rate
+    pushes per edge (UMAP's negative sampling); steps are divided by the node's degree."""
+    rng = np.random.default_rng(seed)
+    n, k = nn.shape
+    a, b = np.repeat(np.arange(n), k), nn.ravel()
+    degree = (np.bincount(a, minlength=n) + np.bincount(b, minlength=n))[:, None]
+    for e in range(epochs):
+        d = y[a] - y[b]
+        pull = np.clip(-2 * d / (1 + (d * d).sum(1, keepdims=True)), -4, 4)
+        step = np.stack([np.bincount(a, pull[:, c], n) - np.bincount(b, pull[:, c], n)
+                         for c in (0, 1)], 1)
+        d = y[:, None, :] - y[rng.integers(0, n, (n, draws))]
+        d2 = (d * d).sum(2, keepdims=True)
+        push = np.clip(2 * d / ((0.001 + d2) * (1 + d2)), -4, 4).sum(1) * (push_rate * k / draws)
+        y = y + (1 - e / epochs) * (step + push) / degree
+    return y
+
+
+def layout_2d(xb, seed=0):
+    """(n, 2) float64 map positions: near = similar embeddings. PCA to LAYOUT_DIMS, the
+    LAYOUT_K-nearest-neighbour graph there, then graph_layout from the first two components
+    (keeps the collection's global arrangement; UMAP starts from a spectral layout the same way)."""
+    z = pca_project(xb)
+    n = len(z)
+    y = np.zeros((n, 2))
+    y[:, :min(2, z.shape[1])] = z[:, :2]
+    y = y / max(np.abs(y).max(), 1e-12) * 10  # UMAP's starting scale: +-10
+    if n < 3:
+        return y
+    return graph_layout(knn_graph(z, min(LAYOUT_K, n - 1)), y, seed)
+
+
+def cmd_map(args, device):
+    """INDEX/map.html: the collection laid out by its embeddings, with each painting's -k
+    nearest neighbours from the index (precomputed here: the page runs no search)."""
+    gen = generation(args.index)
+    emb = os.path.join(gen, "embeddings.npy")
+    if os.path.isfile(os.path.join(gen, "config.json")) and not os.path.isfile(emb):
+        raise UserError(f"--map lays out the stored embeddings and {emb} is missing: rebuild "
+                        "the index with --build")
+    cfg, meta, xb, index = open_for_search(args, device)
+    n, k = len(xb), min(args.k, len(xb) - 1)
+    if k < 1:
+        raise UserError(f"--map needs at least 2 indexed images; {args.index} has {n}")
+    D, I = search(index, xb, k + 1)
+    keep = drop_self(I, np.arange(n), k) & (I >= 0)  # hnsw/ivfpq may find fewer than k
+    nn = [I[q][keep[q]].tolist() for q in range(n)]
+    ns = [D[q][keep[q]].tolist() for q in range(n)]
+    t0 = time.time()
+    xy = layout_2d(xb, args.seed)
+    print(f"layout: {n} paintings in {time.time() - t0:.1f} s")
+    out = args.html or os.path.join(args.index, "map.html")
+    lines = [index_line(args.index, cfg), f"layout: PCA to {LAYOUT_DIMS} dims, then a "
+             f"{LAYOUT_K}-nearest-neighbour graph drawn with attracting edges (near = similar); "
+             f"click: the {k} nearest neighbours from the index"]
+    bad = pages.map_page(out, lines, xy, meta, nn, ns, cfg["images"])
+    print(f"map: {out} ({os.path.getsize(out) / 1e6:.1f} MB, {n} paintings"
+          + (f", {bad} no longer decode: grey)" if bad else ")"))
+    return xy
 
 
 # ----------------------------------------------------------------------------- main
 
 def log(folder, **record):
     data.append_jsonl(os.path.join(folder, "log.jsonl"), {"time": time.time(), **record})
+
+
+def check_html(args):
+    """--html goes with a mode that writes a page, into a folder that exists: a typo should
+    end the run before an embedding pass, not after it."""
+    if args.html is None:
+        return
+    if args.build or args.add:
+        raise UserError("--html goes with --query, --query-id, --eval or --map")
+    folder = os.path.dirname(os.path.abspath(args.html))
+    if not os.path.isdir(folder):
+        raise UserError(f"--html {args.html}: the folder {folder} does not exist")
 
 
 def default(key):
@@ -943,6 +1125,8 @@ def build_parser():
     mode.add_argument("--query-id", nargs="+", metavar="PATH",
                       help="indexed paths (as in meta.csv) to search for, minus themselves")
     mode.add_argument("--eval", action="store_true", help="self, copy-detection, label retrieval")
+    mode.add_argument("--map", action="store_true", help="INDEX/map.html: the collection in 2-D "
+                      "by its embeddings, thumbnails, -k neighbours on click, a filter box")
     p.add_argument("--images", help=f"image folder, or a .zip read in place; paths are stored "
                    f"relative to it (default: "
                    f"{DEFAULT_IMAGES} for --build, else the index's root)")
@@ -979,6 +1163,9 @@ def build_parser():
     q = p.add_argument_group("query and eval")
     q.add_argument("-k", type=int, default=5, help="results per query")
     q.add_argument("--sheet", help="contact sheet PNG (default: INDEX/query_sheet.png)")
+    q.add_argument("--html", metavar="PAGE", help="also write a self-contained HTML page: "
+                   "--query/--query-id the results, --eval the table and the copy-detection "
+                   "failures; --map its page (default: INDEX/map.html)")
     q.add_argument("--eval-queries", type=int, help="copy-detection queries (default: "
                    "min(200, n))")
     r = p.add_argument_group("runtime")
@@ -998,6 +1185,7 @@ def main(argv=None):
     print("args:", json.dumps(vars(args)))
     nets.tune_malloc()
     try:
+        check_html(args)
         device = nets.pick_device(args.device)
         amp = nets.autocast_dtype(device) if args.amp else None
         if args.build:
@@ -1008,6 +1196,8 @@ def main(argv=None):
             return cmd_query(args, device, amp)
         if args.query_id:
             return cmd_query_id(args, device, amp)
+        if args.map:
+            return cmd_map(args, device)
         return cmd_eval(args, device, amp)
     except UserError as e:
         raise SystemExit(f"retrieve.py: error: {e}") from None

@@ -7,6 +7,7 @@ the scripts import each other. Run: python -m pytest -q test_all.py
 """
 
 import csv
+import html
 import io
 import itertools
 import json
@@ -25,6 +26,8 @@ import time
 import urllib.error
 import zipfile
 import zlib
+from collections import Counter
+from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import faiss
@@ -70,6 +73,15 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
+
+
+@pytest.fixture
+def one_blas_thread():
+    """numpy's OpenBLAS threads spin on a busy 2-core runner: an SVD of 300 x 512 took 0.3-2.8 s
+    with them, 0.05 s with one (threadpoolctl comes with scikit-learn)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        yield
 
 
 # ----------------------------------------------------------------------------- data the tests write
@@ -397,6 +409,54 @@ def retrieve_error(argv):
     msg = str(e.value.code)
     assert msg.startswith("retrieve.py: error: ") and "\n" not in msg, msg
     return msg
+
+
+# --------------------------------------------------------------------------------------- html pages
+
+
+class PageParser(HTMLParser):
+    """html.parser over a page: elements must close in order; counts classes and tags; keeps
+    the text of <script type="application/json"> blocks."""
+
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
+            "track", "wbr"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.open, self.errors, self.json, self.in_json = [], [], [], False
+        self.classes, self.tags = Counter(), Counter()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags[tag] += 1
+        self.classes.update((a.get("class") or "").split())
+        self.in_json = tag == "script" and a.get("type") == "application/json"
+        if tag not in self.VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.open or self.open[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.open[-1:]}")
+        else:
+            self.open.pop()
+        self.in_json = False
+
+    def handle_data(self, text):
+        if self.in_json:
+            self.json.append(json.loads(text))
+
+
+def check_page(path):
+    """Parse a page written by pages.py; it must load nothing from outside. Returns the parser."""
+    text = open(path, encoding="utf-8").read()
+    p = PageParser()
+    p.feed(text)
+    p.close()
+    assert not p.errors and p.open == [], (p.errors, p.open)
+    assert not re.search(r"""\bsrc\s*=\s*["']?\s*(https?:)?//""", text, re.I)  # no src="http
+    assert "url(" not in text and "<link" not in text and "@import" not in text
+    assert p.tags["html"] == p.tags["body"] == 1
+    return p
 
 
 # ------------------------------------------------------------------------------------------ vectors
@@ -1388,6 +1448,37 @@ def test_nets_backbone_seed_rebuilds_the_same_model():
 
 
 # ============================================================================
+# pages: heat overlays and the HTML pieces (the pages themselves come with each script's runs)
+
+
+def test_pages_heat_overlay_is_bilinear_and_red_where_hot():
+    im = Image.new("RGB", (64, 48), (128, 128, 128))
+    heat = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # hot: the bottom right of a 2 x 3 grid
+    a = np.asarray(pages.heat_overlay(im, heat), np.int64)
+    assert a.shape == (48, 64, 3)
+    hot, cold = a[40, 56], a[4, 4]  # inside the hot cell, far from it
+    assert hot[0] > hot[2] + 60 and cold[2] > cold[0] + 60  # red against blue (jet)
+    row = a[40]  # the bottom row runs from cold to hot: smoothly (nearest would jump ~70 at once)
+    assert np.abs(np.diff(row, axis=0)).max() <= 30 and np.ptp(row, axis=0).max() > 100
+    flat = np.asarray(pages.heat_overlay(im, np.ones((2, 3))), np.int64)
+    assert (flat == flat[0, 0]).all()  # a uniform map tints evenly
+    even = np.full((2, 3), 1 / 6)  # uniform attention: drawn at half the scale (green), not red
+    assert pages.attention_top(even) == pytest.approx(2 / 6)
+    g = np.asarray(pages.heat_overlay(im, even, pages.attention_top(even)), np.int64)[10, 10]
+    assert g[1] > g[0] + 40 and g[1] > g[2] + 40
+
+
+def test_pages_rows_are_escaped_and_nga_rows_link_to_nga(tmp_path):
+    row = {"path": "a.jpg", "objectid": "46189", "title": "<script>alert(1)</script>",
+           "url": "https://api.nga.gov/iiif/x/full/!512,512/0/default.jpg", "note": "a & b"}
+    out = pages.row_html(row)
+    assert "<script>" not in out and "&lt;script&gt;" in out and "a &amp; b" in out
+    assert 'href="https://www.nga.gov/content/ngaweb/Collection/art-object-page.46189.html"' in out
+    assert data.nga_page_url({**row, "url": ""}) is None  # the demo's made-up ids: no link
+    assert pages.script_json({"t": "</script><!--"}) == '{"t":"<\\/script><\\!--"}'
+
+
+# ============================================================================
 # crnn: learning, exact resume, evaluation files, prediction, bad input
 
 
@@ -1602,7 +1693,6 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
 
 
 @pytest.mark.xdist_group("trained")
-@pytest.mark.xdist_group("trained")
 def test_crnn_outliers_anywhere_find_the_planted_labels(trained, demo, tmp_path, capsys):
     """The demo's deliberately wrong style labels: outliers looked for in every split name
     more of them than in the held-out split alone, and say how many."""
@@ -1620,6 +1710,7 @@ def test_crnn_outliers_anywhere_find_the_planted_labels(trained, demo, tmp_path,
     assert found["all"] > found["heldout"], found
 
 
+@pytest.mark.xdist_group("trained")
 def test_crnn_eval_uses_the_checkpoints_classes(trained, demo, tmp_path):
     """A classes.json beside the manifest that differs from the checkpoint's (another subset's)
     is not consulted: the checkpoint's own lists label the rows."""
@@ -1693,6 +1784,130 @@ def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path
     assert "no labelled rows with split val (splits here: dev, test, train" in msg
     msg = crnn_error(capsys, ["--train", "--data", str(tmp_path / "m.csv"), "--tasks", "colour"])
     assert "--tasks 'colour'" in msg
+
+
+@pytest.mark.xdist_group("trained")
+def test_crnn_eval_html_report(trained, demo, tmp_path, capsys):
+    out = tmp_path / "eval"
+    crnn.main(["--eval", "--ckpt", str(trained / "best.pt"), "--outliers", "5", "--out", str(out),
+               "--workers", "0"])
+    p = check_page(out / "report.html")
+    text = (out / "report.html").read_text(encoding="utf-8")
+    found = data.read_csv(out / "outliers.csv")
+    summary = json.loads((out / "metrics.json").read_text())
+    assert p.classes["outlier"] == len(found) > 0
+    assert p.tags["img"] == 2 * len(found)  # what the model saw, and its attention over it
+    assert p.classes["cm"] == 3 and text.count('<td style="background') == 6 * 6 + 6 * 6 + 4 * 4
+    assert "model: resnet18 + lstm 256, 64 px" in text and "val split" in text
+    for t, s in summary.items():
+        assert f"{s['macro']['f1']:.3f}" in text and f"{s['top3']:.3f}" in text
+        assert f"<h2>{t}: {s['n']} labelled images</h2>" in text
+    assert "title=\"true " in text and "\u2192 predicted" in text  # a cell's hover names its pair
+    for r in found:
+        assert html.escape(r["path"]) in text
+    # an outlier whose file no longer decodes: a grey card, counted, not a crash
+    gone = {"path": "gone.jpg", "task": "style", "true": "A", "pred": "B", "p_true": 0.1,
+            "p_pred": 0.8, "score": 0.7}
+    model, _ = crnn.load_checkpoint(str(trained / "best.pt"))
+    crnn.look_at_outliers(model, [gone], str(demo / "images"), 64, torch.device("cpu"))
+    res = {"style": {"report": summary["style"], "top3": 0.5, "confusion": np.eye(6, dtype=int)}}
+    res["style"]["report"]["per_class"] = summary["style"]["per_class"]
+    pages.eval_page(str(tmp_path / "gone.html"), ["x"], res, [gone], 1)
+    p = check_page(tmp_path / "gone.html")
+    assert p.classes["outlier"] == 1 and "1 image(s) no longer decode" in \
+        (tmp_path / "gone.html").read_text(encoding="utf-8")
+
+
+def patch_images(n, seed, present=0.5, rows=4, cols=6):
+    """n images (3, 8 rows, 8 cols) that are flat 0 except, in a fraction `present` of them, one
+    8 x 8 px cell of +-1 noise (the backbone below sees it as one cell); label 1 = has it."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 3, 8 * rows, 8 * cols), np.float32)
+    y = (rng.random(n) < present).astype(np.int64)
+    cell = rng.integers(0, rows * cols, n)
+    for i in np.flatnonzero(y):
+        r, c = divmod(int(cell[i]), cols)
+        x[i, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = rng.choice([-1.0, 1.0], (8, 8))
+    return torch.from_numpy(x), torch.from_numpy(y), cell
+
+
+def test_crnn_attention_finds_the_textured_patch():
+    """A CRNN with a tiny trunk (an 8 px cell -> one position of a 4 x 6 grid, not square, so a
+    transposed map would show) trained 40 steps to tell whether an image has a noise patch.
+    Measured over seeds 0-11: every map puts its peak on the patch. (When the label is the
+    patch's orientation instead, the model may recognise one class by the patch's absence, or
+    read the patch from the RNN's memory at the sequence ends: the peak lands on the patch in
+    only about half the images; attention shows what the model used, not where the object is.)"""
+    torch.manual_seed(0)
+    trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(),
+                                torch.nn.Conv2d(8, 8, 2, stride=2), torch.nn.ReLU())
+    model = crnn.CRNN({"patch": 2}, trunk, hidden=8, rnn="lstm", dropout=0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for step in range(40):
+        x, y, _ = patch_images(32, 100 + step)
+        loss = torch.nn.functional.cross_entropy(model(x)["patch"], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    x, y, cell = patch_images(48, 1, present=1.0)
+    a = crnn.attention_maps(model, x)
+    assert a.shape == (48, 4, 6)
+    np.testing.assert_allclose(a.sum((1, 2)), 1.0, atol=1e-5)
+    assert (model(x)["patch"].argmax(1) == 1).all()
+    assert (a.reshape(48, -1).argmax(1) == cell).all()
+    assert a.max((1, 2)).min() > 3 / 24  # well above uniform (1/24)
+
+
+class LinearToy(torch.nn.Module):
+    """backbone: a 1x1 conv (A = W x); head: the grid mean of A times V. Linear, so Grad-CAM
+    has a closed form: d logit_c / d A_k(i, j) = V[c, k] / (h w) at every cell."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1, bias=False))
+        self.heads = torch.nn.ModuleDict({"style": torch.nn.Linear(4, 3)})
+
+    def forward(self, x):
+        return {"style": self.heads["style"](self.backbone(x).mean((2, 3)))}
+
+
+def test_crnn_gradcam_linear_toy_equals_hand():
+    torch.manual_seed(0)
+    model = LinearToy().eval()
+    x, h, w = torch.randn(2, 3, 5, 7), 5, 7
+    cam, cls = crnn.grad_cam(model, x, "style", torch.tensor([2, 0]))
+    W, V = model.backbone[0].weight[:, :, 0, 0].detach(), model.heads["style"].weight.detach()
+    A = torch.einsum("kc,bchw->bkhw", W, x)
+    alpha = V[[2, 0]] / (h * w)  # (2, 4): per image, per channel
+    want = torch.relu((alpha[:, :, None, None] * A).sum(1))
+    assert cam.shape == (2, 5, 7) and cls.tolist() == [2, 0] and want.max() > 0
+    np.testing.assert_allclose(cam, want.numpy(), rtol=1e-5, atol=1e-6)
+    _, top = crnn.grad_cam(model, x, "style")  # no class: the predicted one
+    assert top.tolist() == model(x)["style"].argmax(1).tolist()
+    assert all(p.grad is None for p in model.parameters())  # hooks removed, no grads left
+
+
+@pytest.mark.xdist_group("trained")
+def test_crnn_predict_explain_writes_pngs(trained, demo, tmp_path, capsys):
+    src = sorted((demo / "images" / "Cubism").iterdir())[:2]
+    pics = tmp_path / "pics"
+    (pics / "sub").mkdir(parents=True)
+    (pics / "a.jpg").write_bytes(src[0].read_bytes())
+    (pics / "sub" / "a.jpg").write_bytes(src[1].read_bytes())  # the same name twice
+    crnn.main(["--predict", str(pics), "--ckpt", str(trained / "best.pt"), "--explain",
+               "--out", str(tmp_path / "o")])
+    out = capsys.readouterr().out
+    names = sorted(os.listdir(tmp_path / "o" / "explain"))
+    assert names == sorted(f"{s}_{t}.png" for s in ("a", "a-2")
+                           for t in ("style", "artist", "genre"))
+    for n in names:
+        assert str(tmp_path / "o" / "explain" / n) in out
+        with Image.open(tmp_path / "o" / "explain" / n) as im:
+            assert im.width == 10 + 3 * (pages.PANEL + 10) and im.height > pages.PANEL
+    assert out.count("  explained: ") == 2
+    assert "--explain goes with --predict" in crnn_error(
+        capsys, ["--eval", "--explain", "--ckpt", str(trained / "best.pt")])
 
 
 # ---------------------------------------------------------------------------------------- bad input
@@ -2124,6 +2339,109 @@ def test_retrieve_old_layout_opens_and_moves_into_a_generation(demo, small_build
     assert (index / "CURRENT").read_text().strip() == "gen-1"
     assert not any((index / f).exists() for f in retrieve.FILES)
     assert retrieve.open_index(index)[0]["n"] == 120
+
+
+def test_retrieve_query_html_cards(built, demo, tmp_path, capsys):
+    meta = retrieve.open_index(built)[1]
+    imgs = [str(demo / "images" / meta[i]["path"]) for i in (3, 40)]
+    page = tmp_path / "results.html"
+    D, I = retrieve.main(["--query", *imgs, "--index", str(built), "-k", "4", "--html", str(page),
+                          "--sheet", str(tmp_path / "s.png")])
+    p = check_page(page)
+    text = page.read_text(encoding="utf-8")
+    assert p.classes["query"] == 2 and p.classes["hit"] == 2 + 2 * 4 and p.tags["img"] == 10
+    assert p.classes["bad"] == 0 and "no longer decode" not in text
+    at = -1
+    for i, s in zip(I[1], D[1], strict=True):  # the second query's cards in rank order
+        at = text.index(f"score {s:.3f}</div><div><b>{html.escape(meta[i]['title'])}</b>", at + 1)
+        for col, v in meta[i].items():  # every non-empty manifest column (title: bold, above)
+            assert not v or col == "title" or f'<td class="k">{col}</td><td>{html.escape(v)}' \
+                '</td>' in text
+    assert f"html: {page}" in capsys.readouterr().out
+
+
+def test_retrieve_query_id_html_unreadable_is_a_grey_card(built, demo, tmp_path, capsys):
+    """An indexed image that no longer decodes shows as a grey card, counted, not a crash."""
+    moved = tmp_path / "images"
+    shutil.copytree(demo / "images", moved)
+    meta = retrieve.open_index(built)[1]
+    D, I = retrieve.main(["--query-id", meta[5]["path"], "--index", str(built), "-k", "3",
+                          "--images", str(moved), "--sheet", str(tmp_path / "s.png")])
+    (moved / meta[I[0, 1]]["path"]).write_bytes(b"no longer a jpeg")
+    page = tmp_path / "q.html"
+    retrieve.main(["--query-id", meta[5]["path"], "--index", str(built), "-k", "3", "--images",
+                   str(moved), "--html", str(page), "--sheet", str(tmp_path / "s.png")])
+    p = check_page(page)
+    assert p.classes["hit"] == 4 and p.classes["bad"] == 1
+    assert "1 image(s) no longer decode" in page.read_text(encoding="utf-8")
+    assert "1 images no longer decode: grey" in capsys.readouterr().out
+
+
+def test_retrieve_map_html_points_neighbours_sprites(built, capsys, one_blas_thread,
+                                                    one_faiss_thread):
+    xy = retrieve.main(["--map", "--index", str(built), "-k", "4"])
+    page = built / "map.html"
+    p = check_page(page)
+    (d,) = p.json
+    meta = retrieve.open_index(built)[1]
+    assert d["n"] == len(d["rows"]) == len(d["nn"]) == 120 and len(d["xy"]) == 240
+    assert xy.shape == (120, 2) and np.isfinite(xy).all()
+    assert d["cols"] == list(meta[0]) and d["rows"][7] == list(meta[7].values())
+    xb = np.asarray(retrieve.open_index(built)[2])
+    for q in (0, 50, 119):  # precomputed neighbours = numpy brute force, minus the painting itself
+        s = xb @ xb[q]
+        order = [i for i in np.argsort(-s, kind="stable") if i != q][:4]
+        assert d["nn"][q] == order
+        np.testing.assert_allclose(d["ns"][q], s[order], atol=2e-3)
+    sp = np.array(d["sp"]).reshape(120, 5)
+    assert len(d["sheets"]) == 1 and p.tags["img"] == 0  # one sprite sheet, no <img> per point
+    assert (sp[:, 3:] <= d["cell"]).all() and (sp[:, 3:].max(1) == d["cell"]).all()
+    assert len({(x, y) for _, x, y, _, _ in sp}) == 120  # each thumbnail its own place
+    assert f"map: {page}" in capsys.readouterr().out
+
+
+def test_retrieve_map_layout_keeps_clusters_apart(one_blas_thread, one_faiss_thread):
+    """Six clusters on a 32-d subspace of 512-d unit vectors: the 2-D layout keeps each
+    painting's 10 nearest neighbours in its cluster (the first two principal components alone
+    mix them: 0.79 of the neighbours share the cluster)."""
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((512, 32)))[0]
+    lab = rng.integers(0, 6, 300)
+    x = unit(((rng.standard_normal((6, 32))[lab] + 0.6 * rng.standard_normal((300, 32)))
+              @ basis.T).astype(np.float32))
+    y = retrieve.layout_2d(x, seed=0)
+    nn = retrieve.knn_graph(y.astype(np.float32), 10)
+    assert (lab[nn] == lab[:, None]).mean() > 0.95
+    np.testing.assert_array_equal(y, retrieve.layout_2d(x, seed=0))  # seeded
+    z = retrieve.pca_project(x, 50)
+    assert z.shape == (300, 50) and abs(float(z[:, 0] @ z[:, 1])) < 1e-2 * float(z[:, 0] @ z[:, 0])
+
+
+def test_retrieve_eval_html_copy_failures(built, tmp_path, capsys):
+    page = tmp_path / "eval.html"
+    res = retrieve.main(["--eval", "--index", str(built), "--workers", "0", "--eval-queries", "24",
+                         "--html", str(page)])
+    p = check_page(page)
+    text = page.read_text(encoding="utf-8")
+    misses = round(24 * (1 - res["copy"]["top1"]))
+    assert misses > 0 and p.classes["fail"] == misses and p.tags["img"] == 3 * misses
+    assert f"{misses} failure(s)" in text and f"<td>{res['copy']['top1']:.3f}</td>" in text
+    ranks = [int(r) for r in re.findall(r"ranked (\d+)", text)]
+    assert len(ranks) + text.count("not in the top 10") == misses and all(r > 1 for r in ranks)
+    assert f"html: {page} ({misses} copy-detection failures)" in capsys.readouterr().out
+
+
+def test_retrieve_html_bad_input(built, tmp_path):
+    img = str(next((built.parent / "images" / "Cubism").iterdir()))
+    nowhere = str(tmp_path / "no" / "such" / "folder" / "r.html")
+    assert "does not exist" in retrieve_error(["--query", img, "--index", str(built), "--html",
+                                               nowhere])
+    assert "does not exist" in retrieve_error(["--map", "--index", str(built), "--html", nowhere])
+    assert "--html goes with" in retrieve_error(["--build", "--html", str(tmp_path / "x.html")])
+    bare = tmp_path / "bare"
+    shutil.copytree(built, bare)
+    os.remove(os.path.join(retrieve.generation(bare), "embeddings.npy"))
+    assert "embeddings.npy is missing" in retrieve_error(["--map", "--index", str(bare)])
 
 
 def test_retrieve_offline_imagenet_is_one_line(demo, tmp_path, monkeypatch):
