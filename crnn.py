@@ -522,15 +522,19 @@ def train_step(fit, x, y):
         return None
     if not torch.isfinite(loss):
         return loss.item()
+    stepped = True
     if fit.scaler is not None:  # fp16 on CUDA: scale the loss so small gradients survive
+        scale = fit.scaler.get_scale()
         fit.scaler.scale(loss).backward()
-        fit.scaler.step(fit.opt)
+        fit.scaler.step(fit.opt)  # skipped when a gradient overflowed...
         fit.scaler.update()
+        stepped = fit.scaler.get_scale() >= scale  # ...which is when update() lowers the scale
     else:
         loss.backward()
         fit.opt.step()
     fit.opt.zero_grad(set_to_none=True)
-    fit.sched.step()
+    if stepped:  # the schedule counts optimizer steps, not skipped ones
+        fit.sched.step()
     return loss.item()
 
 
@@ -1313,9 +1317,8 @@ def main(argv=None):
         resolve_data(args)
         if not ckpt:
             check_out(args)
-        torch.backends.cudnn.benchmark = False  # seeded runs repeat on the GPU too
-        torch.backends.cudnn.deterministic = True
-        return cmd_train(args, device, ckpt)
+        with nets.deterministic_cudnn():
+            return cmd_train(args, device, ckpt)
     except UserError as e:
         raise SystemExit(f"crnn.py: error: {e}") from None
 

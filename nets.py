@@ -89,6 +89,20 @@ def autocast_dtype(device):
     return None
 
 
+@contextlib.contextmanager
+def deterministic_cudnn():
+    """cuDNN's deterministic kernels, no autotuner, for the block only: a seeded training run
+    repeats on the GPU (closely, not bit for bit: some kernels have no deterministic form), and
+    the caller's settings come back after it, so a notebook's later convolutions (embedding,
+    other training) keep the fast autotuned ones."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
 def autocast(device, dtype):
     """torch.autocast for dtype on device, or a null context when dtype is None.
 

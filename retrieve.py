@@ -400,20 +400,53 @@ def search(index, xq, k, chunk=4096):
     return np.concatenate([D for D, _ in parts]), np.concatenate([I for _, I in parts])
 
 
+GPU_MAX = 2048  # the largest k (and nprobe) FAISS's GPU kernels take
+
+
 def to_search_device(index, cfg, device):
-    """A GPU copy for search when faiss has GPU support and we run on cuda (hnsw: CPU only)."""
+    """A GPU copy for search when faiss has GPU support and we run on cuda (hnsw: CPU only).
+
+    Only the inner index goes to the GPU; --pca's transforms (PCA, re-normalisation) run on the
+    host: FAISS cannot clone a NormalizationTransform, and a failed clone of the whole index
+    leaves its inner part on the GPU, memory that a notebook never gets back."""
     if device.type != "cuda" or cfg["index_type"] == "hnsw" or \
             not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
+        return index
+    body = inner(index)
+    if getattr(body, "nprobe", 0) > GPU_MAX:
+        print(f"note: the index stays on the CPU (--nprobe {body.nprobe} > {GPU_MAX}, the GPU's "
+              "limit)")
         return index
     co = faiss.GpuMultipleClonerOptions()
     co.useFloat16 = cfg["index_type"] == "ivfpq"  # m=64 lookup tables fit shared memory in fp16
     try:
-        gpu = faiss.index_cpu_to_all_gpus(index, co)
-    except RuntimeError as e:  # e.g. IVFPQ sub-vectors wider than the GPU kernels support
-        print(f"note: the index stays on the CPU ({str(e).strip().splitlines()[0]})")
+        gpu = faiss.index_cpu_to_all_gpus(body, co)
+    except RuntimeError as e:  # e.g. IVFPQ with nbits < 8, or sub-vectors the kernels lack
+        print(f"note: the index stays on the CPU ({one_line(e)})")
         return index
     print(f"index on {faiss.get_num_gpus()} GPU(s)")
-    return gpu
+    chain = [index.chain.at(i) for i in range(index.chain.size())] \
+        if isinstance(index, faiss.IndexPreTransform) else []
+    return OnGpu(index, gpu, chain)
+
+
+class OnGpu:
+    """Search on a GPU copy of an index's inner part, its transforms applied on the host first.
+    A k above GPU_MAX searches the CPU index instead (GPU FAISS refuses it)."""
+
+    def __init__(self, cpu, gpu, chain):
+        self.cpu, self.gpu, self.chain, self.ntotal = cpu, gpu, chain, cpu.ntotal
+
+    def search(self, xq, k):
+        if k > GPU_MAX:
+            if not getattr(self, "said", False):
+                print(f"note: {k} neighbours are more than GPU FAISS returns ({GPU_MAX}): "
+                      "searching on the CPU")
+                self.said = True
+            return self.cpu.search(xq, k)
+        for vt in self.chain:  # PCA-whitening, then back onto the unit sphere
+            xq = vt.apply(xq)
+        return self.gpu.search(xq, k)
 
 
 # ----------------------------------------------------------------------------- index folder
@@ -1146,7 +1179,9 @@ def build_parser():
     m.add_argument("--grid", type=int, help="--pool grid: G x G cells" + default("grid"))
     x = p.add_argument_group("faiss index (defaults sized from the collection)")
     x.add_argument("--index-type", choices=("flat", "hnsw", "ivfpq"), help="flat: exact; hnsw, "
-                   "ivfpq: approximate, for 100k+ images" + default("index_type"))
+                   "ivfpq: approximate, for 100k+ images (on a GPU build of faiss, flat and ivfpq "
+                   "search on the GPU; ivfpq trained on under ~10k vectors gets nbits < 8, "
+                   "which the GPU kernels lack: it stays on the CPU)" + default("index_type"))
     x.add_argument("--pca", type=int, metavar="D", help="PCA-whiten to D dims, then re-normalise "
                    "(default: off)")
     x.add_argument("--hnsw-m", type=int, help="hnsw links per node" + default("hnsw_m"))

@@ -6,6 +6,7 @@ demo data. Shared helpers and fixtures come first, then one section per script, 
 the scripts import each other. Run: python -m pytest -q test_all.py
 """
 
+import contextlib
 import csv
 import html
 import io
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import zipfile
 import zlib
@@ -1447,6 +1449,23 @@ def test_nets_backbone_seed_rebuilds_the_same_model():
     assert torch.equal(d[0].weight, torchvision.models.resnet18().conv1.weight)
 
 
+def test_nets_autocast_and_cudnn_flags(monkeypatch, demo, tmp_path):
+    """No autocast at all where none applies (torch 2.1-2.4 refuse even a disabled one on mps),
+    and crnn.main gives a notebook its cuDNN flags back after training."""
+    assert isinstance(nets.autocast(torch.device("mps"), None), contextlib.nullcontext)
+    assert isinstance(nets.autocast(torch.device("cpu"), None), contextlib.nullcontext)
+    assert isinstance(nets.autocast(torch.device("cpu"), torch.bfloat16), torch.autocast)
+    seen = []
+    monkeypatch.setattr(crnn, "cmd_train", lambda *a: seen.append(
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    crnn.main(["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST,
+               "--out", str(tmp_path)])
+    assert seen == [(False, True)]  # during the run
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
+
+
 # ============================================================================
 # pages: heat overlays and the HTML pieces (the pages themselves come with each script's runs)
 
@@ -1550,6 +1569,28 @@ def test_crnn_resume_takes_its_flags_from_last_pt(demo, tmp_path, capsys):
                               "--backbone", "resnet34", *out])
     assert "--backbone resnet34 (it has resnet18); --hidden 64 (it has 32)" in msg
     assert "pass a larger --epochs" in crnn_error(capsys, ["--train", "--resume", *out])
+
+
+def test_crnn_overflowed_fp16_step_leaves_the_schedule(demo):
+    """A GradScaler step skipped for an overflowed gradient is no optimizer step: the learning
+    rate schedule must not advance (it did: torch warned 'lr_scheduler.step() before
+    optimizer.step()')."""
+    torch.manual_seed(0)
+    model = crnn.CRNN({"style": 6}, "resnet18", "none", hidden=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = crnn.make_scheduler(opt, 100, 0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    fit = crnn.Fit(model, model, opt, sched, scaler, [None], 0.0, torch.device("cpu"), None,
+                   False)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([[0], [1], [2], [3]])
+    hook = model.heads["style"].weight.register_hook(lambda g: g * float("inf"))  # overflow
+    crnn.train_step(fit, x, y)
+    assert scaler.get_scale() == 2.0 ** 15 and sched.last_epoch == 0  # skipped, not counted
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())  # no step
+    hook.remove()  # finite gradients: a real step, which the schedule counts
+    crnn.train_step(fit, x, y)
+    assert sched.last_epoch == 1 and scaler.get_scale() == 2.0 ** 15
 
 
 def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
@@ -1997,6 +2038,47 @@ def test_retrieve_pca_whitening_renormalises():
     assert (I[:, 0] == np.arange(50)).mean() > 0.9
     with pytest.raises(data.UserError, match="--pca"):
         retrieve.index_from_vectors(xb[:10], index_args("--pca", "16"))
+
+
+@pytest.fixture
+def emulated_gpu(monkeypatch):
+    """faiss-cpu made to look like a GPU build: one GPU, and a 'copy to the GPUs' that clones
+    (as FAISS's GPU cloner would, it cannot clone a NormalizationTransform). Yields what was
+    copied."""
+    copied = []
+
+    def to_gpus(index, co):
+        copied.append(index)
+        return faiss.clone_index(index)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", types.SimpleNamespace, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
+    return copied
+
+
+@pytest.mark.parametrize("flags", [[], ["--pca", "16"]], ids=["flat", "pca"])
+def test_retrieve_gpu_copy_answers_as_the_cpu_index(emulated_gpu, capsys, flags):
+    xb, xq = clustered(3000, 64, 1), clustered(50, 64, 2)
+    icfg, index = retrieve.index_from_vectors(xb, index_args(*flags))
+    on_gpu = retrieve.to_search_device(index, icfg, torch.device("cuda"))
+    assert isinstance(on_gpu, retrieve.OnGpu) and len(emulated_gpu) == 1
+    assert not isinstance(emulated_gpu[0], faiss.IndexPreTransform)  # the inner index only
+    for k in (10, 2500):  # 2500 > GPU_MAX: answered by the CPU index, with a note
+        (D, I), (Dc, Ic) = on_gpu.search(xq, k), index.search(xq, k)
+        assert (I == Ic).all()
+        np.testing.assert_allclose(D, Dc, atol=1e-5)
+    assert capsys.readouterr().out.count("searching on the CPU") == 1
+
+
+def test_retrieve_gpu_copy_failure_stays_on_the_cpu(emulated_gpu, monkeypatch, capsys):
+    icfg, index = retrieve.index_from_vectors(clustered(500, 32, 1), index_args("--pca", "8"))
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda i, co: (_ for _ in ()).throw(
+        RuntimeError("Error: GPU index only supports 8 bits per code (simulated)")))
+    assert retrieve.to_search_device(index, icfg, torch.device("cuda")) is index
+    assert "the index stays on the CPU (Error: GPU index only supports" in capsys.readouterr().out
+    icfg, index = retrieve.index_from_vectors(clustered(5000, 32, 1), index_args(
+        "--index-type", "ivfpq", "--nprobe", "3000", "--nlist", "100"))
+    assert retrieve.to_search_device(index, icfg, torch.device("cuda")) is index  # nprobe > 2048
 
 
 def test_retrieve_ivfpq_refuses_tiny_collection():
