@@ -152,10 +152,11 @@ def embed_models():
     naive = nets.backbone("resnet50", "none", seed=0)[0]
     naive = torch.nn.Sequential(naive, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
     cfg = {"ckpt": None, "backbone": "resnet50", "weights": "none", "init_seed": 0,
-           "pool": "avg", "grid": 1, "img_size": 224}
+           "pool": "avg", "grid": 1, "img_size": 224,
+           "precision": nets.inference_precision(torch.device("cpu"))[0]}
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         cpu = torch.device("cpu")
-        ours = retrieve.load_model(cfg, cpu, nets.autocast_dtype(cpu))
+        ours = retrieve.load_model(cfg, cpu)
     return naive, ours
 
 
@@ -177,7 +178,7 @@ def embed_rates(x, batch=32):
     t_ours = timed(run_ours, 2)
     run_naive()
     t_naive = timed(run_naive, 2)
-    return len(x) / t_naive, len(x) / t_ours, run_naive(), run_ours(), str(ours.amp)
+    return len(x) / t_naive, len(x) / t_ours, run_naive(), run_ours(), "precision"
 
 
 def agreement(a, b, k=5):

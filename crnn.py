@@ -131,6 +131,34 @@ class CRNN(nn.Module):
         return self.classify(self.backbone(x))
 
 
+class Inference(nn.Module):
+    """A trained CRNN for inference (--eval, --predict, retrieve.py --ckpt): its backbone
+    BN-folded and in `precision` (nets.for_inference), the RNN, attention and heads in fp32 as
+    trained. model itself stays as it was (Grad-CAM and attention maps hook its backbone)."""
+
+    def __init__(self, model, precision="fp32"):
+        super().__init__()
+        self.model, self.dtype = model, nets.PRECISIONS[precision]
+        self.body = nets.for_inference(model.backbone, precision)
+        self.heads = model.heads  # predict_probs names the tasks by them
+
+    def fmap(self, x):
+        return self.body(x.to(self.dtype)).float()
+
+    def embed(self, x):
+        return self.model.pool(self.fmap(x))
+
+    def forward(self, x):
+        return self.model.classify(self.fmap(x))
+
+
+def inference_model(model, device, enabled=True):
+    """Inference(model) in the precision nets.inference_precision picks (printed once)."""
+    name, why = nets.inference_precision(device, enabled)
+    nets.say_precision(name, why)
+    return Inference(model, name).to(device).eval()
+
+
 def build_model(a, classes, weights="none"):
     """CRNN from a plain args dict and {task: [class names]} (as stored in checkpoints)."""
     return CRNN({t: len(c) for t, c in classes.items()}, a["backbone"], weights, a["hidden"],
@@ -387,22 +415,23 @@ class CachedBatches:
 
 # ----------------------------------------------------------------------------- feature cache
 
-def cache_key(args):
+def cache_key(args, precision):
     """What the cached maps depend on: a change rebuilds the cache."""
     w = args.weights
     if w not in ("imagenet", "none") and os.path.isfile(w):
         w += f"@{os.path.getsize(w)}:{int(os.path.getmtime(w))}"
     seed = f"|seed {args.seed}" if w == "none" else ""  # random weights depend on the seed
-    return f"{args.backbone}|{w}|{args.img_size}px{seed}"
+    return f"{args.backbone}|{w}|{args.img_size}px{seed}" + \
+        (f"|{precision}" if precision != "fp32" else "")
 
 
-def feature_cache(model, table, rows, split, args, device, amp):
+def feature_cache(model, table, rows, split, args, device, precision):
     """(fp16 memmap (n, C, H, W) of the frozen backbone's maps for `rows`, ok mask, failed
     [(position, reason)]). A cache for other paths or settings, or one that does not load
     (a run killed while writing it, a full disk), is built anew."""
     d = args.cache or os.path.join(args.out, "cache")
     npy, meta = os.path.join(d, f"{split}.npy"), os.path.join(d, f"{split}.json")
-    paths, key = [table.paths[i] for i in rows], cache_key(args)
+    paths, key = [table.paths[i] for i in rows], cache_key(args, precision)
     if os.path.isfile(npy) and os.path.isfile(meta):
         try:
             with open(meta, encoding="utf-8") as f:
@@ -415,15 +444,16 @@ def feature_cache(model, table, rows, split, args, device, amp):
                 raise ValueError(f"{arr.shape[0]} rows for {len(paths)} images")
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"cache: {npy} does not load ({one_line(e)}): building it again")
-    return build_cache(model, paths, npy, meta, key, args, device, amp)
+    return build_cache(model, paths, npy, meta, key, args, device, precision)
 
 
 @torch.no_grad()
-def build_cache(model, paths, npy, meta, key, args, device, amp):
+def build_cache(model, paths, npy, meta, key, args, device, precision):
     ds = data.ImageDataset(paths, args.root, nets.make_transform(args.img_size), args.img_size)
     batches = sequential(np.arange(len(paths)), args.batch_size)
     loader = image_loader(ds, batches, args, device)
-    backbone = nets.fuse_for_inference(model.backbone)  # a BN-folded copy: frozen, eval only
+    # a BN-folded copy in the inference precision: frozen, eval only
+    backbone, dtype = nets.for_inference(model.backbone, precision), nets.PRECISIONS[precision]
     ok, arr, failed = np.zeros(len(paths), bool), None, []
     tmp = f"{npy}.{os.getpid()}.tmp.npy"  # this process's own: no clash with another run
     prog = data.Progress(len(paths), f"cache {os.path.basename(npy)}")
@@ -431,8 +461,7 @@ def build_cache(model, paths, npy, meta, key, args, device, amp):
         for expected, (x, i, bad) in zip(batches, loader, strict=True):
             failed += bad
             if x is not None:
-                with nets.autocast(device, amp):
-                    f = backbone(to_device(x, device)).float().cpu().numpy()
+                f = backbone(to_device(x, device).to(dtype)).float().cpu().numpy()
                 if arr is None:  # shape known after the first batch: (n, C, H, W)
                     os.makedirs(os.path.dirname(npy), exist_ok=True)
                     arr = np.lib.format.open_memmap(tmp, "w+", np.float16,
@@ -718,7 +747,7 @@ class Feeds:
     skipped: dict = field(default_factory=dict)  # row -> why it did not decode: skipped.csv
 
 
-def make_feeds(model, table, args, device, amp):
+def make_feeds(model, table, args, device):
     """Train batches, and `val`: the selection split's (dev, else val; never test)."""
     labelled, sel = (table.y >= 0).any(1), selection_split(table)
     rows = {s: np.flatnonzero((table.split == s) & labelled) for s in ("train", sel)}
@@ -733,8 +762,10 @@ def make_feeds(model, table, args, device, amp):
         val = image_loader(ds[1], sequential(rows[sel], args.batch_size), args, device)
         return Feeds(model, ce, sampler, image_loader(ds[0], sampler, args, device), val, [])
     where, feats, skipped = np.full(len(table.paths), -1), {}, []
+    precision, why = nets.inference_precision(device, args.amp)
+    nets.say_precision(precision, why + ", the frozen backbone's cache")
     for s in ("train", sel):
-        feats[s], ok, failed = feature_cache(model, table, rows[s], s, args, device, amp)
+        feats[s], ok, failed = feature_cache(model, table, rows[s], s, args, device, precision)
         where[rows[s]] = np.arange(len(rows[s]))  # manifest row -> position in its cache
         skipped += [(int(rows[s][i]), why) for i, why in failed]
         if s == "train" and draw is not None:
@@ -826,7 +857,7 @@ def cmd_train(args, device, ckpt=None):
     if ckpt:  # before make_feeds: a missing feature cache is rebuilt from these weights
         model.load_state_dict(ckpt["model"])
     model.backbone.to(memory_format=torch.channels_last)
-    feeds = make_feeds(model.to(device), table, args, device, amp)
+    feeds = make_feeds(model.to(device), table, args, device)
     fit = make_fit(model, feeds, args, device, amp)
     state = restore(fit, ckpt) if ckpt else {"epoch": 0, "best": -1.0, "bad_epochs": 0}
     if not ckpt:
@@ -954,10 +985,10 @@ def cmd_eval(args, device):
     notes = eval_notes(table, args.split, ckpt)
     searched = outlier_rows(table, args.outliers_split) if args.outliers else rows
     ds = data.ImageDataset(table.paths, args.root, nets.make_transform(size), size)
-    amp = nets.autocast_dtype(device) if args.amp else None
+    fast = inference_model(model, device, args.amp)
     loader = image_loader(ds, sequential(np.union1d(rows, searched), args.batch_size), args,
                           device)
-    all_idx, all_probs, _ = predict_probs(model, model, loader, device, amp)
+    all_idx, all_probs, _ = predict_probs(fast, fast, loader, device, None)
     keep = np.isin(all_idx, rows)
     idx, probs = all_idx[keep], {t: all_probs[t][keep] for t in table.tasks}
     if not len(idx):
@@ -1174,10 +1205,9 @@ def load_batch(files, tf, size, alone):
 
 
 @torch.no_grad()
-def top_k(model, xs, classes, k, device, amp):
+def top_k(model, xs, classes, k, device):
     """[{task: [(class name, probability)] * k}] for a list of image tensors."""
-    with nets.autocast(device, amp):
-        logits = model(to_device(torch.stack(xs), device))
+    logits = model(to_device(torch.stack(xs), device))
     out = [{} for _ in xs]
     for t, z in logits.items():
         p, c = torch.softmax(z.float(), 1).topk(min(k, z.shape[1]))
@@ -1194,14 +1224,14 @@ def cmd_predict(args, device):
                         f"{' '.join(data.IMAGE_EXTS)})")
     alone = len(args.predict) == 1 and os.path.isfile(args.predict[0])
     size = ckpt["args"]["img_size"]
-    tf, amp = nets.make_transform(size), nets.autocast_dtype(device) if args.amp else None
+    tf, fast = nets.make_transform(size), inference_model(model, device, args.amp)
     folder = os.path.join(args.out or os.path.dirname(os.path.abspath(args.ckpt)), "explain")
     results, stems = {}, explain_stems(files, folder)
     for i in range(0, len(files), args.batch_size):
         chunk = files[i:i + args.batch_size]
         xs, ok = load_batch(chunk, tf, size, alone)
         skipped += len(chunk) - len(ok)
-        tops = top_k(model, xs, ckpt["classes"], args.k, device, amp) if xs else []
+        tops = top_k(fast, xs, ckpt["classes"], args.k, device) if xs else []
         shown = explain(model, xs, ok, tops, stems, ckpt["classes"], device) \
             if args.explain and xs else {}
         for f, per_task in zip(ok, tops, strict=True):
@@ -1292,7 +1322,10 @@ def build_parser():
     r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader processes decoding images (0: in the main process)")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="fp16 autocast + GradScaler on CUDA, bf16 on CPUs with native bf16")
+                   help="lower precision where it is fast: training in fp16 autocast + "
+                   "GradScaler on CUDA (bf16 autocast on AMX CPUs); inference (--eval, "
+                   "--predict, the frozen cache) with bf16/fp16 weights on CUDA, bf16 on AMX "
+                   "CPUs; --no-amp: fp32 throughout")
     return p
 
 

@@ -99,12 +99,12 @@ class Embedder(nn.Module):
     activations; grid: mean over G x G cells, each cell a unit vector, cells kept in place
     (dim = C * G * G): layout, i.e. composition and pose, stays in the vector."""
 
-    def __init__(self, body, pool="grid", grid=2):
+    def __init__(self, body, pool="grid", grid=2, dtype=torch.float32):
         super().__init__()
-        self.body, self.pool, self.grid = body, pool, grid
+        self.body, self.pool, self.grid, self.dtype = body, pool, grid, dtype
 
     def forward(self, x):
-        f = self.body(x).float()  # pool in fp32: GeM's cube overflows fp16
+        f = self.body(x.to(self.dtype)).float()  # pool in fp32: GeM's cube overflows fp16
         if self.pool == "avg":
             z = f.mean((2, 3))
         elif self.pool == "gem":
@@ -118,9 +118,9 @@ class Embedder(nn.Module):
 class CkptEmbedder(nn.Module):
     """A crnn.py model's embed() (attention-pooled RNN states: learned style), unit length."""
 
-    def __init__(self, model):
+    def __init__(self, model, precision="fp32"):
         super().__init__()
-        self.model = model
+        self.model = crnn.Inference(model, precision)
 
     def forward(self, x):
         return F.normalize(self.model.embed(x).float(), dim=1)
@@ -134,31 +134,38 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def load_model(cfg, device, amp=None):
-    """The embedder that cfg describes, on device, eval mode; fills cfg["dim"] when unset.
-    amp: the autocast dtype its forward passes run under (None: fp32), kept as model.amp."""
+def load_model(cfg, device, why="as the index was built"):
+    """The embedder that cfg describes, on device, eval mode, its backbone in cfg["precision"]
+    (BN folded, channels_last; pooling and normalisation in fp32); fills cfg["dim"] when
+    unset."""
+    precision = cfg["precision"]
+    nets.say_precision(precision, why)
     if cfg["ckpt"]:
-        model = CkptEmbedder(crnn.load_checkpoint(cfg["ckpt"])[0])
+        model = CkptEmbedder(crnn.load_checkpoint(cfg["ckpt"])[0], precision)
     else:
         trunk = nets.backbone(cfg["backbone"], cfg["weights"], cfg["init_seed"])[0]
-        body = nets.fuse_for_inference(trunk)
-        model = Embedder(body, cfg["pool"], cfg["grid"])
+        body = nets.for_inference(trunk, precision)
+        model = Embedder(body, cfg["pool"], cfg["grid"], nets.PRECISIONS[precision])
     model = model.eval().to(device, memory_format=torch.channels_last)
     with torch.inference_mode():
         dim = model(torch.zeros(1, 3, cfg["img_size"], cfg["img_size"], device=device)).shape[1]
     if cfg.get("dim") not in (None, dim):
         raise UserError(f"the model gives {dim}-d embeddings, the index holds {cfg['dim']}-d")
     cfg["dim"] = int(dim)
-    model.amp = amp
     return model
 
 
 def forward(model, x, device):
-    """(B, 3, S, S) batch -> (B, dim) float32 numpy unit vectors, under model.amp."""
+    """(B, 3, S, S) batch -> (B, dim) float32 numpy unit vectors."""
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode(), nets.autocast(device, model.amp):
+    with torch.inference_mode():
         z = model(x)
     return F.normalize(z.float(), dim=1).cpu().numpy()
+
+
+def legacy_precision(cfg):
+    """The precision of an index built before config.json recorded one (it had autocast)."""
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(cfg.get("amp"), "fp32")
 
 
 def embed_pils(model, images, cfg, args, device):
@@ -603,6 +610,9 @@ def read_config(gen, folder):
     missing = [k for k in CONFIG_FIELDS + (("files",) if version > 1 else ()) if k not in cfg]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: rebuild with --build")
+    cfg.setdefault("precision", legacy_precision(cfg))  # queries embed as the index was built
+    if cfg["precision"] not in nets.PRECISIONS:
+        raise UserError(f"{path}: unknown precision {cfg['precision']!r}: rebuild with --build")
     return cfg
 
 
@@ -686,13 +696,14 @@ def model_config(args):
 
 # ----------------------------------------------------------------------------- build and add
 
-def cmd_build(args, device, amp):
+def cmd_build(args, device):
     root = args.images or DEFAULT_IMAGES
     manifest = args.manifest or (DEFAULT_MANIFEST if root == DEFAULT_IMAGES and
                                  os.path.isfile(DEFAULT_MANIFEST) else None)
     header, rows = read_collection(root, manifest, args.index)
     cfg = model_config(args)
-    model = load_model(cfg, device, amp)
+    cfg["precision"], why = nets.inference_precision(device, args.amp)
+    model = load_model(cfg, device, why)
     # refuse a hopeless --pca or ivfpq before the (long) embedding pass, not after it
     index_params(cfg["index_type"], check_pca(args.pca, cfg["dim"], len(rows)), len(rows), args)
     with IndexWriter(args.index) as w:  # the old generation answers queries till the end
@@ -700,7 +711,6 @@ def cmd_build(args, device, amp):
         rows, n_skip, dt = embed_collection(model, rows, root, cfg, args, device, emb)
         icfg, index = index_from_vectors(np.load(emb, mmap_mode="r"), args)
         cfg.update(icfg, images=root, manifest=manifest, seed=args.seed,
-                   amp=str(amp).replace("torch.", ""),
                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
         write_generation(w.dir, index, header, rows, cfg)
         w.commit()
@@ -711,7 +721,7 @@ def cmd_build(args, device, amp):
     return cfg
 
 
-def cmd_add(args, device, amp):
+def cmd_add(args, device):
     """Embed only the paths not yet in meta.csv; a new generation holds the old rows and them."""
     with IndexWriter(args.index) as w:  # locked before reading: no other writer in between
         cfg, meta, xb, index = open_index(args.index)
@@ -731,7 +741,7 @@ def cmd_add(args, device, amp):
                 w.commit()
             return cfg
         part = os.path.join(w.dir, "added.npy")
-        model = load_model(cfg, device, amp)
+        model = load_model(cfg, device)
         new, n_skip, dt = embed_collection(model, new, root, cfg, args, device, part)
         emb = os.path.join(w.dir, "embeddings.npy")
         copy_rows(emb, [(xb.filename, len(xb)), (part, len(new))])
@@ -788,16 +798,16 @@ def load_query(path, size):
             from None
 
 
-def cmd_query(args, device, amp):
+def cmd_query(args, device):
     cfg, meta, xb, index = open_for_search(args, device)
     ims = [load_query(p, cfg["img_size"]) for p in args.query]
     check_k(args.k, len(xb))
-    xq = embed_pils(load_model(cfg, device, amp), ims, cfg, args, device)
+    xq = embed_pils(load_model(cfg, device), ims, cfg, args, device)
     D, I = search(index, xq, args.k)
     return report(args, cfg, meta, list(args.query), D, I)
 
 
-def cmd_query_id(args, device, amp):
+def cmd_query_id(args, device):
     """Search with an indexed painting's stored vector; k + 1 results minus itself."""
     cfg, meta, xb, index = open_for_search(args, device)
     row = {r["path"]: i for i, r in enumerate(meta)}
@@ -952,7 +962,7 @@ def eval_labels(meta, I, ids, n):
     return out
 
 
-def cmd_eval(args, device, amp):
+def cmd_eval(args, device):
     cfg, meta, xb, index = open_for_search(args, device)
     n = len(xb)
     if n < 11:
@@ -964,7 +974,7 @@ def cmd_eval(args, device, amp):
     res = {"n": n, "self": {"queries": len(ids), **metrics.retrieval_metrics(I[:, :10], ids)}}
     cids = np.sort(rng.choice(n, size=min(n, args.eval_queries or 200), replace=False))
     keep = {} if args.html else None
-    res["copy"] = eval_copies(load_model(cfg, device, amp), index, meta, cfg, args, device, cids,
+    res["copy"] = eval_copies(load_model(cfg, device), index, meta, cfg, args, device, cids,
                               keep)
     res["labels"] = eval_labels(meta, I[drop_self(I, ids, 10)].reshape(len(ids), 10), ids, n)
     print(format_eval(res))
@@ -1209,7 +1219,9 @@ def build_parser():
                    help="image decoding processes")
     r.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, mps, then cpu)")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 on CPUs with native bf16, fp16 on CUDA")
+                   help="--build: embed with bf16 weights on CPUs with fast bf16 (AMX, Zen 4), "
+                   "bf16/fp16 on CUDA; --no-amp: fp32. The index records it: queries, --add and "
+                   "--eval embed as it was built")
     r.add_argument("--seed", type=int, default=0, help="init, samples, copies")
     return p
 
@@ -1222,18 +1234,17 @@ def main(argv=None):
     try:
         check_html(args)
         device = nets.pick_device(args.device)
-        amp = nets.autocast_dtype(device) if args.amp else None
         if args.build:
-            return cmd_build(args, device, amp)
+            return cmd_build(args, device)
         if args.add:
-            return cmd_add(args, device, amp)
+            return cmd_add(args, device)
         if args.query:
-            return cmd_query(args, device, amp)
+            return cmd_query(args, device)
         if args.query_id:
-            return cmd_query_id(args, device, amp)
+            return cmd_query_id(args, device)
         if args.map:
             return cmd_map(args, device)
-        return cmd_eval(args, device, amp)
+        return cmd_eval(args, device)
     except UserError as e:
         raise SystemExit(f"retrieve.py: error: {e}") from None
 

@@ -367,7 +367,10 @@ def server():
 # --------------------------------------------------------------------------- crnn and retrieve runs
 
 
-CRNN_FAST = ["--backbone", "resnet18", "--weights", "none", "--img-size", "64", "--workers", "0"]
+# --no-amp: fp32 on any machine, so that figures compared across code paths (training's val
+# against --eval, --predict against --eval) cannot differ by a CPU's bf16 rounding
+CRNN_FAST = ["--backbone", "resnet18", "--weights", "none", "--img-size", "64", "--workers", "0",
+             "--no-amp"]
 
 
 # Measured on the 2-core dev box: 12 epochs of batch 16 reach val style accuracy 0.60-0.67 at
@@ -394,14 +397,14 @@ def crnn_error(capsys, argv):
 
 
 RETRIEVE_FAST = ["--weights", "none", "--backbone", "resnet18", "--img-size", "64",
-                 "--workers", "0"]
+                 "--workers", "0", "--no-amp"]
 
 
 @pytest.fixture(scope="module")
 def built(demo):
     index = demo / "index"
     retrieve.main(["--build", "--images", str(demo / "images"), "--manifest",
-                   str(demo / "gallery.csv"), "--index", str(index), *RETRIEVE_FAST, "--no-amp"])
+                   str(demo / "gallery.csv"), "--index", str(index), *RETRIEVE_FAST])
     return index
 
 
@@ -1752,6 +1755,22 @@ def test_crnn_outliers_anywhere_find_the_planted_labels(trained, demo, tmp_path,
 
 
 @pytest.mark.xdist_group("trained")
+def test_crnn_inference_in_bf16_agrees_with_fp32(trained, demo):
+    """--eval/--predict's Inference model with bf16 backbone weights (what AMX CPUs and CUDA
+    get) against fp32: embeddings at cosine >= 0.999, the same predicted classes."""
+    model, _ = crnn.load_checkpoint(str(trained / "best.pt"))
+    rows = [r for r in data.read_csv(demo / "manifest.csv") if r["split"] == "val"][:12]
+    x = torch.stack([nets.make_transform(64)(data.load_image(demo / "images" / r["path"], 64))
+                     for r in rows])
+    with torch.no_grad():
+        a, b = crnn.Inference(model, "fp32").eval(), crnn.Inference(model, "bf16").eval()
+        cos = torch.nn.functional.cosine_similarity(a.embed(x), b.embed(x))
+        pa, pb = a(x), b(x)
+    assert cos.min() >= 0.999, cos
+    assert all(torch.equal(pa[t].argmax(1), pb[t].argmax(1)) for t in pa)
+
+
+@pytest.mark.xdist_group("trained")
 def test_crnn_eval_uses_the_checkpoints_classes(trained, demo, tmp_path):
     """A classes.json beside the manifest that differs from the checkpoint's (another subset's)
     is not consulted: the checkpoint's own lists label the rows."""
@@ -2154,7 +2173,7 @@ def test_retrieve_add_equals_build_at_once(built, demo, tmp_path):
     data.write_csv(str(head), list(rows[0]), [list(r.values()) for r in rows[:80]])
     part = str(tmp_path / "part")
     retrieve.main(["--build", "--images", str(demo / "images"), "--manifest", str(head),
-                   "--index", part, *RETRIEVE_FAST, "--no-amp"])
+                   "--index", part, *RETRIEVE_FAST])
     assert retrieve.open_index(part)[0]["n"] == 80
     retrieve.main(["--add", "--manifest", str(demo / "gallery.csv"), "--index", part,
                    "--workers", "0", "--no-amp"])
@@ -2190,6 +2209,37 @@ def test_retrieve_build_from_zip_equals_folder(built, demo, tmp_path):
     with Image.open(index / "query_sheet.png") as im:  # query cell, then the first result
         assert {im.getpixel((90, 90)), im.getpixel((270, 90))}.isdisjoint(
             {pages.GREY, (255, 255, 255)})
+
+
+def test_retrieve_precision_fp32_unchanged_bf16_agrees_and_recorded(demo, small_builds, tmp_path,
+                                                                   monkeypatch):
+    """--no-amp embeds exactly as before low-precision weights existed (BN-folded fp32 trunk,
+    channels_last); bf16 weights, forced here whatever this CPU would pick, agree with fp32 to a
+    cosine >= 0.999, are recorded in config.json, and a query embeds the same way."""
+    manifest, folders = small_builds
+    cfg, meta, xb32, _ = retrieve.open_index(folders[0])
+    assert cfg["precision"] == "fp32"
+    old = retrieve.Embedder(nets.fuse_for_inference(nets.backbone("resnet18", "none", 0)[0]))
+    x = torch.stack([nets.make_transform(64)(data.load_image(demo / "images" / r["path"], 64))
+                     for r in meta[:8]])
+    with torch.inference_mode():
+        want = torch.nn.functional.normalize(old.eval()(x.contiguous(
+            memory_format=torch.channels_last)), dim=1).numpy()
+    assert np.array_equal(want, retrieve.forward(retrieve.load_model(dict(cfg), torch.device(
+        "cpu")), x, torch.device("cpu")))  # bit for bit
+    monkeypatch.setattr(nets, "inference_precision", lambda device, enabled=True: (
+        "bf16", "forced by the test"))
+    index = tmp_path / "bf16"
+    retrieve.main(["--build", "--images", str(demo / "images"), "--manifest", str(manifest),
+                   "--index", str(index), "--weights", "none", "--backbone", "resnet18",
+                   "--img-size", "64", "--workers", "0"])
+    cfg16, _, xb16, _ = retrieve.open_index(index)
+    assert cfg16["precision"] == "bf16"
+    assert (np.sum(np.asarray(xb16) * np.asarray(xb32), 1)).min() >= 0.999
+    monkeypatch.undo()  # the query itself would pick fp32 on this machine: the index says bf16
+    D, I = retrieve.main(["--query", str(demo / "images" / meta[3]["path"]), "--index",
+                          str(index), "-k", "1", "--workers", "0"])
+    assert I[0, 0] == 3 and D[0, 0] > 0.9999
 
 
 def test_retrieve_hnsw_pca_build_then_query(demo, tmp_path):
@@ -2278,7 +2328,7 @@ def small_builds(demo):
 
 def small_build_args(demo, manifest, index, seed):
     return ["--build", "--images", str(demo / "images"), "--manifest", str(manifest), "--index",
-            str(index), *RETRIEVE_FAST, "--no-amp", "--seed", str(seed)]
+            str(index), *RETRIEVE_FAST, "--seed", str(seed)]
 
 
 def answers(index):
