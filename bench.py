@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -146,39 +147,49 @@ def demo_tensors(n, size=224, seed=0):
     return torch.stack([tf(im) for im in ims])
 
 
-def embed_models():
-    """The naive model (torchvision resnet50, fc dropped, fp32) and ours (retrieve.py's embedder,
-    avg pooling, channels_last), with the same seeded random weights."""
-    naive = nets.backbone("resnet50", "none", seed=0)[0]
-    naive = torch.nn.Sequential(naive, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
-    cfg = {"ckpt": None, "backbone": "resnet50", "weights": "none", "init_seed": 0,
-           "pool": "avg", "grid": 1, "img_size": 224,
-           "precision": nets.inference_precision(torch.device("cpu"))[0]}
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-        cpu = torch.device("cpu")
-        ours = retrieve.load_model(cfg, cpu)
-    return naive, ours
+def embed_config(precision, pool="avg"):
+    """retrieve.py's config for a seeded random ResNet50 at 224 px."""
+    return {"ckpt": None, "backbone": "resnet50", "weights": "none", "init_seed": 0,
+            "pool": pool, "grid": 2, "img_size": 224, "precision": precision}
 
 
-def embed_rates(x, batch=32):
-    """img/s of naive (one image at a time, fp32, no_grad) and ours (batched, channels_last,
-    inference_mode, bf16 autocast where the CPU has it), and both sets of embeddings."""
-    naive, ours = embed_models()
-    cpu = torch.device("cpu")
+def naive_model():
+    """What published code tends to run: torchvision resnet50 as it comes, fc dropped, fp32."""
+    trunk = nets.backbone("resnet50", "none", seed=0)[0]
+    return torch.nn.Sequential(trunk, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+
+
+def rate(fn, n, repeat=2):
+    """(img/s, the last result): best of `repeat` timed calls after one warm-up call (oneDNN
+    primitive creation, allocator growth)."""
+    out = fn()
+    return n / timed(fn, repeat), out
+
+
+def embed_ways(x, device, batch=32):
+    """{way: (img/s, (n, d) embeddings)} for the naive loop (1 by 1, fp32, no_grad) and ours
+    (retrieve.py's embedder, batched, BN folded, channels_last, inference_mode) in fp32, under
+    autocast, and with low-precision weights, whichever of the last two apply on device."""
+    naive = naive_model().to(device)
 
     def run_naive():
         with torch.no_grad():
-            return np.concatenate([naive(x[i:i + 1]).numpy() for i in range(len(x))])
+            return np.concatenate([naive(x[i:i + 1].to(device)).float().cpu().numpy()
+                                   for i in range(len(x))])
+    out = {"naive": rate(run_naive, len(x))}
+    low, amp = nets.inference_precision(device)[0], nets.autocast_dtype(device)
+    ways = [("fp32", "fp32", None)] + ([("autocast", "fp32", amp)] if amp else []) + \
+        ([(f"{low} weights", low, None)] if low != "fp32" else [])
+    for way, precision, dtype in ways:
+        with quiet():
+            model = retrieve.load_model(embed_config(precision), device)
 
-    def run_ours():
-        return np.concatenate([retrieve.forward(ours, x[i:i + batch], cpu)
-                               for i in range(0, len(x), batch)])
-
-    run_ours()  # warm-up: oneDNN primitive creation, allocator growth
-    t_ours = timed(run_ours, 2)
-    run_naive()
-    t_naive = timed(run_naive, 2)
-    return len(x) / t_naive, len(x) / t_ours, run_naive(), run_ours(), "precision"
+        def run_ours(model=model, dtype=dtype):
+            with nets.autocast(device, dtype):
+                return np.concatenate([retrieve.forward(model, x[i:i + batch], device)
+                                       for i in range(0, len(x), batch)])
+        out[way] = rate(run_ours, len(x))
+    return out
 
 
 def agreement(a, b, k=5):
@@ -192,31 +203,97 @@ def agreement(a, b, k=5):
     return cos, float(overlap)
 
 
+def embed_target(device):
+    """>= 6x naive where low-precision matrix units exist (AMX / Zen 4 bf16, CUDA), else 1.5x:
+    on two AVX2/AVX-512 cores in fp32 the naive loop already runs at a third of peak."""
+    return 6 if nets.inference_precision(device)[0] != "fp32" else 1.5
+
+
 def bench_embedding(args, tmp):
+    device = bench_device(args)
     n = by_mode(args, 8, 32, 128)
-    x = demo_tensors(n)
-    r_naive, r_ours, e_naive, e_ours, amp = embed_rates(x)
-    cos, overlap = agreement(e_naive, e_ours)
-    rows = [row("embed", "ResNet50 224 px: ours batched vs 1-by-1 fp32", r_naive, r_ours,
-                "img/s", 4, note=f"{n} images; ours: batch 32, channels_last, autocast {amp}; "
-                f"fp32 agreement: mean cosine {cos:.4f} (>=0.99), top-5 overlap {overlap:.2f} "
-                f"(>=0.9); both sides with malloc tuning")]
+    ways = embed_ways(demo_tensors(n), device)
+    r_naive, e_fp32 = ways["naive"][0], ways["fp32"][1]
+    best = max((w for w in ways if w != "naive"), key=lambda w: ways[w][0])
+    rows = []
+    for way, (r, e) in ways.items():
+        if way == "naive":
+            continue
+        cos, overlap = agreement(e_fp32, e)
+        ok = cos >= 0.999 and overlap >= 0.95
+        rows.append(row("embed", f"ResNet50 224 px: ours {way} vs 1-by-1 fp32", r_naive, r,
+                        "img/s", embed_target(device) if way == best else None,
+                        note=f"{n} images on {device.type}, batch 32; against ours fp32: mean "
+                        f"cosine {cos:.5f}, top-5 overlap {overlap:.2f}"
+                        f"{'' if ok else ' (DISAGREES: under 0.999 / 0.95)'}",
+                        cosine=cos, top5_overlap=overlap))
+    if nets.inference_precision(device)[0] == "fp32":
+        rows[-1]["note"] += ("; no low precision here: " + nets.inference_precision(device)[1])
+    return rows + malloc_rows(n, ways["fp32"][0], r_naive) + pipeline_rows(args, tmp, device)
+
+
+def malloc_rows(n, r_ours, r_naive):
+    """ours and naive under glibc's default allocator (a child process with
+    ARTEXTRACT_MALLOC_TUNING=0) against this process, which tunes as the scripts do here."""
     child = subprocess.run(
         [sys.executable, "-c", f"import bench; bench.embed_child({n})"], capture_output=True,
-        text=True, env={**os.environ, "ARTEXTRACT_NO_MALLOC_TUNING": "1"}, cwd=HERE)
-    if child.returncode == 0:
-        d_naive, d_ours = json.loads(child.stdout.strip().splitlines()[-1])
-        rows.append(row("embed", "malloc tuning vs glibc default, ours", d_ours, r_ours, "img/s",
-                        note=f"naive under glibc's default: {d_naive:.1f} img/s (child process)"))
-    else:
+        text=True, env={**os.environ, "ARTEXTRACT_MALLOC_TUNING": "0"}, cwd=HERE)
+    if child.returncode:
         print(f"note: the default-malloc child failed: {child.stderr.strip()[-300:]}")
-    return rows
+        return []
+    d_naive, d_ours = json.loads(child.stdout.strip().splitlines()[-1])
+    tuned, why = nets.malloc_tuning_wanted()
+    return [row("embed", "malloc as the scripts set it vs glibc default, ours",
+                d_ours, r_ours, "img/s", note=f"scripts here: {'tuned' if tuned else 'default'} "
+                f"({why}); naive: {d_naive:.1f} default vs {r_naive:.1f} img/s here")]
 
 
 def embed_child(n):
-    """Run in a child process with ARTEXTRACT_NO_MALLOC_TUNING=1: glibc malloc as it comes."""
-    r_naive, r_ours, *_ = embed_rates(demo_tensors(n))
-    print(json.dumps([r_naive, r_ours]))
+    """Run in a child process (ARTEXTRACT_MALLOC_TUNING=0): glibc malloc as it comes."""
+    nets.tune_malloc()
+    ways = embed_ways(demo_tensors(n), torch.device("cpu"))
+    print(json.dumps([ways["naive"][0], ways["fp32"][0]]))
+
+
+def pipeline_rows(args, tmp, device):
+    """Whole `retrieve.py --build` (decode in worker processes, embed, index) as a fraction of
+    the model alone on ready tensors: from the 256 px resize cache and from 500 px originals."""
+    n = by_mode(args, 16, 96, 256)
+    src, cache = os.path.join(tmp, "orig500"), os.path.join(tmp, "cache256")
+    paths = make_big_jpegs(src, n, size=(667, 500))
+    data.write_csv(os.path.join(tmp, "orig500.csv"), ["path"], [[p] for p in paths])
+    with quiet():
+        data.main(["resize", "--manifest", os.path.join(tmp, "orig500.csv"), "--root", src,
+                   "--out", cache, "--size", "256"])
+        model = retrieve.load_model(embed_config(nets.inference_precision(device)[0], "grid"),
+                                    device)
+    x = demo_tensors(32)
+    r_model = rate(lambda: retrieve.forward(model, x, device), 32)[0]
+    rows = []
+    for name, root, target in (("256 px cache", cache, 0.85), ("500 px originals", src, 0.75)):
+        rate_build = build_rate(root, os.path.join(tmp, "orig500.csv"), tmp, device)
+        rows.append(row("embed", f"--build from the {name} vs model alone", r_model,
+                        rate_build, "img/s", target,
+                        note=f"{n} images, resnet50 224 px grid pooling, --workers "
+                        f"{retrieve.build_parser().get_default('workers')}; ratio = fraction "
+                        "of the model-only rate"))
+    return rows
+
+
+def build_rate(root, manifest, tmp, device):
+    """img/s that retrieve.py --build logs for embedding root (decode + model, in its loop)."""
+    index = os.path.join(tmp, f"index-{os.path.basename(root)}")
+    shutil.rmtree(index, ignore_errors=True)
+    with quiet():
+        retrieve.main(["--build", "--images", root, "--manifest", manifest, "--index", index,
+                       "--weights", "none", "--device", device.type])
+    with open(os.path.join(index, "log.jsonl"), encoding="utf-8") as f:
+        return json.loads(f.readlines()[-1])["img_per_s"]
+
+
+def bench_device(args):
+    """--device, else cuda when there is one, else cpu (mps: the CPU, for comparable rows)."""
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ----------------------------------------------------------------------------- 3. training
@@ -262,18 +339,23 @@ def bench_training(args, tmp):
     demo = os.path.join(tmp, "demo")
     with quiet():
         data.main(["demo", "--out", demo, "--n", str(n)])
-    flags = ["--backbone", backbone, "--img-size", str(size), "--epochs", str(epochs)]
+    device = bench_device(args)
+    flags = ["--backbone", backbone, "--img-size", str(size), "--epochs", str(epochs),
+             "--device", device.type]
     e2e, _ = crnn_epochs(demo, os.path.join(tmp, "e2e"), flags)
     frozen, t_cache = crnn_epochs(demo, os.path.join(tmp, "frozen"), [*flags, "--freeze-backbone"])
     best = {k: max(recs, key=lambda r: r["img_per_s"]) for k, recs in
             (("e2e", e2e), ("frozen", frozen))}  # the warmest epoch of each
     n_cached = len(data.read_manifest(os.path.join(demo, "manifest.csv")))  # train + val
-    amp = nets.autocast_dtype(torch.device("cpu"))
+    amp = nets.autocast_dtype(device)  # what crnn.py trained under on this device
     workers = crnn.build_parser().get_default("workers")
-    note = (f"{backbone} {size} px, demo n={n}, best of {epochs} epoch(s), train img/s without "
-            f"validation; whole epoch with val + checkpoint: {best['e2e']['time_s']:.1f} s vs "
-            f"{best['frozen']['time_s']:.2f} s; one-off cache build: {t_cache:.1f} s for "
-            f"{n_cached} images; autocast {amp}, workers {workers}")
+    note = (f"{backbone} {size} px on {device.type}, demo n={n}, best of {epochs} epoch(s), "
+            f"train img/s without validation; whole epoch with val + checkpoint: "
+            f"{best['e2e']['time_s']:.1f} s vs {best['frozen']['time_s']:.2f} s; one-off cache "
+            f"build: {t_cache:.1f} s for {n_cached} images "
+            f"({nets.inference_precision(device)[0]} weights); training autocast "
+            f"{str(amp).replace('torch.', '')}{' + GradScaler' if amp == torch.float16 else ''}, "
+            f"workers {workers}")
     return [row("train", f"CRNN {backbone}: --freeze-backbone vs end-to-end",
                 best["e2e"]["img_per_s"], best["frozen"]["img_per_s"], "img/s", 20, note=note,
                 epoch_s_e2e=best["e2e"]["time_s"], epoch_s_frozen=best["frozen"]["time_s"],
@@ -485,15 +567,25 @@ SECTIONS = {"load": bench_loading, "embed": bench_embedding, "train": bench_trai
 TINY_SECTIONS = "load,search,memory"  # --tiny: seconds, for tests; the numbers mean little
 
 
-def machine():
+def machine(device):
+    """What the numbers were measured on: CPU (and whether it has AMX), GPU, versions, and the
+    precision and allocator choices the scripts make here."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+    info = {"cpu": cpu, "amx": "amx_bf16" in nets.cpu_flags_text(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "faiss": faiss.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "device": str(device), "precision": " ".join(nets.inference_precision(device)),
+            "thp": nets.transparent_hugepages()}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, gpu_memory_gb=round(p.total_memory / 2**30, 1),
+                    gpu_faiss=getattr(faiss, "get_num_gpus", lambda: 0)())
+    return info
 
 
 def fmt(v, unit):
@@ -503,13 +595,13 @@ def fmt(v, unit):
 
 
 def print_table(rows):
-    print(f"\n{'section':<8} {'comparison':<52} {'naive':>9} {'ours':>9} {'unit':<7} "
+    print(f"\n{'section':<8} {'comparison':<56} {'naive':>9} {'ours':>9} {'unit':<7} "
           f"{'ratio':>7} {'target':>7}  met")
     for r in rows:
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.1f}x"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.{2 if r['ratio'] < 10 else 1}f}x"
         target = "-" if r["target"] is None else f">={r['target']}x"
         met = {None: "", True: "yes", False: "NO"}[r["met"]]
-        print(f"{r['section']:<8} {r['name']:<52} {fmt(r['naive'], r['unit']):>9} "
+        print(f"{r['section']:<8} {r['name']:<56} {fmt(r['naive'], r['unit']):>9} "
               f"{fmt(r['ours'], r['unit']):>9} {r['unit']:<7} {ratio:>7} {target:>7}  {met}")
         if r["note"]:
             print(f"{'':<8}   {r['note']}")
@@ -523,6 +615,8 @@ def build_parser():
     p.add_argument("--only", help=f"comma-separated sections (default: {','.join(SECTIONS)})")
     p.add_argument("--out", default="bench.json", help="JSON results")
     p.add_argument("--tmp", help="scratch folder (default: a fresh temp dir)")
+    p.add_argument("--device", help="cpu or cuda for the embed and train sections (default: "
+                   "cuda when there is one)")
     return p
 
 
@@ -535,7 +629,8 @@ def main(argv=None):
         raise SystemExit(f"bench.py: error: unknown section {unknown[0]!r} "
                          f"(known: {', '.join(SECTIONS)})")
     tuned = nets.tune_malloc()
-    info = {**machine(), "malloc_tuned": tuned, "quick": args.quick, "tiny": args.tiny}
+    info = {**machine(bench_device(args)), "malloc_tuned": tuned, "quick": args.quick,
+            "tiny": args.tiny}
     print(f"bench: {json.dumps(info)}")
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:

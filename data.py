@@ -312,6 +312,34 @@ class ImageDataset:
         return (self.transform(im) if self.transform else im), i
 
 
+class FileBytes(ImageDataset):
+    """Item i is (the JPEG file's bytes as a uint8 array, i), for decoders that take encoded
+    bytes (nvJPEG on a GPU); (None, i, why) for a file that is not a JPEG, does not read, or
+    whose header says more than MAX_PIXELS (those go the PIL way: ImageDataset, draft mode)."""
+
+    def __getitem__(self, i):
+        try:
+            with self.source.open(self.paths[i]) as f:
+                blob = f.read()
+            with Image.open(io.BytesIO(blob)) as im:  # the header only: format and size
+                if im.format != "JPEG" or im.width * im.height > MAX_PIXELS:
+                    return None, i, "not a JPEG within MAX_PIXELS"
+        except DECODE_ERRORS as e:
+            return None, i, decode_error(e)
+        return np.frombuffer(blob, np.uint8), i
+
+
+def collate_bytes(batch):
+    """(blobs, idx, failed) for FileBytes: a list of uint8 tensors of several lengths."""
+    import torch
+    good = [b for b in batch if len(b) == 2]
+    failed = [(b[1], b[2]) for b in batch if len(b) == 3]
+    if not good:
+        return None, None, failed
+    return [torch.from_numpy(b[0].copy()) for b in good], torch.tensor([b[1] for b in good]), \
+        failed
+
+
 def collate_skip(batch):
     """(x, idx, failed): default_collate of the images that loaded (x and idx None when none
     did) and failed = [(index, reason)] for those that did not."""

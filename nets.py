@@ -281,6 +281,24 @@ def fuse_for_inference(module):
     return module.to(memory_format=torch.channels_last)
 
 
+def decode_jpegs(blobs, img_size, device):
+    """JPEG files' bytes (uint8 tensors) -> (B, 3, S, S) normalised on device: decoded there
+    (nvJPEG on CUDA, in one batched call), then resized (shorter side, antialiased) and centre-
+    cropped as make_transform does with PIL. Raises RuntimeError for a JPEG it cannot decode."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as TF
+    try:
+        imgs = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device,
+                           apply_exif_orientation=True)
+    except TypeError:  # torchvision < 0.19: no EXIF orientation, nor lists on every device
+        imgs = [decode_jpeg(b, mode=ImageReadMode.RGB, device=device) for b in blobs]
+    x = torch.stack([TF.center_crop(TF.resize(im, img_size, antialias=True), img_size)
+                     for im in imgs]).float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def make_transform(img_size, train=False):
     """PIL -> normalised tensor: shorter side to img_size, then a centre (or random) crop."""
     from torchvision import transforms as T

@@ -183,29 +183,69 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
     """Embed root/paths into a (n_good, dim) .npy written batch by batch; returns (good ids,
     {id: why} for the others).
 
-    Rows stream into a memory-mapped file (never all in RAM); unreadable images are left out
-    and the file compacted, so row j of out_path is paths[good[j]]."""
-    s = cfg["img_size"]
-    ds = data.ImageDataset(paths, root, nets.make_transform(s), size=s)  # JPEG draft decode
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
-                                         collate_fn=data.collate_skip,
-                                         pin_memory=device.type == "cuda")
+    Rows stream into a memory-mapped file (never all in RAM) at their own positions, whatever
+    order the batches come in; unreadable images are left out and the file compacted, so row j
+    of out_path is paths[good[j]], good ascending."""
     tmp = out_path + ".tmp.npy"
     xb = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(paths), cfg["dim"]))
-    good, bad, prog = [], {}, data.Progress(len(paths), "embed")
-    for x, idx, failed in loader:
+    ok, bad, prog = np.zeros(len(paths), bool), {}, data.Progress(len(paths), "embed")
+    for x, idx, failed in image_batches(paths, root, cfg["img_size"], args, device,
+                                        decode_on_device=device.type == "cuda"):
         bad.update(failed)
         if x is not None:  # None: every image of the batch failed to decode
-            xb[len(good):len(good) + len(idx)] = forward(model, x, device)
-            good.extend(idx.tolist())
+            xb[idx.numpy()] = forward(model, x, device)
+            ok[idx.numpy()] = True
         prog.update(len(failed) + (0 if x is None else len(idx)),
                     f"{len(bad)} unreadable" if bad else "")
     xb.flush()
     del xb
-    if good:
-        copy_rows(out_path, [(tmp, len(good))])  # compacts when some rows failed
+    good = np.flatnonzero(ok)
+    if len(good):
+        compact_rows(out_path, tmp, good)
     os.remove(tmp)
-    return good, bad
+    return good.tolist(), bad
+
+
+def image_batches(paths, root, size, args, device, decode_on_device=False):
+    """(x, idx, failed) batches over root/paths, decoded in DataLoader worker processes while
+    the model runs (PIL, JPEG draft mode), pinned for a fast copy to a GPU. decode_on_device:
+    JPEG files go to the device as bytes and decode there in batches (nets.decode_jpegs); the
+    rest, and any it cannot decode, take the PIL way after them. idx index into paths."""
+    rest = np.arange(len(paths))
+    if decode_on_device:
+        jpegs = np.array([i for i, p in enumerate(paths)
+                          if p.lower().endswith((".jpg", ".jpeg"))], np.int64)
+        retry = []
+        for blobs, idx, failed in loader_over(data.FileBytes([paths[i] for i in jpegs], root),
+                                              data.collate_bytes, args, device):
+            retry += [int(jpegs[i]) for i, _ in failed]
+            if blobs is not None:
+                try:
+                    yield nets.decode_jpegs(blobs, size, device), torch.from_numpy(
+                        jpegs[idx.numpy()]), []
+                except RuntimeError:  # a JPEG nvJPEG refuses (CMYK, lossless): PIL's turn
+                    retry += jpegs[idx.numpy()].tolist()
+        rest = np.sort(np.concatenate([np.setdiff1d(rest, jpegs), retry]).astype(np.int64))
+    ds = data.ImageDataset([paths[i] for i in rest], root, nets.make_transform(size), size=size)
+    for x, idx, failed in loader_over(ds, data.collate_skip, args, device):
+        yield x, None if idx is None else torch.from_numpy(rest[idx.numpy()]), \
+            [(int(rest[i]), why) for i, why in failed]
+
+
+def loader_over(ds, collate, args, device):
+    """Batches of ds in order, args.workers processes decoding ahead (4 batches each)."""
+    kw = {"prefetch_factor": 4} if args.workers else {}
+    return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
+                                       collate_fn=collate, pin_memory=device.type == "cuda", **kw)
+
+
+def compact_rows(dst, src, keep):
+    """dst = the rows `keep` (ascending) of the .npy src, CHUNK rows at a time."""
+    a = np.load(src, mmap_mode="r")
+    out = np.lib.format.open_memmap(dst, "w+", np.float32, (len(keep), a.shape[1]))
+    for i in range(0, len(keep), CHUNK):
+        out[i:i + CHUNK] = a[keep[i:i + CHUNK]]
+    out.flush()
 
 
 def copy_rows(dst, parts):

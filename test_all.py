@@ -6,6 +6,7 @@ demo data. Shared helpers and fixtures come first, then one section per script, 
 the scripts import each other. Run: python -m pytest -q test_all.py
 """
 
+import argparse
 import contextlib
 import csv
 import html
@@ -2240,6 +2241,32 @@ def test_retrieve_precision_fp32_unchanged_bf16_agrees_and_recorded(demo, small_
     D, I = retrieve.main(["--query", str(demo / "images" / meta[3]["path"]), "--index",
                           str(index), "-k", "1", "--workers", "0"])
     assert I[0, 0] == 3 and D[0, 0] > 0.9999
+
+
+def test_retrieve_jpegs_decoded_on_the_device_agree_with_pil(demo, tmp_path):
+    """The CUDA route (JPEG bytes decoded in batches on the device, nets.decode_jpegs), run on
+    the CPU here: the same images as the PIL route, to a cosine >= 0.99 through a network; a
+    PNG, a CMYK JPEG and a broken file go the PIL way (the broken one is reported once)."""
+    root = tmp_path / "mixed"
+    write_odd_images(root)  # cmyk.jpg, gray16.png, palette.png, rotated.jpg, trunc.jpg, ...
+    for i, src in enumerate(sorted((demo / "images" / "Cubism").iterdir())[:5]):
+        shutil.copy(src, root / f"demo{i}.jpg")
+    paths = sorted(os.listdir(root))
+    args = argparse.Namespace(batch_size=4, workers=0)
+    cpu, model = torch.device("cpu"), nets.backbone("resnet18", "none", seed=0)[0].eval()
+
+    def embed(on_device):
+        out, failed = {}, []
+        for x, idx, bad in retrieve.image_batches(paths, str(root), 64, args, cpu, on_device):
+            failed += bad
+            if x is not None:
+                with torch.no_grad():
+                    out.update(zip(idx.tolist(), model(x).flatten(1), strict=True))
+        return out, failed
+    (a, fa), (b, fb) = embed(False), embed(True)
+    assert sorted(a) == sorted(b) and fa == fb == [(paths.index("trunc.jpg"), fa[0][1])]
+    cos = [torch.nn.functional.cosine_similarity(a[i], b[i], 0).item() for i in a]
+    assert min(cos) >= 0.99, cos
 
 
 def test_retrieve_hnsw_pca_build_then_query(demo, tmp_path):
