@@ -999,24 +999,30 @@ def cmd_eval(args, device):
     text = report_text(res, args, len(rows), len(rows) - len(idx), notes)
     write_eval(out, res, table, idx, probs, text)
     print(text)
-    found = []
+    keep = np.isin(all_idx, searched)
+    found = write_outliers(table, all_idx[keep], {t: p[keep] for t, p in all_probs.items()},
+                           args, out) if args.outliers else []
     if args.outliers:
-        keep = np.isin(all_idx, searched)
-        found = outliers(table, all_idx[keep], {t: p[keep] for t, p in all_probs.items()},
-                         args.outliers)
-        keys = ["path", "task", "true", "pred", "p_true", "p_pred", "score"]
-        data.write_csv(os.path.join(out, "outliers.csv"), keys,
-                       [[o[k] if isinstance(o[k], str) else f"{o[k]:.4f}" for k in keys]
-                        for o in found])
-        outlier_sheet(found, args.root, os.path.join(out, "outliers.png"))
-        print(f"outliers: {len(found)} most confident disagreements among {keep.sum()} "
-              f"{args.outliers_split} images, score = p(pred) - p(true) -> "
-              f"{os.path.join(out, 'outliers.csv')}, outliers.png")
         planted_found(found, table, searched, args.data)
     eval_html(model, found, res, text, args, ckpt, device, out)
     print(f"wrote report.txt, report.html, metrics.json, predictions.csv, "
           f"confusion_<task>.csv/.png to {out}")
     return {t: {"accuracy": r["report"]["accuracy"], "top3": r["top3"]} for t, r in res.items()}
+
+
+def write_outliers(table, idx, probs, args, out):
+    """The args.outliers most confident disagreements among the rows idx: outliers.csv and the
+    contact sheet outliers.png in out; returns them."""
+    found = outliers(table, idx, probs, args.outliers)
+    keys = ["path", "task", "true", "pred", "p_true", "p_pred", "score"]
+    data.write_csv(os.path.join(out, "outliers.csv"), keys,
+                   [[o[k] if isinstance(o[k], str) else f"{o[k]:.4f}" for k in keys]
+                    for o in found])
+    outlier_sheet(found, args.root, os.path.join(out, "outliers.png"))
+    print(f"outliers: {len(found)} most confident disagreements among {len(idx)} "
+          f"{args.outliers_split} images, score = p(pred) - p(true) -> "
+          f"{os.path.join(out, 'outliers.csv')}, outliers.png")
+    return found
 
 
 def outlier_rows(table, which):
