@@ -399,6 +399,23 @@ def retrieve_error(argv):
     return msg
 
 
+def torchrun(script, *argv, env=None):
+    """`torchrun --standalone --nproc-per-node 2 script argv` on the CPU (gloo): (exit status,
+    stdout + stderr). `python -m torch.distributed.run` is torchrun under this interpreter.
+    A script outside the repository (a test's wrapper) imports ours from HERE."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(script), *map(str, argv)]
+    env = {**os.environ, "PYTHONPATH": HERE, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    with subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as p:
+        try:
+            out = p.communicate(timeout=180)[0]
+        except subprocess.TimeoutExpired:  # a hung collective: stop torchrun and its workers
+            os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail("torchrun hung:\n" + p.communicate()[0][-3000:])
+    return p.returncode, out
+
+
 # ------------------------------------------------------------------------------------------ vectors
 
 
@@ -1510,6 +1527,72 @@ def test_crnn_nan_loss_stops_and_keeps_last_good(demo, tmp_path, monkeypatch, ca
                                   "--out", str(tmp_path)])
     assert "loss became nan in epoch 2" in msg and "last.pt" in msg
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+
+
+# ----------------------------------------------------------------------------------------- torchrun
+
+
+def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeypatch):
+    """1 process killed in epoch 2; `torchrun --nproc-per-node 2 crnn.py --train --resume`
+    trains epochs 2 and 3 (its ranks rebuild the feature cache in shares); against 1 process
+    run straight through. One torchrun launch: each costs ~8 s of CPU in imports alone.
+
+    The check: equal weights within tolerance at the same global batch (plus equal losses and
+    cached features), not only equal val metrics. With --freeze-backbone --dropout 0 the runs
+    compute the same function; what differs is the order of float sums (gradients summed over
+    2 ranks). The logged losses agree to ~2e-7 and most weights to ~3e-5; AdamW turns rounding
+    noise in near-zero gradients into steps of up to lr, so a few weights drift further
+    (attention score.bias, whose true gradient is 0: softmax ignores a shift): up to 6.5e-4
+    here. A rank averaging its own share's mean loss (the usual DDP shortcut, which weights
+    tasks and classes unlike 1 process) differs by 1e-2, so atol 2e-3 tells the two apart.
+    Val metrics alone would not: near chance, one flipped argmax changes them."""
+    args = ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, "--freeze-backbone",
+            "--dropout", "0", "--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--seed",
+            "1", "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    crnn.main([*args, "--out", str(one)])
+    real, calls = crnn.train_one_epoch, []
+
+    def killed_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(crnn, "train_one_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        crnn.main([*args, "--out", str(two)])
+    shutil.rmtree(two / "cache")  # rebuilt by the 2 ranks, each its share
+    rc, out = torchrun("crnn.py", *args, "--out", two, "--resume")
+    assert rc == 0 and "resuming from" in out and "after epoch 1" in out, out[-3000:]
+    assert "train.part-0-of-2" in out and "val.part-0-of-2" in out
+    assert out.count("epoch 3/3:") == 1  # rank 0 alone prints
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(os.listdir(two)) == ["best.pt", "cache", "last.pt", "log.jsonl"]
+    assert sorted(os.listdir(two / "cache")) == ["train.json", "train.npy", "val.json", "val.npy"]
+    for f in ("train.npy", "val.npy"):  # each rank cached its share, rank 0 joined them
+        np.testing.assert_allclose(np.load(two / "cache" / f), np.load(one / "cache" / f),
+                                   atol=1e-3)
+    logs = [[json.loads(ln) for ln in open(d / "log.jsonl")] for d in (one, two)]
+    assert [r["epoch"] for r in logs[1]] == [1, 2, 3]  # epoch 1 from 1 process, 2-3 from 2
+    np.testing.assert_allclose([r["loss"] for r in logs[1]], [r["loss"] for r in logs[0]],
+                               rtol=1e-5)
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (one, two))
+    assert b["epoch"] == 3
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=2e-3, rtol=0, msg=k)
+    # validation on all ranks' predictions gathered: all 30 val images, and the metrics that
+    # one process computes from the same weights and features
+    assert b["val"]["images"] == a["val"]["images"] == 30
+    model = crnn.load_checkpoint(str(two / "last.pt"))[0]
+    with torch.no_grad():
+        logits = model.classify(torch.from_numpy(np.load(two / "cache" / "val.npy")).float())
+    table = crnn.read_table(str(demo / "manifest.csv"), str(demo / "classes.json"))
+    y = table.y[np.flatnonzero((table.split == "val") & (table.y >= 0).any(1))]
+    for j, t in enumerate(table.tasks):
+        m = y[:, j] >= 0
+        acc = (logits[t].argmax(1).numpy()[m] == y[m, j]).mean()
+        assert b["val"]["tasks"][t]["n"] == m.sum() and b["val"]["tasks"][t]["acc"] == \
+            pytest.approx(acc), t
 
 
 # ------------------------------------------------------------------------------------ eval, predict
