@@ -354,7 +354,9 @@ class RankShare:
 
     def __iter__(self):
         r, w = nets.rank(), nets.world()
-        return (b[r::w] for b in self.batches)  # EpochBatches: this epoch's, at each iter()
+        # EpochBatches: this epoch's, at each iter(); an empty share as an int array, since
+        # np.asarray([]) is float and indexes nothing
+        return (b[r::w] if len(b) > r else np.zeros(0, np.int64) for b in self.batches)
 
     def __len__(self):
         return len(self.batches)
