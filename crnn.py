@@ -1264,7 +1264,9 @@ def main(argv=None):
         args.out = args.out or os.path.join("runs", "crnn")
         torch.backends.cudnn.benchmark = False  # seeded runs repeat on the GPU too
         torch.backends.cudnn.deterministic = True
-        return cmd_train(args, nets.init_distributed(device))
+        # under torchrun: rank 0 joins the feature cache (minutes for all of WikiArt) while
+        # the others wait, past nccl's default 10 min
+        return cmd_train(args, nets.init_distributed(device, hours=2))
     except UserError as e:
         raise SystemExit(f"crnn.py: error: {e}") from None
     finally:
