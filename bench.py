@@ -7,6 +7,7 @@ Shell:
     python bench.py --quick                 # under 2 minutes on 2 CPU cores
     python bench.py                         # the full run behind the README's table
     python bench.py --only load,search --out bench.json   # load embed train search memory
+    python bench.py --only processes,merge               # torchrun build, sharded-index merge
     python bench.py --tiny                  # seconds: a smoke test, numbers mean little
 
 Notebook:
@@ -28,10 +29,10 @@ import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import faiss
@@ -271,24 +272,15 @@ def pipeline_rows(args, tmp, device):
     r_model = rate(lambda: retrieve.forward(model, x, device), 32)[0]
     rows = []
     for name, root, target in (("256 px cache", cache, 0.85), ("500 px originals", src, 0.75)):
-        rate_build = build_rate(root, os.path.join(tmp, "orig500.csv"), tmp, device)
+        rate_build = build_rate(root, os.path.join(tmp, f"index-{os.path.basename(root)}"), 1,
+                                ["--manifest", os.path.join(tmp, "orig500.csv"), "--weights",
+                                 "none", "--device", device.type])
         rows.append(row("embed", f"--build from the {name} vs model alone", r_model,
                         rate_build, "img/s", target,
                         note=f"{n} images, resnet50 224 px grid pooling, --workers "
                         f"{retrieve.build_parser().get_default('workers')}; ratio = fraction "
                         "of the model-only rate"))
     return rows
-
-
-def build_rate(root, manifest, tmp, device):
-    """img/s that retrieve.py --build logs for embedding root (decode + model, in its loop)."""
-    index = os.path.join(tmp, f"index-{os.path.basename(root)}")
-    shutil.rmtree(index, ignore_errors=True)
-    with quiet():
-        retrieve.main(["--build", "--images", root, "--manifest", manifest, "--index", index,
-                       "--weights", "none", "--device", device.type])
-    with open(os.path.join(index, "log.jsonl"), encoding="utf-8") as f:
-        return json.loads(f.readlines()[-1])["img_per_s"]
 
 
 def bench_device(args):
@@ -560,10 +552,115 @@ def bench_memory(args, tmp):
                 vectors_mb=mb, imports_mb=got["ours"]["imports_mb"])]
 
 
+# ----------------------------------------------------------------------------- 6. scale
+
+def build_rate(images, index, procs, flags):
+    """Embedding img/s of `retrieve.py --build` in procs processes (torchrun from 2: 1 thread
+    each, torchrun's default; 1 process: all cores), from its log.jsonl: embedding time only,
+    no imports, no indexing."""
+    run = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs)]
+    cmd = [sys.executable, *(run if procs > 1 else []), os.path.join(HERE, "retrieve.py"),
+           "--build", "--images", images, "--index", index, *flags]
+    child = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+    if child.returncode:
+        raise SystemExit(f"bench.py: error: the {procs}-process build failed: "
+                         f"{child.stderr.strip()[-300:]}")
+    with open(os.path.join(index, "log.jsonl"), encoding="utf-8") as f:
+        return json.loads(f.read().splitlines()[-1])["img_per_s"]
+
+
+def bench_build_processes(args, tmp):
+    n, backbone, size = by_mode(args, (32, "resnet18", 64), (120, "resnet18", 128),
+                                (240, "resnet50", 224))
+    demo = os.path.join(tmp, "demo")
+    with quiet():
+        data.main(["demo", "--out", demo, "--n", str(n)])
+    flags = ["--backbone", backbone, "--img-size", str(size), "--weights", "none"]
+    rate = {p: build_rate(os.path.join(demo, "images"), os.path.join(tmp, f"index{p}"), p,
+                          flags) for p in (1, 2)}
+    note = (f"{backbone} {size} px, {n} demo images, retrieve.py defaults (--workers "
+            f"{retrieve.build_parser().get_default('workers')} per process); per process: "
+            f"{rate[1]:.1f} img/s (1 process, {torch.get_num_threads()} threads) vs "
+            f"{rate[2] / 2:.1f} img/s (each of 2, 1 thread)")
+    return [row("scale", f"build: torchrun 2 processes vs 1, {backbone} {size} px", rate[1],
+                rate[2], "img/s", None, note=note, per_process_1=rate[1],
+                per_process_2=rate[2] / 2)]
+
+
+def write_shards(folder, n, d, shards, tmp):
+    """A sharded ivfpq build of n synthetic d-dim vectors without images, written by retrieve's
+    own functions (write_plan, write_shard), as --train-only and --build --shard would."""
+    args = retrieve.build_parser().parse_args(["--build", "--weights", "none",
+                                               "--index-type", "ivfpq"])
+    cfg = {**retrieve.model_config(args), "dim": d, "metric": "inner_product", "index_dim": d,
+           "index_params": retrieve.index_params("ivfpq", d, n, args), "images": "synthetic",
+           "manifest": None, "seed": 0, "precision": "fp32"}
+    rows = [{"path": f"{i:08d}.jpg"} for i in range(n)]
+    index, n_train = retrieve.new_index(cfg), min(n, 40 * cfg["index_params"]["nlist"])
+    with quiet():  # a small sample: what is measured does not depend on how good the lists are
+        retrieve.train_index(index, synthetic_embeddings(n_train, d, seed=7))
+    plan = retrieve.write_plan(folder, index, cfg, ["path"], rows, n_train)
+    for i in range(shards):
+        lo, hi = nets.rank_span(n, i, shards)
+        emb = os.path.join(tmp, f"shard{i}.npy")  # write_shard moves it into the folder
+        write_vectors(emb, hi - lo, d)
+        info = {"shard": i, "of": shards, "start": lo, "stop": hi,
+                "rows_sha256": plan["rows_sha256"],
+                "config": {k: cfg.get(k) for k in retrieve.MODEL_KEYS}}
+        with quiet():
+            retrieve.write_shard(folder, info, emb, rows[lo:hi], [], ["path"])
+    return cfg["index_params"]
+
+
+def merge_child(folder):
+    """In a fresh process: --merge-shards folder; print JSON with the peak RSS, the peak of its
+    anonymous part (heap: the merged lists; the rest is pages of the mapped embeddings.npy being
+    written, which the kernel may drop), sampled every 20 ms, and what the imports took."""
+    nets.tune_malloc()
+    imports = rss_now()
+    peak_anon, done = [imports.get("RssAnon", 0.0)], threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            peak_anon[0] = max(peak_anon[0], rss_now().get("RssAnon", 0.0))
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    with quiet():
+        retrieve.main(["--merge-shards", folder])
+    done.set()
+    watcher.join()
+    print(json.dumps({"peak_mb": peak_rss_mb(), "imports_mb": imports.get("VmHWM", 0.0),
+                      "peak_anon_mb": peak_anon[0],
+                      "imports_anon_mb": imports.get("RssAnon", 0.0)}))
+
+
+def bench_merge(args, tmp):
+    """Peak RSS of --merge-shards per million vectors at the default ivfpq code size (64 bytes:
+    m = 64 for any size divisible by 64). There is no naive side: the point is the number."""
+    n, d, shards = by_mode(args, (20_000, 64, 2), (200_000, 64, 4), (1_000_000, 64, 4))
+    folder = os.path.join(tmp, "sharded")
+    params = write_shards(folder, n, d, shards, tmp)
+    cmd = f"import bench; bench.merge_child({folder!r})"
+    child = subprocess.run([sys.executable, "-c", cmd], capture_output=True, text=True, cwd=HERE)
+    if child.returncode:
+        raise SystemExit(f"bench.py: error: the merge child failed: {child.stderr[-300:]}")
+    got = json.loads(child.stdout.strip().splitlines()[-1])
+    anon = (got["peak_anon_mb"] - got["imports_anon_mb"]) / (n / 1e6)
+    code = params["m"] * params["nbits"] // 8
+    note = (f"{n // 1000}k x {d} vectors in {shards} shards, ivfpq nlist {params['nlist']}, "
+            f"{code}-byte codes + 8-byte ids = {(code + 8) / 1.048576:.0f} MB per million in the "
+            f"lists; peak RSS {got['peak_mb']:.0f} MB, imports {got['imports_mb']:.0f} MB, "
+            f"the rest mapped pages of the {n * d * 4 / 2**20:.0f} MB embeddings.npy written")
+    return [row("scale", f"merge {shards} ivfpq shards: heap per million vectors", None, anon,
+                "MB", None, False, note, peak_mb=got["peak_mb"], imports_mb=got["imports_mb"],
+                peak_anon_mb=got["peak_anon_mb"], vectors=n)]
+
+
 # ----------------------------------------------------------------------------- command line
 
 SECTIONS = {"load": bench_loading, "embed": bench_embedding, "train": bench_training,
-            "search": bench_search, "memory": bench_memory}
+            "search": bench_search, "memory": bench_memory, "processes": bench_build_processes,
+            "merge": bench_merge}
 TINY_SECTIONS = "load,search,memory"  # --tiny: seconds, for tests; the numbers mean little
 
 

@@ -13,6 +13,8 @@ Shell:
         --freeze-backbone
     python crnn.py --train --resume --out runs/r50 --epochs 20   # last.pt's own flags, extended
     python crnn.py --train --data hf/manifest.csv --root wikiart.zip --tasks style,genre
+    torchrun --nproc-per-node 4 crnn.py --train --data subset/manifest.csv --root cache256 \
+        --out runs/ddp                                    # 4 GPUs (or CPU processes): DDP
 
 Notebook:
     import crnn
@@ -46,6 +48,12 @@ Training is deterministic for --seed: each epoch reseeds from (seed, epoch), so 
 a kill repeats exactly what an uninterrupted run does (bit-exact on the CPU with --workers 0;
 worker processes keep their own augmentation streams). Checkpoints hold model, optimizer,
 scheduler, scaler, epoch, best, args and class lists, written atomically every epoch.
+
+Under torchrun (DistributedDataParallel: nccl on CUDA, gloo on the CPU) every rank takes its share
+of each --batch-size batch of the 1-process order, so steps, schedule and checkpoints do not depend
+on the number of processes, and --resume works at any number; validation gathers all ranks'
+predictions; rank 0 alone prints and writes. --freeze-backbone: each rank caches its share of the
+images, rank 0 joins the shares. OUT (and --cache) must be one folder all ranks see.
 
 Unreadable images are skipped and counted, never fatal: the epoch line (and log.jsonl), the
 cache and the eval report say how many. Bad input ends with one line on stderr.
@@ -392,12 +400,30 @@ def sequential(indices, batch_size):
     return [indices[i:i + batch_size].tolist() for i in range(0, len(indices), batch_size)]
 
 
+class RankShare:
+    """This rank's share of each batch of `batches` (EpochBatches or a list): rows b[rank::world],
+    so that the ranks together take every batch of the 1-process order, split; a batch smaller
+    than the world leaves some ranks an empty share. One process: the batches themselves."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        r, w = nets.rank(), nets.world()
+        # EpochBatches: this epoch's, at each iter(); an empty share as an int array, since
+        # np.asarray([]) is float and indexes nothing
+        return (b[r::w] if len(b) > r else np.zeros(0, np.int64) for b in self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
 def image_loader(ds, batches, args, device):
     """DataLoader over fixed/epoch batches of indices; unreadable images are dropped."""
     kw = {"persistent_workers": True, "worker_init_fn": seed_worker} if args.workers else {}
     return DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
                       collate_fn=data.collate_skip, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(args.seed), **kw)
+                      generator=torch.Generator().manual_seed(args.seed + nets.rank()), **kw)
 
 
 class CachedBatches:
@@ -445,6 +471,72 @@ def feature_cache(model, table, rows, split, args, device, precision):
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"cache: {npy} does not load ({one_line(e)}): building it again")
     return build_cache(model, paths, npy, meta, key, args, device, precision)
+
+
+def shared_feature_cache(model, table, rows, split, args, device, precision):
+    """feature_cache under torchrun: each rank builds the cache of its contiguous share of rows
+    (split.part-R-of-W.npy, kept if an earlier run finished it), rank 0 joins the shares into
+    the one cache, and every rank reads that whole. One process: feature_cache itself."""
+    if nets.world() == 1:
+        return feature_cache(model, table, rows, split, args, device, precision)
+    d = args.cache or os.path.join(args.out, "cache")
+    if not cache_ready(d, split, [table.paths[i] for i in rows], cache_key(args, precision)):
+        lo, hi = nets.rank_span(len(rows))
+        feature_cache(model, table, rows[lo:hi], part_name(split, nets.rank()), args, device,
+                      precision)
+        nets.barrier()
+        if nets.is_main():
+            join_cache_parts(d, split)
+    nets.barrier()
+    return feature_cache(model, table, rows, split, args, device, precision)  # reads the joined one
+
+
+def part_name(split, r):
+    return f"{split}.part-{r}-of-{nets.world()}"
+
+
+def cache_ready(d, split, paths, key):
+    """True when d holds split's finished cache for these paths and key (a json is written
+    after its npy: a cache killed while written has none, or another one)."""
+    try:
+        with open(os.path.join(d, f"{split}.json"), encoding="utf-8") as f:
+            m = json.load(f)
+        n = np.load(os.path.join(d, f"{split}.npy"), mmap_mode="r").shape[0]
+    except (OSError, ValueError):
+        return False
+    return isinstance(m, dict) and m.get("key") == key and m.get("paths") == paths and \
+        n == len(paths)
+
+
+def join_cache_parts(d, split, chunk=4096):
+    """Rank 0: the ranks' part caches, in rank order, into split.npy and split.json (temp file
+    + rename, chunk rows at a time: bounded memory); then the parts are removed."""
+    names = [os.path.join(d, part_name(split, r)) for r in range(nets.world())]
+    parts = [np.load(n + ".npy", mmap_mode="r") for n in names]
+    metas = []
+    for n in names:
+        with open(n + ".json", encoding="utf-8") as f:
+            metas.append(json.load(f))
+    npy = os.path.join(d, f"{split}.npy")
+    tmp = f"{npy}.{os.getpid()}.tmp.npy"
+    out = np.lib.format.open_memmap(tmp, "w+", np.float16,
+                                    (sum(len(a) for a in parts),) + parts[0].shape[1:])
+    at, ok, failed = 0, [], []
+    for a, m in zip(parts, metas, strict=True):
+        for i in range(0, len(a), chunk):
+            out[at + i:at + min(i + chunk, len(a))] = a[i:i + chunk]
+        ok += m["ok"]
+        failed += [(at + i, why) for i, why in m["failed"]]  # positions in the whole cache
+        at += len(a)
+    out.flush()
+    del out, parts
+    os.replace(tmp, npy)
+    data.atomic_write(os.path.join(d, f"{split}.json"), json.dumps(
+        {"key": metas[0]["key"], "paths": sum((m["paths"] for m in metas), []), "ok": ok,
+         "failed": failed}))
+    for n in names:
+        for ext in (".npy", ".json"):
+            os.remove(n + ext)
 
 
 @torch.no_grad()
@@ -541,6 +633,8 @@ class Fit:
     device: torch.device
     amp: object  # autocast dtype or None
     frozen: bool
+    ddp: object = None  # under torchrun: DistributedDataParallel around what trains (see join_ddp)
+    dummy: object = None  # under torchrun: a (1, ...) zero input for a rank with no image
 
 
 def train_step(fit, x, y):
@@ -551,6 +645,13 @@ def train_step(fit, x, y):
         return None
     if not torch.isfinite(loss):
         return loss.item()
+    optimizer_step(fit, loss)
+    return loss.item()
+
+
+def optimizer_step(fit, loss):
+    """Backward, step, zero the gradients, advance the learning-rate schedule (when the
+    optimizer did step)."""
     stepped = True
     if fit.scaler is not None:  # fp16 on CUDA: scale the loss so small gradients survive
         scale = fit.scaler.get_scale()
@@ -564,7 +665,6 @@ def train_step(fit, x, y):
     fit.opt.zero_grad(set_to_none=True)
     if stepped:  # the schedule counts optimizer steps, not skipped ones
         fit.sched.step()
-    return loss.item()
 
 
 def train_one_epoch(fit, loader, batches, y, label):
@@ -606,9 +706,22 @@ def predict_probs(model, fwd, loader, device, amp):
     return np.concatenate(idx), {t: np.concatenate(p) for t, p in probs.items()}, skipped
 
 
+def gather_predictions(idx, probs, skipped):
+    """All ranks' (row indices, {task: probabilities}, skipped) in row order, on every rank,
+    the order and arrays a 1-process predict_probs gives; unchanged for one process."""
+    if nets.world() == 1:
+        return idx, probs, skipped
+    parts = nets.all_gather_objects((idx, probs, skipped))
+    idx = np.concatenate([p[0] for p in parts])
+    order = np.argsort(idx, kind="stable")
+    tasks = next((list(p[1]) for p in parts if p[1]), [])
+    probs = {t: np.concatenate([p[1][t] for p in parts if p[1]])[order] for t in tasks}
+    return idx[order], probs, sum((p[2] for p in parts), [])
+
+
 def evaluate(model, fwd, loader, y, tasks, device, amp):
     """{task: {acc, macro_f1, n}} on the rows the loader yields, plus mean_f1 over tasks."""
-    idx, probs, skipped = predict_probs(model, fwd, loader, device, amp)
+    idx, probs, skipped = gather_predictions(*predict_probs(model, fwd, loader, device, amp))
     out = {}
     for j, t in enumerate(tasks):
         yt = y[idx, j]
@@ -759,22 +872,25 @@ def make_feeds(model, table, args, device):
         sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw)
         ds = [data.ImageDataset(table.paths, args.root, nets.make_transform(args.img_size, aug),
                                 args.img_size) for aug in (True, False)]
-        val = image_loader(ds[1], sequential(rows[sel], args.batch_size), args, device)
-        return Feeds(model, ce, sampler, image_loader(ds[0], sampler, args, device), val, [])
+        val = image_loader(ds[1], RankShare(sequential(rows[sel], args.batch_size)), args,
+                           device)
+        return Feeds(model, ce, sampler, image_loader(ds[0], RankShare(sampler), args, device),
+                     val, [])
     where, feats, skipped = np.full(len(table.paths), -1), {}, []
     precision, why = nets.inference_precision(device, args.amp)
     nets.say_precision(precision, why + ", the frozen backbone's cache")
     for s in ("train", sel):
-        feats[s], ok, failed = feature_cache(model, table, rows[s], s, args, device, precision)
+        feats[s], ok, failed = shared_feature_cache(model, table, rows[s], s, args, device,
+                                                    precision)
         where[rows[s]] = np.arange(len(rows[s]))  # manifest row -> position in its cache
         skipped += [(int(rows[s][i]), why) for i, why in failed]
         if s == "train" and draw is not None:
             draw = draw[ok]
         rows[s] = rows[s][ok]
     sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw)
-    val = CachedBatches(feats[sel], where, sequential(rows[sel], args.batch_size))
-    return Feeds(model.classify, ce, sampler, CachedBatches(feats["train"], where, sampler), val,
-                 skipped)
+    val = CachedBatches(feats[sel], where, RankShare(sequential(rows[sel], args.batch_size)))
+    return Feeds(model.classify, ce, sampler,
+                 CachedBatches(feats["train"], where, RankShare(sampler)), val, skipped)
 
 
 def make_fit(model, feeds, args, device, amp):
@@ -791,6 +907,109 @@ def make_fit(model, feeds, args, device, amp):
                device, amp, args.freeze_backbone)
 
 
+# ----------------------------------------------------------------------------- torchrun
+# `torchrun --nproc-per-node N crnn.py --train ...`: every rank holds the whole model and takes
+# b[rank::N] of each global batch b (the 1-process EpochBatches order; --batch-size stays the
+# global batch, so steps, schedule and checkpoints do not depend on N, and --resume works at
+# any N). The per-rank losses are scaled so that DDP's averaged gradient is the gradient of the
+# whole batch's loss, as one process computes it. Validation gathers all ranks' predictions.
+
+
+class Classify(nn.Module):
+    """model.classify as a module's forward: what DDP wraps under --freeze-backbone."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fmap):
+        return self.model.classify(fmap)
+
+
+def join_ddp(fit, feeds, args, y):
+    """Wrap what trains in DistributedDataParallel (it starts every rank from rank 0's weights
+    and all-reduces gradients in buckets during backward). y: the train labels. Where a task
+    has unlabelled train rows, a global batch may hold no label of it: its head then gets no
+    gradient on any rank, as in 1 process, which DDP allows with find_unused_parameters (an
+    extra pass over the graph per step, and a warning when it finds none)."""
+    from torch.nn.parallel import DistributedDataParallel
+    module = Classify(fit.model) if fit.frozen else fit.model
+    ids = [fit.device.index] if fit.device.type == "cuda" else None
+    fit.ddp = DistributedDataParallel(module, device_ids=ids,
+                                      find_unused_parameters=bool((y < 0).any()))
+    shape = feeds.train.feats.shape[1:] if fit.frozen else (3, args.img_size, args.img_size)
+    fit.dummy = torch.zeros(1, *shape)
+
+
+def train_mode(fit):
+    fit.model.train()
+    if fit.frozen:
+        fit.model.backbone.eval()  # frozen BatchNorm keeps its running statistics
+
+
+def ddp_train_one_epoch(fit, loader, batches, y, label):
+    """train_one_epoch under torchrun: the loader yields this rank's share of each global batch
+    in `batches`; every rank takes one step per global batch. Loss, images and skipped count
+    all ranks."""
+    train_mode(fit)
+    seed_all(torch.initial_seed() + 104_729 * nets.rank())  # own dropout/augmentation draws
+    prog = data.Progress(sum(len(b) for b in batches), label)
+    total, seen, skipped = 0.0, 0, []
+    for expected, (x, idx, failed) in zip(batches, loader, strict=True):
+        skipped += failed
+        got = [] if x is None else idx.tolist()
+        loss, n = ddp_train_step(fit, x if got else None, torch.from_numpy(y[got]))
+        total, seen = total + (loss or 0.0) * n, seen + n
+        if loss is not None and not math.isfinite(loss):
+            break  # every rank sees the same summed loss, so every rank stops here
+        prog.update(len(expected), f"loss {total / max(seen, 1):.3f}")
+    skipped = sum(nets.all_gather_objects(skipped), [])
+    return {"loss": total / max(seen, 1) if math.isfinite(total) else total, "images": seen,
+            "skipped": skipped}
+
+
+def ddp_train_step(fit, x, y):
+    """One optimizer step on every rank for one global batch, of which x, y are this rank's
+    share (x None: none). Returns (the whole batch's loss, its images); loss None when no
+    image in it has a label (no step, as in 1 process)."""
+    div = nets.all_sum([len(y), *batch_divisors(y, fit.ce_weights)])
+    n, div = int(div[0]), div[1:]
+    if not (div > 0).any():
+        return None, n
+    loss = share_loss(fit, x, y, div)
+    total = float(nets.all_sum([loss.item()])[0])  # the whole batch's loss, on every rank
+    if math.isfinite(total):
+        optimizer_step(fit, loss * nets.world())  # DDP averages: N x mean = sum of shares
+    return total, n
+
+
+def batch_divisors(y, ce_weights):
+    """Per task, what cross-entropy's mean divides by over these rows: the number of labelled
+    rows, or the sum of their class weights (--balance loss)."""
+    out = []
+    for j, w in enumerate(ce_weights):
+        lab = y[:, j][y[:, j] >= 0]
+        out.append(float(len(lab)) if w is None else float(w.cpu()[lab].sum()))
+    return out
+
+
+def share_loss(fit, x, y, div):
+    """This rank's part of the global batch's multitask_loss: per task, the summed cross-entropy
+    of its rows over the whole batch's divisor, so the ranks' parts add up to the whole. A rank
+    with no image runs the zero input, unlabelled (a zero loss): DDP needs every rank in
+    every backward. In eval mode: BatchNorm would fail on one 1x1 map, and learns nothing."""
+    if x is None:
+        x, y = fit.dummy, torch.full((1, y.shape[1]), -1)
+        fit.ddp.module.eval()
+    with nets.autocast(fit.device, fit.amp):
+        logits = fit.ddp(to_device(x, fit.device))
+    train_mode(fit)
+    y = y.to(fit.device)
+    return sum(F.cross_entropy(out.float(), y[:, j], weight=fit.ce_weights[j], ignore_index=-1,
+                               label_smoothing=fit.smoothing, reduction="sum") / div[j]
+               for j, out in enumerate(logits.values()) if div[j] > 0)
+
+
 def epoch_line(rec, epochs, mark):
     val = rec["val"]
     parts = [f"{t} acc {v['acc']:.3f} f1 {v['macro_f1']:.3f}" for t, v in val["tasks"].items()]
@@ -803,6 +1022,8 @@ def epoch_line(rec, epochs, mark):
 
 def list_skipped(feeds, table, out, failed):
     """Adds [(row, reason)] to feeds.skipped and rewrites OUT/skipped.csv when any is new."""
+    if not nets.is_main():  # under torchrun the failures are gathered; rank 0 lists them
+        return
     new = {i: why for i, why in failed if i not in feeds.skipped}
     if new:
         feeds.skipped.update(new)
@@ -820,7 +1041,8 @@ def run_epoch(fit, feeds, table, args, epoch, state):
     seed_all(epoch_seed(args.seed, epoch))
     feeds.sampler.set_epoch(epoch)
     t0 = time.time()
-    tr = train_one_epoch(fit, feeds.train, feeds.sampler.batches, table.y, f"epoch {epoch}")
+    train = train_one_epoch if fit.ddp is None else ddp_train_one_epoch
+    tr = train(fit, feeds.train, feeds.sampler.batches, table.y, f"epoch {epoch}")
     if not math.isfinite(tr["loss"]):
         raise UserError(f"loss became {tr['loss']} in epoch {epoch}: training stopped; "
                         f"{os.path.join(args.out, 'last.pt')} holds the last good epoch "
@@ -832,14 +1054,16 @@ def run_epoch(fit, feeds, table, args, epoch, state):
     state = {"epoch": epoch, "best": max(val["mean_f1"], state["best"]),  # "val": the scores
              "bad_epochs": 0 if best else state["bad_epochs"] + 1, "val": val,  # on `sel`
              "selected_on": sel}
-    save_checkpoint(fit, args.out, state, table, args, best)
+    if nets.is_main():  # under torchrun every rank holds the same weights: one writes them
+        save_checkpoint(fit, args.out, state, table, args, best)
     rec = {"epoch": epoch, "loss": tr["loss"], "lr": fit.opt.param_groups[0]["lr"],
            "time_s": time.time() - t0, "img_per_s": tr["images"] / max(t_train, 1e-9),
            "skipped": len(tr["skipped"]), "skipped_val": len(skipped_val),
            "best": state["best"], "split": sel, "val": val}
     print(epoch_line(rec, args.epochs, " *" if best else ""))
     list_skipped(feeds, table, args.out, tr["skipped"] + skipped_val)
-    data.append_jsonl(os.path.join(args.out, "log.jsonl"), rec)
+    if nets.is_main():
+        data.append_jsonl(os.path.join(args.out, "log.jsonl"), rec)
     return state
 
 
@@ -859,12 +1083,15 @@ def cmd_train(args, device, ckpt=None):
     model.backbone.to(memory_format=torch.channels_last)
     feeds = make_feeds(model.to(device), table, args, device)
     fit = make_fit(model, feeds, args, device, amp)
+    if nets.world() > 1:
+        join_ddp(fit, feeds, args, table.y[feeds.sampler.indices])
     state = restore(fit, ckpt) if ckpt else {"epoch": 0, "best": -1.0, "bad_epochs": 0}
-    if not ckpt:
+    if not ckpt and nets.is_main():
         data.atomic_write(os.path.join(args.out, "log.jsonl"), "")
     print(f"tasks: {', '.join(f'{t} ({len(c)} classes)' for t, c in table.classes.items())}; "
           f"{len(feeds.sampler.indices)} train images, {len(feeds.sampler)} steps/epoch, "
-          f"autocast {amp}")
+          f"autocast {amp}" + (f"; each step's {args.batch_size} images split over "
+                               f"{nets.world()} processes" if fit.ddp else ""))
     list_skipped(feeds, table, args.out, feeds.cache_failed)
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         state = run_epoch(fit, feeds, table, args, epoch, state)
@@ -1338,6 +1565,7 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    nets.main_prints_only()
     data.tolerant_stdout()
     nets.tune_malloc()
     shown = vars(args) if args.train else {k: v for k, v in vars(args).items() if k in EVAL_ARGS}
@@ -1347,6 +1575,8 @@ def main(argv=None):
         device = nets.pick_device(args.device)
         if args.explain and not args.predict:
             raise UserError("--explain goes with --predict")
+        if not args.train and not nets.is_main():
+            return None  # under torchrun, --eval and --predict run on rank 0 alone
         if args.eval:
             return cmd_eval(args, device)
         if args.predict:
@@ -1356,10 +1586,14 @@ def main(argv=None):
         resolve_data(args)
         if not ckpt:
             check_out(args)
+        # under torchrun: rank 0 joins the feature cache (minutes for all of WikiArt) while
+        # the others wait, past nccl's default 10 min
         with nets.deterministic_cudnn():
-            return cmd_train(args, device, ckpt)
+            return cmd_train(args, nets.init_distributed(device, hours=2), ckpt)
     except UserError as e:
         raise SystemExit(f"crnn.py: error: {e}") from None
+    finally:
+        nets.close_distributed()
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
 """Model plumbing that crnn.py and retrieve.py share: device, precision, allocator, the one
-backbone loader, BatchNorm folding, image-to-tensor transforms.
+backbone loader, BatchNorm folding, image-to-tensor transforms, torch.distributed helpers.
 
 Holds no data reading (data.py), no drawing (pages.py), no CNN-RNN and no FAISS code.
 
     import nets
     device = nets.pick_device(None)                 # prints `device: cpu` once
     trunk, channels = nets.backbone("resnet50", "imagenet")   # (B, 2048, H/32, W/32)
+    device = nets.init_distributed(device)          # under torchrun: joins the process group
 """
 
 import contextlib
+import datetime
 import functools
 import os
 import sys
 import urllib.error
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -94,6 +97,97 @@ def mallopt_keep_freed():
         return ok and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+# torchrun starts one process per GPU (or per share of the CPU) and tells each its RANK (0..N-1
+# over all nodes), LOCAL_RANK (its GPU on this node) and WORLD_SIZE (N) in the environment.
+# Without them (plain `python crnn.py`, a notebook) every helper below is a no-op for one
+# process, so the scripts run the same code either way.
+
+def rank():
+    return int(os.environ.get("RANK", "0"))
+
+
+def world():
+    """Processes in the run: WORLD_SIZE under torchrun, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main():
+    """Rank 0: the one process that prints and writes results (checkpoints, index, logs)."""
+    return rank() == 0
+
+
+def main_prints_only():
+    """Under torchrun, every rank but 0 prints to /dev/null: one set of progress lines and
+    results instead of N interleaved ones. stderr (errors) stays."""
+    if rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # for the life of the process
+
+
+def init_distributed(device, hours=None):
+    """Under torchrun with WORLD_SIZE > 1: joins the process group, nccl on CUDA (this rank's
+    GPU: cuda:LOCAL_RANK, whatever --device named) and gloo on the CPU; returns the device this
+    rank uses. Else returns device unchanged. hours: how long a collective may wait for the
+    slowest rank (torch's default is 10 min for nccl, 30 for gloo)."""
+    if world() == 1:
+        return device
+    import torch.distributed as dist
+    if device.type not in ("cuda", "cpu"):
+        raise UserError(f"torchrun runs on cuda or cpu, not {device.type}: pass --device cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        kw = {"timeout": datetime.timedelta(hours=hours)} if hours else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
+        print(f"torchrun: {world()} processes, backend {dist.get_backend()}")
+    return device
+
+
+def close_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_span(n, r=None, w=None):
+    """(start, stop) of rank r's contiguous share of n items (default: this rank's): shares
+    differ in size by at most one and, in rank order, cover 0..n-1."""
+    r, w = rank() if r is None else r, world() if w is None else w
+    return n * r // w, n * (r + 1) // w
+
+
+def barrier():
+    if world() > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (pickled: lists, dicts, numpy
+    arrays); [obj] for one process. Also a barrier: it returns once every rank has sent."""
+    if world() == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(values):
+    """Element-wise sum over the ranks of a list of numbers, as float64 numpy (one small
+    all_reduce); the values themselves for one process."""
+    x = np.asarray(values, dtype=np.float64)
+    if world() == 1:
+        return x
+    import torch.distributed as dist
+    t = torch.from_numpy(x.copy())
+    if dist.get_backend() == "nccl":  # nccl reduces GPU tensors only
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- precision

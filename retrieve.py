@@ -17,6 +17,10 @@ Shell:
     python retrieve.py --add --manifest nga/manifest.csv --index nga/index   # only new paths
     python retrieve.py --build --ckpt runs/demo/best.pt --index demo/style_index  # learned style
     python retrieve.py --build --images wikiart.zip --manifest subset/manifest.csv  # zip in place
+    torchrun --nproc-per-node 4 retrieve.py --build --images big --index big/index  # 4 GPUs embed
+    python retrieve.py --train-only --images big --index big/index --index-type ivfpq  # millions:
+    python retrieve.py --build --shard 0/8 --index big/index   # each I of N, on any machine
+    python retrieve.py --merge-shards big/index                # one index, as if built at once
 
 Notebook:
     import retrieve
@@ -33,6 +37,9 @@ second writer is refused while one runs (DIR/lock). Beside them: skipped.csv (mi
 unreadable images, with why), log.jsonl, eval.json, query_sheet.png, map.html (--map).
 HTML pages are single files (thumbnails inside): open from disk, or in a notebook with
 IPython.display.HTML(open(path, encoding="utf-8").read()).
+Work that outlives a run sits beside the generations: INDEX/slices (each torchrun rank's finished
+embeddings, reused when the same command runs again after a crash) and INDEX/shards (the trained
+empty ivf index and the shards of a sharded build, until --merge-shards).
 Bad input (a query that is not an image, an empty folder, an index from another version or
 model, k above the number of indexed images) ends with one line on stderr and exit status 1.
 Non-image files in a folder are skipped and counted; unreadable images are listed in skipped.csv.
@@ -40,6 +47,7 @@ Non-image files in a folder are skipped and counted; unreadable images are liste
 
 import argparse
 import contextlib
+import csv
 import hashlib
 import io
 import json
@@ -48,6 +56,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -319,10 +328,15 @@ def embed_collection(model, rows, root, cfg, args, device, out_path):
 
 # ----------------------------------------------------------------------------- faiss index
 
+def default_nlist(n_train, args):
+    """--nlist, else ~ 4 sqrt(n) inverted lists with >= 39 training points per list."""
+    return args.nlist or max(1, min(round(4 * math.sqrt(n_train)), n_train // 39))
+
+
 def ivfpq_params(d, n_train, args):
-    """nlist ~ 4 sqrt(n) with >= 39 training points per list; m the largest GPU-friendly divisor
-    of d up to 64 (bytes per code); nbits 8, fewer when n_train is under 39 * 256."""
-    nlist = args.nlist or max(1, min(round(4 * math.sqrt(n_train)), n_train // 39))
+    """nlist as default_nlist; m the largest GPU-friendly divisor of d up to 64 (bytes per
+    code); nbits 8, fewer when n_train is under 39 * 256."""
+    nlist = default_nlist(n_train, args)
     m = args.pq_m or next(m for m in GPU_PQ_M if d % m == 0)
     nbits = args.nbits or min(8, int(math.log2(max(n_train / 39, 1))))
     if d % m:
@@ -342,6 +356,9 @@ def index_params(kind, d, n, args):
                 "ef_search": args.ef_search or d["ef_search"]}
     if kind == "ivfpq":
         return ivfpq_params(d, min(n, TRAIN_MAX), args)
+    if kind == "ivf-flat":  # full vectors in the lists: exact distances, 4 * d bytes each
+        nlist = default_nlist(min(n, TRAIN_MAX), args)
+        return {"nlist": nlist, "nprobe": min(args.nprobe or INDEX_DEFAULTS["nprobe"], nlist)}
     return {}
 
 
@@ -372,6 +389,8 @@ def new_index(cfg):
         index.hnsw.efConstruction = p["ef_construction"]
     elif cfg["index_type"] == "ivfpq":
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, p["nlist"], p["m"], p["nbits"], ip)
+    elif cfg["index_type"] == "ivf-flat":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, p["nlist"], ip)
     else:
         index = faiss.IndexFlatIP(d)
     if cfg["pca"]:  # inside the saved index, so queries get the same transform for free
@@ -398,11 +417,17 @@ def set_search_params(index, p):
 
 def fill_index(index, xb, seed=0):
     """Train on a seeded sample of <= TRAIN_MAX rows when needed, then add xb in chunks."""
+    train_index(index, xb, seed)
+    add_rows(index, xb)
+    return index
+
+
+def train_index(index, xb, seed=0):
+    """Train (PCA, coarse quantizer, PQ) on a seeded sample of <= TRAIN_MAX rows of xb, in
+    row order; a no-op for an index that needs no training."""
     if not index.is_trained:
         pick = np.random.default_rng(seed).choice(len(xb), min(len(xb), TRAIN_MAX), replace=False)
         index.train(np.ascontiguousarray(xb[np.sort(pick)], dtype=np.float32))
-    add_rows(index, xb)
-    return index
 
 
 def add_rows(index, xb, start=0):
@@ -507,6 +532,9 @@ class OnGpu:
 # query_sheet.png) stay at the top: they describe runs, not one generation.
 
 POINTER, LOCK = "CURRENT", "lock"
+# Work that outlives a failed write: torchrun ranks' finished slices (INDEX/slices) and a
+# sharded build's trained index and shards (INDEX/shards); never read by a query.
+WORK_DIRS = ("slices", "shards")
 CONFIG_FIELDS = ("dim", "n", "index_type", "index_params", "pca", "index_dim", "backbone",
                  "weights", "ckpt", "img_size", "pool", "grid", "init_seed", "images",
                  "manifest")
@@ -576,9 +604,26 @@ class IndexWriter:
 
     def __exit__(self, *exc):
         if not self.committed:
-            shutil.rmtree(self.folder if self.fresh else self.dir, ignore_errors=True)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            if self.fresh:  # no index before: none after, but resumable work stays
+                clear_folder(self.folder, keep=WORK_DIRS)
         os.close(self.fd)  # releases the lock
         return False
+
+
+def clear_folder(folder, keep):
+    """Remove everything in folder but the names in keep; the folder too when nothing is kept."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name in keep:
+            continue
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+    if not os.listdir(folder):
+        os.rmdir(folder)
 
 
 def lock_file(path, folder):
@@ -624,11 +669,14 @@ def sync_folder(folder):
 
 def write_generation(gen, index, header, rows, cfg):
     """index.faiss, meta.csv and config.json (with the fingerprints of all three data files)
-    into the generation folder gen, which already holds embeddings.npy."""
+    into the generation folder gen, which already holds embeddings.npy (and meta.csv when
+    rows is None: --merge-shards streams it there)."""
     faiss.write_index(index, os.path.join(gen, "index.faiss"))
-    data.write_csv(os.path.join(gen, "meta.csv"), header,
-                   [[r.get(c) or "" for c in header] for r in rows])
-    cfg["n"], cfg["version"] = len(rows), VERSION  # an --add to a version-1 index migrates it
+    if rows is not None:
+        data.write_csv(os.path.join(gen, "meta.csv"), header,
+                       [[r.get(c) or "" for c in header] for r in rows])
+    cfg["n"] = index.ntotal if rows is None else len(rows)
+    cfg["version"] = VERSION  # an --add to a version-1 index migrates it
     cfg["files"] = {f: fingerprint(os.path.join(gen, f)) for f in FILES if f != "config.json"}
     data.atomic_write(os.path.join(gen, "config.json"), json.dumps(cfg, indent=1) + "\n")
 
@@ -737,6 +785,32 @@ def model_config(args):
 # ----------------------------------------------------------------------------- build and add
 
 def cmd_build(args, device):
+    if args.shard:
+        return cmd_build_shard(args, device)
+    job = build_job(args, device)
+    if nets.world() > 1:
+        return build_across_ranks(job, args, device)
+    with IndexWriter(args.index) as w:  # the old generation answers queries till the end
+        emb = os.path.join(w.dir, "embeddings.npy")
+        rows, n_skip, dt = embed_collection(job.model, job.rows, job.root, job.cfg, args, device,
+                                            emb)
+        finish_build(w, emb, job, rows, args)
+    return build_done(args, job.cfg, rows, n_skip, dt)
+
+
+@dataclass
+class BuildJob:
+    """What a --build embeds, and how: the collection and the model (the config's model half)."""
+    root: str
+    manifest: str
+    header: list
+    rows: list
+    cfg: dict
+    model: nn.Module
+
+
+def build_job(args, device):
+    """The collection and the model of a --build; hopeless settings are refused here."""
     root = args.images or DEFAULT_IMAGES
     manifest = args.manifest or (DEFAULT_MANIFEST if root == DEFAULT_IMAGES and
                                  os.path.isfile(DEFAULT_MANIFEST) else None)
@@ -746,16 +820,21 @@ def cmd_build(args, device):
     model = load_model(cfg, device, why)
     # refuse a hopeless --pca or ivfpq before the (long) embedding pass, not after it
     index_params(cfg["index_type"], check_pca(args.pca, cfg["dim"], len(rows)), len(rows), args)
-    with IndexWriter(args.index) as w:  # the old generation answers queries till the end
-        emb = os.path.join(w.dir, "embeddings.npy")
-        rows, n_skip, dt = embed_collection(model, rows, root, cfg, args, device, emb)
-        icfg, index = index_from_vectors(np.load(emb, mmap_mode="r"), args)
-        cfg.update(icfg, images=root, manifest=manifest, seed=args.seed,
+    return BuildJob(root, manifest, header, rows, cfg, model)
+
+
+def finish_build(w, emb, job, rows, args):
+    """Index the vectors in emb (rows: the rows that decoded), write and commit generation w."""
+    icfg, index = index_from_vectors(np.load(emb, mmap_mode="r"), args)
+    job.cfg.update(icfg, images=job.root, manifest=job.manifest, seed=args.seed,
                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_generation(w.dir, index, header, rows, cfg)
-        w.commit()
+    write_generation(w.dir, index, job.header, rows, job.cfg)
+    w.commit()
+
+
+def build_done(args, cfg, rows, n_skip, dt, **extra):
     log(args.index, event="build", n=len(rows), skipped=n_skip, seconds=round(dt, 2),
-        img_per_s=round(len(rows) / max(dt, 1e-9), 2), config=cfg)
+        img_per_s=round(len(rows) / max(dt, 1e-9), 2), config=cfg, **extra)
     pca = f" -> pca {cfg['pca']}" if cfg["pca"] else ""
     print(f"indexed {len(rows)} images in {args.index} ({cfg['index_type']}, {cfg['dim']}-d{pca})")
     return cfg
@@ -808,6 +887,445 @@ def same_root(images, cfg, meta):
                         f"--build a new --index for {images}")
     print(f"note: the indexed images moved from {cfg['images']} to {images}")
     return images
+
+
+# ----------------------------------------------------------------------------- torchrun slices
+# `torchrun --nproc-per-node N retrieve.py --build ...`: rank R embeds rows[R*n/N:(R+1)*n/N]
+# into INDEX/slices/<purpose>-<key>/embeddings.rank-R.npy and then writes rank-R.json (its
+# rows, what it skipped); the json is written last, by rename, so it marks a finished slice. The
+# key hashes the model, the images, the row list and N: the same command after a crash finds
+# the finished slices and embeds only the others; another model or collection never reads
+# them. Rank 0 waits for all (all_gather), joins the slices in rank order into the generation's
+# embeddings.npy (copy_rows: bounded memory), indexes them and commits, as one process does.
+
+SLICE_KEYS = ("backbone", "weights", "weights_sha256", "ckpt", "ckpt_sha256", "img_size", "pool",
+              "grid", "init_seed", "dim", "precision")  # what a vector depends on (and the
+# images, the rows and the number of processes)
+
+
+def rows_sha256(rows):
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r["path"].encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+def slice_folder(index, purpose, cfg, root, rows):
+    what = [{k: cfg.get(k) for k in SLICE_KEYS}, root, nets.world(), rows_sha256(rows)]
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+    return os.path.join(index, "slices", f"{purpose}-{key}")
+
+
+def embed_shared(model, rows, root, cfg, args, device, purpose):
+    """Embed rows, each rank its contiguous slice (one process: all of them), keeping slices an
+    earlier run finished. Returns (slice folder, [each rank's slice record, in rank order]) on
+    every rank, once all ranks are done."""
+    folder = slice_folder(args.index, purpose, cfg, root, rows)
+    lo, hi = nets.rank_span(len(rows))
+    rec = read_slice(folder, lo, hi, cfg["dim"])
+    if rec is None:
+        os.makedirs(folder, exist_ok=True)
+        rec = embed_slice(model, rows, lo, hi, root, cfg, args, device, folder)
+    return folder, nets.all_gather_objects(rec)  # rank 0 waits here for the slowest rank
+
+
+def slice_names(folder, r=None):
+    r = nets.rank() if r is None else r
+    return (os.path.join(folder, f"embeddings.rank-{r}.npy"),
+            os.path.join(folder, f"rank-{r}.json"))
+
+
+def read_slice(folder, lo, hi, dim):
+    """This rank's finished slice record (reused: True), or None when there is none to trust."""
+    npy, meta = slice_names(folder)
+    try:
+        with open(meta, encoding="utf-8") as f:
+            rec = json.load(f)
+        ok = (rec["start"], rec["stop"]) == (lo, hi) and \
+            np.load(npy, mmap_mode="r").shape == (rec["n"], dim)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {**rec, "reused": True} if ok else None
+
+
+def embed_slice(model, rows, lo, hi, root, cfg, args, device, folder):
+    """Embed rows[lo:hi] to this rank's slice: vectors first (temp file + rename), the json
+    record last. Skipped rows are listed by their index in rows, with why."""
+    npy, meta = slice_names(folder)
+    src, t0 = data.image_source(root), time.time()
+    todo = [i for i in range(lo, hi) if src.exists(rows[i]["path"])]
+    part = npy[:-len(".npy")] + ".partial.npy"
+    good, bad = embed_to_npy(model, [rows[i]["path"] for i in todo], root, cfg, args, device,
+                             part) if todo else ([], {})
+    if not good:  # embed_to_npy writes no file then
+        np.save(part, np.zeros((0, cfg["dim"]), np.float32))
+    os.replace(part, npy)
+    why = {i: "missing" for i in range(lo, hi)}
+    why.update({todo[j]: reason for j, reason in bad.items()})
+    for j in good:
+        del why[todo[j]]
+    rec = {"rank": nets.rank(), "start": lo, "stop": hi, "n": len(good),
+           "skipped": sorted(why.items()), "seconds": round(time.time() - t0, 3)}
+    data.atomic_write(meta, json.dumps(rec))
+    return {**rec, "reused": False}
+
+
+def join_slices(folder, recs, rows, dst, dim):
+    """The ranks' slices, in rank order, into dst; returns (rows that decoded, [(path, why)])."""
+    parts = [(slice_names(folder, r)[0], rec["n"]) for r, rec in enumerate(recs) if rec["n"]]
+    if parts:
+        copy_rows(dst, parts)
+    else:
+        np.save(dst, np.zeros((0, dim), np.float32))
+    why = dict(kv for rec in recs for kv in rec["skipped"])
+    return ([r for i, r in enumerate(rows) if i not in why],
+            [(rows[i]["path"], reason) for i, reason in sorted(why.items())])
+
+
+def remove_slices(folder):
+    """A used slice folder, and INDEX/slices once empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(folder))
+
+
+def report_slices(recs):
+    """Print what each rank did; returns the embedding time, the slowest rank's seconds."""
+    for r, rec in enumerate(recs):
+        n = rec["stop"] - rec["start"]
+        if rec["reused"]:
+            print(f"rank {r}: {n} images kept from an earlier run")
+        else:
+            print(f"rank {r}: embedded {n} images in {rec['seconds']:.1f} s "
+                  f"({n / max(rec['seconds'], 1e-9):.1f} img/s)")
+    return max(0.0 if rec["reused"] else rec["seconds"] for rec in recs)
+
+
+def build_across_ranks(job, args, device):
+    """--build under torchrun: every rank embeds its slice; rank 0 alone writes the index."""
+    folder, recs = embed_shared(job.model, job.rows, job.root, job.cfg, args, device, "build")
+    if not nets.is_main():
+        return None
+    dt = report_slices(recs)
+    with IndexWriter(args.index) as w:
+        emb = os.path.join(w.dir, "embeddings.npy")
+        rows, skipped = join_slices(folder, recs, job.rows, emb, job.cfg["dim"])
+        data.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
+        if not rows:
+            raise UserError(f"none of the {len(job.rows)} images under {job.root} could be read")
+        finish_build(w, emb, job, rows, args)
+    remove_slices(folder)  # its vectors are in the generation now
+    print(f"embedded {len(rows)} images on {nets.world()} processes in {dt:.1f} s "
+          f"({len(rows) / max(dt, 1e-9):.1f} img/s)" + (
+              f"; skipped {len(skipped)}, listed in {args.index}/skipped.csv" if skipped else ""))
+    return build_done(args, job.cfg, rows, len(skipped), dt, processes=nets.world())
+
+
+# ----------------------------------------------------------------------------- sharded ivf build
+# For millions of images (FAISS wiki, "Indexes that do not fit in RAM"): train once, add in
+# shards anywhere, merge. INDEX/shards/ holds
+#   trained.faiss, plan.json   --train-only: the empty ivfpq/ivf-flat index trained on a seeded
+#                              sample, and what the shards must share (model, collection rows)
+#   index.shard-I.faiss, embeddings.shard-I.npy, meta.shard-I.csv, shard-I.json
+#                              --build --shard I/N: rows[I*n/N:(I+1)*n/N] added to a copy of
+#                              trained.faiss; the json, written last, fingerprints the other three
+# --merge-shards INDEX checks them all, then appends each shard's inverted lists to the trained
+# index in shard order (IndexIVF.merge_from, ids shifted by the rows before): every list then
+# holds the same entries in the same order as after adding all vectors to one index, so it
+# answers identically. The merged index is in RAM while written: code + 8-byte id per vector.
+
+IVF_TYPES = ("ivfpq", "ivf-flat")
+MODEL_KEYS = ("format", "version", *MODEL_DEFAULTS, "init_seed", "weights_sha256", "precision",
+              "ckpt_sha256", "dim")  # a shard must match the plan in all of these
+
+
+def shard_dir(index):
+    return os.path.join(index, "shards")
+
+
+def shard_files(index, i):
+    d = shard_dir(index)
+    return {"index": os.path.join(d, f"index.shard-{i}.faiss"),
+            "embeddings": os.path.join(d, f"embeddings.shard-{i}.npy"),
+            "meta": os.path.join(d, f"meta.shard-{i}.csv"),
+            "json": os.path.join(d, f"shard-{i}.json")}
+
+
+def parse_shard(text):
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not int(m[1]) < int(m[2]):
+        raise UserError(f"--shard {text}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(m[1]), int(m[2])
+
+
+def trained_digest(index):
+    """sha256 of what training produced: PCA, coarse centroids, PQ codebooks, and the sizes.
+    Two shards with equal digests come from the same trained index."""
+    h = hashlib.sha256()
+    if isinstance(index, faiss.IndexPreTransform):
+        for i in range(index.chain.size()):
+            t = faiss.downcast_VectorTransform(index.chain.at(i))
+            for name in ("A", "b", "mean"):
+                if hasattr(t, name):
+                    h.update(faiss.vector_to_array(getattr(t, name)).tobytes())
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    h.update(faiss.vector_to_array(faiss.downcast_index(ivf.quantizer).codes).tobytes())
+    if hasattr(ivf, "pq"):
+        h.update(faiss.vector_to_array(ivf.pq.centroids).tobytes())
+    h.update(f"{type(ivf).__name__} {index.d} {ivf.nlist} {ivf.code_size}".encode())
+    return h.hexdigest()[:32]
+
+
+def write_faiss(index, path):
+    """faiss.write_index to a temp file, then rename: never a half index under path."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        faiss.write_index(index, tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def cmd_train_only(args, device):
+    """Embed a seeded sample of <= TRAIN_MAX rows, train the ivf index on it, store it empty."""
+    if args.index_type not in IVF_TYPES:
+        raise UserError("--train-only needs --index-type ivfpq or ivf-flat (the types that are "
+                        "built in shards and merged)")
+    job = build_job(args, device)
+    pick = np.sort(np.random.default_rng(args.seed).choice(
+        len(job.rows), min(len(job.rows), TRAIN_MAX), replace=False))
+    sample = [job.rows[i] for i in pick]
+    folder, recs = embed_shared(job.model, sample, job.root, job.cfg, args, device, "sample")
+    if not nets.is_main():
+        return None
+    report_slices(recs)
+    d = shard_dir(args.index)
+    xs = os.path.join(folder, "sample.npy")
+    good = join_slices(folder, recs, sample, xs, job.cfg["dim"])[0]
+    if not good:
+        raise UserError(f"none of the {len(sample)} sampled images under {job.root} could be "
+                        "read")
+    xb = np.load(xs, mmap_mode="r")
+    kind, dim = job.cfg["index_type"], check_pca(args.pca, job.cfg["dim"], len(xb))
+    job.cfg.update(metric="inner_product", index_dim=dim,
+                   index_params=index_params(kind, dim, len(xb), args))
+    index = new_index(job.cfg)
+    train_index(index, xb, args.seed)  # the sample as a 1-process --build would draw it
+    job.cfg.update(images=job.root, manifest=job.manifest, seed=args.seed)
+    plan = write_plan(args.index, index, job.cfg, job.header, job.rows, len(good))
+    remove_slices(folder)
+    print(f"trained {kind} on {len(good)} of {len(job.rows)} images "
+          f"({job.cfg['index_params']}): {d}/trained.faiss; now --build --shard I/N")
+    return plan
+
+
+def write_plan(index_dir, index, cfg, header, rows, n_sample):
+    """INDEX/shards/trained.faiss (the trained empty index) and plan.json: the config the
+    merged index will have, and what every shard must share with it."""
+    d = shard_dir(index_dir)
+    os.makedirs(d, exist_ok=True)
+    write_faiss(index, os.path.join(d, "trained.faiss"))
+    plan = {"config": cfg, "header": header, "rows": len(rows), "rows_sha256": rows_sha256(rows),
+            "sample": n_sample, "trained": trained_digest(index),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    data.atomic_write(os.path.join(d, "plan.json"), json.dumps(plan, indent=1) + "\n")
+    return plan
+
+
+def read_plan(index):
+    d = shard_dir(index)
+    path, trained = os.path.join(d, "plan.json"), os.path.join(d, "trained.faiss")
+    for f in (path, trained):
+        if not os.path.isfile(f):
+            raise UserError(f"{f} not found: train the index once with --train-only --index "
+                            f"{index} --index-type ivfpq (or ivf-flat)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            plan = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({one_line(e)}): run --train-only again") \
+            from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("config"), dict) or \
+            "dim" not in plan["config"]:
+        raise UserError(f"{path} is not a --train-only plan: run --train-only again")
+    return plan
+
+
+def cmd_build_shard(args, device):
+    """--build --shard I/N: embed this shard's rows and add them to a copy of trained.faiss."""
+    i, n = parse_shard(args.shard)
+    plan = read_plan(args.index)
+    cfg = dict(plan["config"])
+    check_same_model(args, cfg)
+    root = args.images or cfg["images"]  # the same collection, maybe elsewhere on this machine
+    manifest = args.manifest or (cfg["manifest"] if not args.images else None)
+    header, rows = read_collection(root, manifest, args.index)
+    if rows_sha256(rows) != plan["rows_sha256"]:
+        raise UserError(f"{root}: not the {plan['rows']} images the trained index was planned "
+                        f"for ({len(rows)} images, or another order): train again with "
+                        "--train-only, or point --images/--manifest at that collection")
+    lo, hi = nets.rank_span(len(rows), i, n)
+    rows, model = rows[lo:hi], load_model(cfg, device)
+    folder, recs = embed_shared(model, rows, root, cfg, args, device, f"shard-{i}-of-{n}")
+    if not nets.is_main():
+        return None
+    report_slices(recs)
+    info = {"shard": i, "of": n, "start": lo, "stop": hi, "rows_sha256": plan["rows_sha256"],
+            "config": {k: cfg.get(k) for k in MODEL_KEYS}}
+    emb = f"{shard_files(args.index, i)['embeddings']}.{os.getpid()}.tmp.npy"
+    good, skipped = join_slices(folder, recs, rows, emb, cfg["dim"])
+    info = write_shard(args.index, info, emb, good, skipped, header)
+    remove_slices(folder)
+    print(f"shard {i}/{n}: {info['n']} images (rows {lo}..{hi - 1}) in "
+          f"{shard_files(args.index, i)['index']}")
+    return info
+
+
+def write_shard(index_dir, info, emb, good, skipped, header):
+    """Shard info["shard"]: emb (a .npy of the vectors of the rows `good`, moved into place),
+    their index (a copy of trained.faiss with them added) and meta rows, then the json that
+    records them. skipped: [(path, why)] of the shard's rows that are not in emb."""
+    f, i = shard_files(index_dir, info["shard"]), info["shard"]
+    index = faiss.read_index(os.path.join(shard_dir(index_dir), "trained.faiss"))
+    add_rows(index, np.load(emb, mmap_mode="r"))
+    write_faiss(index, f["index"])
+    os.replace(emb, f["embeddings"])
+    data.write_csv(f["meta"], header, [[r.get(c) or "" for c in header] for r in good])
+    info.update(n=len(good), skipped=skipped, trained=trained_digest(index),
+                files={k: fingerprint(f[k]) for k in ("index", "embeddings", "meta")})
+    data.atomic_write(f["json"], json.dumps(info) + "\n")
+    if skipped:
+        print(f"shard {i}: skipped {len(skipped)} missing or unreadable images (listed in "
+              f"{f['json']}, and in skipped.csv after --merge-shards)")
+    return info
+
+
+def cmd_merge_shards(args):
+    """--merge-shards INDEX: every shard checked, then one generation of them all."""
+    args.index = args.merge_shards
+    plan = read_plan(args.index)
+    shards = check_shards(args.index, plan)
+    files = [shard_files(args.index, s["shard"]) for s in shards]
+    with IndexWriter(args.index) as w:
+        copy_rows(os.path.join(w.dir, "embeddings.npy"),
+                  [(f["embeddings"], s["n"]) for f, s in zip(files, shards, strict=True)])
+        join_meta([f["meta"] for f in files], os.path.join(w.dir, "meta.csv"))
+        index = merge_indexes(os.path.join(shard_dir(args.index), "trained.faiss"),
+                              [f["index"] for f in files])
+        cfg = {**plan["config"], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+               "merged_shards": len(shards)}
+        write_generation(w.dir, index, plan["header"], None, cfg)
+        w.commit()
+    skipped = [tuple(x) for s in shards for x in s["skipped"]]
+    data.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
+    log(args.index, event="merge", shards=len(shards), n=cfg["n"], skipped=len(skipped))
+    print(f"merged {len(shards)} shards: {cfg['n']} images in {args.index} "
+          f"({cfg['index_type']}, {cfg['dim']}-d); {shard_dir(args.index)} may be removed")
+    return cfg
+
+
+def check_shards(index, plan):
+    """The shards' json records in shard order, once every check passed; else one line naming
+    the first bad file. Reads only: nothing is written before all shards are known good."""
+    d = shard_dir(index)
+    found = sorted(int(m[1]) for name in os.listdir(d)
+                   if (m := re.fullmatch(r"shard-(\d+)\.json", name)))
+    if not found:
+        raise UserError(f"no shards in {d}: build them with --build --shard I/N --index {index}")
+    infos = {i: read_shard_json(index, i) for i in found}
+    n = infos[found[0]]["of"]
+    for i, info in infos.items():
+        if info["of"] != n or i >= n:
+            raise UserError(f"{shard_files(index, i)['json']}: shard {i}/{info['of']}, but "
+                            f"shard {found[0]} is one of {n}: shards of one --shard I/N split only")
+    for i in range(n):
+        for path in shard_files(index, i).values():
+            if not os.path.isfile(path):
+                raise UserError(f"{path}: missing (shard {i}/{n} not built, or not copied here:"
+                                f" --build --shard {i}/{n})")
+    check_trained(index, plan)
+    for i in range(n):
+        check_shard(index, plan, infos[i])
+    return [infos[i] for i in range(n)]
+
+
+def read_shard_json(index, i):
+    path = shard_files(index, i)["json"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        ok = isinstance(info, dict) and {"of", "start", "stop", "n", "config", "files",
+                                         "rows_sha256", "skipped"} <= set(info)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({one_line(e)})") from None
+    if not ok:
+        raise UserError(f"{path} is not a shard record: build the shard again")
+    return info
+
+
+def check_trained(index, plan):
+    path = os.path.join(shard_dir(index), "trained.faiss")
+    if trained_digest(read_faiss(path)) != plan["trained"]:
+        raise UserError(f"{path} is not the trained index plan.json describes: run "
+                        "--train-only again, then the shards")
+
+
+def read_faiss(path, flags=0):
+    try:
+        return faiss.read_index(path, flags)
+    except RuntimeError as e:
+        raise UserError(f"{path}: not a FAISS index ({one_line(e)})") from None
+
+
+def check_shard(index, plan, info):
+    """One shard against the plan: its files, model, rows and trained quantizer."""
+    i, n, cfg, f = info["shard"], info["of"], plan["config"], shard_files(index, info["shard"])
+    for k in ("index", "embeddings", "meta"):
+        if fingerprint(f[k]) != info["files"][k]:
+            raise UserError(f"{f[k]} is not the file {f['json']} describes (another run's?): "
+                            f"build shard {i}/{n} again")
+    for k in MODEL_KEYS:
+        if info["config"].get(k) != cfg.get(k):
+            raise UserError(f"{f['index']}: made with {k} {info['config'].get(k)}, the trained "
+                            f"index with {cfg.get(k)}: shards of another model")
+    if info["rows_sha256"] != plan["rows_sha256"] or \
+            (info["start"], info["stop"]) != nets.rank_span(plan["rows"], i, n):
+        raise UserError(f"{f['index']}: made for other rows than shard {i}/{n} of the plan's "
+                        f"{plan['rows']} images")
+    ix = read_faiss(f["index"], faiss.IO_FLAG_MMAP)  # lists stay on disk: a cheap read
+    if ix.d != cfg["dim"]:
+        raise UserError(f"{f['index']}: {ix.d}-d vectors, the trained index {cfg['dim']}-d")
+    if trained_digest(ix) != plan["trained"]:
+        raise UserError(f"{f['index']}: added to another trained index (other coarse centroids "
+                        f"or PQ codebooks) than {shard_dir(index)}/trained.faiss: build it again")
+    shape = np.load(f["embeddings"], mmap_mode="r").shape
+    if ix.ntotal != info["n"] or shape != (info["n"], cfg["dim"]):
+        raise UserError(f"{f['index']}: {ix.ntotal} vectors indexed, {shape} embedded, "
+                        f"{info['n']} recorded: build shard {i}/{n} again")
+
+
+def join_meta(paths, dst):
+    """The shards' meta.csv rows, in order, under one header: streamed, row by row."""
+    with open(dst, "w", encoding="utf-8", errors="surrogateescape", newline="") as out:
+        w = csv.writer(out, lineterminator="\n")
+        for k, path in enumerate(paths):
+            with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+                rows = csv.reader(f)
+                header = next(rows)
+                if k == 0:
+                    w.writerow(header)
+                w.writerows(rows)
+
+
+def merge_indexes(trained, paths):
+    """The trained empty index with each shard's inverted lists appended, in order, ids shifted
+    by the vectors before it. One shard is in RAM at a time (merge_from empties it)."""
+    index, prog = faiss.read_index(trained), data.Progress(len(paths), "merge", unit="shard")
+    for path in paths:
+        index.merge_from(faiss.read_index(path), index.ntotal)
+        prog.update(1)
+    return index
 
 
 # ----------------------------------------------------------------------------- query
@@ -1210,6 +1728,11 @@ def build_parser():
     mode.add_argument("--eval", action="store_true", help="self, copy-detection, label retrieval")
     mode.add_argument("--map", action="store_true", help="INDEX/map.html: the collection in 2-D "
                       "by its embeddings, thumbnails, -k neighbours on click, a filter box")
+    mode.add_argument("--train-only", action="store_true",
+                      help="sharded build, step 1: embed a seeded sample (<= 100k images), train "
+                      "an ivfpq or ivf-flat index on it and store it empty (INDEX/shards)")
+    mode.add_argument("--merge-shards", metavar="INDEX", help="sharded build, step 3: merge "
+                      "INDEX/shards into one index (a new generation of INDEX)")
     p.add_argument("--images", help=f"image folder, or a .zip read in place; paths are stored "
                    f"relative to it (default: "
                    f"{DEFAULT_IMAGES} for --build, else the index's root)")
@@ -1217,6 +1740,9 @@ def build_parser():
                    "with the default --images if it exists, else every image under --images; "
                    "--add: the index's manifest unless --images is given)")
     p.add_argument("--index", default=DEFAULT_INDEX, help="index folder")
+    p.add_argument("--shard", metavar="I/N", help="with --build, sharded build step 2: embed "
+                   "the I-th of N contiguous parts of the collection and add it to a copy of the "
+                   "trained index (INDEX/shards/index.shard-I.faiss); any machine, any order")
     m = p.add_argument_group("model, recorded in config.json (--query/--add/--eval reuse it)")
     m.add_argument("--backbone", help="torchvision CNN" + default("backbone"))
     m.add_argument("--weights", help="imagenet | none (seeded random) | PATH of a state_dict"
@@ -1228,10 +1754,12 @@ def build_parser():
                    "a grid of cells that keeps the layout" + default("pool"))
     m.add_argument("--grid", type=int, help="--pool grid: G x G cells" + default("grid"))
     x = p.add_argument_group("faiss index (defaults sized from the collection)")
-    x.add_argument("--index-type", choices=("flat", "hnsw", "ivfpq"), help="flat: exact; hnsw, "
-                   "ivfpq: approximate, for 100k+ images (on a GPU build of faiss, flat and ivfpq "
-                   "search on the GPU; ivfpq trained on under ~10k vectors gets nbits < 8, "
-                   "which the GPU kernels lack: it stays on the CPU)" + default("index_type"))
+    x.add_argument("--index-type", choices=("flat", "hnsw", "ivfpq", "ivf-flat"),
+                   help="flat: exact; hnsw, ivfpq, ivf-flat: approximate, for 100k+ images; "
+                   "ivfpq and ivf-flat can be built in shards (on a GPU build of faiss, flat and "
+                   "the ivf types search on the GPU; ivfpq trained on under ~10k vectors gets "
+                   "nbits < 8, which the GPU kernels lack: it stays on the CPU)"
+                   + default("index_type"))
     x.add_argument("--pca", type=int, metavar="D", help="PCA-whiten to D dims, then re-normalise "
                    "(default: off)")
     x.add_argument("--hnsw-m", type=int, help="hnsw links per node" + default("hnsw_m"))
@@ -1239,11 +1767,11 @@ def build_parser():
                    + default("ef_construction"))
     x.add_argument("--ef-search", type=int, help="hnsw search beam; also at query time"
                    + default("ef_search"))
-    x.add_argument("--nlist", type=int, help="ivfpq lists (default: 4 sqrt(n), <= n/39)")
+    x.add_argument("--nlist", type=int, help="ivf lists (default: 4 sqrt(n), <= n/39)")
     x.add_argument("--pq-m", type=int, help="ivfpq bytes per vector (default: the largest "
                    "divisor of the size <= 64)")
     x.add_argument("--nbits", type=int, help="ivfpq bits per code (default: 8, fewer for small n)")
-    x.add_argument("--nprobe", type=int, help="ivfpq lists searched; also at query time"
+    x.add_argument("--nprobe", type=int, help="ivf lists searched; also at query time"
                    + default("nprobe"))
     q = p.add_argument_group("query and eval")
     q.add_argument("-k", type=int, default=5, help="results per query")
@@ -1268,12 +1796,23 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    nets.main_prints_only()
     data.tolerant_stdout()
     print("args:", json.dumps(vars(args)))
     nets.tune_malloc()
     try:
         check_html(args)
+        if args.shard and not args.build:
+            raise UserError("--shard I/N goes with --build")
+        if args.merge_shards:
+            return cmd_merge_shards(args) if nets.is_main() else None
         device = nets.pick_device(args.device)
+        if not (args.build or args.train_only) and not nets.is_main():
+            return None  # under torchrun, --add, --query and --eval run on rank 0 alone
+        if args.build or args.train_only:  # ranks wait for the slowest at the end: hours
+            device = nets.init_distributed(device, hours=24)
+        if args.train_only:
+            return cmd_train_only(args, device)
         if args.build:
             return cmd_build(args, device)
         if args.add:
@@ -1287,6 +1826,8 @@ def main(argv=None):
         return cmd_eval(args, device)
     except UserError as e:
         raise SystemExit(f"retrieve.py: error: {e}") from None
+    finally:
+        nets.close_distributed()
 
 
 if __name__ == "__main__":

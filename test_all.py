@@ -465,6 +465,23 @@ def check_page(path):
     return p
 
 
+def torchrun(script, *argv, env=None):
+    """`torchrun --standalone --nproc-per-node 2 script argv` on the CPU (gloo): (exit status,
+    stdout + stderr). `python -m torch.distributed.run` is torchrun under this interpreter.
+    A script outside the repository (a test's wrapper) imports ours from HERE."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", str(script), *map(str, argv)]
+    env = {**os.environ, "PYTHONPATH": HERE, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    with subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, start_new_session=True) as p:
+        try:
+            out = p.communicate(timeout=180)[0]
+        except subprocess.TimeoutExpired:  # a hung collective: stop torchrun and its workers
+            os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail("torchrun hung:\n" + p.communicate()[0][-3000:])
+    return p.returncode, out
+
+
 # ------------------------------------------------------------------------------------------ vectors
 
 
@@ -1683,6 +1700,79 @@ def test_crnn_nan_loss_stops_and_keeps_last_good(demo, tmp_path, monkeypatch, ca
     assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
 
 
+# ----------------------------------------------------------------------------------------- torchrun
+
+
+def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeypatch):
+    """1 process killed in epoch 2; `torchrun --nproc-per-node 2 crnn.py --train --resume`
+    trains epochs 2 and 3 (its ranks rebuild the feature cache in shares); against 1 process
+    run straight through. One torchrun launch: each costs ~8 s of CPU in imports alone.
+    81 train images in batches of 16: the last batch of each epoch has one image, so rank 1
+    gets an empty share and steps on the zero input (DDP needs every rank in every backward).
+
+    The check: equal weights within tolerance at the same global batch (plus equal losses and
+    cached features), not only equal val metrics. With --freeze-backbone --dropout 0 the runs
+    compute the same function; what differs is the order of float sums (gradients summed over
+    2 ranks). The logged losses agree to ~2e-7 and most weights to ~3e-5; AdamW turns rounding
+    noise in near-zero gradients into steps of up to lr, so a few weights drift further
+    (attention score.bias, whose true gradient is 0: softmax ignores a shift): up to 6.5e-4
+    here. A rank averaging its own share's mean loss (the usual DDP shortcut, which weights
+    tasks and classes unlike 1 process) differs by 1e-2, so atol 2e-3 tells the two apart.
+    Val metrics alone would not: near chance, one flipped argmax changes them."""
+    rows = data.read_csv(demo / "manifest.csv")
+    rows = [r for r in rows if r["split"] != "train"] + [r for r in rows
+                                                         if r["split"] == "train"][:81]
+    data.write_csv(tmp_path / "m81.csv", list(rows[0]), [list(r.values()) for r in rows])
+    args = ["--train", "--data", str(tmp_path / "m81.csv"), "--root", str(demo / "images"),
+            "--classes", str(demo / "classes.json"), *CRNN_FAST, "--freeze-backbone", "--dropout",
+            "0", "--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--seed", "1",
+            "--device", "cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    crnn.main([*args, "--out", str(one)])
+    real, calls = crnn.train_one_epoch, []
+
+    def killed_in_epoch_2(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(crnn, "train_one_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        crnn.main([*args, "--out", str(two)])
+    shutil.rmtree(two / "cache")  # rebuilt by the 2 ranks, each its share
+    rc, out = torchrun("crnn.py", *args, "--out", two, "--resume")
+    assert rc == 0 and "resuming " in out and "after epoch 1" in out, out[-3000:]
+    assert "train.part-0-of-2" in out and "val.part-0-of-2" in out
+    assert out.count("epoch 3/3:") == 1  # rank 0 alone prints
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert sorted(os.listdir(two)) == ["best.pt", "cache", "last.pt", "log.jsonl"]
+    assert sorted(os.listdir(two / "cache")) == ["train.json", "train.npy", "val.json", "val.npy"]
+    for f in ("train.npy", "val.npy"):  # each rank cached its share, rank 0 joined them
+        np.testing.assert_allclose(np.load(two / "cache" / f), np.load(one / "cache" / f),
+                                   rtol=2e-3, atol=1e-3)  # fp16: 1 ulp is 2^-10 relative
+    logs = [[json.loads(ln) for ln in open(d / "log.jsonl")] for d in (one, two)]
+    assert [r["epoch"] for r in logs[1]] == [1, 2, 3]  # epoch 1 from 1 process, 2-3 from 2
+    np.testing.assert_allclose([r["loss"] for r in logs[1]], [r["loss"] for r in logs[0]],
+                               rtol=1e-5)
+    a, b = (torch.load(d / "last.pt", weights_only=True) for d in (one, two))
+    assert b["epoch"] == 3
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, atol=2e-3, rtol=0, msg=k)
+    # validation on all ranks' predictions gathered: all 30 val images, and the metrics that
+    # one process computes from the same weights and features
+    assert b["val"]["images"] == a["val"]["images"] == 30
+    model = crnn.load_checkpoint(str(two / "last.pt"))[0]
+    with torch.no_grad():
+        logits = model.classify(torch.from_numpy(np.load(two / "cache" / "val.npy")).float())
+    table = crnn.read_table(str(tmp_path / "m81.csv"), str(demo / "classes.json"))
+    y = table.y[np.flatnonzero((table.split == "val") & (table.y >= 0).any(1))]
+    for j, t in enumerate(table.tasks):
+        m = y[:, j] >= 0
+        acc = (logits[t].argmax(1).numpy()[m] == y[m, j]).mean()
+        assert b["val"]["tasks"][t]["n"] == m.sum() and b["val"]["tasks"][t]["acc"] == \
+            pytest.approx(acc), t
+
+
 # ------------------------------------------------------------------------------------ eval, predict
 
 
@@ -2104,6 +2194,36 @@ def test_retrieve_gpu_copy_failure_stays_on_the_cpu(emulated_gpu, monkeypatch, c
 def test_retrieve_ivfpq_refuses_tiny_collection():
     with pytest.raises(data.UserError, match="ivfpq cannot train"):
         retrieve.index_from_vectors(clustered(300, 32, 1), index_args("--index-type", "ivfpq"))
+
+
+@pytest.mark.parametrize("flags", [["--index-type", "ivfpq"],
+                                   ["--index-type", "ivf-flat", "--pca", "16"]],
+                         ids=["ivfpq", "ivf-flat-pca"])
+def test_retrieve_shards_merge_exactly_like_one_index(flags, tmp_path, one_faiss_thread):
+    """Train once, add 3 shards to copies of the trained index (written and read back), merge:
+    the same D and I as the index built in one go, at nprobe 4 of 51 lists (approximate)."""
+    xb, xq = clustered(2000, 32, 1), clustered(200, 32, 2)
+    args = index_args(*flags, "--nprobe", "4")
+    icfg, one = retrieve.index_from_vectors(xb, args)
+    trained = retrieve.new_index(icfg)
+    retrieve.train_index(trained, xb, args.seed)
+    retrieve.write_faiss(trained, str(tmp_path / "trained.faiss"))
+    paths = [str(tmp_path / f"index.shard-{i}.faiss") for i in range(3)]
+    for i, path in enumerate(paths):
+        lo, hi = nets.rank_span(len(xb), i, 3)
+        shard = faiss.read_index(str(tmp_path / "trained.faiss"))
+        retrieve.add_rows(shard, xb[lo:hi])
+        retrieve.write_faiss(shard, path)
+    merged = retrieve.merge_indexes(str(tmp_path / "trained.faiss"), paths)
+    retrieve.set_search_params(merged, icfg["index_params"])
+    p = icfg["index_params"]
+    assert merged.ntotal == 2000 and (p["nlist"], p["nprobe"]) == (51, 4)
+    (D1, I1), (D2, I2) = one.search(xq, 10), merged.search(xq, 10)
+    assert (I1 == I2).all()
+    # PQ codes are equal bit for bit; PCA-projected full vectors may differ in the last bit,
+    # since BLAS projects 3 shards and 1 whole in blocks of other sizes
+    np.testing.assert_allclose(D1, D2, atol=1e-6)
+    assert retrieve.trained_digest(merged) == retrieve.trained_digest(one)
 
 
 # -------------------------------------------------------------------------------------- main() runs
@@ -2601,6 +2721,120 @@ def test_retrieve_html_bad_input(built, tmp_path):
     shutil.copytree(built, bare)
     os.remove(os.path.join(retrieve.generation(bare), "embeddings.npy"))
     assert "embeddings.npy is missing" in retrieve_error(["--map", "--index", str(bare)])
+
+
+# ----------------------------------------------------------------------------- torchrun and shards
+
+
+def test_retrieve_torchrun_resumes_a_dead_rank_and_equals_one_process(built, demo, tmp_path,
+                                                                       monkeypatch):
+    """`torchrun --nproc-per-node 2 retrieve.py --build` after a run whose rank 1 died: rank 0's
+    finished slice is kept, only rank 1's is embedded, and the index equals the 1-process build
+    `built` row for row. The dead run is played in this process as rank 0 of 2 (a torchrun
+    launch costs ~8 s of CPU in imports): it finishes its slice and is killed while it waits
+    for rank 1, which left a half-written file."""
+    index = tmp_path / "idx"
+    argv = ["--build", "--images", str(demo / "images"), "--manifest", str(demo / "gallery.csv"),
+            "--index", str(index), *RETRIEVE_FAST, "--no-amp", "--device", "cpu"]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(nets, "init_distributed", lambda device, hours=None: device)
+
+    def killed_waiting(obj):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nets, "all_gather_objects", killed_waiting)
+    with pytest.raises(KeyboardInterrupt):
+        retrieve.main(argv)
+    monkeypatch.undo()
+    (folder,) = (index / "slices").iterdir()
+    assert sorted(os.listdir(folder)) == ["embeddings.rank-0.npy", "rank-0.json"]
+    (folder / "embeddings.rank-1.partial.npy").write_bytes(b"\x93NUMPY half a slice")
+    rc, out = torchrun("retrieve.py", *argv)
+    assert rc == 0, out[-3000:]
+    assert "rank 0: 60 images kept from an earlier run" in out, out[-3000:]
+    assert "rank 1: embedded 60 images" in out and out.count("indexed 120 images") == 1
+    assert sorted(os.listdir(index)) == ["CURRENT", "gen-1", "lock", "log.jsonl", "skipped.csv"]
+    (cfg, meta, xb, ix), ref = retrieve.open_index(index), retrieve.open_index(built)
+    assert meta == ref[1] and cfg["n"] == 120
+    np.testing.assert_allclose(xb, ref[2], atol=1e-5)
+    xq = np.ascontiguousarray(ref[2][::7])
+    assert (ix.search(xq, 10)[1] == ref[3].search(xq, 10)[1]).all()
+
+
+def shard_args(demo, manifest, index, *flags):
+    return ["--train-only", "--images", str(demo / "images"), "--manifest", str(manifest),
+            "--index", str(index), *RETRIEVE_FAST, "--no-amp", "--index-type", "ivf-flat",
+            *flags]
+
+
+@pytest.fixture(scope="module")
+def sharded(demo, small_builds):
+    """small_builds' 24 paintings, seed-0 model, as a sharded ivf-flat build: --train-only,
+    then --build --shard 0/3, 1/3 and 2/3, not merged. Returns the index folder."""
+    index = demo.parent / "sharded"
+    retrieve.main(shard_args(demo, small_builds[0], index, "--nlist", "4", "--nprobe", "2"))
+    for i in range(3):
+        retrieve.main(["--build", "--shard", f"{i}/3", "--index", str(index), "--workers", "0",
+                       "--no-amp"])
+    return index
+
+
+@pytest.mark.xdist_group("sharded")
+def test_retrieve_sharded_build_merges_into_one_index(sharded, small_builds, tmp_path):
+    index = tmp_path / "idx"
+    shutil.copytree(sharded, index)
+    retrieve.main(["--merge-shards", str(index)])
+    cfg, meta, xb, ix = retrieve.open_index(index)
+    assert cfg["index_type"] == "ivf-flat" and cfg["n"] == 24
+    assert cfg["index_params"] == {"nlist": 4, "nprobe": 2}
+    ref = retrieve.open_index(small_builds[1][0])  # the same rows and model, flat, in one go
+    assert meta == ref[1]
+    np.testing.assert_allclose(xb, ref[2], atol=1e-5)
+    one = faiss.read_index(str(index / "shards" / "trained.faiss"))  # all 24 added at once
+    one.add(np.ascontiguousarray(xb))
+    retrieve.set_search_params(one, cfg["index_params"])
+    xq = np.ascontiguousarray(xb)
+    (D1, I1), (D2, I2) = ix.search(xq, 5), one.search(xq, 5)
+    assert (I1 == I2).all() and (D1 == D2).all() and (I1[:, 0] == np.arange(24)).all()
+    lists = faiss.extract_index_ivf(ix).invlists
+    assert sorted(lists.list_size(i) for i in range(4))[-2] > 0  # lists are really in use
+    D, I = retrieve.main(["--query-id", meta[0]["path"], "--index", str(index), "-k", "3"])
+    assert I.shape == (1, 3) and 0 not in I[0]
+
+
+@pytest.mark.xdist_group("sharded")
+def test_retrieve_merge_refuses_bad_shards(sharded, demo, small_builds, tmp_path):
+    """Each bad shard set: one line naming the file, exit 1, no generation written."""
+    def shard_1_of(name, *flags):  # shard 1/3 of another --train-only
+        idx = tmp_path / name
+        retrieve.main(shard_args(demo, small_builds[0], idx, *flags))
+        retrieve.main(["--build", "--shard", "1/3", "--index", str(idx), "--workers", "0",
+                       "--no-amp"])
+        return idx / "shards"
+    quantizer = shard_1_of("nlist3", "--nlist", "3", "--nprobe", "2")  # other centroids
+    model = shard_1_of("avg", "--pool", "avg", "--nlist", "4", "--nprobe", "2")  # 512-d
+    files = ("index.shard-1.faiss", "embeddings.shard-1.npy", "meta.shard-1.csv", "shard-1.json")
+    cases = {"missing": ((), "index.shard-1.faiss: missing (shard 1/3"),
+             "quantizer": ([(quantizer, f) for f in files], "another trained index"),
+             "model": ([(model, f) for f in files], "made with pool avg, the trained index with"),
+             "mixed": ([(quantizer, files[0])], "index.shard-1.faiss is not the file")}
+    for name, (copies, msg) in cases.items():
+        index = tmp_path / f"bad-{name}"
+        shutil.copytree(sharded, index)
+        if name == "missing":
+            (index / "shards" / files[0]).unlink()
+        for src, f in copies:
+            shutil.copy(src / f, index / "shards" / f)
+        err = retrieve_error(["--merge-shards", str(index)])
+        assert msg in err and "shard-1" in err, (name, err)
+        assert sorted(os.listdir(index)) == ["shards"], name  # no generation, no CURRENT
+    assert "--shard 3/3: expected I/N" in retrieve_error(
+        ["--build", "--shard", "3/3", "--index", str(tmp_path / "x")])
+    assert "plan.json not found" in retrieve_error(
+        ["--build", "--shard", "0/3", "--index", str(tmp_path / "x")])
+    assert "--train-only needs --index-type ivfpq or ivf-flat" in retrieve_error(
+        ["--train-only", "--index", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 def test_retrieve_offline_imagenet_is_one_line(demo, tmp_path, monkeypatch):
