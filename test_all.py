@@ -1542,7 +1542,10 @@ def test_crnn_learns_demo_above_chance(trained):
 @pytest.mark.parametrize("mode", [[], ["--freeze-backbone", "--balance", "sampler", "--rnn",
                                          "gru"]], ids=["end2end", "frozen-sampler-gru"])
 def test_crnn_resume_equals_uninterrupted(demo, tmp_path, monkeypatch, capsys, mode):
-    args = ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, *mode, "--epochs", "3",
+    rows = data.read_csv(demo / "manifest.csv")[:48]  # 3 epochs of 3 runs: keep them small
+    data.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
+    args = ["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo / "images"),
+            "--classes", str(demo / "classes.json"), *CRNN_FAST, *mode, "--epochs", "3",
             "--batch-size", "16", "--lr", "1e-3", "--seed", "1"]
     if mode:  # a weights file other than the seed's init: the rebuilt cache must use it
         torch.manual_seed(123)
@@ -2186,9 +2189,13 @@ def test_retrieve_gpu_copy_failure_stays_on_the_cpu(emulated_gpu, monkeypatch, c
         RuntimeError("Error: GPU index only supports 8 bits per code (simulated)")))
     assert retrieve.to_search_device(index, icfg, torch.device("cuda")) is index
     assert "the index stays on the CPU (Error: GPU index only supports" in capsys.readouterr().out
-    icfg, index = retrieve.index_from_vectors(clustered(5000, 32, 1), index_args(
-        "--index-type", "ivfpq", "--nprobe", "3000", "--nlist", "100"))
-    assert retrieve.to_search_device(index, icfg, torch.device("cuda")) is index  # nprobe > 2048
+    monkeypatch.undo()  # a copy that works again, but an nprobe the GPU refuses
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    icfg, index = retrieve.index_from_vectors(clustered(400, 16, 1), index_args(
+        "--index-type", "ivf-flat", "--nlist", "8"))
+    retrieve.inner(index).nprobe = 3000
+    assert retrieve.to_search_device(index, icfg, torch.device("cuda")) is index
+    assert "--nprobe 3000 > 2048" in capsys.readouterr().out
 
 
 def test_retrieve_ivfpq_refuses_tiny_collection():
