@@ -1379,8 +1379,8 @@ def cmd_hf_wikiart(args):
     check_fracs(args)
     pq = import_parquet()
     shards = parse_shards(args.shards)
-    done = lambda i: os.path.isfile(os.path.join(args.out, "shards", shard_name(i) + ".csv"))  # noqa: E731
-    todo = [i for i in shards if not done(i)]
+    done = os.path.join(args.out, "shards", "{}.csv")  # written last: the shard is converted
+    todo = [i for i in shards if not os.path.isfile(done.format(shard_name(i)))]
     print(f"{len(shards)} shards: {len(shards) - len(todo)} converted already, {len(todo)} to "
           f"download and convert to {args.size} px in {os.path.join(args.out, 'images')}")
     try:
