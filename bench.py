@@ -4,7 +4,7 @@ Holds timing harnesses and naive baselines only: what it measures is the scripts
 imported, never a copy of it.
 
 Shell:
-    python bench.py --quick                 # under 2 minutes on 2 CPU cores
+    python bench.py --quick                 # about 5 minutes on 2 CPU cores
     python bench.py                         # the full run behind the README's table
     python bench.py --only load,search --out bench.json   # load embed train search memory
     python bench.py --only processes,merge               # torchrun build, sharded-index merge
@@ -70,7 +70,7 @@ def timed(fn, repeat=1):
 
 
 def by_mode(args, tiny, quick, full):
-    """The size for this run: --tiny (seconds, for tests), --quick (under 2 min) or full."""
+    """The size for this run: --tiny (seconds, for tests), --quick (about 5 min) or full."""
     return tiny if args.tiny else quick if args.quick else full
 
 
@@ -732,7 +732,7 @@ def print_table(rows):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.Help)
-    p.add_argument("--quick", action="store_true", help="small sizes: under 2 min on 2 cores")
+    p.add_argument("--quick", action="store_true", help="small sizes: about 5 min on 2 cores")
     p.add_argument("--tiny", action="store_true",
                    help=f"smoke-test sizes, seconds; sections {TINY_SECTIONS} unless --only")
     p.add_argument("--only", help=f"comma-separated sections (default: {','.join(SECTIONS)})")
