@@ -375,6 +375,16 @@ def fuse_for_inference(module):
     return module.to(memory_format=torch.channels_last)
 
 
+def can_decode_jpegs():
+    """Whether this torchvision decodes JPEGs on the device (torchvision.io, deprecated since
+    0.29 in favour of TorchCodec): where it is gone, retrieve.py decodes with PIL instead."""
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def decode_jpegs(blobs, img_size, device):
     """JPEG files' bytes (uint8 tensors) -> (B, 3, S, S) normalised on device: decoded there
     (nvJPEG on CUDA, in one batched call), then resized (shorter side, antialiased) and centre-

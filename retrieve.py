@@ -198,8 +198,9 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
     tmp = out_path + ".tmp.npy"
     xb = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(paths), cfg["dim"]))
     ok, bad, prog = np.zeros(len(paths), bool), {}, data.Progress(len(paths), "embed")
+    on_device = device.type == "cuda" and nets.can_decode_jpegs()
     for x, idx, failed in image_batches(paths, root, cfg["img_size"], args, device,
-                                        decode_on_device=device.type == "cuda"):
+                                        decode_on_device=on_device):
         bad.update(failed)
         if x is not None:  # None: every image of the batch failed to decode
             xb[idx.numpy()] = forward(model, x, device)

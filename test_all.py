@@ -2370,6 +2370,7 @@ def test_retrieve_precision_fp32_unchanged_bf16_agrees_and_recorded(demo, small_
     assert I[0, 0] == 3 and D[0, 0] > 0.9999
 
 
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 def test_retrieve_jpegs_decoded_on_the_device_agree_with_pil(demo, tmp_path):
     """The CUDA route (JPEG bytes decoded in batches on the device, nets.decode_jpegs), run on
     the CPU here: the same images as the PIL route, to a cosine >= 0.99 through a network; a
@@ -2394,6 +2395,14 @@ def test_retrieve_jpegs_decoded_on_the_device_agree_with_pil(demo, tmp_path):
     assert sorted(a) == sorted(b) and fa == fb == [(paths.index("trunc.jpg"), fa[0][1])]
     cos = [torch.nn.functional.cosine_similarity(a[i], b[i], 0).item() for i in a]
     assert min(cos) >= 0.99, cos
+
+
+def test_jpegs_on_the_device_only_where_torchvision_still_decodes(monkeypatch):
+    """torchvision.io's decoders are deprecated (0.29) for TorchCodec: once they are gone,
+    retrieve.py must take the PIL route on CUDA instead of failing at import."""
+    assert nets.can_decode_jpegs()
+    monkeypatch.setitem(sys.modules, "torchvision.io", types.ModuleType("torchvision.io"))
+    assert not nets.can_decode_jpegs()
 
 
 def test_retrieve_hnsw_pca_build_then_query(demo, tmp_path):
