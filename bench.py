@@ -311,7 +311,7 @@ def real_dim(model, device):
 
 def bench_device(args):
     """--device, else cuda when there is one, else cpu (mps: the CPU, for comparable rows)."""
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return nets.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 # ----------------------------------------------------------------------------- 3. training
@@ -751,8 +751,12 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"bench.py: error: unknown section {unknown[0]!r} "
                          f"(known: {', '.join(SECTIONS)})")
+    try:
+        device = bench_device(args)
+    except data.UserError as e:
+        raise SystemExit(f"bench.py: error: {e}") from None
     tuned = nets.tune_malloc()
-    info = {**machine(bench_device(args)), "malloc_tuned": tuned, "quick": args.quick,
+    info = {**machine(device), "malloc_tuned": tuned, "quick": args.quick,
             "tiny": args.tiny}
     print(f"bench: {json.dumps(info)}")
     rows = []

@@ -27,17 +27,42 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 # ----------------------------------------------------------------------------- device
 
+def mps_available():
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def pick_device(flag=None):
-    """An explicit --device wins; else cuda, then mps, then cpu. Prints the choice once."""
+    """An explicit --device wins (checked: a device this machine lacks is one line, not a
+    traceback at the first tensor); else cuda, then mps, then cpu. Prints the choice once."""
     if flag:
-        device = torch.device(flag)
+        device = check_device(flag)
     elif torch.cuda.is_available():
         device = torch.device("cuda")
-    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    elif mps_available():
         device = torch.device("mps")
     else:
         device = torch.device("cpu")
     print(f"device: {device}")
+    return device
+
+
+def check_device(flag):
+    """torch.device(flag) for cpu, cuda, cuda:N or mps that this machine has, else UserError."""
+    try:
+        device = torch.device(flag)
+    except RuntimeError:
+        raise UserError(f"--device {flag}: not a device name (cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"--device {flag}: this machine has no CUDA GPU that torch can use "
+                            f"(torch {torch.__version__}; a CPU-only build, or no driver)")
+        if device.index is not None and device.index >= n:
+            raise UserError(f"--device {flag}: there are {n} CUDA GPUs (cuda:0 to cuda:{n - 1})")
+    elif device.type == "mps" and not mps_available():
+        raise UserError(f"--device {flag}: MPS (Apple GPU) is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {flag}: ArtExtract runs on cpu, cuda or mps")
     return device
 
 

@@ -2069,6 +2069,26 @@ def test_crnn_predict_explain_writes_pngs(trained, demo, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.xdist_group("trained")
+def test_a_device_this_machine_lacks_is_one_line(demo, capsys, monkeypatch):
+    """--device cuda on a machine without a usable GPU (a CPU runtime in Colab, a typo) used to
+    end in torch's traceback at the first .to(device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for flag, said in [("cuda", "this machine has no CUDA GPU that torch can use"),
+                       ("cuda:1", "this machine has no CUDA GPU that torch can use"),
+                       ("mps", "MPS (Apple GPU) is not available here"),
+                       ("gpu", "not a device name (cpu, cuda, cuda:N or mps)")]:
+        msg = crnn_error(capsys, ["--eval", "--device", flag])
+        assert msg.startswith(f"crnn.py: error: --device {flag}: {said}"), msg
+        assert said in retrieve_error(["--query", str(demo / "gallery.csv"), "--device", flag])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert nets.check_device("cuda:1") == torch.device("cuda", 1)
+    assert "there are 2 CUDA GPUs (cuda:0 to cuda:1)" in crnn_error(capsys, ["--eval",
+                                                                         "--device", "cuda:2"])
+    assert nets.check_device("cpu") == torch.device("cpu")
+
+
 def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     best = str(trained / "best.pt")
     msg = crnn_error(capsys, ["--train", "--data", str(tmp_path / "nope.csv"), *CRNN_FAST])
