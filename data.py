@@ -862,13 +862,18 @@ def nga_page_url(row):
     return f"https://www.nga.gov/content/ngaweb/Collection/art-object-page.{oid}.html"
 
 
-def primary_images(image_files, open_access):
-    """{objectid: image row}: one per object, primary view first, then lowest sequence."""
-    best = {}
+def primary_images(image_files, open_access, objects_say=False):
+    """({objectid: image row}, rows with an openaccess column, rows left out for want of one):
+    one image per object, primary view first, then lowest sequence. open_access keeps rows
+    whose openaccess is 1; a row from a file without that column (older exports) passes only
+    where the objects CSV says (objects_say), else nothing tells that it is open."""
+    best, flagged, unknown = {}, 0, 0
     for path in image_files:
         for order, row in enumerate(read_csv(path, ("iiifurl", "depictstmsobjectid"),
                                              what="published_images CSV")):
-            if open_access and "openaccess" in row and row["openaccess"] != "1":
+            flagged += "openaccess" in row
+            if open_access and row.get("openaccess", "1" if objects_say else None) != "1":
+                unknown += "openaccess" not in row
                 continue
             seq = row.get("sequence", "")
             key = (row.get("viewtype", "") != "primary",
@@ -876,7 +881,7 @@ def primary_images(image_files, open_access):
             oid = row["depictstmsobjectid"].strip()
             if oid and row["iiifurl"].strip() and (oid not in best or key < best[oid][0]):
                 best[oid] = (key, row)
-    return {oid: row for oid, (_, row) in best.items()}
+    return {oid: row for oid, (_, row) in best.items()}, flagged, unknown
 
 
 def read_constituents(args):
@@ -903,10 +908,16 @@ def read_constituents(args):
 
 def cmd_nga(args):
     objects = read_csv(args.objects, ("objectid", "title", "classification"), what="objects CSV")
-    images = primary_images(args.published_images, args.open_access)
-    if args.open_access and not any("openaccess" in r for r in (*objects[:1], *images.values())):
+    objects_say = bool(objects) and "openaccess" in objects[0]
+    images, flagged, unknown = primary_images(args.published_images, args.open_access,
+                                              objects_say)
+    if args.open_access and not objects_say and not flagged:
         raise UserError("--open-access: neither the objects CSV nor the published_images CSV "
-                        "has an openaccess column, so nothing tells which images are open")
+                        "has an openaccess column (exports before 2026 have none), so nothing "
+                        "tells which images are open")
+    if unknown:
+        print(f"--open-access: {unknown} image rows left out: their published_images CSV has "
+              f"no openaccess column")
     by_obj, by_name = read_constituents(args)
     want = args.classification.lower()
     rows, n_class, no_image = [], 0, []

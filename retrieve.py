@@ -1571,7 +1571,8 @@ def eval_html(args, cfg, meta, res, ids, keep):
           + (f", {bad} images no longer decode: grey)" if bad else ")"))
 
 
-EVAL_NOTE = ("{n} images indexed. * a sanity check only: 1.0 for any injective embedding.\n"
+EVAL_NOTE = ("{n} images indexed. * a sanity check only: 1.0 for any injective embedding "
+             "searched exactly (ivfpq's compressed codes score lower).\n"
              "rnd = expected under a random ranking of the same candidates.")
 
 

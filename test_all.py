@@ -978,7 +978,13 @@ def test_data_nga_filters(tmp_path):
     data.main(base + ["--limit", "1"])
     assert len(data.read_csv(tmp_path / "o" / "manifest.csv")) == 1
     no_column = IMAGES.replace(",openaccess,", ",access,")
-    (tmp_path / "published_images.csv").write_text(no_column)  # and objects.csv has none
+    (tmp_path / "old_export.csv").write_text(no_column)  # and objects.csv has none
+    # an old export beside a current one: its rows say nothing of access, so they stay out
+    both = [str(tmp_path / "published_images.csv"), str(tmp_path / "old_export.csv")]
+    data.main([*base[:3], "--published-images", *both, *base[5:], "--open-access",
+               "--title-contains", "portrait"])
+    assert [r["objectid"] for r in data.read_csv(tmp_path / "o" / "manifest.csv")] == ["101"]
+    (tmp_path / "published_images.csv").write_text(no_column)
     with pytest.raises(SystemExit, match="--open-access: neither the objects CSV"):
         data.main(base + ["--open-access"])
 
