@@ -194,7 +194,7 @@ def load_checkpoint(path, device="cpu"):
     except (KeyError, TypeError, RuntimeError) as e:
         raise UserError(f"{path}: checkpoint does not match crnn.py's model ({one_line(e)})") \
             from None
-    model.backbone.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # the convolutions: backbone and projection
     print(model_line(ckpt, path))
     return model.to(device).eval(), ckpt
 
@@ -295,15 +295,19 @@ def split_hygiene(rows, manifest, drop_leaks):
         raise UserError(f"{manifest}: {len(leaks)} paths stand in more than one split (e.g. "
                         f"{p!r} in {' and '.join(sorted(leaks[p]))}): fix the manifest, or pass "
                         "--drop-leaks to leave them out of train")
-    first, n_rows = {}, len(rows)
+    first, n_rows, dropped = {}, len(rows), 0
     for r in rows:
         if r["path"] in leaks and r["split"] == "train":
+            dropped += 1
             continue
         first.setdefault(r["path"], r)
-    rows = list(first.values())
-    if len(rows) < n_rows:
-        print(f"note: {manifest}: {n_rows - len(rows)} repeated rows read once"
-              + (f", {len(leaks)} paths left out of train (--drop-leaks)" if leaks else ""))
+    rows, said = list(first.values()), []
+    if n_rows - dropped > len(rows):
+        said.append(f"{n_rows - dropped - len(rows)} repeated rows read once")
+    if leaks:
+        said.append(f"{len(leaks)} paths left out of train (--drop-leaks)")
+    if said:
+        print(f"note: {manifest}: {'; '.join(said)}")
     return rows
 
 
@@ -451,10 +455,11 @@ def cache_key(args, precision):
         (f"|{precision}" if precision != "fp32" else "")
 
 
-def feature_cache(model, table, rows, split, args, device, precision):
+def feature_cache(model, table, rows, split, args, device, precision, said=False):
     """(fp16 memmap (n, C, H, W) of the frozen backbone's maps for `rows`, ok mask, failed
     [(position, reason)]). A cache for other paths or settings, or one that does not load
-    (a run killed while writing it, a full disk), is built anew."""
+    (a run killed while writing it, a full disk), is built anew. said: the caller has
+    already said where this cache came from."""
     d = args.cache or os.path.join(args.out, "cache")
     npy, meta = os.path.join(d, f"{split}.npy"), os.path.join(d, f"{split}.json")
     paths, key = [table.paths[i] for i in rows], cache_key(args, precision)
@@ -465,7 +470,8 @@ def feature_cache(model, table, rows, split, args, device, precision):
             if m.get("key") == key and m.get("paths") == paths:
                 arr, ok = np.load(npy, mmap_mode="r"), np.array(m["ok"], bool)
                 if arr.shape[0] == len(paths) == len(ok):
-                    print(f"cache: reusing {npy} ({len(paths)} images, {key})")
+                    if not said:
+                        print(f"cache: reusing {npy} ({len(paths)} images, {key})")
                     return arr, ok, [tuple(x) for x in m.get("failed", [])]
                 raise ValueError(f"{arr.shape[0]} rows for {len(paths)} images")
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -480,7 +486,8 @@ def shared_feature_cache(model, table, rows, split, args, device, precision):
     if nets.world() == 1:
         return feature_cache(model, table, rows, split, args, device, precision)
     d = args.cache or os.path.join(args.out, "cache")
-    if not cache_ready(d, split, [table.paths[i] for i in rows], cache_key(args, precision)):
+    joined = not cache_ready(d, split, [table.paths[i] for i in rows], cache_key(args, precision))
+    if joined:
         lo, hi = nets.rank_span(len(rows))
         feature_cache(model, table, rows[lo:hi], part_name(split, nets.rank()), args, device,
                       precision)
@@ -488,7 +495,7 @@ def shared_feature_cache(model, table, rows, split, args, device, precision):
         if nets.is_main():
             join_cache_parts(d, split)
     nets.barrier()
-    return feature_cache(model, table, rows, split, args, device, precision)  # reads the joined one
+    return feature_cache(model, table, rows, split, args, device, precision, said=joined)
 
 
 def part_name(split, r):
@@ -531,6 +538,7 @@ def join_cache_parts(d, split, chunk=4096):
     out.flush()
     del out, parts
     os.replace(tmp, npy)
+    print(f"cache: joined {len(names)} parts into {npy} ({at} images)")
     data.atomic_write(os.path.join(d, f"{split}.json"), json.dumps(
         {"key": metas[0]["key"], "paths": sum((m["paths"] for m in metas), []), "ok": ok,
          "failed": failed}))
@@ -649,18 +657,23 @@ def train_step(fit, x, y):
     return loss.item()
 
 
-def optimizer_step(fit, loss):
+def optimizer_step(fit, loss, idle=()):
     """Backward, step, zero the gradients, advance the learning-rate schedule (when the
-    optimizer did step)."""
+    optimizer did step). idle: parameters whose zero gradient is no gradient (AdamW then
+    leaves them alone, decay and moments included, as when they are not in the graph)."""
     stepped = True
     if fit.scaler is not None:  # fp16 on CUDA: scale the loss so small gradients survive
         scale = fit.scaler.get_scale()
         fit.scaler.scale(loss).backward()
+        for p in idle:
+            p.grad = None
         fit.scaler.step(fit.opt)  # skipped when a gradient overflowed...
         fit.scaler.update()
         stepped = fit.scaler.get_scale() >= scale  # ...which is when update() lowers the scale
     else:
         loss.backward()
+        for p in idle:
+            p.grad = None
         fit.opt.step()
     fit.opt.zero_grad(set_to_none=True)
     if stepped:  # the schedule counts optimizer steps, not skipped ones
@@ -926,17 +939,14 @@ class Classify(nn.Module):
         return self.model.classify(fmap)
 
 
-def join_ddp(fit, feeds, args, y):
+def join_ddp(fit, feeds, args):
     """Wrap what trains in DistributedDataParallel (it starts every rank from rank 0's weights
-    and all-reduces gradients in buckets during backward). y: the train labels. Where a task
-    has unlabelled train rows, a global batch may hold no label of it: its head then gets no
-    gradient on any rank, as in 1 process, which DDP allows with find_unused_parameters (an
-    extra pass over the graph per step, and a warning when it finds none)."""
+    and all-reduces gradients in buckets during backward). Every parameter that trains is in
+    every step's graph (share_loss), so DDP needs no search for unused ones."""
     from torch.nn.parallel import DistributedDataParallel
     module = Classify(fit.model) if fit.frozen else fit.model
     ids = [fit.device.index] if fit.device.type == "cuda" else None
-    fit.ddp = DistributedDataParallel(module, device_ids=ids,
-                                      find_unused_parameters=bool((y < 0).any()))
+    fit.ddp = DistributedDataParallel(module, device_ids=ids)
     shape = feeds.train.feats.shape[1:] if fit.frozen else (3, args.img_size, args.img_size)
     fit.dummy = torch.zeros(1, *shape)
 
@@ -978,8 +988,10 @@ def ddp_train_step(fit, x, y):
         return None, n
     loss = share_loss(fit, x, y, div)
     total = float(nets.all_sum([loss.item()])[0])  # the whole batch's loss, on every rank
-    if math.isfinite(total):
-        optimizer_step(fit, loss * nets.world())  # DDP averages: N x mean = sum of shares
+    if math.isfinite(total):  # DDP averages: N x mean = sum of shares
+        idle = [p for j, head in enumerate(fit.model.heads.values()) if div[j] == 0
+                for p in head.parameters()]  # no label, no gradient: as in 1 process
+        optimizer_step(fit, loss * nets.world(), idle)
     return total, n
 
 
@@ -997,17 +1009,19 @@ def share_loss(fit, x, y, div):
     """This rank's part of the global batch's multitask_loss: per task, the summed cross-entropy
     of its rows over the whole batch's divisor, so the ranks' parts add up to the whole. A rank
     with no image runs the zero input, unlabelled (a zero loss): DDP needs every rank in
-    every backward. In eval mode: BatchNorm would fail on one 1x1 map, and learns nothing."""
+    every backward. In eval mode: BatchNorm would fail on one 1x1 map, and learns nothing.
+    A task with no label in the whole batch adds a zero (its head stays in the graph, as DDP
+    wants every parameter; ddp_train_step then drops the head's zero gradient)."""
     if x is None:
         x, y = fit.dummy, torch.full((1, y.shape[1]), -1)
         fit.ddp.module.eval()
     with nets.autocast(fit.device, fit.amp):
         logits = fit.ddp(to_device(x, fit.device))
     train_mode(fit)
-    y = y.to(fit.device)
+    y, div = y.to(fit.device), np.where(div > 0, div, 1.0)  # 0 / 1 for a label-less task
     return sum(F.cross_entropy(out.float(), y[:, j], weight=fit.ce_weights[j], ignore_index=-1,
                                label_smoothing=fit.smoothing, reduction="sum") / div[j]
-               for j, out in enumerate(logits.values()) if div[j] > 0)
+               for j, out in enumerate(logits.values()))
 
 
 def epoch_line(rec, epochs, mark):
@@ -1080,11 +1094,11 @@ def cmd_train(args, device, ckpt=None):
                  "none" if ckpt else args.weights, args.hidden, args.rnn, args.dropout)
     if ckpt:  # before make_feeds: a missing feature cache is rebuilt from these weights
         model.load_state_dict(ckpt["model"])
-    model.backbone.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # the convolutions: backbone and projection
     feeds = make_feeds(model.to(device), table, args, device)
     fit = make_fit(model, feeds, args, device, amp)
     if nets.world() > 1:
-        join_ddp(fit, feeds, args, table.y[feeds.sampler.indices])
+        join_ddp(fit, feeds, args)
     state = restore(fit, ckpt) if ckpt else {"epoch": 0, "best": -1.0, "bad_epochs": 0}
     if not ckpt and nets.is_main():
         data.atomic_write(os.path.join(args.out, "log.jsonl"), "")

@@ -1689,7 +1689,7 @@ def test_crnn_paths_in_two_splits_refused_or_dropped(demo, tmp_path, capsys):
     assert "4 paths stand in more than one split" in msg and val[0]["path"][:20] in msg
     state = crnn.main([*args, "--drop-leaks"])
     out = capsys.readouterr().out
-    assert "6 repeated rows read once, 4 paths left out of train" in out
+    assert "2 repeated rows read once; 4 paths left out of train (--drop-leaks)" in out
     train_rows = len([r for r in rows if r["split"] == "train"])
     assert f"{train_rows} train images" in out and state["epoch"] == 1
 
@@ -1729,8 +1729,10 @@ def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeyp
     tasks and classes unlike 1 process) differs by 1e-2, so atol 2e-3 tells the two apart.
     Val metrics alone would not: near chance, one flipped argmax changes them."""
     rows = data.read_csv(demo / "manifest.csv")
-    rows = [r for r in rows if r["split"] != "train"] + [r for r in rows
-                                                         if r["split"] == "train"][:81]
+    train = [r for r in rows if r["split"] == "train"][:81]
+    for r in train[8:]:  # artist labels on 8 train images: many a step has none (its head
+        r["artist"] = ""  # then gets no gradient, and AdamW must leave it alone, as in 1 process)
+    rows = [r for r in rows if r["split"] != "train"] + train
     data.write_csv(tmp_path / "m81.csv", list(rows[0]), [list(r.values()) for r in rows])
     args = ["--train", "--data", str(tmp_path / "m81.csv"), "--root", str(demo / "images"),
             "--classes", str(demo / "classes.json"), *CRNN_FAST, "--freeze-backbone", "--dropout",
@@ -1766,7 +1768,8 @@ def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeyp
     a, b = (torch.load(d / "last.pt", weights_only=True) for d in (one, two))
     assert b["epoch"] == 3
     for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, atol=2e-3, rtol=0, msg=k)
+        torch.testing.assert_close(b["model"][k], v, atol=1e-5 if k.startswith("heads.") else 2e-3,
+                                   rtol=0, msg=k)
     # validation on all ranks' predictions gathered: all 30 val images, and the metrics that
     # one process computes from the same weights and features
     assert b["val"]["images"] == a["val"]["images"] == 30
