@@ -1582,8 +1582,11 @@ def main(argv=None):
     nets.main_prints_only()
     data.tolerant_stdout()
     nets.tune_malloc()
-    shown = vars(args) if args.train else {k: v for k, v in vars(args).items() if k in EVAL_ARGS}
-    print("args: " + json.dumps({k: v for k, v in shown.items() if v is not None}))
+    typed = typed_flags(parser, argv) if args.resume else None
+    keep = typed if typed is not None else set(vars(args)) if args.train else EVAL_ARGS
+    shown = {k: v for k, v in vars(args).items() if k in keep and v is not None}
+    print(f"args{' typed (the rest from the checkpoint)' if args.resume else ''}: "
+          + json.dumps(shown))
     try:
         check_numbers(args)
         device = nets.pick_device(args.device)
@@ -1596,7 +1599,7 @@ def main(argv=None):
         if args.predict:
             return cmd_predict(args, device)
         args.out = args.out or default_out(args.data or DEFAULT_DATA)
-        ckpt = resume_flags(args, typed_flags(parser, argv)) if args.resume else None
+        ckpt = resume_flags(args, typed) if args.resume else None
         resolve_data(args)
         if not ckpt:
             check_out(args)
