@@ -2076,8 +2076,6 @@ def test_crnn_predict_explain_writes_pngs(trained, demo, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-@pytest.mark.xdist_group("trained")
 def test_a_device_this_machine_lacks_is_one_line(demo, capsys, monkeypatch):
     """--device cuda on a machine without a usable GPU (a CPU runtime in Colab, a typo) used to
     end in torch's traceback at the first .to(device)."""
@@ -2098,6 +2096,8 @@ def test_a_device_this_machine_lacks_is_one_line(demo, capsys, monkeypatch):
     assert nets.check_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.xdist_group("trained")
 def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     best = str(trained / "best.pt")
     msg = crnn_error(capsys, ["--train", "--data", str(tmp_path / "nope.csv"), *CRNN_FAST])
