@@ -387,6 +387,19 @@ def trained(demo):
     return out
 
 
+def kill_in_epoch(monkeypatch, epoch):
+    """Ctrl-C in crnn.py's epoch `epoch` (of this process), at its start: the epochs before it
+    finished and wrote last.pt. Undone by monkeypatch."""
+    real, calls = crnn.train_one_epoch, []
+
+    def killed(*a, **kw):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(crnn, "train_one_epoch", killed)
+
+
 def crnn_error(capsys, argv):
     """Run crnn.main(argv), expect exit with a single `crnn.py: error:` line; return it."""
     with pytest.raises(SystemExit) as e:
@@ -1558,18 +1571,11 @@ def test_crnn_resume_equals_uninterrupted(demo, tmp_path, monkeypatch, capsys, m
         torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
         args += ["--weights", str(tmp_path / "r18.pth")]
     crnn.main([*args, "--out", str(tmp_path / "a")])
-    real, calls = crnn.train_one_epoch, []
-
-    def killed_in_epoch_3(*a, **kw):  # a kill during epoch 3, after last.pt of epoch 2
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(crnn, "train_one_epoch", killed_in_epoch_3)
+    kill_in_epoch(monkeypatch, 3)  # after last.pt of epoch 2
     with pytest.raises(KeyboardInterrupt):
         crnn.main([*args, "--out", str(tmp_path / "b")])
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["epoch"] == 2
-    monkeypatch.setattr(crnn, "train_one_epoch", real)
+    monkeypatch.undo()  # the real train_one_epoch again
     shutil.rmtree(tmp_path / "b" / "cache", ignore_errors=True)  # rebuilt from last.pt
     capsys.readouterr()
     crnn.main([*args, "--out", str(tmp_path / "b"), "--resume"])
@@ -1740,14 +1746,7 @@ def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeyp
             "--device", "cpu"]
     one, two = tmp_path / "one", tmp_path / "two"
     crnn.main([*args, "--out", str(one)])
-    real, calls = crnn.train_one_epoch, []
-
-    def killed_in_epoch_2(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(crnn, "train_one_epoch", killed_in_epoch_2)
+    kill_in_epoch(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         crnn.main([*args, "--out", str(two)])
     shutil.rmtree(two / "cache")  # rebuilt by the 2 ranks, each its share
