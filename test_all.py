@@ -1453,6 +1453,89 @@ def test_data_demo_again_gives_the_same_data(tmp_path, capsys):
     assert files(tmp_path / "a") == first
 
 
+# -------------------------------------------------------------------------------------------- poses
+
+
+def test_data_poses_round_trip_and_the_list_form(tmp_path):
+    rng = np.random.default_rng(0)
+    k = data.demo_pose(rng, "walking", hide=(9,))
+    k[:, :2] = k[:, :2] * 30 + 100
+    k[3, 2] = 0.5  # labelled but hidden: COCO's v 1
+    poses = {"a/b.jpg": [{"box": np.array([10, 20, 50, 90], np.float32), "keypoints": k,
+                          "score": 0.9}], "c.png": []}
+    data.write_poses(tmp_path / "poses.json", poses)
+    doc = json.loads((tmp_path / "poses.json").read_text())
+    assert doc["categories"][0]["skeleton"][0] == [16, 14]  # COCO counts joints from 1
+    ann = doc["annotations"][0]
+    assert ann["keypoints"][9:12] == [round(float(k[3, 0]), 2), round(float(k[3, 1]), 2), 1]
+    assert ann["keypoints"][27:30] == [0, 0, 0] and ann["bbox"] == [10, 20, 40, 70]
+    back = data.read_poses(tmp_path / "poses.json")
+    assert sorted(back) == ["a/b.jpg", "c.png"] and back["c.png"] == []
+    f, shown = back["a/b.jpg"][0], k[:, 2] > 0
+    assert f["keypoints"][:, 2].tolist() == k[:, 2].tolist() and f["score"] == pytest.approx(0.9)
+    assert f["keypoints"][shown] == pytest.approx(k[shown], abs=0.006)
+    assert (f["keypoints"][~shown] == 0).all()  # a hidden joint's place is not kept
+    assert f["box"].tolist() == [10, 20, 50, 90]
+    listed = [{"file_name": "./x/y.jpg", "keypoints": k[:, :2].tolist(),  # MMPose's form
+               "keypoint_scores": [0.9] * 17},
+              {"path": "x/y.jpg", "keypoints": [[1, 2, 2]] * 17}]
+    (tmp_path / "list.json").write_text(json.dumps(listed))
+    figures = data.read_poses(tmp_path / "list.json")["x/y.jpg"]
+    assert len(figures) == 2 and figures[0]["keypoints"][:, 2] == pytest.approx([0.9] * 17)
+    assert figures[1]["box"].tolist() == [1, 2, 1, 2] and figures[1]["score"] == 1
+
+
+@pytest.mark.parametrize("doc, msg", [
+    ("{not json", "not JSON"),
+    ('{"images": 3}', "neither COCO keypoints"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, '
+     '"keypoints": []}]}', r"annotations\[0\]: image_id 2 is not in images"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, '
+     '"keypoints": [1, 2, 2]}]}', r"annotations\[0\]: keypoints must be 17 \(x, y, v\)"),
+    ('[{"file_name": "a.jpg", "keypoints": [' + ",".join(["1, 2, 3"] * 17) + "]}]",
+     "entry 0: a keypoint's v must be 0, 1 or 2 .COCO., not 3"),
+    ('[{"file_name": "/etc/a.jpg", "keypoints": []}]', "path must be relative"),
+    ('[{"keypoints": []}]', "entry 0: needs a file_name"),
+    ('[{"file_name": "a.jpg", "keypoints": [' + ",".join(["1, 2, 2"] * 17) + '], "bbox": 5}]',
+     r"bbox must be \[x, y, width, height\]"),
+])
+def test_data_poses_malformed_is_one_line(tmp_path, doc, msg):
+    (tmp_path / "p.json").write_text(doc)
+    with pytest.raises(data.UserError, match=msg) as e:
+        data.read_poses(tmp_path / "p.json")
+    assert "\n" not in str(e.value) and str(tmp_path / "p.json") in str(e.value)
+    with pytest.raises(data.UserError, match="poses file not found"):
+        data.read_poses(tmp_path / "none.json")
+
+
+def test_data_demo_figures_are_painted_where_their_joints_are():
+    rng, counts = np.random.default_rng(4), Counter()
+    for _ in range(30):
+        im = Image.new("RGB", (160, 120), (200, 190, 170))
+        figures = data.demo_figures(im, rng)
+        counts[len(figures)] += 1
+        a = np.asarray(im, np.int64)
+        for f in figures:
+            k = f["keypoints"]
+            assert k.shape == (17, 3) and set(np.unique(k[:, 2])) <= {0.0, 1.0}
+            shown = k[k[:, 2] > 0, :2]
+            assert (shown >= 0).all() and (shown < [160, 120]).all()  # inside the image
+            assert f["box"].tolist() == pytest.approx([*shown.min(0), *shown.max(0)], abs=1e-4)
+            for j, jj in data.SKELETON:  # a shown limb's middle is painted (dark here, +-2 px:
+                if j >= 5 and k[j, 2] and k[jj, 2]:  # PIL's thinnest lines sit off centre)
+                    x, y = ((k[j, :2] + k[jj, :2]) / 2).round().astype(int)
+                    assert a[y - 2:y + 3, x - 2:x + 3].sum(-1).min() < 3 * 100
+    assert set(counts) == {0, 1, 2}
+    poses = {f: data.demo_pose(np.random.default_rng(1), f, mirror=False, hide=())
+             for f in data.POSE_FAMILIES}
+    wrist_up = {f: p[9, 1] < p[5, 1] for f, p in poses.items()}  # left wrist above shoulder
+    assert wrist_up["arms_raised"] and not wrist_up["standing"]
+    flipped = data.demo_pose(np.random.default_rng(1), "pointing", mirror=True, hide=())
+    assert flipped[10, 0] == pytest.approx(-poses["pointing"][9, 0])  # the left arm, now right
+    hidden = data.demo_pose(np.random.default_rng(1), "standing", hide=(13, 15))
+    assert hidden[[13, 15], 2].tolist() == [0, 0] and hidden[14, 2] == 1
+
+
 # ============================================================================
 # nets: the one backbone loader
 
