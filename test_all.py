@@ -1620,6 +1620,23 @@ def test_pages_rows_are_escaped_and_nga_rows_link_to_nga(tmp_path):
     assert pages.script_json({"t": "</script><!--"}) == '{"t":"<\\/script><\\!--"}'
 
 
+
+def test_pages_draw_figures_colours_shown_limbs_only():
+    im = Image.new("RGB", (100, 80), (128, 128, 128))
+    k = np.zeros((17, 3))
+    k[[5, 7, 9, 6, 8, 10], :2] = [[40, 40], [40, 80], [40, 120], [120, 40], [120, 80],
+                                  [120, 120]]
+    k[[5, 7, 6, 8, 10], 2] = 1  # the left wrist (9) hidden
+    other = k.copy()
+    other[:, 0] += 30
+    out = np.asarray(pages.draw_figures(im, [{"keypoints": k}, other], scale=0.5), np.int64)
+    assert out.shape == (80, 100, 3) and (np.asarray(im) == 128).all()  # a copy
+    assert tuple(out[30, 20]) == pages.FIGURE_COLOURS[0]  # shoulder to elbow, at half scale
+    assert tuple(out[50, 20]) == (128, 128, 128)  # elbow to the hidden wrist: not drawn
+    assert tuple(out[50, 60]) == pages.FIGURE_COLOURS[0]
+    assert tuple(out[30, 35]) == pages.FIGURE_COLOURS[1]  # the second figure's own colour
+
+
 # ============================================================================
 # crnn: learning, exact resume, evaluation files, prediction, bad input
 
