@@ -1592,7 +1592,9 @@ def family_angles(family, rng):
     """(arm and leg angles, torso lean, half shoulder and hip widths, head yaw) of a family,
     jittered. Angles in degrees from straight down, + towards the viewer's right; a limb's
     pair is (upper bone, lower bone), both absolute; side views face the viewer's right."""
-    j = lambda deg=12: rng.normal(0, deg)  # noqa: E731
+    def j(deg=12):  # a limb's own jitter, degrees
+        return rng.normal(0, deg)
+
     side, lean = (0.08, 0.05), 0.0
     if family == "standing":
         arms, legs = ((15 + j(), 10 + j()), (-15 + j(), -10 + j())), ((5 + j(4), 5 + j(4)),

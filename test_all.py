@@ -2469,10 +2469,9 @@ def test_aspects_detector_runs_from_a_state_dict_path(tmp_path, monkeypatch):
                             .COCO_V1.__class__, "get_state_dict", lambda *a, **k: (_ for _ in (
                                 )).throw(urllib.error.URLError("Name or service not known")))
         aspects.load_detector("coco", min_size=64)
-    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(data.UserError, match="not a torchvision keypointrcnn_resnet50_fpn "
-                                             "state_dict"):
-        aspects.load_detector(str(tmp_path / "r18.pth"), min_size=64)
+    with pytest.raises(data.UserError, match="--pose-weights r18.pth: not a torchvision "
+                                             "keypointrcnn_resnet50_fpn state_dict"):
+        aspects.load_detector_state(model, torchvision.models.resnet18().state_dict(), "r18.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(data.UserError) as e:
         aspects.load_detector(str(tmp_path / "junk.pth"))
