@@ -1424,6 +1424,300 @@ def write_hf_subset(args, shards, tasks):
     return 0
 
 
+# ----------------------------------------------------------------------------- pose keypoints
+# COCO's person keypoints: 17 joints, each (x, y, v) in image pixels, v 0 = not labelled, 1 =
+# labelled but hidden, 2 = visible. "left" is the figure's own left (on the viewer's right when
+# it faces us). In memory a figure is {"box": [x0, y0, x1, y1], "keypoints": (17, 3) float32
+# (x, y, confidence in [0, 1]), "score"}: v 0, 1, 2 read as confidence 0, 0.5, 1 (a labelled
+# hidden joint still has a known place) and aspects.py counts a joint as there from 0.5 up.
+
+KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder",
+             "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist",
+             "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle")
+# each joint's mirror partner: a figure flipped left-right is x -> -x with these labels swapped
+KEYPOINT_FLIP = (0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15)
+# the limbs drawn between joints, 0-based (COCO's files list the same pairs 1-based)
+SKELETON = ((15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6),
+            (5, 7), (6, 8), (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5),
+            (4, 6))
+V_CONFIDENCE = (0.0, 0.5, 1.0)  # COCO's v 0, 1, 2 as a confidence
+
+
+def read_poses(path):
+    """{relative image path: [figure, ...]} from a COCO keypoint file (`images` with id and
+    file_name, `annotations` with image_id and keypoints) or from a plain list of {"file_name"
+    or "path", "keypoints"}, one figure each, as MMPose and OpenPose results convert to. An
+    image listed without annotations maps to []. Anything malformed is one line."""
+    if not os.path.isfile(path):
+        raise UserError(f"poses file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise UserError(f"{path}: not JSON ({one_line(e)})") from None
+    if isinstance(doc, dict) and isinstance(doc.get("annotations"), list):
+        return coco_figures(doc, path)
+    if isinstance(doc, list):
+        return listed_figures(doc, path)
+    raise UserError(f"{path}: neither COCO keypoints (images + annotations lists) nor a list "
+                    "of {file_name, keypoints}")
+
+
+def coco_figures(doc, path):
+    names, out = {}, {}
+    images = doc.get("images")
+    if not isinstance(images, list):
+        raise UserError(f"{path}: COCO keypoints need an images list (id, file_name)")
+    for i, im in enumerate(images):
+        if not isinstance(im, dict) or not isinstance(im.get("id"), int | str):
+            raise UserError(f"{path}: images[{i}] has no id")
+        names[im["id"]] = pose_path(im.get("file_name"), path, f"images[{i}]")
+        out.setdefault(names[im["id"]], [])
+    for i, ann in enumerate(doc["annotations"]):
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if not isinstance(image_id, int | str) or image_id not in names:
+            raise UserError(f"{path}: annotations[{i}]: image_id {image_id!r} is not in images")
+        out[names[image_id]].append(figure_from(ann, path, f"annotations[{i}]"))
+    return out
+
+
+def listed_figures(doc, path):
+    out = {}
+    for i, ann in enumerate(doc):
+        if not isinstance(ann, dict):
+            raise UserError(f"{path}: entry {i} is not an object with file_name and keypoints")
+        rel = pose_path(ann.get("file_name", ann.get("path")), path, f"entry {i}")
+        out.setdefault(rel, []).append(figure_from(ann, path, f"entry {i}"))
+    return out
+
+
+def pose_path(name, path, where):
+    """An image's path as the index spells it: relative, '/'-separated, no './'."""
+    why = unsafe_path(name) if isinstance(name, str) else "needs a file_name"
+    if why:
+        raise UserError(f"{path}: {where}: {why}" + (f": {name!r}" if name else ""))
+    return posixpath.normpath(name.replace("\\", "/"))
+
+
+def figure_from(ann, path, where):
+    """One figure from an annotation: keypoints as 51 numbers or 17 (x, y, v) triples, or 17
+    (x, y) pairs with MMPose's keypoint_scores; bbox [x, y, w, h] (else the joints' extent);
+    score (else 1)."""
+    k = keypoint_array(ann, path, where)
+    box = ann.get("bbox")
+    if box is not None:
+        try:
+            x, y, w, h = (float(c) for c in box)
+        except (TypeError, ValueError):
+            raise UserError(f"{path}: {where}: bbox must be [x, y, width, height]") from None
+        box = [x, y, x + w, y + h]
+    else:
+        there = k[k[:, 2] > 0, :2]
+        box = [*there.min(0), *there.max(0)] if len(there) else [0.0] * 4
+    score = ann.get("score", 1.0)
+    if not isinstance(score, int | float) or isinstance(score, bool):
+        raise UserError(f"{path}: {where}: score must be a number")
+    return {"box": np.asarray(box, np.float32), "keypoints": k, "score": float(score)}
+
+
+def keypoint_array(ann, path, where):
+    """(17, 3) float32 (x, y, confidence) from an annotation's keypoints."""
+    scores = ann.get("keypoint_scores")
+    bad = f"{path}: {where}: keypoints must be 17 (x, y, v) triples (51 numbers)"
+    try:
+        k = np.asarray(ann.get("keypoints"), np.float64)
+        if scores is not None:  # MMPose: (x, y) pairs, scores apart
+            k = np.concatenate([k.reshape(17, 2), np.asarray(scores, np.float64).reshape(17, 1)],
+                               1)
+        k = k.reshape(17, 3)
+    except (TypeError, ValueError):
+        raise UserError(bad + (" or 17 (x, y) pairs with 17 keypoint_scores" if scores
+                               is not None else "")) from None
+    if not np.isfinite(k).all():
+        raise UserError(f"{path}: {where}: keypoints must be finite numbers")
+    if scores is not None:
+        if ((k[:, 2] < 0) | (k[:, 2] > 1)).any():
+            raise UserError(f"{path}: {where}: keypoint_scores must lie in [0, 1]")
+    elif not np.isin(k[:, 2], (0, 1, 2)).all():
+        raise UserError(f"{path}: {where}: a keypoint's v must be 0, 1 or 2 (COCO), not "
+                        f"{k[~np.isin(k[:, 2], (0, 1, 2)), 2][0]:g}")
+    else:
+        k[:, 2] = np.asarray(V_CONFIDENCE)[k[:, 2].astype(int)]
+    return k.astype(np.float32)
+
+
+def write_poses(path, poses):
+    """COCO keypoint JSON that read_poses reads back, from {relative path: [figure, ...]}:
+    one image per path, one annotation per figure. A confidence is written as v 2 from 0.75
+    up, 1 from 0.5, else 0 (at x = y = 0, as COCO writes unlabelled joints)."""
+    images, anns = [], []
+    for i, (rel, figures) in enumerate(sorted(poses.items()), 1):
+        images.append({"id": i, "file_name": rel})
+        anns += [coco_annotation(f, i, len(anns) + j + 1) for j, f in enumerate(figures)]
+    person = {"id": 1, "name": "person", "supercategory": "person",
+              "keypoints": list(KEYPOINTS), "skeleton": [[a + 1, b + 1] for a, b in SKELETON]}
+    doc = {"info": {"description": "person keypoints, written by ArtExtract"},
+           "images": images, "annotations": anns, "categories": [person]}
+    atomic_write(path, json.dumps(doc, separators=(",", ":")) + "\n")
+
+
+def coco_annotation(figure, image_id, ann_id):
+    k = np.asarray(figure["keypoints"], np.float64)
+    v = np.where(k[:, 2] >= 0.75, 2, np.where(k[:, 2] >= 0.5, 1, 0))
+    xy = np.where(v[:, None] > 0, np.round(k[:, :2], 2), 0.0)
+    x0, y0, x1, y1 = (round(float(c), 2) for c in figure["box"])
+    flat = [c for (x, y), vis in zip(xy.tolist(), v.tolist(), strict=True) for c in (x, y, vis)]
+    return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0,
+            "keypoints": flat, "num_keypoints": int((v > 0).sum()),
+            "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)],
+            "area": round((x1 - x0) * (y1 - y0), 2), "score": round(figure.get("score", 1.0), 4)}
+
+
+# ----------------------------------------------------------------------------- demo figures
+# Stick figures with known joints, so that the pose and face search runs offline on the demo:
+# a pose family sets the limb angles, forward kinematics gives the joints in torso lengths
+# (mid-shoulder to mid-hip = 1, y down, the hips' middle at 0), and a small 3-D head turned by
+# a yaw gives the face's five points and which of them show.
+
+POSE_FAMILIES = ("standing", "arms_raised", "sitting", "bending", "walking", "pointing")
+# bone lengths in torso lengths: upper arm, forearm, thigh, shin
+BONES = {"upper_arm": 0.6, "forearm": 0.5, "thigh": 0.85, "shin": 0.8}
+# head points (nose, left eye, right eye, left ear, right ear) around the head's centre, in
+# torso lengths: across (the figure's left +), depth (towards where it faces +), down (+)
+HEAD = np.array([[0.0, 0.22, 0.07], [0.07, 0.17, -0.02], [-0.07, 0.17, -0.02],
+                 [0.16, 0.0, 0.02], [-0.16, 0.0, 0.02]])
+
+
+def family_angles(family, rng):
+    """(arm and leg angles, torso lean, half shoulder and hip widths, head yaw) of a family,
+    jittered. Angles in degrees from straight down, + towards the viewer's right; a limb's
+    pair is (upper bone, lower bone), both absolute; side views face the viewer's right."""
+    def j(deg=12):  # a limb's own jitter, degrees
+        return rng.normal(0, deg)
+
+    side, lean = (0.08, 0.05), 0.0
+    if family == "standing":
+        arms, legs = ((15 + j(), 10 + j()), (-15 + j(), -10 + j())), ((5 + j(4), 5 + j(4)),
+                                                                      (-5 + j(4), -5 + j(4)))
+        side, yaw = (0.38, 0.2), rng.choice([0.0, 35.0, -35.0])
+    elif family == "arms_raised":
+        arms = ((155 + j(), 170 + j()), (-155 + j(), -170 + j()))
+        legs = ((8 + j(4), 6 + j(4)), (-8 + j(4), -6 + j(4)))
+        side, yaw = (0.38, 0.2), rng.choice([0.0, 30.0, -30.0])
+    elif family == "sitting":  # side view, thighs forward, shins down
+        arms = ((20 + j(), 70 + j()), (10 + j(), 60 + j()))
+        legs, yaw = ((85 + j(8), 5 + j(8)), (80 + j(8), 0 + j(8))), 85.0
+    elif family == "bending":  # side view, torso leaning forward, arms hanging
+        lean, yaw = 50 + j(10), 80.0
+        arms, legs = ((5 + j(), 0 + j()), (-5 + j(), 0 + j())), ((-8 + j(4), -8 + j(4)),
+                                                                   (-4 + j(4), -4 + j(4)))
+    elif family == "walking":  # side view, legs apart, arms swinging against them
+        arms, legs = ((-25 + j(8), 5 + j(8)), (25 + j(8), 60 + j(8))), \
+            ((28 + j(6), 10 + j(6)), (-22 + j(6), -35 + j(6)))
+        yaw = 85.0
+    elif family == "pointing":  # frontal, one arm out level, the other down
+        arms = ((90 + j(8), 92 + j(8)), (-12 + j(), -8 + j()))
+        legs = ((6 + j(4), 6 + j(4)), (-6 + j(4), -6 + j(4)))
+        side, yaw = (0.38, 0.2), rng.choice([0.0, 60.0])
+    else:
+        raise ValueError(f"unknown pose family {family!r} ({', '.join(POSE_FAMILIES)})")
+    return arms, legs, lean, side, float(yaw) + rng.normal(0, 5)
+
+
+def limb(start, angles, lengths):
+    """The two joints at the ends of a limb's bones, from its start (x, y) and angles."""
+    a, b = np.radians(angles)
+    mid = start + lengths[0] * np.array([math.sin(a), math.cos(a)])
+    return mid, mid + lengths[1] * np.array([math.sin(b), math.cos(b)])
+
+
+def demo_pose(rng, family=None, mirror=None, hide=None):
+    """(17, 3) keypoints (x, y, confidence 0 or 1) of a random pose in torso lengths, the hips'
+    middle at (0, 0), y down. family: one of POSE_FAMILIES (default: drawn); mirror: flipped
+    left-right (default: half the time); hide: the joints left out, as a limb hidden behind
+    something or cut by the frame (default: one limb a third of the time)."""
+    family = family or POSE_FAMILIES[rng.integers(len(POSE_FAMILIES))]
+    arms, legs, lean, (ws, wh), yaw = family_angles(family, rng)
+    t = math.radians(lean)
+    up, across = np.array([math.sin(t), -math.cos(t)]), np.array([math.cos(t), math.sin(t)])
+    k = np.zeros((17, 3))
+    k[[11, 12], :2] = [wh * across, -wh * across]  # the figure's left hip on the viewer's right
+    k[[5, 6], :2] = [up + ws * across, up - ws * across]
+    for (s, e, w), ang in zip(((5, 7, 9), (6, 8, 10)), arms, strict=True):
+        k[[e, w], :2] = limb(k[s, :2], ang, (BONES["upper_arm"], BONES["forearm"]))
+    for (h, kn, an), ang in zip(((11, 13, 15), (12, 14, 16)), legs, strict=True):
+        k[[kn, an], :2] = limb(k[h, :2], ang, (BONES["thigh"], BONES["shin"]))
+    k[:5] = head_points(up * 1.45, yaw)
+    k[5:, 2] = 1.0
+    if mirror if mirror is not None else rng.random() < 0.5:
+        k = k[list(KEYPOINT_FLIP)] * [-1, 1, 1]
+    hidden = hide if hide is not None else demo_hidden(rng)
+    k[list(hidden), 2] = 0.0
+    return k.astype(np.float32)
+
+
+def head_points(centre, yaw):
+    """(5, 3) nose, eyes, ears (x, y, shown) of a head at centre turned by yaw degrees (+ to
+    the viewer's right): seen from the front, orthographically; a point on the far side of the
+    head is not shown."""
+    c, s = math.cos(math.radians(yaw)), math.sin(math.radians(yaw))
+    across, depth, down = HEAD.T
+    x = across * c + depth * s  # yaw 0: the figure's left (across +) on the viewer's right
+    towards_us = depth * c - across * s
+    shown = towards_us > -0.03
+    return np.stack([centre[0] + x, centre[1] + down, shown.astype(float)], 1)
+
+
+def demo_hidden(rng):
+    """The joints of one limb a third of the time (an arm, a leg, or both legs), else none."""
+    if rng.random() > 1 / 3:
+        return ()
+    return [(7, 9), (8, 10), (13, 15), (14, 16), (13, 14, 15, 16)][rng.integers(5)]
+
+
+def draw_figure(im, keypoints, colour, width):
+    """A stick figure on a PIL image, in place: the shown limbs as lines `width` px thick, the
+    torso filled, a head disc; keypoints (17, 3) in the image's pixels."""
+    draw, k = ImageDraw.Draw(im), np.asarray(keypoints, np.float64)
+    there = k[:, 2] > 0
+    for a, b in SKELETON:
+        if a >= 5 and there[a] and there[b]:
+            draw.line([tuple(k[a, :2]), tuple(k[b, :2])], fill=colour, width=width)
+    for j in np.flatnonzero(there[5:]) + 5:  # round joints
+        x, y = k[j, :2]
+        draw.ellipse([x - width / 2, y - width / 2, x + width / 2, y + width / 2], fill=colour)
+    if there[[5, 6, 11, 12]].all():
+        draw.polygon([tuple(k[j, :2]) for j in (5, 6, 12, 11)], fill=colour)
+    head = k[:5][there[:5], :2]
+    if len(head):
+        (x, y), r = head.mean(0), 2 * width  # ~0.26 torso lengths, as a head is
+        if there[[5, 6]].all():  # the neck
+            draw.line([tuple(k[[5, 6], :2].mean(0)), (x, y)], fill=colour, width=width)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+
+
+def demo_figures(im, rng, most=2):
+    """Paint 0 to `most` stick figures (random poses, placed and scaled to fit) onto a PIL
+    image, in place; returns their figures (box and keypoints in the image's pixels), the
+    poses file's entries for this image."""
+    figures = []
+    for _ in range(int(rng.integers(0, most + 1))):
+        k = demo_pose(rng)
+        lo, hi = k[:, :2].min(0) - 0.3, k[:, :2].max(0) + 0.3  # + the head disc and limb width
+        scale = rng.uniform(0.35, 0.8) * min(im.height / (hi[1] - lo[1]),
+                                             im.width / (hi[0] - lo[0]))  # px per torso length
+        at = rng.uniform(0, 1, 2) * (np.array(im.size) - scale * (hi - lo)) - scale * lo
+        k[:, :2] = k[:, :2] * scale + at
+        tone = np.asarray(im.convert("L"), np.float64).mean()
+        colour = tuple(int(c) for c in (rng.uniform(0, 60, 3) if tone > 110 else
+                                        rng.uniform(190, 255, 3)))
+        draw_figure(im, k, colour, max(2, round(0.13 * scale)))
+        shown = k[k[:, 2] > 0, :2]
+        figures.append({"box": np.concatenate([shown.min(0), shown.max(0)]).astype(np.float32),
+                        "keypoints": k, "score": 1.0})
+    return figures
+
+
 # ----------------------------------------------------------------------------- demo data
 # A synthetic painter, so the whole pipeline runs offline. Style is the stroke texture,
 # genre the composition, artist a palette plus a hand (stroke angle and size) and a liking for

@@ -5,6 +5,7 @@ Holds no model code and no metrics: callers pass in numbers, labels, image paths
     import pages
     pages.contact_sheet([[(path, "line 1", "line 2"), ...], ...], "sheet.png")
     pages.heat_overlay(image, heat)                  # a (h, w) map over a PIL image, bilinear
+    pages.draw_figures(thumb, figures, scale)        # pose skeletons over a thumbnail
 
 Every HTML page is one file: thumbnails as base64 JPEG, inline CSS scoped to `.ae` (so that a
 notebook's own styles are left alone), plain JavaScript only on the map, nothing fetched.
@@ -177,6 +178,36 @@ def explain_png(image, panels, title, path):
             d.text((x, top + im.height + dy), fit_text(text, fnt, PANEL), fill=(grey,) * 3,
                    font=fnt)
     save_png(sheet, path)
+
+
+# ----------------------------------------------------------------------------- figure skeletons
+
+# one colour per figure, in turn: distinct on paintings' browns and greens, with a dark rim
+FIGURE_COLOURS = [(255, 64, 64), (64, 200, 255), (255, 220, 0), (190, 90, 255), (60, 230, 120),
+                  (255, 140, 0)]
+
+
+def draw_figures(im, figures, scale=1.0, min_conf=0.5, width=None):
+    """A copy of im with each figure's skeleton over it: COCO's limbs (data.SKELETON) between
+    joints that both show (confidence >= min_conf), a dot per joint, a colour per figure.
+    figures: [{"keypoints": (17, 3)}, ...] or (17, 3) arrays, in the original image's pixels;
+    scale: thumbnail px per original px (one number, or (sx, sy))."""
+    im = as_image(im).convert("RGB")
+    draw = ImageDraw.Draw(im)
+    width = width or max(2, round(min(im.size) / 60))
+    sx, sy = (scale, scale) if np.isscalar(scale) else scale
+    for n, f in enumerate(figures):
+        k = np.asarray(f["keypoints"] if isinstance(f, dict) else f, np.float64)
+        xy, there = k[:, :2] * [sx, sy], k[:, 2] >= min_conf
+        colour = FIGURE_COLOURS[n % len(FIGURE_COLOURS)]
+        for fill, w in (((30, 30, 30), width + 2), (colour, width)):  # rim, then colour
+            for a, b in data.SKELETON:
+                if there[a] and there[b]:
+                    draw.line([tuple(xy[a]), tuple(xy[b])], fill=fill, width=w)
+        r = width * 0.9
+        for x, y in xy[there]:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=colour, outline=(30, 30, 30))
+    return im
 
 
 # ----------------------------------------------------------------------------- html pieces

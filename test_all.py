@@ -40,6 +40,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import aspects
 import bench
 import crnn
 import data
@@ -1453,6 +1454,89 @@ def test_data_demo_again_gives_the_same_data(tmp_path, capsys):
     assert files(tmp_path / "a") == first
 
 
+# -------------------------------------------------------------------------------------------- poses
+
+
+def test_data_poses_round_trip_and_the_list_form(tmp_path):
+    rng = np.random.default_rng(0)
+    k = data.demo_pose(rng, "walking", hide=(9,))
+    k[:, :2] = k[:, :2] * 30 + 100
+    k[3, 2] = 0.5  # labelled but hidden: COCO's v 1
+    poses = {"a/b.jpg": [{"box": np.array([10, 20, 50, 90], np.float32), "keypoints": k,
+                          "score": 0.9}], "c.png": []}
+    data.write_poses(tmp_path / "poses.json", poses)
+    doc = json.loads((tmp_path / "poses.json").read_text())
+    assert doc["categories"][0]["skeleton"][0] == [16, 14]  # COCO counts joints from 1
+    ann = doc["annotations"][0]
+    assert ann["keypoints"][9:12] == [round(float(k[3, 0]), 2), round(float(k[3, 1]), 2), 1]
+    assert ann["keypoints"][27:30] == [0, 0, 0] and ann["bbox"] == [10, 20, 40, 70]
+    back = data.read_poses(tmp_path / "poses.json")
+    assert sorted(back) == ["a/b.jpg", "c.png"] and back["c.png"] == []
+    f, shown = back["a/b.jpg"][0], k[:, 2] > 0
+    assert f["keypoints"][:, 2].tolist() == k[:, 2].tolist() and f["score"] == pytest.approx(0.9)
+    assert f["keypoints"][shown] == pytest.approx(k[shown], abs=0.006)
+    assert (f["keypoints"][~shown] == 0).all()  # a hidden joint's place is not kept
+    assert f["box"].tolist() == [10, 20, 50, 90]
+    listed = [{"file_name": "./x/y.jpg", "keypoints": k[:, :2].tolist(),  # MMPose's form
+               "keypoint_scores": [0.9] * 17},
+              {"path": "x/y.jpg", "keypoints": [[1, 2, 2]] * 17}]
+    (tmp_path / "list.json").write_text(json.dumps(listed))
+    figures = data.read_poses(tmp_path / "list.json")["x/y.jpg"]
+    assert len(figures) == 2 and figures[0]["keypoints"][:, 2] == pytest.approx([0.9] * 17)
+    assert figures[1]["box"].tolist() == [1, 2, 1, 2] and figures[1]["score"] == 1
+
+
+@pytest.mark.parametrize("doc, msg", [
+    ("{not json", "not JSON"),
+    ('{"images": 3}', "neither COCO keypoints"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 2, '
+     '"keypoints": []}]}', r"annotations\[0\]: image_id 2 is not in images"),
+    ('{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, '
+     '"keypoints": [1, 2, 2]}]}', r"annotations\[0\]: keypoints must be 17 \(x, y, v\)"),
+    ('[{"file_name": "a.jpg", "keypoints": [' + ",".join(["1, 2, 3"] * 17) + "]}]",
+     "entry 0: a keypoint's v must be 0, 1 or 2 .COCO., not 3"),
+    ('[{"file_name": "/etc/a.jpg", "keypoints": []}]', "path must be relative"),
+    ('[{"keypoints": []}]', "entry 0: needs a file_name"),
+    ('[{"file_name": "a.jpg", "keypoints": [' + ",".join(["1, 2, 2"] * 17) + '], "bbox": 5}]',
+     r"bbox must be \[x, y, width, height\]"),
+])
+def test_data_poses_malformed_is_one_line(tmp_path, doc, msg):
+    (tmp_path / "p.json").write_text(doc)
+    with pytest.raises(data.UserError, match=msg) as e:
+        data.read_poses(tmp_path / "p.json")
+    assert "\n" not in str(e.value) and str(tmp_path / "p.json") in str(e.value)
+    with pytest.raises(data.UserError, match="poses file not found"):
+        data.read_poses(tmp_path / "none.json")
+
+
+def test_data_demo_figures_are_painted_where_their_joints_are():
+    rng, counts = np.random.default_rng(4), Counter()
+    for _ in range(30):
+        im = Image.new("RGB", (160, 120), (200, 190, 170))
+        figures = data.demo_figures(im, rng)
+        counts[len(figures)] += 1
+        a = np.asarray(im, np.int64)
+        for f in figures:
+            k = f["keypoints"]
+            assert k.shape == (17, 3) and set(np.unique(k[:, 2])) <= {0.0, 1.0}
+            shown = k[k[:, 2] > 0, :2]
+            assert (shown >= 0).all() and (shown < [160, 120]).all()  # inside the image
+            assert f["box"].tolist() == pytest.approx([*shown.min(0), *shown.max(0)], abs=1e-4)
+            for j, jj in data.SKELETON:  # a shown limb's middle is painted (dark here, +-2 px:
+                if j >= 5 and k[j, 2] and k[jj, 2]:  # PIL's thinnest lines sit off centre)
+                    x, y = ((k[j, :2] + k[jj, :2]) / 2).round().astype(int)
+                    assert a[y - 2:y + 3, x - 2:x + 3].sum(-1).min() < 3 * 100
+    assert set(counts) == {0, 1, 2}
+    poses = {f: data.demo_pose(np.random.default_rng(1), f, mirror=False, hide=())
+             for f in data.POSE_FAMILIES}
+    wrist_up = {f: p[9, 1] < p[5, 1] for f, p in poses.items()}  # left wrist above shoulder
+    assert wrist_up["arms_raised"] and not wrist_up["standing"]
+    flipped = data.demo_pose(np.random.default_rng(1), "pointing", mirror=True, hide=())
+    assert flipped[10, 0] == pytest.approx(-poses["pointing"][9, 0])  # the left arm, now right
+    hidden = data.demo_pose(np.random.default_rng(1), "standing", hide=(13, 15))
+    assert hidden[[13, 15], 2].tolist() == [0, 0] and hidden[14, 2] == 1
+
+
 # ============================================================================
 # nets: the one backbone loader
 
@@ -1535,6 +1619,22 @@ def test_pages_rows_are_escaped_and_nga_rows_link_to_nga(tmp_path):
     assert 'href="https://www.nga.gov/content/ngaweb/Collection/art-object-page.46189.html"' in out
     assert data.nga_page_url({**row, "url": ""}) is None  # the demo's made-up ids: no link
     assert pages.script_json({"t": "</script><!--"}) == '{"t":"<\\/script><\\!--"}'
+
+
+def test_pages_draw_figures_colours_shown_limbs_only():
+    im = Image.new("RGB", (100, 80), (128, 128, 128))
+    k = np.zeros((17, 3))
+    k[[5, 7, 9, 6, 8, 10], :2] = [[40, 40], [40, 80], [40, 120], [120, 40], [120, 80],
+                                  [120, 120]]
+    k[[5, 7, 6, 8, 10], 2] = 1  # the left wrist (9) hidden
+    other = k.copy()
+    other[:, 0] += 30
+    out = np.asarray(pages.draw_figures(im, [{"keypoints": k}, other], scale=0.5), np.int64)
+    assert out.shape == (80, 100, 3) and (np.asarray(im) == 128).all()  # a copy
+    assert tuple(out[30, 20]) == pages.FIGURE_COLOURS[0]  # shoulder to elbow, at half scale
+    assert tuple(out[50, 20]) == (128, 128, 128)  # elbow to the hidden wrist: not drawn
+    assert tuple(out[50, 60]) == pages.FIGURE_COLOURS[0]
+    assert tuple(out[30, 35]) == pages.FIGURE_COLOURS[1]  # the second figure's own colour
 
 
 # ============================================================================
@@ -2136,6 +2236,248 @@ def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     assert "--lr -0.1: must be >= 0" in crnn_error(capsys, [*train, "--lr", "-0.1"])
     msg = crnn_error(capsys, [*train, "--backbone", "resnet34", "--out", str(trained)])
     assert f"{trained} holds another run (--backbone resnet18)" in msg  # nothing overwritten
+
+
+# ============================================================================
+# aspects: pose and face descriptors, verification, light and layout, the keypoint detector
+
+
+def posed(k, scale=1.0, deg=0.0, shift=(0.0, 0.0), mirror=False):
+    """Figures (.., 17, 3) turned by deg (+ clockwise as seen), scaled, shifted, and flipped
+    left-right first (x -> -x, left and right joints swapped) when mirror."""
+    k = aspects.mirrored(k) if mirror else np.array(k, np.float64)
+    z = (k[..., 0] + 1j * k[..., 1]) * scale * np.exp(1j * math.radians(deg)) + complex(*shift)
+    k = k.copy()
+    k[..., 0], k[..., 1] = z.real, z.imag
+    return k
+
+
+def pose_gallery(rng, n_images):
+    """(figures (f, 17, 3), image of each (f,)): 1 or 2 demo poses per image, in pixels."""
+    figs, img = [], []
+    for i in range(n_images):
+        for j in range(int(rng.integers(1, 3))):
+            at = (60 + 150 * j + rng.uniform(-20, 20), rng.uniform(80, 120))
+            figs.append(posed(data.demo_pose(rng), rng.uniform(20, 40), shift=at))
+            img.append(i)
+    return np.stack(figs), np.array(img)
+
+
+def test_aspects_pose_copy_translated_scaled_mirrored_is_nearest():
+    rng = np.random.default_rng(0)
+    G = np.stack([posed(data.demo_pose(rng, f, mirror=False), 30, shift=(200, 150))
+                  for f in data.POSE_FAMILIES for _ in range(40)])
+    src = G[5 * 40]  # pointing: one arm out, so its mirror image is another pose
+    copy = posed(src, 2.5, shift=(-400, 90))
+    assert aspects.pose_similarity(copy, src[None])[0] == pytest.approx(1.0)
+    for q, mirror in ((copy, False), (posed(src, 0.7, shift=(30, 5), mirror=True), True)):
+        assert np.argmax(aspects.pose_similarity(q, G, mirror=mirror)) == 5 * 40
+        S = aspects.query_rows(q[None], mirror, turns=(0.0,)) @ aspects.pose_vectors(G).T
+        assert np.argmax(S.max(0)) == 5 * 40 and S.max() == pytest.approx(1.0, abs=1e-5)
+    flipped = posed(src, 1.0, mirror=True)  # without the flag, a mirror image is another pose
+    assert aspects.pose_similarity(flipped, src[None])[0] < 0.9
+    assert aspects.pose_similarity(flipped, src[None], mirror=True)[0] == pytest.approx(1.0)
+
+
+def test_aspects_masked_joints_do_not_pull_unrelated_poses_together():
+    """A query hiding its legs must find its own pose, legs shown, before 50 other poses that
+    hide their legs too: a hidden joint is masked, not a joint at 0 (zero filling, checked
+    below, fails every time)."""
+    legs = [13, 14, 15, 16]
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        family = data.POSE_FAMILIES[seed % 6]
+        own = data.demo_pose(rng, family, mirror=False, hide=())
+        others = [f for f in data.POSE_FAMILIES if f != family]
+        G = np.stack([own] + [data.demo_pose(rng, others[i % 5], mirror=False, hide=legs)
+                              for i in range(50)])
+        q = posed(own, 1.3, shift=(5, 5))
+        q[legs, 2] = 0
+        assert np.argmax(aspects.pose_similarity(q, G)) == 0
+        assert np.argmax(aspects.pose_queries(q) @ aspects.pose_vectors(G).T) == 0
+        P, _ = aspects.normalise_pose(np.concatenate([q[None], G]))  # hidden joints as zeros
+        assert np.argmin(((P[1:] - P[0]) ** 2).sum((1, 2))) != 0
+    few = np.zeros((17, 3))
+    few[[0, 1, 2], 2] = 1  # three joints in common are too few to call anything a match
+    assert aspects.pose_similarity(few, own[None])[0] == -1
+
+
+def test_aspects_verify_recovers_a_similarity_transform():
+    rng = np.random.default_rng(3)
+    q = posed(data.demo_pose(rng, "pointing", mirror=False, hide=()), 40, shift=(100, 120))
+    for mirror in (False, True):
+        c = posed(q, 1.7, 15, (30, -20), mirror=mirror)
+        c[..., :2] += rng.normal(0, 0.5, (17, 2))  # px
+        c[[3, 9, 14], :2] += [[40, 10], [-35, 30], [25, 25]]  # three joints far off
+        score, T = aspects.verify(q[None], [c[None], np.zeros((0, 17, 3)), q[None]],
+                                  mirror=True)
+        s, deg, tx, ty, flipped = T[0]
+        assert (s, deg, flipped) == (pytest.approx(1.7, abs=0.02), pytest.approx(15, abs=0.6),
+                                     mirror)
+        assert (tx, ty) == (pytest.approx(30, abs=3), pytest.approx(-20, abs=3))
+        assert 0.75 < score[0] < 0.9 and score[1] == 0  # 14 of 17 joints on; no figures
+        own = c[aspects.FLIP] if mirror else c  # a mirrored figure's left is its right
+        on = np.setdiff1d(np.arange(17), aspects.FLIP[[3, 9, 14]] if mirror else [3, 9, 14])
+        assert np.abs(aspects.transform_points(T[0], q[:, :2])[on] - own[on, :2]).max() < 3
+        if mirror:  # not allowed to flip: no transform fits as well
+            assert aspects.verify(q[None], [c[None]], mirror=False)[0][0] < score[0] - 0.3
+    two = np.stack([q, posed(data.demo_pose(rng, "sitting", hide=()), 30, shift=(300, 90))])
+    c = posed(two, 0.8, -10, (-50, 40))
+    decoy = posed(data.demo_pose(rng, "arms_raised", hide=()), 25, shift=(0, 100))
+    score, T = aspects.verify(two, [np.concatenate([decoy[None], c[::-1]])])
+    assert score[0] == pytest.approx(1.0) and T[0, :2] == pytest.approx([0.8, -10])
+    assert aspects.verify(two, [c[:1]])[0][0] == pytest.approx(0.5, abs=0.05)  # one of two
+
+
+def head(nose=None, left_eye=None, right_eye=None, left_ear=None, right_ear=None):
+    """A figure whose only joints are the given head points (x, y)."""
+    k = np.zeros((17, 3))
+    for j, p in enumerate((nose, left_eye, right_eye, left_ear, right_ear)):
+        if p is not None:
+            k[j] = [*p, 1]
+    return k
+
+
+def test_aspects_face_yaw_sign_and_class():
+    """Heads drawn by hand: the figure's left eye and ear sit on the viewer's right when it
+    faces us; a face turned to the viewer's right has its nose right of its ears, shows its
+    right ear and hides its left."""
+    heads = {"frontal": head((50, 55), (58, 45), (42, 45), (68, 50), (32, 50)),
+             "three-quarter right": head((62, 55), (64, 45), (52, 45), None, (36, 50)),
+             "right": head((70, 55), (62, 45), None, None, (40, 50)),
+             "back": head(None, None, None, (70, 50), (30, 50)),
+             "none": head((50, 55))}
+    yaw, roll, names = aspects.face_orientation(np.stack(list(heads.values())))
+    assert names == ["frontal", "three-quarter right", "right", "back", None]
+    assert abs(yaw[0]) < 10 and 15 < yaw[1] < 60 and 60 < yaw[2] < 120 and abs(yaw[3]) > 150
+    assert np.isnan(yaw[4]) and roll[0] == pytest.approx(0)
+    left = posed(np.stack(list(heads.values())[:3]), mirror=True)  # the same heads, flipped
+    yaw_l, _, names_l = aspects.face_orientation(left)
+    assert names_l == ["frontal", "three-quarter left", "left"]
+    assert yaw_l == pytest.approx(-yaw[:3])
+    tilted = posed(heads["frontal"], deg=20)  # clockwise as seen: the left eye lower
+    yaw_t, roll_t, _ = aspects.face_orientation(tilted)
+    assert roll_t[0] == pytest.approx(20) and abs(yaw_t[0]) < 10
+    v = aspects.face_vectors(np.stack([heads["three-quarter right"], heads["right"],
+                                       left[2], heads["none"]]))
+    sims = v[0] @ v.T
+    assert sims[1] > 0.5 > sims[2] and sims[3] == 0  # the same way first; no face, no match
+
+
+def test_aspects_demo_poses_query_finds_its_transformed_copy_first(one_faiss_thread):
+    """The pose protocol in small: images of 1-2 demo figures; each query is one image's
+    figures scaled, turned up to 20 degrees, mirrored half the time, jittered, two joints
+    dropped per figure; searched as the wiring will (FAISS rows, exact re-rank, image scores,
+    verification of the top 50): its source image comes first."""
+    rng = np.random.default_rng(0)
+    G, img = pose_gallery(rng, 150)
+    index = faiss.IndexFlatIP(aspects.POSE_DIM)
+    index.add(aspects.pose_vectors(G))
+    for t in range(20):
+        src = int(rng.integers(150))
+        Q = posed(G[img == src], rng.uniform(0.6, 1.6), rng.uniform(-20, 20),
+                  rng.uniform(-50, 50, 2), mirror=t % 2 == 1)
+        Q[..., :2] += rng.normal(0, 0.02, Q[..., :2].shape) * \
+            aspects.body_size(Q, Q[..., 2] > 0)[:, None, None]
+        for k in Q:
+            k[rng.choice(np.flatnonzero(k[:, 2] > 0), 2, replace=False), 2] = 0
+        _, I = index.search(aspects.query_rows(Q, mirror=True), 50)
+        cand = np.unique(I)
+        S = np.stack([aspects.pose_similarity(q, G[cand], mirror=True) for q in Q])
+        images, _ = aspects.image_scores(S, img[cand])
+        score, _ = aspects.verify(Q, [G[img == i] for i in images[:50]], mirror=True)
+        assert images[np.argmax(score)] == src, t
+
+
+def test_aspects_image_scores_hand():
+    S = np.array([[0.9, 0.2, 0.5, 0.1],
+                  [0.1, 0.8, 0.3, 0.7]])  # 2 query figures x 4 figures of images 7, 7, 3, 5
+    images, scores = aspects.image_scores(S, [7, 7, 3, 5])
+    assert images.tolist() == [7, 3, 5] and scores == pytest.approx([0.85, 0.4, 0.4])
+    images, scores = aspects.image_scores(S, [7, 7, 3, 5], weights=[1, 3])
+    assert images.tolist() == [7, 5, 3] and scores == pytest.approx([0.825, 0.55, 0.35])
+
+
+def lit(side, seed, size=(96, 72), gain=1.0):
+    """A painting-like image lit from the left or right: smooth colour blobs under a ramp."""
+    rng = np.random.default_rng(seed)
+    base = np.asarray(Image.fromarray(rng.integers(40, 200, (4, 5, 3), dtype=np.uint8)).resize(
+        size, Image.BICUBIC), np.float64)
+    ramp = np.linspace(1.3, 0.35, size[0]) if side == "left" else np.linspace(0.35, 1.3, size[0])
+    return Image.fromarray(np.clip(base * ramp[None, :, None] * gain, 0, 255).astype(np.uint8))
+
+
+def test_aspects_light_left_right_and_exposure():
+    left, right = aspects.light_features(lit("left", 0)), aspects.light_features(lit("right", 0))
+    assert left[36] < -0.5 < 0.5 < right[36]  # the bright side's x, + right
+    assert aspects.light_summary(left).startswith("light from the left")
+    assert aspects.light_summary(right).startswith("light from the right")
+    dark = aspects.light_features(lit("left", 0, gain=0.5))  # the same, photographed darker
+    F = np.stack([left, right, dark] + [aspects.light_features(lit(s, seed))
+                                        for seed in range(1, 9) for s in ("left", "right")])
+    V = aspects.light_vector(F)
+    assert np.linalg.norm(V, axis=1) == pytest.approx(np.ones(len(F)), abs=1e-5)
+    sims = V @ V[0]
+    assert np.argsort(-sims)[1] == 2 and sims[2] > 0.99 and sims[1] < 0.5
+    assert np.mean(sims[3::2]) > np.mean(sims[4::2]) + 0.5  # lit from the left: the same side
+    assert np.abs(dark[:36] - left[:36]).max() < 0.03  # the layout part ignores exposure
+    warm = np.asarray(lit("left", 0), np.float64) * [1.2, 1.0, 0.7]
+    assert aspects.light_summary(aspects.light_features(np.clip(warm, 0, 255))).endswith("warm")
+    key = np.full((60, 60), 30, np.uint8)
+    key[20:40, 20:40] = 230  # dark, with one bright patch: low key
+    assert ", low key" in aspects.light_summary(aspects.light_features(np.stack([key] * 3, -1)))
+
+
+def test_aspects_layout_vector_tells_compositions_apart():
+    rng = np.random.default_rng(0)
+
+    def horizon(y, seed):  # a light sky over dark ground, hues at random
+        a = np.zeros((80, 100, 3))
+        c = np.random.default_rng(seed).uniform([[140], [20]], [[240], [120]], (2, 3))
+        a[:y], a[y:] = c[0], c[1]
+        return (a + rng.normal(0, 4, a.shape)).clip(0, 255).astype(np.uint8)
+
+    stripes = np.zeros((80, 100, 3), np.uint8)
+    stripes[:, ::20] = stripes[:, 1::20] = 200
+    V = np.stack([aspects.layout_vector(im) for im in
+                  (horizon(40, 0), horizon(45, 1), stripes, horizon(40, 0) // 2)])
+    assert np.linalg.norm(V, axis=1) == pytest.approx(np.ones(4), abs=1e-5)
+    assert V[0] @ V[1] > V[0] @ V[2] + 0.3  # another horizon before verticals
+    assert V[0] @ V[3] > 0.99  # a darker copy: the same composition
+
+
+def test_aspects_detector_runs_from_a_state_dict_path(tmp_path, monkeypatch):
+    """Random-init weights saved as a state_dict and passed by path, on small images: the
+    figures' contract (it may find nothing real: the weights are random), and each bad
+    weights argument as one line in nets.load_weights' words."""
+    path = tmp_path / "kp.pth"
+    torch.save(aspects.load_detector("none", min_size=64, seed=1).state_dict(), path)
+    model = aspects.load_detector(str(path), min_size=64)
+    ims = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (48 + 16 * i, 64, 3),
+                                                             dtype=np.uint8)) for i in range(3)]
+    out = aspects.detect(model, ims, torch.device("cpu"), batch=2, threshold=0.0, most=3)
+    assert len(out) == 3 and 0 < sum(map(len, out)) <= 9  # threshold 0: random boxes pass
+    for im, figures in zip(ims, out, strict=True):
+        for f in figures:
+            assert f["keypoints"].shape == (17, 3) and f["box"].shape == (4,)
+            assert 0 <= f["box"][0] <= f["box"][2] <= im.width and 0 <= f["score"] <= 1
+            assert ((f["keypoints"][:, 2] >= 0) & (f["keypoints"][:, 2] <= 1)).all()
+    assert aspects.detect(model, ims[:1], torch.device("cpu"), threshold=1.0) == [[]]
+    assert model.transform.min_size == (64,)  # the input size asked for
+    with pytest.raises(data.UserError, match="--pose-weights none or --pose-weights PATH"):
+        monkeypatch.setattr(torchvision.models.detection.KeypointRCNN_ResNet50_FPN_Weights
+                            .COCO_V1.__class__, "get_state_dict", lambda *a, **k: (_ for _ in (
+                                )).throw(urllib.error.URLError("Name or service not known")))
+        aspects.load_detector("coco", min_size=64)
+    with pytest.raises(data.UserError, match="--pose-weights r18.pth: not a torchvision "
+                                             "keypointrcnn_resnet50_fpn state_dict"):
+        aspects.load_detector_state(model, torchvision.models.resnet18().state_dict(), "r18.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(data.UserError) as e:
+        aspects.load_detector(str(tmp_path / "junk.pth"))
+    assert str(e.value) == f"--pose-weights {tmp_path / 'junk.pth'}: not a state_dict"
+    with pytest.raises(data.UserError, match="file not found .or use --pose-weights coco.none"):
+        aspects.load_detector(str(tmp_path / "none.pth"))
 
 
 # ============================================================================
