@@ -1089,7 +1089,8 @@ def cmd_train(args, device, ckpt=None):
         raise UserError(f"--resume: {args.out} was trained on other class lists than {args.data}")
     sel = announce_splits(table, args.data)
     seed_all(args.seed)
-    amp = nets.autocast_dtype(device) if args.amp else None
+    amp = nets.autocast_dtype(device, args.amp)
+    print(f"precision: {nets.precision_line(device, args.amp)}")
     model = CRNN({t: len(c) for t, c in table.classes.items()}, args.backbone,
                  "none" if ckpt else args.weights, args.hidden, args.rnn, args.dropout)
     if ckpt:  # before make_feeds: a missing feature cache is rebuilt from these weights
@@ -1103,8 +1104,8 @@ def cmd_train(args, device, ckpt=None):
     if not ckpt and nets.is_main():
         data.atomic_write(os.path.join(args.out, "log.jsonl"), "")
     print(f"tasks: {', '.join(f'{t} ({len(c)} classes)' for t, c in table.classes.items())}; "
-          f"{len(feeds.sampler.indices)} train images, {len(feeds.sampler)} steps/epoch, "
-          f"autocast {amp}" + (f"; each step's {args.batch_size} images split over "
+          f"{len(feeds.sampler.indices)} train images, {len(feeds.sampler)} steps/epoch"
+          + (f"; each step's {args.batch_size} images split over "
                                f"{nets.world()} processes" if fit.ddp else ""))
     list_skipped(feeds, table, args.out, feeds.cache_failed)
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
@@ -1569,10 +1570,11 @@ def build_parser():
     r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader processes decoding images (0: in the main process)")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="lower precision where it is fast: training in fp16 autocast + "
-                   "GradScaler on CUDA (bf16 autocast on AMX CPUs); inference (--eval, "
-                   "--predict, the frozen cache) with bf16/fp16 weights on CUDA, bf16 on AMX "
-                   "CPUs; --no-amp: fp32 throughout")
+                   help="lower precision where the hardware has it (nets.choose_precision): "
+                   "CUDA sm >= 8.0 (A100, L4, H100) bf16 autocast training and bf16 weights "
+                   "for inference (--eval, --predict, the frozen cache); older GPUs (T4, "
+                   "V100) fp16 autocast + GradScaler and fp16 weights; AMX/Zen 4 CPUs bf16; "
+                   "--no-amp: fp32 throughout")
     return p
 
 

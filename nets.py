@@ -230,16 +230,6 @@ def cpu_bf16_is_fast():
     return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in info)
 
 
-def autocast_dtype(device):
-    """Training's autocast: fp16 on CUDA; bf16 on CPUs where it beats fp32 (cpu_bf16_is_fast);
-    else None (fp32)."""
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_bf16_is_fast() and mkldnn_bf16():
-        return torch.bfloat16
-    return None
-
-
 def mkldnn_bf16():
     try:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -250,19 +240,46 @@ def mkldnn_bf16():
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def inference_precision(device, enabled=True):
-    """(name, why): the weights inference runs in (embedding, --eval, --predict, the frozen
-    feature cache). Converting the model once beats autocast, which casts every weight on every
-    call: bf16 weights ran a ResNet50 1.8x faster than autocast on an AMX Xeon, agreeing with
-    fp32 to a mean cosine of 0.99999. CUDA: bf16 where the card has it, else fp16; CPUs with
-    fast bf16 (AMX, Zen 4): bf16; elsewhere, and with enabled False (--no-amp), fp32."""
+def choose_precision(device, enabled=True):
+    """(weights, autocast, why): the one rule for training and inference on device.
+
+    weights: what inference runs in (embedding, --eval, --predict, the frozen feature cache),
+    the model converted once: bf16 weights ran a ResNet50 1.8x faster than autocast on an AMX
+    Xeon, agreeing with fp32 to a mean cosine of 0.99999. autocast: training's dtype (None:
+    fp32); fp16 trains with a GradScaler (crnn.make_fit), bf16 needs none (fp32's range).
+    CUDA by compute capability, not torch.cuda.is_bf16_supported(), which is True on a T4
+    (sm 7.5) because torch emulates bf16 there (slow, and some cuDNN kernels refuse it):
+    bf16 from sm 8.0 (A100, L4, H100), fp16 below (T4, V100). CPUs with fast bf16 (AMX,
+    Zen 4): bf16 both; other CPUs and mps: fp32. enabled False (--no-amp): fp32 both."""
     if not enabled:
-        return "fp32", "--no-amp"
+        return "fp32", None, "--no-amp"
     if device.type == "cuda":
-        return ("bf16", "CUDA") if torch.cuda.is_bf16_supported() else ("fp16", "CUDA")
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 0):
+            return "bf16", torch.bfloat16, f"CUDA sm {major}.{minor}: bf16 hardware"
+        return "fp16", torch.float16, f"CUDA sm {major}.{minor}: no bf16 hardware, fp16"
     if device.type == "cpu" and cpu_bf16_is_fast() and mkldnn_bf16():
-        return "bf16", "AMX" if "amx" in cpu_flags_text() else "AVX512-BF16"
-    return "fp32", f"{device.type}: no faster precision here"
+        return "bf16", torch.bfloat16, "AMX" if "amx" in cpu_flags_text() else "AVX512-BF16"
+    return "fp32", None, f"{device.type}: no faster precision here"
+
+
+def inference_precision(device, enabled=True):
+    """(weights name, why) of choose_precision: what inference runs in."""
+    weights, _, why = choose_precision(device, enabled)
+    return weights, why
+
+
+def autocast_dtype(device, enabled=True):
+    """Training's autocast dtype of choose_precision, or None (fp32)."""
+    return choose_precision(device, enabled)[1]
+
+
+def precision_line(device, enabled=True):
+    """What choose_precision picked, for people: 'bf16 weights, training: bf16 autocast (why)'."""
+    weights, amp, why = choose_precision(device, enabled)
+    train = "fp32" if amp is None else str(amp).replace("torch.", "") + " autocast" + (
+        " + GradScaler" if amp == torch.float16 else "")
+    return f"{weights} weights, training: {train} ({why})"
 
 
 @functools.cache
