@@ -429,20 +429,66 @@ def can_decode_jpegs():
 
 def decode_jpegs(blobs, img_size, device):
     """JPEG files' bytes (uint8 tensors) -> (B, 3, S, S) normalised on device: decoded there
-    (nvJPEG on CUDA, in one batched call), then resized (shorter side, antialiased) and centre-
-    cropped as make_transform does with PIL. Raises RuntimeError for a JPEG it cannot decode."""
+    (nvJPEG on CUDA, in one batched call), turned upright per EXIF, then resized (shorter side,
+    antialiased) and centre-cropped as make_transform does with PIL. Raises RuntimeError for a
+    JPEG it cannot decode.
+
+    EXIF orientation is read here, on the host, from each file's header: torchvision's CUDA
+    decoder drops apply_exif_orientation without a word (decode_jpegs_cuda takes no such
+    argument), which embedded phone photos and tagged scans sideways on a GPU only."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as TF
+    turns = [jpeg_orientation(b) for b in blobs]
     try:
-        imgs = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device,
-                           apply_exif_orientation=True)
-    except TypeError:  # torchvision < 0.19: no EXIF orientation, nor lists on every device
+        imgs = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    except TypeError:  # torchvision < 0.19: no lists on every device
         imgs = [decode_jpeg(b, mode=ImageReadMode.RGB, device=device) for b in blobs]
-    x = torch.stack([TF.center_crop(TF.resize(im, img_size, antialias=True), img_size)
-                     for im in imgs]).float().div_(255)
+    x = torch.stack([TF.center_crop(TF.resize(upright(im, t), img_size, antialias=True),
+                                    img_size) for im, t in zip(imgs, turns, strict=True)])
+    x = x.float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def jpeg_orientation(blob):
+    """The EXIF orientation (1-8; 1 upright, also when absent or unreadable) in a JPEG's header:
+    the APP1 'Exif' segment's first IFD, tag 0x0112. Reads only header bytes, decodes nothing."""
+    head = bytes(blob[:1 << 16].numpy()) if torch.is_tensor(blob) else bytes(blob[:1 << 16])
+    at = 2 if head[:2] == b"\xff\xd8" else len(head)
+    while at + 4 <= len(head) and head[at] == 0xFF:
+        marker, length = head[at + 1], int.from_bytes(head[at + 2:at + 4], "big")
+        if marker == 0xDA:  # start of scan: the header is over
+            break
+        seg = head[at + 4:at + 2 + length]
+        if marker == 0xE1 and seg[:6] == b"Exif\0\0":
+            return tiff_orientation(seg[6:])
+        at += 2 + length
+    return 1
+
+
+def tiff_orientation(tiff):
+    """Tag 0x0112 of the first IFD of EXIF's TIFF block, else 1."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    n = int.from_bytes(tiff[ifd:ifd + 2], order)
+    for e in range(ifd + 2, min(ifd + 2 + 12 * n, len(tiff) - 11), 12):  # 12-byte entries
+        if int.from_bytes(tiff[e:e + 2], order) == 0x0112:
+            value = int.from_bytes(tiff[e + 8:e + 10], order)  # a SHORT, left-justified
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def upright(img, orientation):
+    """(C, H, W) as decoded -> as displayed for EXIF orientation 1-8, as PIL's exif_transpose:
+    2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse,
+    8 rotate 90 counter-clockwise. Views where it can (flips copy)."""
+    if orientation in (5, 6, 7, 8):
+        img = img.transpose(-2, -1)  # 5 is this alone; 6, 7, 8 are it and a flip
+    flips = {2: [-1], 3: [-2, -1], 4: [-2], 6: [-1], 7: [-2, -1], 8: [-2]}.get(orientation)
+    return img.flip(flips) if flips else img
 
 
 def make_transform(img_size, train=False):
