@@ -33,9 +33,14 @@ def mps_available():
 
 def pick_device(flag=None):
     """An explicit --device wins (checked: a device this machine lacks is one line, not a
-    traceback at the first tensor); else cuda, then mps, then cpu. Prints the choice once."""
+    traceback at the first tensor); else cuda, then mps, then cpu. Prints the choice once.
+    cuda:N also becomes torch's current GPU: what opens a context without naming a device
+    (the DataLoader's pin-memory thread, cuDNN and FAISS handles) would otherwise open one on
+    GPU 0 as well, holding memory there. (Under torchrun init_distributed sets cuda:LOCAL_RANK.)"""
     if flag:
         device = check_device(flag)
+        if device.type == "cuda" and device.index is not None and world() == 1:
+            torch.cuda.set_device(device)
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     elif mps_available():
@@ -162,13 +167,24 @@ def init_distributed(device, hours=None):
     if device.type not in ("cuda", "cpu"):
         raise UserError(f"torchrun runs on cuda or cpu, not {device.type}: pass --device cpu")
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local_gpu())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         kw = {"timeout": datetime.timedelta(hours=hours)} if hours else {}
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
         print(f"torchrun: {world()} processes, backend {dist.get_backend()}")
     return device
+
+
+def local_gpu():
+    """LOCAL_RANK, the GPU this rank uses, checked against the GPUs there are: more ranks on a
+    node than GPUs is one line, not an invalid-device error deep in torch or nccl."""
+    local, n = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= n:
+        raise UserError(f"torchrun rank {rank()}: LOCAL_RANK {local} but this machine has {n} "
+                        f"CUDA GPU{'s' if n != 1 else ''}: start at most --nproc-per-node {n} "
+                        "(one process per GPU), or pass --device cpu")
+    return local
 
 
 def close_distributed():
