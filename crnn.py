@@ -455,11 +455,12 @@ def cache_key(args, precision):
         (f"|{precision}" if precision != "fp32" else "")
 
 
-def feature_cache(model, table, rows, split, args, device, precision, said=False):
+def feature_cache(model, table, rows, split, args, device, precision, said=False, part=False):
     """(fp16 memmap (n, C, H, W) of the frozen backbone's maps for `rows`, ok mask, failed
     [(position, reason)]). A cache for other paths or settings, or one that does not load
     (a run killed while writing it, a full disk), is built anew. said: the caller has
-    already said where this cache came from."""
+    already said where this cache came from. part: one torchrun rank's share, which may hold
+    no readable image (or none at all) and is still written."""
     d = args.cache or os.path.join(args.out, "cache")
     npy, meta = os.path.join(d, f"{split}.npy"), os.path.join(d, f"{split}.json")
     paths, key = [table.paths[i] for i in rows], cache_key(args, precision)
@@ -476,13 +477,16 @@ def feature_cache(model, table, rows, split, args, device, precision, said=False
                 raise ValueError(f"{arr.shape[0]} rows for {len(paths)} images")
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"cache: {npy} does not load ({one_line(e)}): building it again")
-    return build_cache(model, paths, npy, meta, key, args, device, precision)
+    return build_cache(model, paths, npy, meta, key, args, device, precision, part)
 
 
 def shared_feature_cache(model, table, rows, split, args, device, precision):
     """feature_cache under torchrun: each rank builds the cache of its contiguous share of rows
     (split.part-R-of-W.npy, kept if an earlier run finished it), rank 0 joins the shares into
-    the one cache, and every rank reads that whole. One process: feature_cache itself."""
+    the one cache, and every rank reads that whole. One process: feature_cache itself.
+    A rank whose share is empty (more ranks than rows) or unreadable writes an empty part
+    and joins every barrier; only a split with no readable image at all is an error, the
+    same one on every rank."""
     if nets.world() == 1:
         return feature_cache(model, table, rows, split, args, device, precision)
     d = args.cache or os.path.join(args.out, "cache")
@@ -490,12 +494,16 @@ def shared_feature_cache(model, table, rows, split, args, device, precision):
     if joined:
         lo, hi = nets.rank_span(len(rows))
         feature_cache(model, table, rows[lo:hi], part_name(split, nets.rank()), args, device,
-                      precision)
+                      precision, part=True)
         nets.barrier()
         if nets.is_main():
             join_cache_parts(d, split)
     nets.barrier()
-    return feature_cache(model, table, rows, split, args, device, precision, said=joined)
+    feats, ok, failed = feature_cache(model, table, rows, split, args, device, precision,
+                                      said=joined)
+    if not ok.any():
+        raise UserError(f"no readable image among {len(rows)} in {args.root}")
+    return feats, ok, failed
 
 
 def part_name(split, r):
@@ -547,8 +555,14 @@ def join_cache_parts(d, split, chunk=4096):
             os.remove(n + ext)
 
 
+def open_cache(tmp, n, shape):
+    """A new fp16 memmap (n, *shape) at tmp, its folder made."""
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    return np.lib.format.open_memmap(tmp, "w+", np.float16, (n, *shape))
+
+
 @torch.no_grad()
-def build_cache(model, paths, npy, meta, key, args, device, precision):
+def build_cache(model, paths, npy, meta, key, args, device, precision, part=False):
     ds = data.ImageDataset(paths, args.root, nets.make_transform(args.img_size), args.img_size)
     batches = sequential(np.arange(len(paths)), args.batch_size)
     loader = image_loader(ds, batches, args, device)
@@ -563,14 +577,15 @@ def build_cache(model, paths, npy, meta, key, args, device, precision):
             if x is not None:
                 f = backbone(to_device(x, device).to(dtype)).float().cpu().numpy()
                 if arr is None:  # shape known after the first batch: (n, C, H, W)
-                    os.makedirs(os.path.dirname(npy), exist_ok=True)
-                    arr = np.lib.format.open_memmap(tmp, "w+", np.float16,
-                                                    (len(paths),) + f.shape[1:])
+                    arr = open_cache(tmp, len(paths), f.shape[1:])
                 arr[i.numpy()] = np.clip(f, -65504, 65504)  # fp16 range
                 ok[i.numpy()] = True
             prog.update(len(expected))
-        if arr is None:
+        if arr is None and not part:
             raise UserError(f"no readable image among {len(paths)} in {args.root}")
+        if arr is None:  # a rank's share with nothing readable: rows of zeros, none ok
+            zero = torch.zeros(1, 3, args.img_size, args.img_size, device=device, dtype=dtype)
+            arr = open_cache(tmp, len(paths), backbone(zero).shape[1:])
         arr.flush()
         del arr
         os.replace(tmp, npy)
