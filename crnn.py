@@ -601,7 +601,11 @@ def build_cache(model, paths, npy, meta, key, args, device, precision, part=Fals
 # ----------------------------------------------------------------------------- training
 
 def to_device(x, device):
-    return x.to(device, non_blocking=True, memory_format=torch.channels_last).float()
+    """x on device in channels_last, float. Asynchronous only on CUDA (from pinned memory): a
+    non_blocking CPU-to-MPS copy can read its source after the loop has dropped it, silently
+    wrong values (pytorch/pytorch#139550, #189690, open in 2026)."""
+    return x.to(device, non_blocking=device.type == "cuda",
+                memory_format=torch.channels_last).float()
 
 
 def multitask_loss(logits, y, weights, smoothing):

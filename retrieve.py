@@ -166,7 +166,8 @@ def load_model(cfg, device, why="as the index was built"):
 
 def forward(model, x, device):
     """(B, 3, S, S) batch -> (B, dim) float32 numpy unit vectors."""
-    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    x = x.to(device, non_blocking=device.type == "cuda")  # not on MPS: see crnn.to_device
+    x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         z = model(x)
     return F.normalize(z.float(), dim=1).cpu().numpy()
