@@ -662,6 +662,7 @@ class Fit:
     frozen: bool
     ddp: object = None  # under torchrun: DistributedDataParallel around what trains (see join_ddp)
     dummy: object = None  # under torchrun: a (1, ...) zero input for a rank with no image
+    ce_host: list = None  # under torchrun: ce_weights on the host (batch_divisors, each step)
 
 
 def train_step(fit, x, y):
@@ -968,6 +969,7 @@ def join_ddp(fit, feeds, args):
     fit.ddp = DistributedDataParallel(module, device_ids=ids)
     shape = feeds.train.feats.shape[1:] if fit.frozen else (3, args.img_size, args.img_size)
     fit.dummy = torch.zeros(1, *shape)
+    fit.ce_host = [None if w is None else w.cpu() for w in fit.ce_weights]  # no GPU read a step
 
 
 def train_mode(fit):
@@ -1001,12 +1003,12 @@ def ddp_train_step(fit, x, y):
     """One optimizer step on every rank for one global batch, of which x, y are this rank's
     share (x None: none). Returns (the whole batch's loss, its images); loss None when no
     image in it has a label (no step, as in 1 process)."""
-    div = nets.all_sum([len(y), *batch_divisors(y, fit.ce_weights)])
+    div = nets.all_sum([len(y), *batch_divisors(y, fit.ce_host)])
     n, div = int(div[0]), div[1:]
     if not (div > 0).any():
         return None, n
     loss = share_loss(fit, x, y, div)
-    total = float(nets.all_sum([loss.item()])[0])  # the whole batch's loss, on every rank
+    total = float(nets.all_sum(loss)[0])  # the whole batch's loss, on every rank
     if math.isfinite(total):  # DDP averages: N x mean = sum of shares
         idle = [p for j, head in enumerate(fit.model.heads.values()) if div[j] == 0
                 for p in head.parameters()]  # no label, no gradient: as in 1 process
