@@ -56,6 +56,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import faiss
@@ -199,15 +200,19 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
     tmp = out_path + ".tmp.npy"
     xb = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(paths), cfg["dim"]))
     ok, bad, prog = np.zeros(len(paths), bool), {}, data.Progress(len(paths), "embed")
-    on_device = device.type == "cuda" and nets.can_decode_jpegs()
+    on_device, where = device.type == "cuda" and nets.can_decode_jpegs(), Counter()
     for x, idx, failed in image_batches(paths, root, cfg["img_size"], args, device,
                                         decode_on_device=on_device):
         bad.update(failed)
         if x is not None:  # None: every image of the batch failed to decode
             xb[idx.numpy()] = forward(model, x, device)
             ok[idx.numpy()] = True
+            where[x.device.type] += len(idx)  # decoded on the device, or by PIL on the host
         prog.update(len(failed) + (0 if x is None else len(idx)),
                     f"{len(bad)} unreadable" if bad else "")
+    if on_device:
+        print(f"decoded: {where[device.type]} JPEGs on {device.type} (nvJPEG), "
+              f"{where['cpu']} images with PIL")
     xb.flush()
     del xb
     good = np.flatnonzero(ok)
