@@ -297,8 +297,8 @@ def autocast_dtype(device, enabled=True):
 def precision_line(device, enabled=True):
     """What choose_precision picked, for people: 'bf16 weights, training: bf16 autocast (why)'."""
     weights, amp, why = choose_precision(device, enabled)
-    train = "fp32" if amp is None else str(amp).replace("torch.", "") + " autocast" + (
-        " + GradScaler" if amp == torch.float16 else "")
+    train = {None: "fp32", torch.bfloat16: "bf16 autocast",
+             torch.float16: "fp16 autocast + GradScaler"}[amp]
     return f"{weights} weights, training: {train} ({why})"
 
 
