@@ -3167,3 +3167,48 @@ def test_bench_agreement_is_judged_on_centred_vectors():
     assert bench.agrees(close) and close["centred"] > 0.99 > close["others"]
     swapped = bench.agreement(np.roll(x, 1, axis=0), x)  # every row another image
     assert swapped["cos"] > 0.99 and not bench.agrees(swapped) and swapped["top1"] == 0.0
+
+
+# ============================================================================
+# colab.ipynb: the notebook a Colab user runs, executed top to bottom on the CPU
+
+
+# The smallest settings that still run every cell: the test runs inside this checkout (no clone,
+# no install), 64 px, 1 epoch, no worker processes. Injected after the "parameters" cell, as
+# papermill injects its "injected-parameters" cell.
+NOTEBOOK_CI = """CLONE = False
+DEMO_N = 48
+BACKBONE = "resnet18"
+WEIGHTS = "none"
+IMG_SIZE = 64
+EPOCHS = 1
+WORKERS = 0"""
+
+
+def test_colab_notebook_runs_on_the_cpu(tmp_path, monkeypatch):
+    """colab.ipynb through nbclient in a fresh kernel, in tmp_path with this checkout on the
+    path: no error output from any cell, the pages it shows written, and the GPU check cell
+    saying the device and the precision it chose."""
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(os.path.join(HERE, "colab.ipynb"), as_version=4)
+    at = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(at) == 1 and nb.cells[0].cell_type == "markdown"  # runtime advice comes first
+    nb.cells.insert(at[0] + 1, nbformat.v4.new_code_cell(
+        NOTEBOOK_CI, metadata={"tags": ["injected-parameters"]}))
+    monkeypatch.setenv("PYTHONPATH", HERE)  # the kernel imports this checkout's scripts
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the one_thread fixture, for the kernel
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    errors = [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr" and
+              re.search(r"Traceback|error:", o.text)]
+    assert not errors, errors
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "device: cpu" in text and "no GPU: Runtime > Change runtime type" in text
+    assert re.search(r"precision: \w+ weights, training: ", text)
+    for page in ("runs/demo/report.html", "results.html", "demo/index/map.html"):
+        check_page(tmp_path / page)
+    assert sum("text/html" in o.get("data", {}) for o in outputs) == 3  # shown inline
