@@ -478,6 +478,9 @@ def jpeg_orientation(blob):
     at = 2 if head[:2] == b"\xff\xd8" else len(head)
     while at + 4 <= len(head) and head[at] == 0xFF:
         marker, length = head[at + 1], int.from_bytes(head[at + 2:at + 4], "big")
+        if marker == 0xFF:  # a fill byte before the marker
+            at += 1
+            continue
         if marker == 0xDA:  # start of scan: the header is over
             break
         seg = head[at + 4:at + 2 + length]

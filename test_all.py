@@ -1617,6 +1617,8 @@ def test_nets_device_decode_turns_images_upright(monkeypatch):
         assert (got - want).abs().max() < 0.05, o  # the same decoder and resampling as PIL
         assert o == 1 or (sideways - want).abs().mean() > 0.3, o  # the test can fail
     assert nets.jpeg_orientation(jpeg_bytes()) == 1  # no EXIF at all
+    six = oriented_jpeg(6)
+    assert nets.jpeg_orientation(six[:2] + b"\xff" + six[2:]) == 6  # a fill byte before APP1
     assert nets.jpeg_orientation(b"\xff\xd8\xff\xe1\x00\x10Exif\x00\x00MM\x00") == 1  # cut
 
 
