@@ -1126,8 +1126,8 @@ def cmd_train(args, device, ckpt=None):
         data.atomic_write(os.path.join(args.out, "log.jsonl"), "")
     print(f"tasks: {', '.join(f'{t} ({len(c)} classes)' for t, c in table.classes.items())}; "
           f"{len(feeds.sampler.indices)} train images, {len(feeds.sampler)} steps/epoch"
-          + (f"; each step's {args.batch_size} images split over "
-                               f"{nets.world()} processes" if fit.ddp else ""))
+          + (f"; each step's {args.batch_size} images split over {nets.world()} processes"
+             if fit.ddp else ""))
     list_skipped(feeds, table, args.out, feeds.cache_failed)
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         state = run_epoch(fit, feeds, table, args, epoch, state)
