@@ -9,6 +9,7 @@ Shell:
     python retrieve.py --query demo/images/Cubism/leon-voss_cityscape-7.jpg -k 5
     python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg   # indexed; minus itself
     python retrieve.py --eval                # self-retrieval, copy detection, label retrieval
+    python retrieve.py --eval --device cuda:1   # GPU FAISS on GPU 1 only (--all-gpus: every GPU)
     python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg --html results.html
     python retrieve.py --eval --html eval.html   # the table and the copy-detection failures
     python retrieve.py --map                 # demo/index/map.html: the collection in 2-D
