@@ -455,11 +455,12 @@ def cache_key(args, precision):
         (f"|{precision}" if precision != "fp32" else "")
 
 
-def feature_cache(model, table, rows, split, args, device, precision, said=False):
+def feature_cache(model, table, rows, split, args, device, precision, said=False, part=False):
     """(fp16 memmap (n, C, H, W) of the frozen backbone's maps for `rows`, ok mask, failed
     [(position, reason)]). A cache for other paths or settings, or one that does not load
     (a run killed while writing it, a full disk), is built anew. said: the caller has
-    already said where this cache came from."""
+    already said where this cache came from. part: one torchrun rank's share, which may hold
+    no readable image (or none at all) and is still written."""
     d = args.cache or os.path.join(args.out, "cache")
     npy, meta = os.path.join(d, f"{split}.npy"), os.path.join(d, f"{split}.json")
     paths, key = [table.paths[i] for i in rows], cache_key(args, precision)
@@ -476,13 +477,16 @@ def feature_cache(model, table, rows, split, args, device, precision, said=False
                 raise ValueError(f"{arr.shape[0]} rows for {len(paths)} images")
         except (OSError, ValueError, KeyError, TypeError) as e:
             print(f"cache: {npy} does not load ({one_line(e)}): building it again")
-    return build_cache(model, paths, npy, meta, key, args, device, precision)
+    return build_cache(model, paths, npy, meta, key, args, device, precision, part)
 
 
 def shared_feature_cache(model, table, rows, split, args, device, precision):
     """feature_cache under torchrun: each rank builds the cache of its contiguous share of rows
     (split.part-R-of-W.npy, kept if an earlier run finished it), rank 0 joins the shares into
-    the one cache, and every rank reads that whole. One process: feature_cache itself."""
+    the one cache, and every rank reads that whole. One process: feature_cache itself.
+    A rank whose share is empty (more ranks than rows) or unreadable writes an empty part
+    and joins every barrier; only a split with no readable image at all is an error, the
+    same one on every rank."""
     if nets.world() == 1:
         return feature_cache(model, table, rows, split, args, device, precision)
     d = args.cache or os.path.join(args.out, "cache")
@@ -490,12 +494,16 @@ def shared_feature_cache(model, table, rows, split, args, device, precision):
     if joined:
         lo, hi = nets.rank_span(len(rows))
         feature_cache(model, table, rows[lo:hi], part_name(split, nets.rank()), args, device,
-                      precision)
+                      precision, part=True)
         nets.barrier()
         if nets.is_main():
             join_cache_parts(d, split)
     nets.barrier()
-    return feature_cache(model, table, rows, split, args, device, precision, said=joined)
+    feats, ok, failed = feature_cache(model, table, rows, split, args, device, precision,
+                                      said=joined)
+    if not ok.any():
+        raise UserError(f"no readable image among {len(rows)} in {args.root}")
+    return feats, ok, failed
 
 
 def part_name(split, r):
@@ -547,8 +555,14 @@ def join_cache_parts(d, split, chunk=4096):
             os.remove(n + ext)
 
 
+def open_cache(tmp, n, shape):
+    """A new fp16 memmap (n, *shape) at tmp, its folder made."""
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    return np.lib.format.open_memmap(tmp, "w+", np.float16, (n, *shape))
+
+
 @torch.no_grad()
-def build_cache(model, paths, npy, meta, key, args, device, precision):
+def build_cache(model, paths, npy, meta, key, args, device, precision, part=False):
     ds = data.ImageDataset(paths, args.root, nets.make_transform(args.img_size), args.img_size)
     batches = sequential(np.arange(len(paths)), args.batch_size)
     loader = image_loader(ds, batches, args, device)
@@ -563,14 +577,15 @@ def build_cache(model, paths, npy, meta, key, args, device, precision):
             if x is not None:
                 f = backbone(to_device(x, device).to(dtype)).float().cpu().numpy()
                 if arr is None:  # shape known after the first batch: (n, C, H, W)
-                    os.makedirs(os.path.dirname(npy), exist_ok=True)
-                    arr = np.lib.format.open_memmap(tmp, "w+", np.float16,
-                                                    (len(paths),) + f.shape[1:])
+                    arr = open_cache(tmp, len(paths), f.shape[1:])
                 arr[i.numpy()] = np.clip(f, -65504, 65504)  # fp16 range
                 ok[i.numpy()] = True
             prog.update(len(expected))
-        if arr is None:
+        if arr is None and not part:
             raise UserError(f"no readable image among {len(paths)} in {args.root}")
+        if arr is None:  # a rank's share with nothing readable: rows of zeros, none ok
+            zero = torch.zeros(1, 3, args.img_size, args.img_size, device=device, dtype=dtype)
+            arr = open_cache(tmp, len(paths), backbone(zero).shape[1:])
         arr.flush()
         del arr
         os.replace(tmp, npy)
@@ -586,7 +601,11 @@ def build_cache(model, paths, npy, meta, key, args, device, precision):
 # ----------------------------------------------------------------------------- training
 
 def to_device(x, device):
-    return x.to(device, non_blocking=True, memory_format=torch.channels_last).float()
+    """x on device in channels_last, float. Asynchronous only on CUDA (from pinned memory): a
+    non_blocking CPU-to-MPS copy can read its source after the loop has dropped it, silently
+    wrong values (pytorch/pytorch#139550, #189690, open in 2026)."""
+    return x.to(device, non_blocking=device.type == "cuda",
+                memory_format=torch.channels_last).float()
 
 
 def multitask_loss(logits, y, weights, smoothing):
@@ -643,6 +662,7 @@ class Fit:
     frozen: bool
     ddp: object = None  # under torchrun: DistributedDataParallel around what trains (see join_ddp)
     dummy: object = None  # under torchrun: a (1, ...) zero input for a rank with no image
+    ce_host: list = None  # under torchrun: ce_weights on the host (batch_divisors, each step)
 
 
 def train_step(fit, x, y):
@@ -949,6 +969,7 @@ def join_ddp(fit, feeds, args):
     fit.ddp = DistributedDataParallel(module, device_ids=ids)
     shape = feeds.train.feats.shape[1:] if fit.frozen else (3, args.img_size, args.img_size)
     fit.dummy = torch.zeros(1, *shape)
+    fit.ce_host = [None if w is None else w.cpu() for w in fit.ce_weights]  # no GPU read a step
 
 
 def train_mode(fit):
@@ -982,12 +1003,12 @@ def ddp_train_step(fit, x, y):
     """One optimizer step on every rank for one global batch, of which x, y are this rank's
     share (x None: none). Returns (the whole batch's loss, its images); loss None when no
     image in it has a label (no step, as in 1 process)."""
-    div = nets.all_sum([len(y), *batch_divisors(y, fit.ce_weights)])
+    div = nets.all_sum([len(y), *batch_divisors(y, fit.ce_host)])
     n, div = int(div[0]), div[1:]
     if not (div > 0).any():
         return None, n
     loss = share_loss(fit, x, y, div)
-    total = float(nets.all_sum([loss.item()])[0])  # the whole batch's loss, on every rank
+    total = float(nets.all_sum(loss)[0])  # the whole batch's loss, on every rank
     if math.isfinite(total):  # DDP averages: N x mean = sum of shares
         idle = [p for j, head in enumerate(fit.model.heads.values()) if div[j] == 0
                 for p in head.parameters()]  # no label, no gradient: as in 1 process
@@ -1089,7 +1110,8 @@ def cmd_train(args, device, ckpt=None):
         raise UserError(f"--resume: {args.out} was trained on other class lists than {args.data}")
     sel = announce_splits(table, args.data)
     seed_all(args.seed)
-    amp = nets.autocast_dtype(device) if args.amp else None
+    amp = nets.autocast_dtype(device, args.amp)
+    print(f"precision: {nets.precision_line(device, args.amp)}")
     model = CRNN({t: len(c) for t, c in table.classes.items()}, args.backbone,
                  "none" if ckpt else args.weights, args.hidden, args.rnn, args.dropout)
     if ckpt:  # before make_feeds: a missing feature cache is rebuilt from these weights
@@ -1103,9 +1125,9 @@ def cmd_train(args, device, ckpt=None):
     if not ckpt and nets.is_main():
         data.atomic_write(os.path.join(args.out, "log.jsonl"), "")
     print(f"tasks: {', '.join(f'{t} ({len(c)} classes)' for t, c in table.classes.items())}; "
-          f"{len(feeds.sampler.indices)} train images, {len(feeds.sampler)} steps/epoch, "
-          f"autocast {amp}" + (f"; each step's {args.batch_size} images split over "
-                               f"{nets.world()} processes" if fit.ddp else ""))
+          f"{len(feeds.sampler.indices)} train images, {len(feeds.sampler)} steps/epoch"
+          + (f"; each step's {args.batch_size} images split over {nets.world()} processes"
+             if fit.ddp else ""))
     list_skipped(feeds, table, args.out, feeds.cache_failed)
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         state = run_epoch(fit, feeds, table, args, epoch, state)
@@ -1569,10 +1591,11 @@ def build_parser():
     r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader processes decoding images (0: in the main process)")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="lower precision where it is fast: training in fp16 autocast + "
-                   "GradScaler on CUDA (bf16 autocast on AMX CPUs); inference (--eval, "
-                   "--predict, the frozen cache) with bf16/fp16 weights on CUDA, bf16 on AMX "
-                   "CPUs; --no-amp: fp32 throughout")
+                   help="lower precision where the hardware has it (nets.choose_precision): "
+                   "CUDA sm >= 8.0 (A100, L4, H100) bf16 autocast training and bf16 weights "
+                   "for inference (--eval, --predict, the frozen cache); older GPUs (T4, "
+                   "V100) fp16 autocast + GradScaler and fp16 weights; AMX/Zen 4 CPUs bf16; "
+                   "--no-amp: fp32 throughout")
     return p
 
 

@@ -33,9 +33,14 @@ def mps_available():
 
 def pick_device(flag=None):
     """An explicit --device wins (checked: a device this machine lacks is one line, not a
-    traceback at the first tensor); else cuda, then mps, then cpu. Prints the choice once."""
+    traceback at the first tensor); else cuda, then mps, then cpu. Prints the choice once.
+    cuda:N also becomes torch's current GPU: what opens a context without naming a device
+    (the DataLoader's pin-memory thread, cuDNN and FAISS handles) would otherwise open one on
+    GPU 0 as well, holding memory there. (Under torchrun init_distributed sets cuda:LOCAL_RANK.)"""
     if flag:
         device = check_device(flag)
+        if device.type == "cuda" and device.index is not None and world() == 1:
+            torch.cuda.set_device(device)
     elif torch.cuda.is_available():
         device = torch.device("cuda")
     elif mps_available():
@@ -162,13 +167,24 @@ def init_distributed(device, hours=None):
     if device.type not in ("cuda", "cpu"):
         raise UserError(f"torchrun runs on cuda or cpu, not {device.type}: pass --device cpu")
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local_gpu())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         kw = {"timeout": datetime.timedelta(hours=hours)} if hours else {}
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
         print(f"torchrun: {world()} processes, backend {dist.get_backend()}")
     return device
+
+
+def local_gpu():
+    """LOCAL_RANK, the GPU this rank uses, checked against the GPUs there are: more ranks on a
+    node than GPUs is one line, not an invalid-device error deep in torch or nccl."""
+    local, n = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= n:
+        raise UserError(f"torchrun rank {rank()}: LOCAL_RANK {local} but this machine has {n} "
+                        f"CUDA GPU{'s' if n != 1 else ''}: start at most --nproc-per-node {n} "
+                        "(one process per GPU), or pass --device cpu")
+    return local
 
 
 def close_distributed():
@@ -202,13 +218,17 @@ def all_gather_objects(obj):
 
 
 def all_sum(values):
-    """Element-wise sum over the ranks of a list of numbers, as float64 numpy (one small
-    all_reduce); the values themselves for one process."""
-    x = np.asarray(values, dtype=np.float64)
+    """Element-wise sum over the ranks, as float64 numpy: of a list of numbers (one small
+    all_reduce), or of a tensor, reduced where it lies (a loss on the GPU: one copy to the
+    host after the reduction instead of .item() before it and a copy after: one wait for the
+    GPU per call, not two); the values themselves for one process."""
+    if torch.is_tensor(values):
+        t = values.detach().reshape(-1).to(torch.float64, copy=True)
+    else:
+        t = torch.from_numpy(np.array(values, dtype=np.float64))
     if world() == 1:
-        return x
+        return t.cpu().numpy()
     import torch.distributed as dist
-    t = torch.from_numpy(x.copy())
     if dist.get_backend() == "nccl":  # nccl reduces GPU tensors only
         t = t.cuda()
     dist.all_reduce(t)
@@ -230,16 +250,6 @@ def cpu_bf16_is_fast():
     return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in info)
 
 
-def autocast_dtype(device):
-    """Training's autocast: fp16 on CUDA; bf16 on CPUs where it beats fp32 (cpu_bf16_is_fast);
-    else None (fp32)."""
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and cpu_bf16_is_fast() and mkldnn_bf16():
-        return torch.bfloat16
-    return None
-
-
 def mkldnn_bf16():
     try:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -250,19 +260,46 @@ def mkldnn_bf16():
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def inference_precision(device, enabled=True):
-    """(name, why): the weights inference runs in (embedding, --eval, --predict, the frozen
-    feature cache). Converting the model once beats autocast, which casts every weight on every
-    call: bf16 weights ran a ResNet50 1.8x faster than autocast on an AMX Xeon, agreeing with
-    fp32 to a mean cosine of 0.99999. CUDA: bf16 where the card has it, else fp16; CPUs with
-    fast bf16 (AMX, Zen 4): bf16; elsewhere, and with enabled False (--no-amp), fp32."""
+def choose_precision(device, enabled=True):
+    """(weights, autocast, why): the one rule for training and inference on device.
+
+    weights: what inference runs in (embedding, --eval, --predict, the frozen feature cache),
+    the model converted once: bf16 weights ran a ResNet50 1.8x faster than autocast on an AMX
+    Xeon, agreeing with fp32 to a mean cosine of 0.99999. autocast: training's dtype (None:
+    fp32); fp16 trains with a GradScaler (crnn.make_fit), bf16 needs none (fp32's range).
+    CUDA by compute capability, not torch.cuda.is_bf16_supported(), which is True on a T4
+    (sm 7.5) because torch emulates bf16 there (slow, and some cuDNN kernels refuse it):
+    bf16 from sm 8.0 (A100, L4, H100), fp16 below (T4, V100). CPUs with fast bf16 (AMX,
+    Zen 4): bf16 both; other CPUs and mps: fp32. enabled False (--no-amp): fp32 both."""
     if not enabled:
-        return "fp32", "--no-amp"
+        return "fp32", None, "--no-amp"
     if device.type == "cuda":
-        return ("bf16", "CUDA") if torch.cuda.is_bf16_supported() else ("fp16", "CUDA")
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 0):
+            return "bf16", torch.bfloat16, f"CUDA sm {major}.{minor}: bf16 hardware"
+        return "fp16", torch.float16, f"CUDA sm {major}.{minor}: no bf16 hardware, fp16"
     if device.type == "cpu" and cpu_bf16_is_fast() and mkldnn_bf16():
-        return "bf16", "AMX" if "amx" in cpu_flags_text() else "AVX512-BF16"
-    return "fp32", f"{device.type}: no faster precision here"
+        return "bf16", torch.bfloat16, "AMX" if "amx" in cpu_flags_text() else "AVX512-BF16"
+    return "fp32", None, f"{device.type}: no faster precision here"
+
+
+def inference_precision(device, enabled=True):
+    """(weights name, why) of choose_precision: what inference runs in."""
+    weights, _, why = choose_precision(device, enabled)
+    return weights, why
+
+
+def autocast_dtype(device, enabled=True):
+    """Training's autocast dtype of choose_precision, or None (fp32)."""
+    return choose_precision(device, enabled)[1]
+
+
+def precision_line(device, enabled=True):
+    """What choose_precision picked, for people: 'bf16 weights, training: bf16 autocast (why)'."""
+    weights, amp, why = choose_precision(device, enabled)
+    train = {None: "fp32", torch.bfloat16: "bf16 autocast",
+             torch.float16: "fp16 autocast + GradScaler"}[amp]
+    return f"{weights} weights, training: {train} ({why})"
 
 
 @functools.cache
@@ -412,20 +449,69 @@ def can_decode_jpegs():
 
 def decode_jpegs(blobs, img_size, device):
     """JPEG files' bytes (uint8 tensors) -> (B, 3, S, S) normalised on device: decoded there
-    (nvJPEG on CUDA, in one batched call), then resized (shorter side, antialiased) and centre-
-    cropped as make_transform does with PIL. Raises RuntimeError for a JPEG it cannot decode."""
+    (nvJPEG on CUDA, in one batched call), turned upright per EXIF, then resized (shorter side,
+    antialiased) and centre-cropped as make_transform does with PIL. Raises RuntimeError for a
+    JPEG it cannot decode.
+
+    EXIF orientation is read here, on the host, from each file's header: torchvision's CUDA
+    decoder drops apply_exif_orientation without a word (decode_jpegs_cuda takes no such
+    argument), which embedded phone photos and tagged scans sideways on a GPU only."""
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import functional as TF
+    turns = [jpeg_orientation(b) for b in blobs]
     try:
-        imgs = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device,
-                           apply_exif_orientation=True)
-    except TypeError:  # torchvision < 0.19: no EXIF orientation, nor lists on every device
+        imgs = decode_jpeg(blobs, mode=ImageReadMode.RGB, device=device)
+    except TypeError:  # torchvision < 0.19: no lists on every device
         imgs = [decode_jpeg(b, mode=ImageReadMode.RGB, device=device) for b in blobs]
-    x = torch.stack([TF.center_crop(TF.resize(im, img_size, antialias=True), img_size)
-                     for im in imgs]).float().div_(255)
+    x = torch.stack([TF.center_crop(TF.resize(upright(im, t), img_size, antialias=True),
+                                    img_size) for im, t in zip(imgs, turns, strict=True)])
+    x = x.float().div_(255)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def jpeg_orientation(blob):
+    """The EXIF orientation (1-8; 1 upright, also when absent or unreadable) in a JPEG's header:
+    the APP1 'Exif' segment's first IFD, tag 0x0112. Reads only header bytes, decodes nothing."""
+    head = bytes(blob[:1 << 16].numpy()) if torch.is_tensor(blob) else bytes(blob[:1 << 16])
+    at = 2 if head[:2] == b"\xff\xd8" else len(head)
+    while at + 4 <= len(head) and head[at] == 0xFF:
+        marker, length = head[at + 1], int.from_bytes(head[at + 2:at + 4], "big")
+        if marker == 0xFF:  # a fill byte before the marker
+            at += 1
+            continue
+        if marker == 0xDA:  # start of scan: the header is over
+            break
+        seg = head[at + 4:at + 2 + length]
+        if marker == 0xE1 and seg[:6] == b"Exif\0\0":
+            return tiff_orientation(seg[6:])
+        at += 2 + length
+    return 1
+
+
+def tiff_orientation(tiff):
+    """Tag 0x0112 of the first IFD of EXIF's TIFF block, else 1."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    ifd = int.from_bytes(tiff[4:8], order)
+    n = int.from_bytes(tiff[ifd:ifd + 2], order)
+    for e in range(ifd + 2, min(ifd + 2 + 12 * n, len(tiff) - 11), 12):  # 12-byte entries
+        if int.from_bytes(tiff[e:e + 2], order) == 0x0112:
+            value = int.from_bytes(tiff[e + 8:e + 10], order)  # a SHORT, left-justified
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def upright(img, orientation):
+    """(C, H, W) as decoded -> as displayed for EXIF orientation 1-8, as PIL's exif_transpose:
+    2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90 clockwise, 7 transverse,
+    8 rotate 90 counter-clockwise. Views where it can (flips copy)."""
+    if orientation in (5, 6, 7, 8):
+        img = img.transpose(-2, -1)  # 5 is this alone; 6, 7, 8 are it and a flip
+    flips = {2: [-1], 3: [-2, -1], 4: [-2], 6: [-1], 7: [-2, -1], 8: [-2]}.get(orientation)
+    return img.flip(flips) if flips else img
 
 
 def make_transform(img_size, train=False):

@@ -9,6 +9,7 @@ Shell:
     python retrieve.py --query demo/images/Cubism/leon-voss_cityscape-7.jpg -k 5
     python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg   # indexed; minus itself
     python retrieve.py --eval                # self-retrieval, copy detection, label retrieval
+    python retrieve.py --eval --device cuda:1   # GPU FAISS on GPU 1 only (--all-gpus: every GPU)
     python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg --html results.html
     python retrieve.py --eval --html eval.html   # the table and the copy-detection failures
     python retrieve.py --map                 # demo/index/map.html: the collection in 2-D
@@ -56,6 +57,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import faiss
@@ -166,7 +168,8 @@ def load_model(cfg, device, why="as the index was built"):
 
 def forward(model, x, device):
     """(B, 3, S, S) batch -> (B, dim) float32 numpy unit vectors."""
-    x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    x = x.to(device, non_blocking=device.type == "cuda")  # not on MPS: see crnn.to_device
+    x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         z = model(x)
     return F.normalize(z.float(), dim=1).cpu().numpy()
@@ -198,15 +201,19 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
     tmp = out_path + ".tmp.npy"
     xb = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(paths), cfg["dim"]))
     ok, bad, prog = np.zeros(len(paths), bool), {}, data.Progress(len(paths), "embed")
-    on_device = device.type == "cuda" and nets.can_decode_jpegs()
+    on_device, where = device.type == "cuda" and nets.can_decode_jpegs(), Counter()
     for x, idx, failed in image_batches(paths, root, cfg["img_size"], args, device,
                                         decode_on_device=on_device):
         bad.update(failed)
         if x is not None:  # None: every image of the batch failed to decode
             xb[idx.numpy()] = forward(model, x, device)
             ok[idx.numpy()] = True
+            where[x.device.type] += len(idx)  # decoded on the device, or by PIL on the host
         prog.update(len(failed) + (0 if x is None else len(idx)),
                     f"{len(bad)} unreadable" if bad else "")
+    if on_device:
+        print(f"decoded: {where[device.type]} JPEGs on {device.type} (nvJPEG), "
+              f"{where['cpu']} images with PIL")
     xb.flush()
     del xb
     good = np.flatnonzero(ok)
@@ -476,8 +483,10 @@ def search(index, xq, k, chunk=4096):
 GPU_MAX = 2048  # the largest k (and nprobe) FAISS's GPU kernels take
 
 
-def to_search_device(index, cfg, device):
-    """A GPU copy for search when faiss has GPU support and we run on cuda (hnsw: CPU only).
+def to_search_device(index, cfg, device, all_gpus=False):
+    """A GPU copy for search when faiss has GPU support and we run on cuda (hnsw: CPU only):
+    on the one GPU that device names (cuda:N; plain cuda: torch's current GPU), or with
+    all_gpus (--all-gpus) a replica on every GPU, the queries split over them.
 
     Only the inner index goes to the GPU; --pca's transforms (PCA, re-normalisation) run on the
     host: FAISS cannot clone a NormalizationTransform, and a failed clone of the whole index
@@ -490,25 +499,41 @@ def to_search_device(index, cfg, device):
         print(f"note: the index stays on the CPU (--nprobe {body.nprobe} > {GPU_MAX}, the GPU's "
               "limit)")
         return index
-    co = faiss.GpuMultipleClonerOptions()
-    co.useFloat16 = cfg["index_type"] == "ivfpq"  # m=64 lookup tables fit shared memory in fp16
     try:
-        gpu = faiss.index_cpu_to_all_gpus(body, co)
+        gpu, res, where = clone_to_gpus(body, cfg, device, all_gpus)
     except RuntimeError as e:  # e.g. IVFPQ with nbits < 8, or sub-vectors the kernels lack
         print(f"note: the index stays on the CPU ({one_line(e)})")
         return index
-    print(f"index on {faiss.get_num_gpus()} GPU(s)")
+    print(f"index on {where}")
     chain = [index.chain.at(i) for i in range(index.chain.size())] \
         if isinstance(index, faiss.IndexPreTransform) else []
-    return OnGpu(index, gpu, chain)
+    return OnGpu(index, gpu, chain, res)
+
+
+def clone_to_gpus(body, cfg, device, all_gpus):
+    """(GPU index, its GpuResources or None, where in words). FAISS numbers GPUs as torch
+    does (both follow CUDA_VISIBLE_DEVICES)."""
+    fp16 = cfg["index_type"] == "ivfpq"  # m=64 lookup tables fit shared memory in fp16
+    if all_gpus:
+        co = faiss.GpuMultipleClonerOptions()
+        co.useFloat16 = fp16
+        return faiss.index_cpu_to_all_gpus(body, co), None, f"all {faiss.get_num_gpus()} GPUs"
+    gpu_id = device.index if device.index is not None else torch.cuda.current_device()
+    if gpu_id >= faiss.get_num_gpus():
+        raise RuntimeError(f"FAISS sees {faiss.get_num_gpus()} GPUs, not cuda:{gpu_id}")
+    co = faiss.GpuClonerOptions()
+    co.useFloat16 = fp16
+    res = faiss.StandardGpuResources()  # scratch memory and streams: must outlive the index
+    return faiss.index_cpu_to_gpu(res, gpu_id, body, co), res, f"GPU {gpu_id}"
 
 
 class OnGpu:
     """Search on a GPU copy of an index's inner part, its transforms applied on the host first.
     A k above GPU_MAX searches the CPU index instead (GPU FAISS refuses it)."""
 
-    def __init__(self, cpu, gpu, chain):
+    def __init__(self, cpu, gpu, chain, res=None):
         self.cpu, self.gpu, self.chain, self.ntotal = cpu, gpu, chain, cpu.ntotal
+        self.res = res  # the GpuResources the copy runs on, kept alive with it
 
     def search(self, xq, k):
         if k > GPU_MAX:
@@ -1339,7 +1364,7 @@ def open_for_search(args, device):
     p = dict(cfg["index_params"])
     p.update({k: v for k, v in (("ef_search", args.ef_search), ("nprobe", args.nprobe)) if v})
     set_search_params(index, p)
-    return cfg, meta, xb, to_search_device(index, cfg, device)
+    return cfg, meta, xb, to_search_device(index, cfg, device, args.all_gpus)
 
 
 def check_k(k, n):
@@ -1787,11 +1812,15 @@ def build_parser():
     r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="image decoding processes")
-    r.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, mps, then cpu)")
+    r.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, mps, then cpu); "
+                   "with a GPU build of FAISS the index is searched on this one GPU")
+    r.add_argument("--all-gpus", action="store_true", help="--query/--eval/--map with a GPU "
+                   "build of FAISS: a copy of the index on every GPU, queries split over them "
+                   "(default: only the --device GPU)")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="--build: embed with bf16 weights on CPUs with fast bf16 (AMX, Zen 4), "
-                   "bf16/fp16 on CUDA; --no-amp: fp32. The index records it: queries, --add and "
-                   "--eval embed as it was built")
+                   help="--build: embed with bf16 weights on CPUs with fast bf16 (AMX, Zen 4) "
+                   "and CUDA sm >= 8.0, fp16 on older GPUs (T4); --no-amp: fp32. The index "
+                   "records it: queries, --add and --eval embed as it was built")
     r.add_argument("--seed", type=int, default=0, help="init, samples, copies")
     return p
 

@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
 
 import aspects
 import bench
@@ -1590,6 +1590,122 @@ def test_nets_autocast_and_cudnn_flags(monkeypatch, demo, tmp_path):
     assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (True, False)
 
 
+def fit_for(amp):
+    """crnn.make_fit on a tiny model, as cmd_train calls it with this autocast dtype."""
+    model = crnn.CRNN({"style": 3}, torch.nn.Conv2d(3, 8, 3), hidden=8)
+    feeds = crnn.Feeds(model, [None], [[0]], None, None, [])
+    args = crnn.build_parser().parse_args(["--train", "--epochs", "1"])
+    return crnn.make_fit(model, feeds, args, torch.device("cuda"), amp)
+
+
+@pytest.mark.parametrize("capability, weights, amp, scaler", [
+    ((7, 5), "fp16", torch.float16, True),  # T4: no bf16 hardware (torch emulates it)
+    ((7, 0), "fp16", torch.float16, True),  # V100
+    ((8, 0), "bf16", torch.bfloat16, False),  # A100
+    ((8, 9), "bf16", torch.bfloat16, False),  # L4
+    ((9, 0), "bf16", torch.bfloat16, False)], ids=["T4", "V100", "A100", "L4", "H100"])
+def test_nets_precision_by_capability(monkeypatch, capability, weights, amp, scaler):
+    """One rule for training and inference on CUDA, by compute capability: a T4 got bf16
+    weights (torch.cuda.is_bf16_supported() is True there: emulated) and every GPU got fp16 +
+    GradScaler training; now bf16 both from sm 8.0 without a scaler, fp16 both below with
+    one. The CPU's choice is unchanged and --no-amp is fp32 everywhere."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert nets.inference_precision(cuda)[0] == weights and nets.autocast_dtype(cuda) == amp
+    fit = fit_for(nets.autocast_dtype(cuda))
+    assert fit.amp == amp and (fit.scaler is not None) == scaler
+    line = nets.precision_line(cuda)
+    assert f"sm {capability[0]}.{capability[1]}" in line and ("GradScaler" in line) == scaler
+    assert nets.choose_precision(cuda, enabled=False) == ("fp32", None, "--no-amp")
+    cpu, fast = torch.device("cpu"), nets.cpu_bf16_is_fast() and nets.mkldnn_bf16()
+    assert nets.choose_precision(cpu)[:2] == (("bf16", torch.bfloat16) if fast else ("fp32", None))
+    assert nets.choose_precision(torch.device("mps"))[:2] == ("fp32", None)
+
+
+def test_nets_more_ranks_than_gpus_is_one_line(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU machine: rank 1 asked for cuda:1 and died in
+    torch; now one line naming the fix, before any GPU or process group is touched."""
+    touched = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", touched.append)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(data.UserError) as e:
+        nets.init_distributed(torch.device("cuda"))
+    assert str(e.value) == ("torchrun rank 1: LOCAL_RANK 1 but this machine has 1 CUDA GPU: "
+                            "start at most --nproc-per-node 1 (one process per GPU), or pass "
+                            "--device cpu") and touched == []
+
+
+def test_nets_copies_wait_on_mps(monkeypatch):
+    """Host-to-device copies are asynchronous on CUDA only (pinned memory); on MPS a
+    non_blocking copy can read its source after the loop dropped it (pytorch#189690)."""
+    class Copy:
+        def __init__(self):
+            self.non_blocking = []
+
+        def to(self, *a, non_blocking=False, **kw):
+            self.non_blocking.append(non_blocking)
+            return self
+
+        def float(self):
+            return self
+
+        def contiguous(self, **kw):
+            return self
+    for device, want in (("mps", False), ("cuda", True), ("cpu", False)):
+        x, y = Copy(), Copy()
+        crnn.to_device(x, torch.device(device))
+        retrieve.forward(lambda t: torch.ones(1, 4), y, torch.device(device))
+        assert x.non_blocking == y.non_blocking == [want], device
+
+
+def oriented_jpeg(orientation, size=(96, 64)):
+    """A JPEG whose pixels are not symmetric under any flip or turn (a red ramp across, green
+    down, a blue block near a corner), with EXIF orientation `orientation`."""
+    w, h = size
+    a = np.zeros((h, w, 3), np.uint8)
+    a[..., 0] = np.linspace(0, 255, w)[None]
+    a[..., 1] = np.linspace(0, 255, h)[:, None]
+    a[4:20, 8:30, 2] = 255
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=95, exif=exif)
+    return buf.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+def test_nets_device_decode_turns_images_upright(monkeypatch):
+    """torchvision's CUDA JPEG decoder drops apply_exif_orientation (decode_jpegs_cuda takes
+    none): emulated here by a decode_jpeg that ignores it, run on the CPU. Each orientation 2-8
+    must still come out as PIL + exif_transpose gives it (the host reads the tag and turns the
+    tensor), and a file without a tag or with a broken header is left as it is."""
+    import torchvision.io
+    real = torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data, *a, **kw: real(
+        data, *a, **{k: v for k, v in kw.items() if k != "apply_exif_orientation"}))
+    tf = nets.make_transform(48)
+    for o in range(1, 9):
+        blob = oriented_jpeg(o)
+        assert nets.jpeg_orientation(torch.frombuffer(bytearray(blob), dtype=torch.uint8)) == o
+        want = tf(ImageOps.exif_transpose(Image.open(io.BytesIO(blob))).convert("RGB"))
+        got = nets.decode_jpegs([torch.frombuffer(bytearray(blob), dtype=torch.uint8)], 48,
+                                torch.device("cpu"))[0]
+        sideways = tf(Image.open(io.BytesIO(blob)).convert("RGB"))  # the tag ignored
+        assert (got - want).abs().max() < 0.05, o  # the same decoder and resampling as PIL
+        assert o == 1 or (sideways - want).abs().mean() > 0.3, o  # the test can fail
+    assert nets.jpeg_orientation(jpeg_bytes()) == 1  # no EXIF at all
+    six = oriented_jpeg(6)
+    assert nets.jpeg_orientation(six[:2] + b"\xff" + six[2:]) == 6  # a fill byte before APP1
+    assert nets.jpeg_orientation(b"\xff\xd8\xff\xe1\x00\x10Exif\x00\x00MM\x00") == 1  # cut
+
+
 # ============================================================================
 # pages: heat overlays and the HTML pieces (the pages themselves come with each script's runs)
 
@@ -1882,6 +1998,23 @@ def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeyp
         acc = (logits[t].argmax(1).numpy()[m] == y[m, j]).mean()
         assert b["val"]["tasks"][t]["n"] == m.sum() and b["val"]["tasks"][t]["acc"] == \
             pytest.approx(acc), t
+
+
+def test_crnn_torchrun_frozen_cache_with_fewer_images_than_ranks(demo, tmp_path):
+    """Two ranks, one train and one val image: rank 0's share of each split is empty. It raised
+    'no readable image among 0' and took the run down; now it writes an empty part, joins
+    every barrier, and the run trains on the one image."""
+    rows = data.read_csv(demo / "manifest.csv")
+    one = [next(r for r in rows if r["split"] == s) for s in ("train", "val")]
+    data.write_csv(tmp_path / "m1.csv", list(rows[0]), [list(r.values()) for r in one])
+    rc, out = torchrun("crnn.py", "--train", "--data", tmp_path / "m1.csv", "--root",
+                       demo / "images", "--classes", demo / "classes.json", *CRNN_FAST,
+                       "--freeze-backbone", "--epochs", "1", "--out", tmp_path / "run",
+                       "--device", "cpu")
+    assert rc == 0, out[-3000:]
+    assert "train.part-0-of-2.npy (0 images" in out and "1 train images" in out
+    assert np.load(tmp_path / "run" / "cache" / "train.npy").shape[0] == 1
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text())["epoch"] == 1
 
 
 # ------------------------------------------------------------------------------------ eval, predict
@@ -2525,17 +2658,29 @@ def test_retrieve_pca_whitening_renormalises():
 
 @pytest.fixture
 def emulated_gpu(monkeypatch):
-    """faiss-cpu made to look like a GPU build: one GPU, and a 'copy to the GPUs' that clones
-    (as FAISS's GPU cloner would, it cannot clone a NormalizationTransform). Yields what was
-    copied."""
+    """faiss-cpu made to look like a GPU build with two GPUs: 'copies to a GPU' that clone (as
+    FAISS's GPU cloner would, they cannot clone a NormalizationTransform). Yields what was
+    copied, as (index, GPU number or 'all')."""
     copied = []
 
-    def to_gpus(index, co):
-        copied.append(index)
+    def to_gpu(res, device, index, co):
+        assert isinstance(res, Resources)  # a GpuResources, not a stray argument
+        copied.append((index, device))
         return faiss.clone_index(index)
-    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+
+    def to_all_gpus(index, co):
+        copied.append((index, "all"))
+        return faiss.clone_index(index)
+
+    class Resources:
+        pass
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    monkeypatch.setattr(faiss, "StandardGpuResources", Resources, raising=False)
+    monkeypatch.setattr(faiss, "GpuClonerOptions", types.SimpleNamespace, raising=False)
     monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", types.SimpleNamespace, raising=False)
-    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_gpus, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all_gpus, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     return copied
 
 
@@ -2545,7 +2690,7 @@ def test_retrieve_gpu_copy_answers_as_the_cpu_index(emulated_gpu, capsys, flags)
     icfg, index = retrieve.index_from_vectors(xb, index_args(*flags))
     on_gpu = retrieve.to_search_device(index, icfg, torch.device("cuda"))
     assert isinstance(on_gpu, retrieve.OnGpu) and len(emulated_gpu) == 1
-    assert not isinstance(emulated_gpu[0], faiss.IndexPreTransform)  # the inner index only
+    assert not isinstance(emulated_gpu[0][0], faiss.IndexPreTransform)  # the inner index only
     for k in (10, 2500):  # 2500 > GPU_MAX: answered by the CPU index, with a note
         (D, I), (Dc, Ic) = on_gpu.search(xq, k), index.search(xq, k)
         assert (I == Ic).all()
@@ -2553,9 +2698,35 @@ def test_retrieve_gpu_copy_answers_as_the_cpu_index(emulated_gpu, capsys, flags)
     assert capsys.readouterr().out.count("searching on the CPU") == 1
 
 
+def test_retrieve_gpu_index_on_the_device_gpu_only(emulated_gpu, built, monkeypatch, capsys):
+    """--device cuda:1 on a two-GPU machine: torch's current GPU becomes 1 (the pin-memory
+    thread and cuDNN open no context on GPU 0) and the index goes to GPU 1 alone, where it
+    went to every GPU (index_cpu_to_all_gpus) whatever --device said; plain cuda: the current
+    GPU; every GPU only with --all-gpus."""
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    device = nets.pick_device("cuda:1")
+    assert current == [torch.device("cuda", 1)]
+    parse = retrieve.build_parser().parse_args
+    for flags, want in [(["--device", "cuda:1"], 1), (["--device", "cuda"], 0),
+                        (["--device", "cuda:1", "--all-gpus"], "all")]:
+        args = parse(["--query", "x.jpg", "--index", str(built), *flags])
+        dev = torch.device(args.device)
+        on_gpu = retrieve.open_for_search(args, dev)[3]
+        assert isinstance(on_gpu, retrieve.OnGpu) and emulated_gpu[-1][1] == want, flags
+    assert [d for _, d in emulated_gpu] == [1, 0, "all"] and device == torch.device("cuda", 1)
+    out = capsys.readouterr().out
+    assert "index on GPU 1" in out and "index on all 2 GPUs" in out
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun, init_distributed sets the GPU
+    nets.pick_device("cuda:1")
+    assert len(current) == 1
+
+
 def test_retrieve_gpu_copy_failure_stays_on_the_cpu(emulated_gpu, monkeypatch, capsys):
     icfg, index = retrieve.index_from_vectors(clustered(500, 32, 1), index_args("--pca", "8"))
-    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda i, co: (_ for _ in ()).throw(
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda *a: (_ for _ in ()).throw(
         RuntimeError("Error: GPU index only supports 8 bits per code (simulated)")))
     assert retrieve.to_search_device(index, icfg, torch.device("cuda")) is index
     assert "the index stays on the CPU (Error: GPU index only supports" in capsys.readouterr().out
@@ -2765,6 +2936,8 @@ def test_retrieve_jpegs_decoded_on_the_device_agree_with_pil(demo, tmp_path):
     assert sorted(a) == sorted(b) and fa == fb == [(paths.index("trunc.jpg"), fa[0][1])]
     cos = [torch.nn.functional.cosine_similarity(a[i], b[i], 0).item() for i in a]
     assert min(cos) >= 0.99, cos
+    ag = bench.agreement(*(torch.stack([e[i] for i in sorted(a)]).numpy() for e in (b, a)))
+    assert bench.agrees(ag), ag  # and not merely alike: each image nearest its own PIL twin
 
 
 def test_jpegs_on_the_device_only_where_torchvision_still_decodes(monkeypatch):
@@ -3292,3 +3465,94 @@ def test_bench_tiny_writes_valid_json(tmp_path):
 def test_bench_unknown_section_is_one_line_error():
     with pytest.raises(SystemExit, match="unknown section 'gpu'"):
         bench.main(["--tiny", "--only", "gpu"])
+
+
+def test_bench_one_gpu_machine_skips_two_ranks_and_keeps_rows(tmp_path, monkeypatch, capsys):
+    """On an emulated one-GPU machine the full bench crashed in its torchrun section (rank 1
+    asked for cuda:1) and, writing bench.json only at the end, lost every row before it. Now
+    that section is skipped with a line, bench.json is rewritten after each section, and a
+    section that raises leaves the rows before it on disk (exit status 1)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: (
+        types.SimpleNamespace(name="Emulated T4", total_memory=15 * 2**30)))
+    out, seen = tmp_path / "b.json", []
+
+    def search(args, tmp):  # what was on disk when the next section began
+        seen.append(json.loads(out.read_text()))
+        raise RuntimeError("CUDA error: an illegal memory access (simulated)")
+    monkeypatch.setitem(bench.SECTIONS, "load", lambda args, tmp: [
+        bench.row("load", "measured", 1.0, 2.0, "img/s")])
+    monkeypatch.setitem(bench.SECTIONS, "search", search)
+    rc = bench.main(["--tiny", "--only", "load,processes,search", "--out", str(out),
+                     "--tmp", str(tmp_path)])
+    said = capsys.readouterr().out
+    assert rc == 1 and "[processes] skipped: 2 torchrun ranks need 2 GPUs" in said
+    assert "[search] FAILED after 0 s: CUDA error: an illegal memory access" in said
+    assert [r["name"] for r in seen[0]["rows"]] == ["measured"] and "processes" in seen[0][
+        "skipped"]
+    res = json.loads(out.read_text())
+    assert [r["name"] for r in res["rows"]] == ["measured"]
+    assert res["machine"]["gpu"] == "Emulated T4" and res["machine"]["precision"].startswith(
+        "fp16 CUDA sm 7.5")
+    assert set(res["failed"]) == {"search"} and set(res["skipped"]) == {"processes"}
+
+
+def test_bench_agreement_is_judged_on_centred_vectors():
+    """Embeddings that share one big direction (as a random-init network's do: two different
+    images at a raw cosine of ~0.995) pass a raw 'cosine >= 0.99' check even when the rows are
+    other images. The centred check passes the same images with small noise and fails
+    mismatched rows."""
+    rng = np.random.default_rng(0)
+    x = unit(np.ones(64) + 0.07 * rng.standard_normal((40, 64)))
+    assert (x @ x.T).min() > 0.98  # different images, nearly parallel
+    close = bench.agreement(unit(x + 4e-4 * rng.standard_normal(x.shape)), x)
+    assert bench.agrees(close) and close["centred"] > 0.99 > close["others"]
+    swapped = bench.agreement(np.roll(x, 1, axis=0), x)  # every row another image
+    assert swapped["cos"] > 0.99 and not bench.agrees(swapped) and swapped["top1"] == 0.0
+
+
+# ============================================================================
+# colab.ipynb: the notebook a Colab user runs, executed top to bottom on the CPU
+
+
+# The smallest settings that still run every cell: the test runs inside this checkout (no clone,
+# no install), 64 px, 1 epoch, no worker processes. Injected after the "parameters" cell, as
+# papermill injects its "injected-parameters" cell.
+NOTEBOOK_CI = """CLONE = False
+DEMO_N = 48
+BACKBONE = "resnet18"
+WEIGHTS = "none"
+IMG_SIZE = 64
+EPOCHS = 1
+WORKERS = 0"""
+
+
+def test_colab_notebook_runs_on_the_cpu(tmp_path, monkeypatch):
+    """colab.ipynb through nbclient in a fresh kernel, in tmp_path with this checkout on the
+    path: no error output from any cell, the pages it shows written, and the GPU check cell
+    saying the device and the precision it chose."""
+    import nbformat
+    from nbclient import NotebookClient
+    nb = nbformat.read(os.path.join(HERE, "colab.ipynb"), as_version=4)
+    at = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(at) == 1 and nb.cells[0].cell_type == "markdown"  # runtime advice comes first
+    nb.cells.insert(at[0] + 1, nbformat.v4.new_code_cell(
+        NOTEBOOK_CI, metadata={"tags": ["injected-parameters"]}))
+    monkeypatch.setenv("PYTHONPATH", HERE)  # the kernel imports this checkout's scripts
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the one_thread fixture, for the kernel
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    errors = [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr" and
+              re.search(r"Traceback|error:", o.text)]
+    assert not errors, errors
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "device: cpu" in text and "no GPU: Runtime > Change runtime type" in text
+    assert re.search(r"precision: \w+ weights, training: ", text)
+    for page in ("runs/demo/report.html", "results.html", "demo/index/map.html"):
+        check_page(tmp_path / page)
+    assert sum("text/html" in o.get("data", {}) for o in outputs) == 3  # shown inline
