@@ -44,10 +44,11 @@ Where the model looked: attention_maps() gives the attention pooling's weight pe
 grad_cam() the Grad-CAM of any task's class at the backbone's last block; --predict --explain
 draws both over the crop the model saw, in explain/<name>_<task>.png.
 
-Training is deterministic for --seed: each epoch reseeds from (seed, epoch), so --resume after
-a kill repeats exactly what an uninterrupted run does (bit-exact on the CPU with --workers 0;
-worker processes keep their own augmentation streams). Checkpoints hold model, optimizer,
-scheduler, scaler, epoch, best, args and class lists, written atomically every epoch.
+Training is deterministic for --seed: each epoch reseeds from (seed, epoch) and each image's
+augmentation draws from its own seed, so --resume after a kill, in a new process, repeats
+exactly what an uninterrupted run does (bit-exact on the CPU, at any --workers, with or without
+--amp, which --resume takes from last.pt). Checkpoints hold model, optimizer, scheduler, scaler,
+epoch, best, args and class lists, written atomically every epoch.
 
 Under torchrun (DistributedDataParallel: nccl on CUDA, gloo on the CPU) every rank takes its share
 of each --batch-size batch of the 1-process order, so steps, schedule and checkpoints do not depend
@@ -376,11 +377,13 @@ def seed_worker(_):
 
 class EpochBatches:
     """Batch sampler whose order depends only on (seed, epoch), so a resumed run draws the same
-    batches as an uninterrupted one. weights: per-index draw weights (with replacement)."""
+    batches as an uninterrupted one. weights: per-index draw weights (with replacement).
+    seeds: iterating yields [(row, augmentation seed)] for Augmented instead of rows."""
 
-    def __init__(self, indices, batch_size, seed, weights=None):
+    def __init__(self, indices, batch_size, seed, weights=None, seeds=False):
         self.indices, self.batch_size, self.seed = np.asarray(indices), batch_size, seed
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.seeds = seeds
         self.set_epoch(1)
 
     def set_epoch(self, epoch):
@@ -392,12 +395,35 @@ class EpochBatches:
         picked = self.indices[order.numpy()]
         self.batches = [picked[i:i + self.batch_size].tolist()
                         for i in range(0, n, self.batch_size)]
+        # one seed per draw, after the order (which stays as it was): mt19937 keeps 32 bits
+        draws = torch.randint(2**32, (n,), generator=g).tolist()
+        self.keyed = [list(zip(b, draws[i * self.batch_size:], strict=False))
+                      for i, b in enumerate(self.batches)]
 
     def __iter__(self):
-        return iter(self.batches)
+        return iter(self.keyed if self.seeds else self.batches)
 
     def __len__(self):
         return len(self.batches)
+
+
+class Augmented:
+    """Item (row, seed) of a dataset with random augmentation: its crop and flip drawn from seed
+    alone. Worker processes keep their own random streams from epoch to epoch, and a resumed
+    run starts fresh ones; seeding each draw makes an image's augmentation in an epoch the same
+    in any process, so --resume is exact at any --workers (and --workers changes nothing)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        row, seed = key
+        with torch.random.fork_rng(devices=[]):  # the caller's stream (dropout) stays as it was
+            torch.manual_seed(seed)
+            return self.ds[row]
 
 
 def sequential(indices, batch_size):
@@ -769,7 +795,8 @@ def save_checkpoint(fit, out, state, table, args, is_best):
 RESUME_FLAGS = ("data", "root", "classes", "tasks", "backbone", "weights", "rnn", "hidden",
                 "dropout", "img_size", "epochs", "batch_size", "lr", "weight_decay", "warmup",
                 "label_smoothing", "balance", "patience", "freeze_backbone", "cache", "seed",
-                "drop_leaks")
+                "drop_leaks", "amp")
+RETYPABLE = ("epochs", "amp")  # typed, these win over last.pt's: --no-amp after a NaN loss
 RUN_FLAGS = ("data", "tasks", "backbone", "weights", "rnn", "hidden", "img_size",
              "freeze_backbone")
 PATH_FLAGS = ("data", "root", "classes", "cache", "weights")
@@ -804,7 +831,7 @@ def resume_flags(args, typed):
     ckpt = read_checkpoint(path)
     was = ckpt["args"]
     clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (it has {was.get(k)})"
-             for k in RESUME_FLAGS if k in typed and k != "epochs"
+             for k in RESUME_FLAGS if k in typed and k not in RETYPABLE
              and not same_flag(k, getattr(args, k), was.get(k))]
     if clash:
         raise UserError(f"--resume: {path} was trained with other flags: {'; '.join(clash)}; "
@@ -817,6 +844,7 @@ def resume_flags(args, typed):
                         "epochs: pass a larger --epochs to extend it")
     shown = " ".join(f"--{k.replace('_', '-')}" + ("" if was[k] is True else f" {was[k]}")
                      for k in RESUME_FLAGS if k not in typed and was.get(k) not in (None, False))
+    shown += " --no-amp" if "amp" not in typed and was.get("amp") is False else ""
     print(f"resuming {path} after epoch {ckpt['epoch']} (best mean F1 {ckpt['best']:.4f}) "
           f"with its flags: {shown}")
     return ckpt
@@ -882,13 +910,13 @@ def make_feeds(model, table, args, device):
                         f"(have {len(rows['train'])} train, {len(rows[sel])} {sel})")
     ce, draw = balance_weights(table, rows["train"], args, device)
     if not args.freeze_backbone:
-        sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw)
+        sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw, seeds=True)
         ds = [data.ImageDataset(table.paths, args.root, nets.make_transform(args.img_size, aug),
                                 args.img_size) for aug in (True, False)]
         val = image_loader(ds[1], RankShare(sequential(rows[sel], args.batch_size)), args,
                            device)
-        return Feeds(model, ce, sampler, image_loader(ds[0], RankShare(sampler), args, device),
-                     val, [])
+        return Feeds(model, ce, sampler, image_loader(Augmented(ds[0]), RankShare(sampler), args,
+                                                      device), val, [])
     where, feats, skipped = np.full(len(table.paths), -1), {}, []
     precision, why = nets.inference_precision(device, args.amp)
     nets.say_precision(precision, why + ", the frozen backbone's cache")
