@@ -518,7 +518,7 @@ def peak_rss_mb():
 
 def write_vectors(path, n, d, chunk=10_000):
     """n synthetic unit vectors to a .npy, chunk rows at a time (never all in memory here)."""
-    xb = np.lib.format.open_memmap(path, "w+", np.float32, (n, d))
+    xb = data.open_memmap(path, np.float32, (n, d))  # reserved: a full disk is no SIGBUS
     for i in range(0, n, chunk):
         xb[i:i + chunk] = synthetic_embeddings(min(chunk, n - i), d, seed=100 + i // chunk)
     xb.flush()
@@ -770,7 +770,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         for s in only:
             t0 = time.time()
-            rows += SECTIONS[s](args, tmp)
+            try:
+                rows += SECTIONS[s](args, tmp)
+            except OSError as e:  # a full scratch disk: one line
+                raise SystemExit(f"bench.py: error: {data.os_error_line(e)}") from None
             print(f"[{s}] done in {time.time() - t0:.0f} s", flush=True)
     print_table(rows)
     info["peak_rss_mb"] = peak_rss_mb()

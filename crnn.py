@@ -552,8 +552,7 @@ def join_cache_parts(d, split, chunk=4096):
             metas.append(json.load(f))
     npy = os.path.join(d, f"{split}.npy")
     tmp = f"{npy}.{os.getpid()}.tmp.npy"
-    out = np.lib.format.open_memmap(tmp, "w+", np.float16,
-                                    (sum(len(a) for a in parts),) + parts[0].shape[1:])
+    out = data.open_memmap(tmp, np.float16, (sum(len(a) for a in parts),) + parts[0].shape[1:])
     at, ok, failed = 0, [], []
     for a, m in zip(parts, metas, strict=True):
         for i in range(0, len(a), chunk):
@@ -590,8 +589,7 @@ def build_cache(model, paths, npy, meta, key, args, device, precision):
                 f = backbone(to_device(x, device).to(dtype)).float().cpu().numpy()
                 if arr is None:  # shape known after the first batch: (n, C, H, W)
                     os.makedirs(os.path.dirname(npy), exist_ok=True)
-                    arr = np.lib.format.open_memmap(tmp, "w+", np.float16,
-                                                    (len(paths),) + f.shape[1:])
+                    arr = data.open_memmap(tmp, np.float16, (len(paths),) + f.shape[1:])
                 arr[i.numpy()] = np.clip(f, -65504, 65504)  # fp16 range
                 ok[i.numpy()] = True
             prog.update(len(expected))
@@ -1637,6 +1635,8 @@ def main(argv=None):
             return cmd_train(args, nets.init_distributed(device, hours=2), ckpt)
     except UserError as e:
         raise SystemExit(f"crnn.py: error: {e}") from None
+    except OSError as e:  # a full disk (no SIGBUS: memory maps are reserved), a folder not ours
+        raise SystemExit(f"crnn.py: error: {data.os_error_line(e)}") from None
     finally:
         nets.close_distributed()
 

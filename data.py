@@ -25,6 +25,7 @@ Bad input ends with one line on stderr and exit status 1 (`UserError`), never a 
 """
 
 import argparse
+import contextlib
 import csv
 import email.utils
 import errno
@@ -147,7 +148,7 @@ def atomic_write(path, data, mode="w", durable=False):
     try:
         kw = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape",
                                      "newline": ""}
-        with os.fdopen(fd, mode, **kw) as f:
+        with writing(path), os.fdopen(fd, mode, **kw) as f:
             f.write(data)
             if durable:
                 f.flush()
@@ -224,6 +225,81 @@ def split_leaks(rows):
     for r in rows:
         splits[r["path"]].add(r.get("split", ""))
     return {p: s for p, s in splits.items() if len(s) > 1}
+
+
+# ----------------------------------------------------------------------------- full disks
+# A full disk must end a command with one line naming the file, and leave no half files: every
+# main() turns an OSError into os_error_line's line. A file written through a memory map is
+# reserved on disk first (open_memmap): a page of a sparse file written through a map onto a
+# full disk is a SIGBUS that kills the process, with no message and no cleanup.
+
+@contextlib.contextmanager
+def writing(path):
+    """Inside, an OSError without a file name (a failed write, flush, close or fallocate has
+    none) is raised again naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or one_line(e), os.fspath(path)) from e
+        raise
+
+
+def disk_full(e):
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+
+
+def mount_point(path):
+    """The mount point of the file system that holds path (or would hold it)."""
+    path = os.path.abspath(path)
+    while not os.path.ismount(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def os_error_line(e):
+    """One line for an OSError that ended a command: a full disk says which and what file."""
+    if disk_full(e):
+        return f"no space left on {mount_point(e.filename)} while writing {e.filename}" \
+            if e.filename else f"no space left on device ({one_line(e)})"
+    if e.filename:
+        return f"{e.strerror or one_line(e)}: {e.filename}"
+    return one_line(e)
+
+
+def reserve(fd, start, length):
+    """Allocate bytes [start, start + length) of the open file fd on disk: posix_fallocate, or
+    zeros written where there is none (macOS, Windows, a file system without it). OSError
+    (ENOSPC) when the disk cannot hold them."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, start, length)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    zeros, done = bytes(1 << 20), 0
+    os.lseek(fd, start, os.SEEK_SET)
+    while done < length:
+        done += os.write(fd, zeros[:min(len(zeros), length - done)])
+
+
+def open_memmap(path, dtype, shape):
+    """np.lib.format.open_memmap(path, "w+", dtype, shape), its data reserved on disk before
+    anything is written through the map; on failure (OSError naming path) no file is left."""
+    arr = None
+    try:
+        with writing(path):
+            arr = np.lib.format.open_memmap(path, "w+", dtype, shape)
+            if arr.nbytes:
+                with open(path, "r+b") as f:
+                    reserve(f.fileno(), arr.offset, arr.nbytes)
+    except BaseException:
+        del arr  # unmapped before the file goes
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+    return arr
 
 
 # ----------------------------------------------------------------------------- image loading
@@ -1029,6 +1105,8 @@ def fetch(url, dest, args, stop, reached, check=None):
             raise Retry(f"HTTP {e.code}", retry_after(e.headers.get("Retry-After"))) from e
         raise
     except OSError as e:  # URLError, timeouts, resets: transient, worth another try
+        if disk_full(e):  # not transient: every file would fail the same way
+            raise OSError(e.errno, e.strerror, e.filename or dest) from None
         why = getattr(e, "reason", e)
         kind = Unreachable if isinstance(why, NO_ROUTE[:2]) or \
             getattr(why, "errno", None) in NO_ROUTE[2:] else Retry
@@ -1119,6 +1197,10 @@ def run_downloads(jobs, args, check=None, unit="img"):
     try:
         for fut in as_completed(futures):
             err = fut.exception() or fut.result()
+            if disk_full(err):  # one line from main(), not a failure per file
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise err
             if err and not isinstance(err, KeyboardInterrupt):
                 failures.append((*futures[fut], str(err)))
             prog.update(1, f"failed {len(failures)}")
@@ -1152,8 +1234,14 @@ def resize_one(src, dst, size):
     tmp = dst + ".part"
     fmt = {".png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}.get(os.path.splitext(dst)[1].lower(),
                                                             "JPEG")
-    im.save(tmp, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    os.replace(tmp, dst)
+    try:
+        with writing(dst):
+            im.save(tmp, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        os.replace(tmp, dst)
+    except BaseException:  # a full disk: no .part left
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def cmd_resize(args):
@@ -1177,6 +1265,8 @@ def cmd_resize(args):
             resize_one(source.loadable(job[0]), job[1], args.size)
             return None
         except DECODE_ERRORS as e:
+            if disk_full(e):  # not this image's fault: main() says it in one line
+                raise
             return (job[0], f"{type(e).__name__}: {e}")
 
     # PIL releases the GIL while decoding and resampling, so threads use every core.
@@ -1294,7 +1384,9 @@ def convert_row(rec, rel, out, size):
         return None
     try:
         resize_one(io.BytesIO(raw), dst, size)
-    except DECODE_ERRORS:
+    except DECODE_ERRORS as e:
+        if disk_full(e):  # not this image's fault: main() says it in one line
+            raise
         return "corrupt"
     return None
 
@@ -1773,6 +1865,8 @@ def main(argv=None):
         status = args.func(args)
     except UserError as e:
         raise SystemExit(f"data.py: error: {e}") from None
+    except OSError as e:  # a full disk, a folder not ours
+        raise SystemExit(f"data.py: error: {os_error_line(e)}") from None
     if status:  # failures were listed above; the shell (or notebook) sees the status
         raise SystemExit(status)
     return status

@@ -196,7 +196,7 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
     order the batches come in; unreadable images are left out and the file compacted, so row j
     of out_path is paths[good[j]], good ascending."""
     tmp = out_path + ".tmp.npy"
-    xb = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(paths), cfg["dim"]))
+    xb = data.open_memmap(tmp, np.float32, (len(paths), cfg["dim"]))
     ok, bad, prog = np.zeros(len(paths), bool), {}, data.Progress(len(paths), "embed")
     on_device = device.type == "cuda" and nets.can_decode_jpegs()
     for x, idx, failed in image_batches(paths, root, cfg["img_size"], args, device,
@@ -210,9 +210,11 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
     xb.flush()
     del xb
     good = np.flatnonzero(ok)
-    if len(good):
-        compact_rows(out_path, tmp, good)
-    os.remove(tmp)
+    try:
+        if len(good):
+            compact_rows(out_path, tmp, good)
+    finally:  # a full disk too: no temp file left (in INDEX/slices nothing else removes it)
+        os.remove(tmp)
     return good.tolist(), bad
 
 
@@ -252,7 +254,7 @@ def loader_over(ds, collate, args, device):
 def compact_rows(dst, src, keep):
     """dst = the rows `keep` (ascending) of the .npy src, CHUNK rows at a time."""
     a = np.load(src, mmap_mode="r")
-    out = np.lib.format.open_memmap(dst, "w+", np.float32, (len(keep), a.shape[1]))
+    out = data.open_memmap(dst, np.float32, (len(keep), a.shape[1]))
     for i in range(0, len(keep), CHUNK):
         out[i:i + CHUNK] = a[keep[i:i + CHUNK]]
     out.flush()
@@ -262,7 +264,7 @@ def copy_rows(dst, parts):
     """dst = the first n rows of each (.npy path, n) in parts, streamed CHUNK rows at a time."""
     srcs = [(np.load(p, mmap_mode="r"), n) for p, n in parts]
     dim = srcs[0][0].shape[1]
-    out = np.lib.format.open_memmap(dst, "w+", np.float32, (sum(n for _, n in srcs), dim))
+    out = data.open_memmap(dst, np.float32, (sum(n for _, n in srcs), dim))
     at = 0
     for a, n in srcs:
         for i in range(0, n, CHUNK):
@@ -672,7 +674,7 @@ def write_generation(gen, index, header, rows, cfg):
     """index.faiss, meta.csv and config.json (with the fingerprints of all three data files)
     into the generation folder gen, which already holds embeddings.npy (and meta.csv when
     rows is None: --merge-shards streams it there)."""
-    faiss.write_index(index, os.path.join(gen, "index.faiss"))
+    write_index_file(index, os.path.join(gen, "index.faiss"))
     if rows is not None:
         data.write_csv(os.path.join(gen, "meta.csv"), header,
                        [[r.get(c) or "" for c in header] for r in rows])
@@ -1081,11 +1083,32 @@ def write_faiss(index, path):
     """faiss.write_index to a temp file, then rename: never a half index under path."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        faiss.write_index(index, tmp)
+        write_index_file(index, tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def write_index_file(index, path):
+    """faiss.write_index(index, path) through a Python file: a full disk is an OSError naming
+    path. faiss's own file writer reports a failed close on stderr only and leaves a short
+    file, and a failed write as a RuntimeError."""
+    failed = []
+
+    def write(b):
+        try:
+            return f.write(b)
+        except OSError as e:
+            failed.append(e)
+            raise
+    with data.writing(path), open(path, "wb") as f:
+        try:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+        except RuntimeError:
+            if failed:  # faiss says "py err": the OSError is the news
+                raise failed[0] from None
+            raise
 
 
 def cmd_train_only(args, device):
@@ -1828,6 +1851,8 @@ def main(argv=None):
         return cmd_eval(args, device)
     except UserError as e:
         raise SystemExit(f"retrieve.py: error: {e}") from None
+    except OSError as e:  # a full disk (no SIGBUS: memory maps are reserved), a folder not ours
+        raise SystemExit(f"retrieve.py: error: {data.os_error_line(e)}") from None
     finally:
         nets.close_distributed()
 

@@ -9,6 +9,7 @@ the scripts import each other. Run: python -m pytest -q test_all.py
 import argparse
 import contextlib
 import csv
+import errno
 import html
 import io
 import itertools
@@ -23,6 +24,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -287,6 +289,40 @@ def hf_shard(i, n=12, columns=("image", "artist", "genre", "style"), metadata=Tr
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=3)
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------ a full disk
+
+
+def enospc(*a, **kw):
+    """Stands in for a write, fallocate or faiss call on a full disk."""
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs mounted at tmp_path/disk, to fill up: needs root and a kernel that lets
+    this process mount one (a container may not); skipped, with the reason, elsewhere."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.name != "posix" or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                           capture_output=True, text=True)
+    except OSError as e:
+        pytest.skip(f"no mount command: {e}")
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {(r.stderr or r.stdout).strip()[:120]}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill_disk(disk, leave):
+    """Fills the file system of `disk` with one file, but `leave` bytes."""
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb") as f:
+        f.write(bytes(max(0, st.f_bavail * st.f_frsize - leave)))
 
 
 # --------------------------------------------------------------------------- a loopback HTTP server
@@ -1203,6 +1239,77 @@ def test_data_image_dataset_skips_unreadable(tmp_path):
         data.ImageDataset(["../x.jpg"], tmp_path)
 
 
+# ------------------------------------------------------------------------------------- full disks
+
+
+def test_data_memmaps_are_reserved_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """data.open_memmap allocates its file's data before anything is written through the map
+    (a sparse file's page written through a map onto a full disk is a SIGBUS: no message, no
+    cleanup): posix_fallocate, else zeros written. ENOSPC there is an OSError naming the file,
+    which is gone; a write that fails in atomic_write names its target too."""
+    calls = []
+    real = getattr(os, "posix_fallocate", None)
+    monkeypatch.setattr(os, "posix_fallocate", lambda *a: calls.append(a[1:]) or (
+        real(*a) if real else None), raising=False)
+    a = data.open_memmap(tmp_path / "a.npy", np.float32, (300, 256))
+    assert calls == [(a.offset, 300 * 256 * 4)]  # the whole data part, header excluded
+    del a
+    monkeypatch.delattr(os, "posix_fallocate")  # macOS, Windows: zeros written instead
+    wrote, real_write = [], os.write
+    monkeypatch.setattr(os, "write", lambda fd, b: wrote.append(len(b)) or real_write(fd, b))
+    b = data.open_memmap(tmp_path / "b.npy", np.float16, (300, 256))
+    monkeypatch.setattr(os, "write", real_write)
+    assert sum(wrote) == 300 * 256 * 2 and b.shape == (300, 256) and not b.any()
+    del b
+    assert np.load(tmp_path / "b.npy").shape == (300, 256)  # the header was left alone
+    monkeypatch.setattr(os, "posix_fallocate", enospc, raising=False)
+    with pytest.raises(OSError) as e:
+        data.open_memmap(tmp_path / "c.npy", np.float32, (300, 256))
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "c.npy")
+    assert sorted(os.listdir(tmp_path)) == ["a.npy", "b.npy"]
+    assert data.os_error_line(e.value) == (f"no space left on {data.mount_point(tmp_path)} "
+                                           f"while writing {tmp_path / 'c.npy'}")
+    if os.path.exists("/dev/full"):  # a real ENOSPC from the kernel, on every write
+        monkeypatch.setattr(tempfile, "mkstemp",
+                            lambda **kw: (os.open("/dev/full", os.O_WRONLY), kw["dir"] + "/x"))
+        with pytest.raises(OSError) as e:
+            data.atomic_write(tmp_path / "d.txt", "x" * 10000)
+        assert data.disk_full(e.value) and e.value.filename == str(tmp_path / "d.txt")
+
+
+def test_data_resize_and_download_stop_on_a_full_disk(tmp_path, server, monkeypatch):
+    """A full disk is not an unreadable image (resize) nor a transient failure to retry five
+    times per file (download): one line, exit 1, no .part file left."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.jpg").write_bytes(jpeg_bytes())
+    data.write_csv(tmp_path / "m.csv", ["path", "url"],
+                   [[f"{i}.jpg", f"{server.url}/ok{i}.jpg"] for i in range(4)])
+    real_save = Image.Image.save
+
+    def save(im, fp, *a, **kw):  # the encoder writes, then the disk is full
+        real_save(im, fp, *a, **kw)
+        enospc()
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(SystemExit) as e:
+        data.main(["resize", "--manifest", str(tmp_path / "m.csv"), "--root", str(src),
+                   "--out", str(tmp_path / "cache"), "--size", "16", "--workers", "1"])
+    assert str(e.value.code).startswith("data.py: error: no space left on ")
+    assert re.search(r"while writing .*cache/\d\.jpg$", str(e.value.code)), e.value.code
+    assert not [f for f in os.listdir(tmp_path / "cache") if f.endswith(".part")]
+    monkeypatch.setattr(Image.Image, "save", real_save)  # the test server draws JPEGs
+    monkeypatch.setattr(data, "stream", enospc)
+    with pytest.raises(SystemExit) as e:
+        data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root",
+                   str(tmp_path / "img"), "--size", "0", "--workers", "1", "--retries", "3",
+                   "--backoff", "0.5"])
+    assert re.fullmatch(r"data\.py: error: no space left on \S+ while writing \S+/img/\d\.jpg",
+                        str(e.value.code)), e.value.code
+    assert sum(server.hits.values()) <= 2  # not retried, and the other files not tried
+    assert not [f for f in os.listdir(tmp_path / "img") if f.endswith(".part")]
+
+
 # ------------------------------------------------------------------------------------- zip archives
 
 
@@ -1727,6 +1834,17 @@ def test_crnn_paths_in_two_splits_refused_or_dropped(demo, tmp_path, capsys):
     assert f"{train_rows} train images" in out and state["epoch"] == 1
 
 
+def test_crnn_full_disk_is_one_line(demo, tmp_path, monkeypatch, capsys):
+    """The frozen backbone's feature cache is a memory map: on a full disk (injected: its
+    fallocate fails) one line naming it, and no temp file in the cache folder."""
+    monkeypatch.setattr(os, "posix_fallocate", enospc, raising=False)
+    msg = crnn_error(capsys, ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST,
+                              "--freeze-backbone", "--epochs", "1", "--out", str(tmp_path)])
+    assert re.fullmatch(r"crnn\.py: error: no space left on \S+ while writing \S+/cache/train"
+                        r"\.npy\.\d+\.tmp\.npy", msg), msg
+    assert os.listdir(tmp_path / "cache") == []
+
+
 def test_crnn_nan_loss_stops_and_keeps_last_good(demo, tmp_path, monkeypatch, capsys):
     real, calls = crnn.multitask_loss, []
 
@@ -1747,10 +1865,11 @@ def test_crnn_nan_loss_stops_and_keeps_last_good(demo, tmp_path, monkeypatch, ca
 
 def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeypatch):
     """1 process killed in epoch 2; `torchrun --nproc-per-node 2 crnn.py --train --resume` (its
-    flags from last.pt) trains epochs 2 and 3 (its ranks rebuild the feature cache in shares); against 1 process
-    run straight through. One torchrun launch: each costs ~8 s of CPU in imports alone.
-    81 train images in batches of 16: the last batch of each epoch has one image, so rank 1
-    gets an empty share and steps on the zero input (DDP needs every rank in every backward).
+    flags from last.pt) trains epochs 2 and 3 (its ranks rebuild the feature cache in shares);
+    against 1 process run straight through. One torchrun launch: each costs ~8 s of CPU in
+    imports alone. 81 train images in batches of 16: the last batch of each epoch has one image,
+    so rank 1 gets an empty share and steps on the zero input (DDP needs every rank in every
+    backward).
 
     The check: equal weights within tolerance at the same global batch (plus equal losses and
     cached features), not only equal val metrics. With --freeze-backbone --dropout 0 the runs
@@ -2578,7 +2697,8 @@ def test_retrieve_crash_at_every_write_step_leaves_old_or_new(demo, small_builds
         try:
             retrieve.main(small_build_args(demo, manifest, index, 1))
             outcomes.append("new")
-        except OSError:
+        except SystemExit as e:  # one line, no traceback
+            assert str(e.code).startswith("retrieve.py: error: no space left on device (")
             outcomes.append("crash")
         monkeypatch.setattr(os, "replace", real_replace)
         got = answers(index)
@@ -2595,8 +2715,69 @@ def test_retrieve_crash_at_every_write_step_leaves_old_or_new(demo, small_builds
         RuntimeError("Error: write failed (simulated)")))
     with pytest.raises(RuntimeError):
         retrieve.main(small_build_args(demo, manifest, index, 0))
+    monkeypatch.setattr(faiss, "write_index", lambda *a: (_ for _ in ()).throw(
+        OSError(28, "No space left on device")))  # as the issue injected it: one line now
+    msg = retrieve_error(small_build_args(demo, manifest, index, 0))
+    assert "no space left on " in msg and msg.endswith("index.faiss"), msg
     monkeypatch.setattr(faiss, "write_index", real_write)
     assert all(np.array_equal(a, b) for a, b in zip(answers(index), new, strict=True))
+    assert [g for g in os.listdir(index) if g.startswith("gen-")] == ["gen-2"]  # no gen-3
+    assert not [f for _, _, fs in os.walk(index) for f in fs if ".tmp" in f]
+
+
+def test_retrieve_full_disk_is_one_line_and_the_old_index_stays(demo, small_builds, tmp_path,
+                                                                 monkeypatch):
+    """ENOSPC where the embeddings' memory map is reserved (injected: fallocate fails as on a
+    full disk): one line naming the file, the old generation answers as before, no temp file
+    left, the lock free; into a new folder: no folder left. test_retrieve_build_on_a_full_tmpfs
+    does it on a real full disk where the machine lets the tests mount one."""
+    manifest, folders = small_builds
+    index = tmp_path / "idx"
+    shutil.copytree(folders[0], index)
+    before = sorted(os.listdir(index))
+    monkeypatch.setattr(os, "posix_fallocate", enospc, raising=False)
+    msg = retrieve_error(small_build_args(demo, manifest, index, 1))
+    assert msg == (f"retrieve.py: error: no space left on {data.mount_point(index)} while "
+                   f"writing {index / 'gen-2' / 'embeddings.npy.tmp.npy'}")
+    assert sorted(os.listdir(index)) == before
+    assert all(np.array_equal(a, b) for a, b in zip(answers(index), answers(folders[0]),
+                                                    strict=True))
+    with retrieve.IndexWriter(str(index)):  # the lock was released
+        pass
+    assert "no space left" in retrieve_error(small_build_args(demo, manifest, tmp_path / "new",
+                                                              1))
+    assert not (tmp_path / "new").exists()
+
+
+def test_retrieve_build_on_a_full_tmpfs_is_one_line_not_sigbus(demo, small_builds, small_disk):
+    """On a real full disk (a tmpfs with 16 KB left), --build over an index there, in a child
+    (a SIGBUS would kill pytest): exit 1 with one line, the old generation answers, no temp
+    file, the lock free. And a FAISS index that does not fit: faiss's own writer fails its
+    last write at close, says so on stderr only and leaves a short file; ours raises."""
+    manifest, folders = small_builds
+    index = small_disk / "idx"
+    shutil.copytree(folders[0], index)
+    fill_disk(small_disk, 16 << 10)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    p = subprocess.run([sys.executable, "retrieve.py", *small_build_args(demo, manifest, index, 1)],
+                       cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, (p.returncode, p.stderr[-2000:])  # -7: SIGBUS
+    assert "Traceback" not in p.stderr and p.stderr.strip().splitlines()[-1] == (
+        f"retrieve.py: error: no space left on {small_disk} while writing "
+        f"{index / 'gen-2' / 'embeddings.npy.tmp.npy'}")
+    assert sorted(os.listdir(index)) == sorted(os.listdir(folders[0]))
+    assert all(np.array_equal(a, b) for a, b in zip(answers(index), answers(folders[0]),
+                                                    strict=True))
+    with retrieve.IndexWriter(str(index)):
+        pass
+    os.remove(small_disk / "filler")
+    fill_disk(small_disk, 8 << 10)
+    ix = faiss.IndexFlatIP(64)
+    ix.add(np.ones((40, 64), np.float32))  # 10 KB
+    with pytest.raises(OSError) as e:
+        retrieve.write_faiss(ix, str(small_disk / "x.faiss"))
+    assert data.disk_full(e.value) and e.value.filename.startswith(str(small_disk / "x.faiss"))
+    assert sorted(os.listdir(small_disk)) == ["filler", "idx"]
 
 
 def test_retrieve_killed_after_the_switch_then_next_write_cleans(demo, small_builds, tmp_path):
