@@ -1172,13 +1172,13 @@ def cmd_download(args):
     print(f"{len(rows)} rows: {n_ok} already here, {len(jobs)} to fetch "
           f"with {args.workers} workers")
     failures, stop = run_downloads(jobs, args)
+    done = len(jobs) - len(failures) - stop  # refused URLs (bad) were never jobs
     failures = bad + failures
     fail_csv = args.failures or os.path.join(args.root, "download_failures.csv")
     if failures:
         write_csv(fail_csv, ["path", "url", "error"], failures)
     elif os.path.exists(fail_csv):
         os.remove(fail_csv)
-    done = len(jobs) - len(failures) - stop
     print(f"downloaded {done}, failed {len(failures)}"
           f"{', interrupted: ' + str(stop) + ' left for the next run' if stop else ''}"
           f"{' (listed in ' + fail_csv + ')' if failures else ''}")

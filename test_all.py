@@ -1107,16 +1107,20 @@ def test_data_download_ctrl_c_keeps_finished_files(tmp_path, server):
     assert all(server.hits[f"/lag{f[:-4]}.jpg"] == before[f"/lag{f[:-4]}.jpg"] for f in done)
 
 
-def test_data_download_http_only_and_size_cap(tmp_path, server):
+def test_data_download_http_only_and_size_cap(tmp_path, server, capsys):
+    """Refused URLs (not http) are failures but never jobs: the count of what was downloaded
+    leaves them out (it said 'downloaded 0' with ok.jpg written)."""
     rows = [["ftp.jpg", f"{server.url}/to-ftp.jpg"], ["huge.jpg", f"{server.url}/huge.jpg"],
-            ["local.jpg", (tmp_path / "m.csv").as_uri()], ["ok.jpg", f"{server.url}/ok.jpg"]]
+            ["local.jpg", (tmp_path / "m.csv").as_uri()], ["ok.jpg", f"{server.url}/ok.jpg"],
+            ["js.jpg", "javascript:alert(1)"], ["ftp2.jpg", "ftp://127.0.0.1/x.jpg"]]
     data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
     with pytest.raises(SystemExit):
         data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root",
                    str(tmp_path / "img"), "--size", "0", "--max-bytes", "100000"])
     fails = {r["path"]: r["error"]
              for r in data.read_csv(tmp_path / "img" / "download_failures.csv")}
-    assert sorted(fails) == ["ftp.jpg", "huge.jpg", "local.jpg"]
+    assert sorted(fails) == ["ftp.jpg", "ftp2.jpg", "huge.jpg", "js.jpg", "local.jpg"]
+    assert "downloaded 1, failed 5 (listed in " in capsys.readouterr().out
     assert "redirect to ftp://" in fails["ftp.jpg"] and "over --max-bytes" in fails["huge.jpg"]
     assert "not an http(s) URL" in fails["local.jpg"]
     assert server.hits["/huge.jpg"] == 1 and "/local.jpg" not in server.hits  # never retried
