@@ -344,6 +344,9 @@ def load_image(path, size=None):
             raise Image.DecompressionBombError(
                 f"{im.width}x{im.height} px is more than {MAX_PIXELS // 10**6} MP to decode")
         im.load()
+        if hasattr(path, "read"):  # read to its end: a zip member's CRC-32 is checked there
+            while path.read(1 << 20):
+                pass
         factor = min(im.size) // size if size else 1
         if factor >= 2 and im.mode in ("RGB", "RGBA", "L", "LA", "CMYK"):  # what reduce() takes
             im = im.reduce(factor)  # frees the full-size copy before rotating and converting
@@ -439,6 +442,9 @@ def image_problem(path):
 # Everything that reads images by relative path goes through image_source(root).
 
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+# JPEG, PNG, WebP and GIF are compressed already: a zip stores them at about 1:1. A member that
+# inflates more than this is no such image (a 2 GB run of zeros deflates 300:1 into 6.7 MB).
+PACKED_EXTS, MAX_INFLATE = (".jpg", ".jpeg", ".png", ".webp", ".gif"), 100
 
 
 def image_source(root, must_exist=True):
@@ -537,7 +543,14 @@ class ZipImages:
         tops = {n.split("/", 1)[0] for n in names}
         one_top = len(tops) == 1 and all("/" in n for n in names)
         self.prefix = tops.pop() + "/" if one_top else ""
-        self.index = {n[len(self.prefix):]: i for n, i in zip(names, infos, strict=True)}
+        self.index = {}
+        for n, i in zip(names, infos, strict=True):  # the first of a repeated name, as unzip
+            self.index.setdefault(n[len(self.prefix):], i)
+        if len(self.index) < len(infos):
+            again = next(n for n, i in zip(names, infos, strict=True)
+                         if self.index[n[len(self.prefix):]] is not i)
+            print(f"warning: {path}: {len(infos) - len(self.index)} members repeat an earlier "
+                  f"name (e.g. {again}); the first of each is read, as unzip does")
         odd = sorted({i.compress_type for i in infos} - set(ZIP_METHODS))
         if odd:
             raise UserError(f"{path}: members compressed with method {odd[0]} (9 is Deflate64), "
@@ -572,13 +585,20 @@ class ZipImages:
 
     def read(self, rel):
         """The member's bytes, CRC-checked (BadZipFile when they do not match)."""
+        with self.open(rel) as f:
+            return f.read()
+
+    def open(self, rel):
+        """The member as a stream (zipfile's: it inflates as it is read, at most the size the
+        zip records, and checks the CRC-32 at the end). A size or ratio no image has is
+        refused before anything is read (DecompressionBombError)."""
         info = self.info(rel)
         if info is None:
             raise FileNotFoundError(f"not in {self.path}: {rel}")
-        return self.handle().read(info)
-
-    def open(self, rel):
-        return io.BytesIO(self.read(rel))
+        why = member_problem(info)
+        if why:
+            raise Image.DecompressionBombError(f"{rel} in {self.path}: {why}")
+        return self.handle().open(info)
 
     loadable = open
 
@@ -594,6 +614,16 @@ class ZipImages:
 
     def members(self, skip_dir=None):
         return sorted(self.index)
+
+
+def member_problem(info):
+    """Why a zip member is no image to read (its recorded sizes, before reading), or None."""
+    size, packed = info.file_size, max(info.compress_size, 1)
+    if size > MAX_BYTES:
+        return f"{size} bytes inflated (over {MAX_BYTES >> 20} MB)"
+    if info.filename.lower().endswith(PACKED_EXTS) and size > MAX_INFLATE * packed:
+        return f"inflates {size // packed}:1 ({packed} to {size} bytes), no image does"
+    return None
 
 
 def zip_rel_or_none(name):
@@ -613,6 +643,8 @@ def check_member(source, rel):
             load_image(f, 32)  # reduced scale: a cheap but complete read
     except zipfile.BadZipFile as e:
         return "bad CRC" if "CRC" in str(e) else f"zip: {one_line(e)}"
+    except Image.DecompressionBombError as e:
+        return decode_error(e)
     except DECODE_ERRORS:
         return "corrupt"
     return None

@@ -1397,6 +1397,36 @@ def test_data_zip_dataloader_workers_open_their_own_handle(tmp_path):
     assert pickle.loads(pickle.dumps(src))._zf is None  # a spawned worker opens its own
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")
+def test_data_zip_bombs_refused_unread_and_a_repeated_name_reads_the_first(tmp_path, capsys):
+    """A member whose recorded sizes no image has (a JPEG and then 20 MB of zeros: it decoded,
+    and was read whole into memory; at 2 GB, 4.3 GB of RSS) is refused from the zip's directory
+    before a byte is inflated; members are read as streams, CRC-checked at their end. A name
+    that repeats: one warning, and the first member is read (as unzip does), not the last."""
+    jpg = noise_jpeg(0)
+    with zipfile.ZipFile(tmp_path / "b.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("w/S/ok.jpg", jpg)
+        zf.writestr("w/S/bomb.jpg", jpg + bytes(20 << 20))  # deflates about 1000:1
+        zf.writestr("w/S/twice.jpg", noise_jpeg(1))
+        zf.writestr("w/S/twice.jpg", noise_jpeg(2))
+    capsys.readouterr()
+    src = data.image_source(tmp_path / "b.zip")
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1 and "1 members repeat an earlier name (e.g. w/S/twice" \
+        in out, out
+    assert src.read("S/twice.jpg") == noise_jpeg(1)
+    with src.open("S/ok.jpg") as f:
+        assert isinstance(f, zipfile.ZipExtFile)  # a stream, not the member's bytes in memory
+    with pytest.raises(Image.DecompressionBombError, match=r"inflates \d{3,}:1"):
+        src.open("S/bomb.jpg")
+    assert data.check_member(src, "S/bomb.jpg").startswith("too large to decode (S/bomb.jpg")
+    ds = data.ImageDataset(["S/ok.jpg", "S/bomb.jpg"], tmp_path / "b.zip")
+    assert ds[0][0].size == (48, 32) and ds[1][0] is None and "inflates" in ds[1][2]
+    big = zipfile.ZipInfo("w/S/huge.bmp")  # any format: over 256 MB inflated is refused
+    big.file_size, big.compress_size = 300 << 20, 290 << 20
+    assert "over 256 MB" in data.member_problem(big)
+
+
 # --------------------------------------------------------------------------------------- hf-wikiart
 
 
