@@ -141,7 +141,11 @@ def file_mode():
 
 def atomic_write(path, data, mode="w", durable=False):
     """Write text or bytes to a temp file beside `path`, then rename: never a half file.
-    durable: fsync the file before and its folder after the rename (survives a power cut)."""
+    durable: fsync the file before and its folder after the rename (survives a power cut).
+    A path taken by a folder or a device is refused: the rename would replace a device node."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"{path} exists and is not a regular file (a folder, a device): not "
+                        "writing over it")
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path), suffix=".tmp")
@@ -165,6 +169,16 @@ def atomic_write(path, data, mode="w", durable=False):
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def check_output(path, flag):
+    """One line, before any work, for an output file named by a flag that cannot be written:
+    its folder missing (none is made for a typo), or the path a folder or a device."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: exists and is not a regular file (a folder, a device)")
 
 
 def append_jsonl(path, record):

@@ -1726,15 +1726,15 @@ def log(folder, **record):
 
 
 def check_html(args):
-    """--html goes with a mode that writes a page, into a folder that exists: a typo should
-    end the run before an embedding pass, not after it."""
+    """--html goes with a mode that writes a page; it and --sheet into a folder that exists,
+    onto no folder or device: a typo should end the run before an embedding pass, not after."""
+    if args.sheet is not None:
+        data.check_output(args.sheet, "--sheet")
     if args.html is None:
         return
     if args.build or args.add:
         raise UserError("--html goes with --query, --query-id, --eval or --map")
-    folder = os.path.dirname(os.path.abspath(args.html))
-    if not os.path.isdir(folder):
-        raise UserError(f"--html {args.html}: the folder {folder} does not exist")
+    data.check_output(args.html, "--html")
 
 
 def default(key):

@@ -21,6 +21,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -3004,6 +3005,19 @@ def test_retrieve_html_bad_input(built, tmp_path):
                                                nowhere])
     assert "does not exist" in retrieve_error(["--map", "--index", str(built), "--html", nowhere])
     assert "--html goes with" in retrieve_error(["--build", "--html", str(tmp_path / "x.html")])
+    # a folder or a device (a fifo stands in for /dev/full): one line, and it is still there
+    # (--html DIR ended in IsADirectoryError; the atomic rename replaced a device node)
+    os.mkfifo(tmp_path / "fifo")
+    q = ["--query", img, "--index", str(built)]
+    for flag, path in itertools.product(("--html", "--sheet"), (tmp_path, tmp_path / "fifo")):
+        msg = retrieve_error([*q, flag, str(path)])
+        assert msg.endswith("exists and is not a regular file (a folder, a device)"), msg
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
+    with pytest.raises(data.UserError, match="not a regular file"):  # whoever writes
+        data.atomic_write(tmp_path / "fifo", "x")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
+    assert "does not exist" in retrieve_error([*q, "--sheet", nowhere])  # as --html: refused
+    assert not (tmp_path / "no").exists()
     bare = tmp_path / "bare"
     shutil.copytree(built, bare)
     os.remove(os.path.join(retrieve.generation(bare), "embeddings.npy"))
