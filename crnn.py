@@ -348,6 +348,30 @@ def warn_unseen(table, split, show=True):
     return lines
 
 
+def check_images(table, args):
+    """The table training reads, once its train and selection images are known to be there (a
+    stat per row, or a zip lookup): most of them missing (another --root? a partial download)
+    is one line, not an epoch of skips; --skip-missing leaves the missing rows out."""
+    src, sel = data.image_source(args.root, must_exist=False), selection_split(table)
+    used = np.flatnonzero((table.split == "train") | (table.split == sel))
+    gone = [i for i in used if not src.exists(table.paths[i])]
+    if not gone:
+        return table
+    what = (f"{len(gone)} of the {len(used)} train and {sel} images are not in {args.root} "
+            f"(e.g. {', '.join(table.paths[i] for i in gone[:3])})")
+    if args.skip_missing:
+        print(f"{what}: left out (--skip-missing)")
+        keep = np.setdiff1d(np.arange(len(table.paths)), gone)
+        return Table([table.paths[i] for i in keep], table.split[keep], table.tasks,
+                     table.classes, table.y[keep])
+    if 2 * len(gone) > len(used):
+        raise UserError(f"{what}: is --root right? --skip-missing trains on the "
+                        f"{len(used) - len(gone)} there")
+    print(f"note: {what}: skipped in every epoch and listed in skipped.csv (--skip-missing "
+          "leaves them out)")
+    return table
+
+
 def announce_splits(table, manifest):
     """Print where best.pt is selected and which classes no train image has; returns the split."""
     sel = selection_split(table)
@@ -793,7 +817,7 @@ def save_checkpoint(fit, out, state, table, args, is_best):
 RESUME_FLAGS = ("data", "root", "classes", "tasks", "backbone", "weights", "rnn", "hidden",
                 "dropout", "img_size", "epochs", "batch_size", "lr", "weight_decay", "warmup",
                 "label_smoothing", "balance", "patience", "freeze_backbone", "cache", "seed",
-                "drop_leaks", "amp")
+                "drop_leaks", "skip_missing", "amp")
 RETYPABLE = ("epochs", "amp")  # typed, these win over last.pt's: --no-amp after a NaN loss
 RUN_FLAGS = ("data", "tasks", "backbone", "weights", "rnn", "hidden", "img_size",
              "freeze_backbone")
@@ -1113,6 +1137,7 @@ def cmd_train(args, device, ckpt=None):
                        drop_leaks=args.drop_leaks)
     if ckpt and ckpt["classes"] != table.classes:
         raise UserError(f"--resume: {args.out} was trained on other class lists than {args.data}")
+    table = check_images(table, args)
     sel = announce_splits(table, args.data)
     seed_all(args.seed)
     amp = nets.autocast_dtype(device) if args.amp else None
@@ -1574,6 +1599,9 @@ def build_parser():
                    help="train into an --out that holds another run's checkpoint")
     t.add_argument("--drop-leaks", action="store_true",
                    help="a path listed in two splits is left out of train (default: refused)")
+    t.add_argument("--skip-missing", action="store_true",
+                   help="train on the manifest's images that are there (default: refused when "
+                   "most train and dev/val images are missing, skipped every epoch when few)")
     t.add_argument("--seed", type=int, default=0,
                    help="model init, batch order, augmentation, dropout")
     e = p.add_argument_group("evaluation and prediction")

@@ -1851,6 +1851,30 @@ def test_crnn_corrupt_images_skipped_and_counted(demo, tmp_path, capsys):
     assert "1 unreadable and skipped" in (tmp_path / "run" / "report.txt").read_text()
 
 
+def test_crnn_mostly_missing_images_refused_before_training(demo, tmp_path, capsys):
+    """A manifest whose images are mostly not there (a 2-million-row list with 360 files
+    trained an 8-minute epoch of skips) stops in one line with a count and examples, before
+    anything is written; --skip-missing trains on those found; a few missing: a note."""
+    rows = data.read_csv(demo / "manifest.csv")
+    gone = [{**r, "path": f"lost/{k}.jpg"} for k, r in enumerate(rows * 2)]
+    data.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows + gone])
+    args = ["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo / "images"),
+            "--classes", str(demo / "classes.json"), *CRNN_FAST, "--freeze-backbone",
+            "--epochs", "1", "--out", str(tmp_path / "run")]
+    msg = crnn_error(capsys, args)
+    assert re.search(r"240 of the 360 train and val images are not in \S+ \(e\.g\. lost/0\.jpg, "
+                     r"lost/1\.jpg, lost/2\.jpg\): is --root right\? --skip-missing trains on "
+                     r"the 120 there$", msg), msg
+    assert not (tmp_path / "run").exists()
+    state = crnn.main([*args, "--skip-missing"])
+    out = capsys.readouterr().out
+    assert "left out (--skip-missing)" in out and state["epoch"] == 1
+    assert f"{sum(r['split'] == 'train' for r in rows)} train images" in out
+    data.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows + gone[:3]])
+    crnn.main([*args, "--overwrite"])
+    assert "note: 3 of the 123 train and val images are not in" in capsys.readouterr().out
+
+
 def test_crnn_paths_in_two_splits_refused_or_dropped(demo, tmp_path, capsys):
     rows = data.read_csv(demo / "manifest.csv")
     val = [r for r in rows if r["split"] == "val"]
