@@ -179,8 +179,9 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint not found: {path} (train one with --train)")
     try:  # checkpoints are untrusted files: tensors and plain containers only
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+    except Exception:  # torch's text would suggest weights_only=False: never, for such a file
+        raise UserError(f"cannot read checkpoint {path}: not a file that torch.save wrote, or "
+                        "one cut short or damaged") from None
     if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH:
         raise UserError(f"{path} is not a crnn.py checkpoint (another architecture or format)")
     return ckpt
@@ -1520,7 +1521,7 @@ def cmd_predict(args, device):
     if not files:
         raise UserError(f"no images in {' '.join(args.predict)} (extensions "
                         f"{' '.join(data.IMAGE_EXTS)})")
-    alone = len(args.predict) == 1 and os.path.isfile(args.predict[0])
+    alone, unreadable = len(args.predict) == 1 and os.path.isfile(args.predict[0]), 0
     size = ckpt["args"]["img_size"]
     tf, fast = nets.make_transform(size), inference_model(model, device, args.amp)
     folder = os.path.join(args.out or os.path.dirname(os.path.abspath(args.ckpt)), "explain")
@@ -1528,7 +1529,7 @@ def cmd_predict(args, device):
     for i in range(0, len(files), args.batch_size):
         chunk = files[i:i + args.batch_size]
         xs, ok = load_batch(chunk, tf, size, alone)
-        skipped += len(chunk) - len(ok)
+        unreadable += len(chunk) - len(ok)
         tops = top_k(fast, xs, ckpt["classes"], args.k, device) if xs else []
         shown = explain(model, xs, ok, tops, stems, ckpt["classes"], device) \
             if args.explain and xs else {}
@@ -1539,7 +1540,9 @@ def cmd_predict(args, device):
                 print(f"  {t}: " + ", ".join(f"{c} {q:.3f}" for c, q in top))
             if f in shown:
                 print(f"  explained: {', '.join(shown[f])}")
-    print(f"{len(results)} images classified, {skipped} skipped (not images)")
+    print(f"{len(results)} images classified" + (f", {skipped} files skipped (not image "
+          f"files by their extension)" if skipped else "") + (
+              f", {unreadable} unreadable (why: above)" if unreadable else ""))
     return results
 
 

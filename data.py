@@ -38,6 +38,7 @@ import posixpath
 import random
 import re
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -45,6 +46,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections import Counter, defaultdict
@@ -61,6 +63,10 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 MAX_PIXELS = 90_000_000
 MAX_BYTES = 256 << 20  # a download larger than this is stopped: no painting JPEG is that big
 SHARD_MAX_BYTES = 4 << 30  # hf-wikiart parquet shards are ~520 MB
+# PIL warns at open for 89-179 MP (DecompressionBombWarning, a raw warning beside our lines);
+# load_image says what happens to such an image itself: a JPEG decodes reduced, the rest over
+# MAX_PIXELS are refused (PIL itself still refuses over 179 MP)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class UserError(Exception):
@@ -372,6 +378,8 @@ def decode_error(e):
     """A short reason for an image that did not load: missing, permission, size or format."""
     if isinstance(e, FileNotFoundError):
         return "missing"
+    if getattr(e, "errno", None) == errno.ELOOP:
+        return "symlink loop"
     if isinstance(e, PermissionError):
         return "permission denied"
     if isinstance(e, Image.DecompressionBombError):
@@ -491,6 +499,16 @@ class FolderImages:
     def exists(self, rel):
         return os.path.isfile(safe_join(self.root, rel))
 
+    def absent(self, rel):
+        """Why rel is no file here: missing, a symlink loop, not readable, not a file."""
+        try:
+            st = os.stat(safe_join(self.root, rel))
+        except FileNotFoundError:
+            return "missing"
+        except OSError as e:
+            return "symlink loop" if e.errno == errno.ELOOP else f"cannot read ({one_line(e)})"
+        return None if stat.S_ISREG(st.st_mode) else "not a file"
+
     def open(self, rel):
         return open(safe_join(self.root, rel), "rb")
 
@@ -597,6 +615,9 @@ class ZipImages:
     def exists(self, rel):
         return self.info(rel) is not None
 
+    def absent(self, rel):
+        return None if self.exists(rel) else "missing"
+
     def read(self, rel):
         """The member's bytes, CRC-checked (BadZipFile when they do not match)."""
         with self.open(rel) as f:
@@ -651,7 +672,7 @@ def check_member(source, rel):
     """None when `rel` is in source and decodes (a zip member's CRC-32 checked too), else why
     not: 'missing', 'bad CRC' or 'corrupt'."""
     if not source.exists(rel):
-        return "missing"
+        return source.absent(rel) or "missing"
     try:
         with source.open(rel) as f:
             load_image(f, 32)  # reduced scale: a cheap but complete read

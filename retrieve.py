@@ -315,7 +315,8 @@ def embed_collection(model, rows, root, cfg, args, device, out_path):
     src = data.image_source(root)
     found = [src.exists(r["path"]) for r in rows]
     todo = [r for r, ok in zip(rows, found, strict=True) if ok]
-    skipped = [(r["path"], "missing") for r, ok in zip(rows, found, strict=True) if not ok]
+    skipped = [(r["path"], src.absent(r["path"])) for r, ok in zip(rows, found, strict=True)
+               if not ok]  # missing, a symlink loop, not readable
     t0 = time.time()
     good, bad = embed_to_npy(model, [r["path"] for r in todo], root, cfg, args, device,
                              out_path) if todo else ([], {})
@@ -788,7 +789,7 @@ def model_config(args):
 # ----------------------------------------------------------------------------- build and add
 
 def cmd_build(args, device):
-    if args.shard:
+    if args.shard is not None:  # --shard '' too: parse_shard refuses it, no whole build
         return cmd_build_shard(args, device)
     job = build_job(args, device)
     if nets.world() > 1:
@@ -957,16 +958,15 @@ def embed_slice(model, rows, lo, hi, root, cfg, args, device, folder):
     npy, meta = slice_names(folder)
     src, t0 = data.image_source(root), time.time()
     todo = [i for i in range(lo, hi) if src.exists(rows[i]["path"])]
+    there = set(todo)
     part = npy[:-len(".npy")] + ".partial.npy"
     good, bad = embed_to_npy(model, [rows[i]["path"] for i in todo], root, cfg, args, device,
                              part) if todo else ([], {})
     if not good:  # embed_to_npy writes no file then
         np.save(part, np.zeros((0, cfg["dim"]), np.float32))
     os.replace(part, npy)
-    why = {i: "missing" for i in range(lo, hi)}
+    why = {i: src.absent(rows[i]["path"]) for i in range(lo, hi) if i not in there}
     why.update({todo[j]: reason for j, reason in bad.items()})
-    for j in good:
-        del why[todo[j]]
     rec = {"rank": nets.rank(), "start": lo, "stop": hi, "n": len(good),
            "skipped": sorted(why.items()), "seconds": round(time.time() - t0, 3)}
     data.atomic_write(meta, json.dumps(rec))
@@ -1827,7 +1827,7 @@ def main(argv=None):
     nets.tune_malloc()
     try:
         check_html(args)
-        if args.shard and not args.build:
+        if args.shard is not None and not args.build:
             raise UserError("--shard I/N goes with --build")
         if args.merge_shards:
             return cmd_merge_shards(args) if nets.is_main() else None

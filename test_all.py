@@ -1218,6 +1218,7 @@ def test_data_decompression_bombs_bounded(tmp_path):
     child = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
     assert child.returncode == 0, child.stderr
     assert int(child.stdout.split()[-1]) < 200 << 10  # kB; decoding big.png alone takes 432 MB
+    assert "DecompressionBombWarning" not in child.stderr  # PIL's raw warning beside our line
 
 
 def test_data_load_image_draft_decodes_smaller(tmp_path):
@@ -2104,14 +2105,17 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
     ckpt = ["--ckpt", str(trained / "best.pt"), "-k", "3"]
     results = crnn.main(["--predict", str(src), *ckpt])
     out = capsys.readouterr().out
-    assert str(src) in out and "1 images classified, 0 skipped" in out
+    assert str(src) in out and out.rstrip().endswith("\n1 images classified")
     for t in ("style", "artist", "genre"):
         top = results[str(src)][t]
         assert len(top) == 3 and len({c for c, _ in top}) == 3
         assert out.count(f"  {t}: ") == 1
     results = crnn.main(["--predict", str(folder), *ckpt])
     assert list(results) == [str(folder / "sub" / "a.jpg")]
-    assert "1 images classified, 2 skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out  # each reason counted as what it is (b.png is no 'not image')
+    assert f"skipped (cannot decode (cannot identify image file '{folder / 'b.png'}'" in out
+    assert out.rstrip().endswith("1 images classified, 1 files skipped (not image files by their "
+                                 "extension), 1 unreadable (why: above)"), out[-300:]
 
 
 def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path, capsys):
@@ -2320,9 +2324,10 @@ def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "other.pt")
     msg = crnn_error(capsys, ["--eval", "--ckpt", str(tmp_path / "other.pt")])
     assert "not a crnn.py checkpoint" in msg
-    (tmp_path / "junk.pt").write_bytes(b"garbage")
-    assert "cannot read checkpoint" in crnn_error(capsys, ["--eval", "--ckpt",
-                                                               str(tmp_path / "junk.pt")])
+    (tmp_path / "junk.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    msg = crnn_error(capsys, ["--eval", "--ckpt", str(tmp_path / "junk.pt")])
+    assert msg.endswith("junk.pt: not a file that torch.save wrote, or one cut short or damaged")
+    assert "weights_only" not in msg  # torch's hint to load it unsafely is not passed on
     assert "checkpoint not found" in crnn_error(capsys, ["--predict", best, "--ckpt",
                                                              str(tmp_path / "none.pt")])
     (tmp_path / "fake.jpg").write_text("not an image")
@@ -2660,6 +2665,7 @@ def test_retrieve_skips_bad_files_and_uses_local_weights(demo, tmp_path, capsys)
         (root / "sub" / f"ok{i}.jpg").write_bytes(src.read_bytes())
     (root / "broken.jpg").write_bytes(b"not a jpeg")
     (root / "notes.txt").write_text("hello")
+    os.symlink("loop.jpg", root / "loop.jpg")  # a symlink loop: not "missing"
     weights = tmp_path / "r18.pt"
     torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), weights)  # any fc size
     index = tmp_path / "idx"
@@ -2668,7 +2674,8 @@ def test_retrieve_skips_bad_files_and_uses_local_weights(demo, tmp_path, capsys)
                    str(weights), *flags])
     out = capsys.readouterr().out
     assert "skipped 1 non-image files" in out
-    assert [r["path"] for r in data.read_csv(str(index / "skipped.csv"))] == ["broken.jpg"]
+    assert [(r["path"], r["reason"][:14]) for r in data.read_csv(str(index / "skipped.csv"))] \
+        == [("loop.jpg", "symlink loop"), ("broken.jpg", "cannot decode ")]
     assert [r["path"] for r in retrieve.open_index(index)[1]] == \
         ["sub/ok0.jpg", "sub/ok1.jpg", "sub/ok2.jpg"]
     assert retrieve.open_index(index)[2].shape[0] == 3
@@ -2700,6 +2707,10 @@ def test_retrieve_bad_input_is_one_line(built, demo, tmp_path):
     (old / "config.json").write_text(json.dumps({"format": retrieve.FORMAT, "version": 0}))
     assert "version" in retrieve_error(["--eval", "--index", str(old)])
     assert "empty path" in retrieve_error(["--query-id", "", *idx])
+    msg = retrieve_error(["--build", "--shard", "", "--index", str(tmp_path / "s"),
+                          *RETRIEVE_FAST])  # not a whole build, silently
+    assert "--shard : expected I/N" in msg and not (tmp_path / "s").exists()
+    assert "--shard I/N goes with --build" in retrieve_error(["--eval", "--shard", "", *idx])
     png_bomb(tmp_path / "bomb.png", 20000, 20000)
     assert "too large" in retrieve_error(["--query", str(tmp_path / "bomb.png"), *idx])
     refused = tmp_path / "refused"  # refused before anything is written: no folder left
