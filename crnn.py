@@ -1013,7 +1013,7 @@ def ddp_train_one_epoch(fit, loader, batches, y, label):
     in `batches`; every rank takes one step per global batch. Loss, images and skipped count
     all ranks."""
     train_mode(fit)
-    seed_all(torch.initial_seed() + 104_729 * nets.rank())  # own dropout/augmentation draws
+    seed_all(torch.initial_seed() + 104_729 * nets.rank())  # own dropout draws (crops: Augmented)
     prog = data.Progress(sum(len(b) for b in batches), label)
     total, seen, skipped = 0.0, 0, []
     for expected, (x, idx, failed) in zip(batches, loader, strict=True):
