@@ -447,7 +447,7 @@ class Augmented:
     def __getitem__(self, key):
         row, seed = key
         with torch.random.fork_rng(devices=[]):  # the caller's stream (dropout) stays as it was
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # the CPU's only: CUDA dropout's untouched
             return self.ds[row]
 
 
