@@ -552,7 +552,7 @@ def peak_rss_mb():
 
 def write_vectors(path, n, d, chunk=10_000):
     """n synthetic unit vectors to a .npy, chunk rows at a time (never all in memory here)."""
-    xb = np.lib.format.open_memmap(path, "w+", np.float32, (n, d))
+    xb = data.open_memmap(path, np.float32, (n, d))  # reserved: a full disk is no SIGBUS
     for i in range(0, n, chunk):
         xb[i:i + chunk] = synthetic_embeddings(min(chunk, n - i), d, seed=100 + i // chunk)
     xb.flush()
@@ -808,6 +808,8 @@ def run_sections(only, args, info):
                 skipped[s] = str(e)
                 print(f"[{s}] skipped: {e}", flush=True)
             except (Exception, SystemExit) as e:  # SystemExit: a child process's error
+                if data.disk_full(e):  # no later section can write either: stop, one line
+                    raise SystemExit(f"bench.py: error: {data.os_error_line(e)}") from None
                 if not isinstance(e, SystemExit):
                     traceback.print_exc()
                 failed[s] = data.one_line(e)

@@ -44,10 +44,11 @@ Where the model looked: attention_maps() gives the attention pooling's weight pe
 grad_cam() the Grad-CAM of any task's class at the backbone's last block; --predict --explain
 draws both over the crop the model saw, in explain/<name>_<task>.png.
 
-Training is deterministic for --seed: each epoch reseeds from (seed, epoch), so --resume after
-a kill repeats exactly what an uninterrupted run does (bit-exact on the CPU with --workers 0;
-worker processes keep their own augmentation streams). Checkpoints hold model, optimizer,
-scheduler, scaler, epoch, best, args and class lists, written atomically every epoch.
+Training is deterministic for --seed: each epoch reseeds from (seed, epoch) and each image's
+augmentation draws from its own seed, so --resume after a kill, in a new process, repeats
+exactly what an uninterrupted run does (bit-exact on the CPU, at any --workers, with or without
+--amp, which --resume takes from last.pt). Checkpoints hold model, optimizer, scheduler, scaler,
+epoch, best, args and class lists, written atomically every epoch.
 
 Under torchrun (DistributedDataParallel: nccl on CUDA, gloo on the CPU) every rank takes its share
 of each --batch-size batch of the 1-process order, so steps, schedule and checkpoints do not depend
@@ -178,8 +179,9 @@ def read_checkpoint(path):
         raise UserError(f"checkpoint not found: {path} (train one with --train)")
     try:  # checkpoints are untrusted files: tensors and plain containers only
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read checkpoint {path}: {one_line(e)}") from None
+    except Exception:  # torch's text would suggest weights_only=False: never, for such a file
+        raise UserError(f"cannot read checkpoint {path}: not a file that torch.save wrote, or "
+                        "one cut short or damaged") from None
     if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH:
         raise UserError(f"{path} is not a crnn.py checkpoint (another architecture or format)")
     return ckpt
@@ -347,6 +349,30 @@ def warn_unseen(table, split, show=True):
     return lines
 
 
+def check_images(table, args):
+    """The table training reads, once its train and selection images are known to be there (a
+    stat per row, or a zip lookup): most of them missing (another --root? a partial download)
+    is one line, not an epoch of skips; --skip-missing leaves the missing rows out."""
+    src, sel = data.image_source(args.root, must_exist=False), selection_split(table)
+    used = np.flatnonzero((table.split == "train") | (table.split == sel))
+    gone = [i for i in used if not src.exists(table.paths[i])]
+    if not gone:
+        return table
+    what = (f"{len(gone)} of the {len(used)} train and {sel} images are not in {args.root} "
+            f"(e.g. {', '.join(table.paths[i] for i in gone[:3])})")
+    if args.skip_missing:
+        print(f"{what}: left out (--skip-missing)")
+        keep = np.setdiff1d(np.arange(len(table.paths)), gone)
+        return Table([table.paths[i] for i in keep], table.split[keep], table.tasks,
+                     table.classes, table.y[keep])
+    if 2 * len(gone) > len(used):
+        raise UserError(f"{what}: is --root right? --skip-missing trains on the "
+                        f"{len(used) - len(gone)} there")
+    print(f"note: {what}: skipped in every epoch and listed in skipped.csv (--skip-missing "
+          "leaves them out)")
+    return table
+
+
 def announce_splits(table, manifest):
     """Print where best.pt is selected and which classes no train image has; returns the split."""
     sel = selection_split(table)
@@ -376,11 +402,13 @@ def seed_worker(_):
 
 class EpochBatches:
     """Batch sampler whose order depends only on (seed, epoch), so a resumed run draws the same
-    batches as an uninterrupted one. weights: per-index draw weights (with replacement)."""
+    batches as an uninterrupted one. weights: per-index draw weights (with replacement).
+    seeds: iterating yields [(row, augmentation seed)] for Augmented instead of rows."""
 
-    def __init__(self, indices, batch_size, seed, weights=None):
+    def __init__(self, indices, batch_size, seed, weights=None, seeds=False):
         self.indices, self.batch_size, self.seed = np.asarray(indices), batch_size, seed
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.seeds = seeds
         self.set_epoch(1)
 
     def set_epoch(self, epoch):
@@ -392,12 +420,35 @@ class EpochBatches:
         picked = self.indices[order.numpy()]
         self.batches = [picked[i:i + self.batch_size].tolist()
                         for i in range(0, n, self.batch_size)]
+        # one seed per draw, after the order (which stays as it was): mt19937 keeps 32 bits
+        draws = torch.randint(2**32, (n,), generator=g).tolist()
+        self.keyed = [list(zip(b, draws[i * self.batch_size:], strict=False))
+                      for i, b in enumerate(self.batches)]
 
     def __iter__(self):
-        return iter(self.batches)
+        return iter(self.keyed if self.seeds else self.batches)
 
     def __len__(self):
         return len(self.batches)
+
+
+class Augmented:
+    """Item (row, seed) of a dataset with random augmentation: its crop and flip drawn from seed
+    alone. Worker processes keep their own random streams from epoch to epoch, and a resumed
+    run starts fresh ones; seeding each draw makes an image's augmentation in an epoch the same
+    in any process, so --resume is exact at any --workers (and --workers changes nothing)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        row, seed = key
+        with torch.random.fork_rng(devices=[]):  # the caller's stream (dropout) stays as it was
+            torch.default_generator.manual_seed(seed)  # the CPU's only: CUDA dropout's untouched
+            return self.ds[row]
 
 
 def sequential(indices, batch_size):
@@ -534,8 +585,7 @@ def join_cache_parts(d, split, chunk=4096):
             metas.append(json.load(f))
     npy = os.path.join(d, f"{split}.npy")
     tmp = f"{npy}.{os.getpid()}.tmp.npy"
-    out = np.lib.format.open_memmap(tmp, "w+", np.float16,
-                                    (sum(len(a) for a in parts),) + parts[0].shape[1:])
+    out = data.open_memmap(tmp, np.float16, (sum(len(a) for a in parts),) + parts[0].shape[1:])
     at, ok, failed = 0, [], []
     for a, m in zip(parts, metas, strict=True):
         for i in range(0, len(a), chunk):
@@ -558,7 +608,7 @@ def join_cache_parts(d, split, chunk=4096):
 def open_cache(tmp, n, shape):
     """A new fp16 memmap (n, *shape) at tmp, its folder made."""
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    return np.lib.format.open_memmap(tmp, "w+", np.float16, (n, *shape))
+    return data.open_memmap(tmp, np.float16, (n, *shape))  # reserved: ENOSPC, no SIGBUS
 
 
 @torch.no_grad()
@@ -789,7 +839,8 @@ def save_checkpoint(fit, out, state, table, args, is_best):
 RESUME_FLAGS = ("data", "root", "classes", "tasks", "backbone", "weights", "rnn", "hidden",
                 "dropout", "img_size", "epochs", "batch_size", "lr", "weight_decay", "warmup",
                 "label_smoothing", "balance", "patience", "freeze_backbone", "cache", "seed",
-                "drop_leaks")
+                "drop_leaks", "skip_missing", "amp")
+RETYPABLE = ("epochs", "amp")  # typed, these win over last.pt's: --no-amp after a NaN loss
 RUN_FLAGS = ("data", "tasks", "backbone", "weights", "rnn", "hidden", "img_size",
              "freeze_backbone")
 PATH_FLAGS = ("data", "root", "classes", "cache", "weights")
@@ -824,7 +875,7 @@ def resume_flags(args, typed):
     ckpt = read_checkpoint(path)
     was = ckpt["args"]
     clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (it has {was.get(k)})"
-             for k in RESUME_FLAGS if k in typed and k != "epochs"
+             for k in RESUME_FLAGS if k in typed and k not in RETYPABLE
              and not same_flag(k, getattr(args, k), was.get(k))]
     if clash:
         raise UserError(f"--resume: {path} was trained with other flags: {'; '.join(clash)}; "
@@ -837,6 +888,7 @@ def resume_flags(args, typed):
                         "epochs: pass a larger --epochs to extend it")
     shown = " ".join(f"--{k.replace('_', '-')}" + ("" if was[k] is True else f" {was[k]}")
                      for k in RESUME_FLAGS if k not in typed and was.get(k) not in (None, False))
+    shown += " --no-amp" if "amp" not in typed and was.get("amp") is False else ""
     print(f"resuming {path} after epoch {ckpt['epoch']} (best mean F1 {ckpt['best']:.4f}) "
           f"with its flags: {shown}")
     return ckpt
@@ -902,13 +954,13 @@ def make_feeds(model, table, args, device):
                         f"(have {len(rows['train'])} train, {len(rows[sel])} {sel})")
     ce, draw = balance_weights(table, rows["train"], args, device)
     if not args.freeze_backbone:
-        sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw)
+        sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw, seeds=True)
         ds = [data.ImageDataset(table.paths, args.root, nets.make_transform(args.img_size, aug),
                                 args.img_size) for aug in (True, False)]
         val = image_loader(ds[1], RankShare(sequential(rows[sel], args.batch_size)), args,
                            device)
-        return Feeds(model, ce, sampler, image_loader(ds[0], RankShare(sampler), args, device),
-                     val, [])
+        return Feeds(model, ce, sampler, image_loader(Augmented(ds[0]), RankShare(sampler), args,
+                                                      device), val, [])
     where, feats, skipped = np.full(len(table.paths), -1), {}, []
     precision, why = nets.inference_precision(device, args.amp)
     nets.say_precision(precision, why + ", the frozen backbone's cache")
@@ -983,7 +1035,7 @@ def ddp_train_one_epoch(fit, loader, batches, y, label):
     in `batches`; every rank takes one step per global batch. Loss, images and skipped count
     all ranks."""
     train_mode(fit)
-    seed_all(torch.initial_seed() + 104_729 * nets.rank())  # own dropout/augmentation draws
+    seed_all(torch.initial_seed() + 104_729 * nets.rank())  # own dropout draws (crops: Augmented)
     prog = data.Progress(sum(len(b) for b in batches), label)
     total, seen, skipped = 0.0, 0, []
     for expected, (x, idx, failed) in zip(batches, loader, strict=True):
@@ -1108,6 +1160,7 @@ def cmd_train(args, device, ckpt=None):
                        drop_leaks=args.drop_leaks)
     if ckpt and ckpt["classes"] != table.classes:
         raise UserError(f"--resume: {args.out} was trained on other class lists than {args.data}")
+    table = check_images(table, args)
     sel = announce_splits(table, args.data)
     seed_all(args.seed)
     amp = nets.autocast_dtype(device, args.amp)
@@ -1491,7 +1544,7 @@ def cmd_predict(args, device):
     if not files:
         raise UserError(f"no images in {' '.join(args.predict)} (extensions "
                         f"{' '.join(data.IMAGE_EXTS)})")
-    alone = len(args.predict) == 1 and os.path.isfile(args.predict[0])
+    alone, unreadable = len(args.predict) == 1 and os.path.isfile(args.predict[0]), 0
     size = ckpt["args"]["img_size"]
     tf, fast = nets.make_transform(size), inference_model(model, device, args.amp)
     folder = os.path.join(args.out or os.path.dirname(os.path.abspath(args.ckpt)), "explain")
@@ -1499,7 +1552,7 @@ def cmd_predict(args, device):
     for i in range(0, len(files), args.batch_size):
         chunk = files[i:i + args.batch_size]
         xs, ok = load_batch(chunk, tf, size, alone)
-        skipped += len(chunk) - len(ok)
+        unreadable += len(chunk) - len(ok)
         tops = top_k(fast, xs, ckpt["classes"], args.k, device) if xs else []
         shown = explain(model, xs, ok, tops, stems, ckpt["classes"], device) \
             if args.explain and xs else {}
@@ -1510,7 +1563,9 @@ def cmd_predict(args, device):
                 print(f"  {t}: " + ", ".join(f"{c} {q:.3f}" for c, q in top))
             if f in shown:
                 print(f"  explained: {', '.join(shown[f])}")
-    print(f"{len(results)} images classified, {skipped} skipped (not images)")
+    print(f"{len(results)} images classified" + (f", {skipped} files skipped (not image "
+          f"files by their extension)" if skipped else "") + (
+              f", {unreadable} unreadable (why: above)" if unreadable else ""))
     return results
 
 
@@ -1570,6 +1625,9 @@ def build_parser():
                    help="train into an --out that holds another run's checkpoint")
     t.add_argument("--drop-leaks", action="store_true",
                    help="a path listed in two splits is left out of train (default: refused)")
+    t.add_argument("--skip-missing", action="store_true",
+                   help="train on the manifest's images that are there (default: refused when "
+                   "most train and dev/val images are missing, skipped every epoch when few)")
     t.add_argument("--seed", type=int, default=0,
                    help="model init, batch order, augmentation, dropout")
     e = p.add_argument_group("evaluation and prediction")
@@ -1632,6 +1690,8 @@ def main(argv=None):
             return cmd_train(args, nets.init_distributed(device, hours=2), ckpt)
     except UserError as e:
         raise SystemExit(f"crnn.py: error: {e}") from None
+    except OSError as e:  # a full disk (no SIGBUS: memory maps are reserved), a folder not ours
+        raise SystemExit(f"crnn.py: error: {data.os_error_line(e)}") from None
     finally:
         nets.close_distributed()
 

@@ -25,6 +25,7 @@ Bad input ends with one line on stderr and exit status 1 (`UserError`), never a 
 """
 
 import argparse
+import contextlib
 import csv
 import email.utils
 import errno
@@ -37,6 +38,7 @@ import posixpath
 import random
 import re
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -44,6 +46,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections import Counter, defaultdict
@@ -60,6 +63,10 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 MAX_PIXELS = 90_000_000
 MAX_BYTES = 256 << 20  # a download larger than this is stopped: no painting JPEG is that big
 SHARD_MAX_BYTES = 4 << 30  # hf-wikiart parquet shards are ~520 MB
+# PIL warns at open for 89-179 MP (DecompressionBombWarning, a raw warning beside our lines);
+# load_image says what happens to such an image itself: a JPEG decodes reduced, the rest over
+# MAX_PIXELS are refused (PIL itself still refuses over 179 MP)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class UserError(Exception):
@@ -140,14 +147,18 @@ def file_mode():
 
 def atomic_write(path, data, mode="w", durable=False):
     """Write text or bytes to a temp file beside `path`, then rename: never a half file.
-    durable: fsync the file before and its folder after the rename (survives a power cut)."""
+    durable: fsync the file before and its folder after the rename (survives a power cut).
+    A path taken by a folder or a device is refused: the rename would replace a device node."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"{path} exists and is not a regular file (a folder, a device): not "
+                        "writing over it")
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path), suffix=".tmp")
     try:
         kw = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape",
                                      "newline": ""}
-        with os.fdopen(fd, mode, **kw) as f:
+        with writing(path), os.fdopen(fd, mode, **kw) as f:
             f.write(data)
             if durable:
                 f.flush()
@@ -164,6 +175,16 @@ def atomic_write(path, data, mode="w", durable=False):
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def check_output(path, flag):
+    """One line, before any work, for an output file named by a flag that cannot be written:
+    its folder missing (none is made for a typo), or the path a folder or a device."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{flag} {path}: the folder {folder} does not exist")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: exists and is not a regular file (a folder, a device)")
 
 
 def append_jsonl(path, record):
@@ -226,6 +247,81 @@ def split_leaks(rows):
     return {p: s for p, s in splits.items() if len(s) > 1}
 
 
+# ----------------------------------------------------------------------------- full disks
+# A full disk must end a command with one line naming the file, and leave no half files: every
+# main() turns an OSError into os_error_line's line. A file written through a memory map is
+# reserved on disk first (open_memmap): a page of a sparse file written through a map onto a
+# full disk is a SIGBUS that kills the process, with no message and no cleanup.
+
+@contextlib.contextmanager
+def writing(path):
+    """Inside, an OSError without a file name (a failed write, flush, close or fallocate has
+    none) is raised again naming `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror or one_line(e), os.fspath(path)) from e
+        raise
+
+
+def disk_full(e):
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1))
+
+
+def mount_point(path):
+    """The mount point of the file system that holds path (or would hold it)."""
+    path = os.path.abspath(path)
+    while not os.path.ismount(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def os_error_line(e):
+    """One line for an OSError that ended a command: a full disk says which and what file."""
+    if disk_full(e):
+        return f"no space left on {mount_point(e.filename)} while writing {e.filename}" \
+            if e.filename else f"no space left on device ({one_line(e)})"
+    if e.filename:
+        return f"{e.strerror or one_line(e)}: {e.filename}"
+    return one_line(e)
+
+
+def reserve(fd, start, length):
+    """Allocate bytes [start, start + length) of the open file fd on disk: posix_fallocate, or
+    zeros written where there is none (macOS, Windows, a file system without it). OSError
+    (ENOSPC) when the disk cannot hold them."""
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, start, length)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    zeros, done = bytes(1 << 20), 0
+    os.lseek(fd, start, os.SEEK_SET)
+    while done < length:
+        done += os.write(fd, zeros[:min(len(zeros), length - done)])
+
+
+def open_memmap(path, dtype, shape):
+    """np.lib.format.open_memmap(path, "w+", dtype, shape), its data reserved on disk before
+    anything is written through the map; on failure (OSError naming path) no file is left."""
+    arr = None
+    try:
+        with writing(path):
+            arr = np.lib.format.open_memmap(path, "w+", dtype, shape)
+            if arr.nbytes:
+                with open(path, "r+b") as f:
+                    reserve(f.fileno(), arr.offset, arr.nbytes)
+    except BaseException:
+        del arr  # unmapped before the file goes
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        raise
+    return arr
+
+
 # ----------------------------------------------------------------------------- image loading
 
 def draft_size(size, short):
@@ -268,6 +364,9 @@ def load_image(path, size=None):
             raise Image.DecompressionBombError(
                 f"{im.width}x{im.height} px is more than {MAX_PIXELS // 10**6} MP to decode")
         im.load()
+        if hasattr(path, "read"):  # read to its end: a zip member's CRC-32 is checked there
+            while path.read(1 << 20):
+                pass
         factor = min(im.size) // size if size else 1
         if factor >= 2 and im.mode in ("RGB", "RGBA", "L", "LA", "CMYK"):  # what reduce() takes
             im = im.reduce(factor)  # frees the full-size copy before rotating and converting
@@ -279,6 +378,8 @@ def decode_error(e):
     """A short reason for an image that did not load: missing, permission, size or format."""
     if isinstance(e, FileNotFoundError):
         return "missing"
+    if getattr(e, "errno", None) == errno.ELOOP:
+        return "symlink loop"
     if isinstance(e, PermissionError):
         return "permission denied"
     if isinstance(e, Image.DecompressionBombError):
@@ -363,6 +464,9 @@ def image_problem(path):
 # Everything that reads images by relative path goes through image_source(root).
 
 ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA)
+# JPEG, PNG, WebP and GIF are compressed already: a zip stores them at about 1:1. A member that
+# inflates more than this is no such image (a 2 GB run of zeros deflates 300:1 into 6.7 MB).
+PACKED_EXTS, MAX_INFLATE = (".jpg", ".jpeg", ".png", ".webp", ".gif"), 100
 
 
 def image_source(root, must_exist=True):
@@ -394,6 +498,16 @@ class FolderImages:
 
     def exists(self, rel):
         return os.path.isfile(safe_join(self.root, rel))
+
+    def absent(self, rel):
+        """Why rel is no file here: missing, a symlink loop, not readable, not a file."""
+        try:
+            st = os.stat(safe_join(self.root, rel))
+        except FileNotFoundError:
+            return "missing"
+        except OSError as e:
+            return "symlink loop" if e.errno == errno.ELOOP else f"cannot read ({one_line(e)})"
+        return None if stat.S_ISREG(st.st_mode) else "not a file"
 
     def open(self, rel):
         return open(safe_join(self.root, rel), "rb")
@@ -461,7 +575,14 @@ class ZipImages:
         tops = {n.split("/", 1)[0] for n in names}
         one_top = len(tops) == 1 and all("/" in n for n in names)
         self.prefix = tops.pop() + "/" if one_top else ""
-        self.index = {n[len(self.prefix):]: i for n, i in zip(names, infos, strict=True)}
+        self.index = {}
+        for n, i in zip(names, infos, strict=True):  # the first of a repeated name, as unzip
+            self.index.setdefault(n[len(self.prefix):], i)
+        if len(self.index) < len(infos):
+            again = next(n for n, i in zip(names, infos, strict=True)
+                         if self.index[n[len(self.prefix):]] is not i)
+            print(f"warning: {path}: {len(infos) - len(self.index)} members repeat an earlier "
+                  f"name (e.g. {again}); the first of each is read, as unzip does")
         odd = sorted({i.compress_type for i in infos} - set(ZIP_METHODS))
         if odd:
             raise UserError(f"{path}: members compressed with method {odd[0]} (9 is Deflate64), "
@@ -494,15 +615,25 @@ class ZipImages:
     def exists(self, rel):
         return self.info(rel) is not None
 
+    def absent(self, rel):
+        return None if self.exists(rel) else "missing"
+
     def read(self, rel):
         """The member's bytes, CRC-checked (BadZipFile when they do not match)."""
+        with self.open(rel) as f:
+            return f.read()
+
+    def open(self, rel):
+        """The member as a stream (zipfile's: it inflates as it is read, at most the size the
+        zip records, and checks the CRC-32 at the end). A size or ratio no image has is
+        refused before anything is read (DecompressionBombError)."""
         info = self.info(rel)
         if info is None:
             raise FileNotFoundError(f"not in {self.path}: {rel}")
-        return self.handle().read(info)
-
-    def open(self, rel):
-        return io.BytesIO(self.read(rel))
+        why = member_problem(info)
+        if why:
+            raise Image.DecompressionBombError(f"{rel} in {self.path}: {why}")
+        return self.handle().open(info)
 
     loadable = open
 
@@ -520,6 +651,16 @@ class ZipImages:
         return sorted(self.index)
 
 
+def member_problem(info):
+    """Why a zip member is no image to read (its recorded sizes, before reading), or None."""
+    size, packed = info.file_size, max(info.compress_size, 1)
+    if size > MAX_BYTES:
+        return f"{size} bytes inflated (over {MAX_BYTES >> 20} MB)"
+    if info.filename.lower().endswith(PACKED_EXTS) and size > MAX_INFLATE * packed:
+        return f"inflates {size // packed}:1 ({packed} to {size} bytes), no image does"
+    return None
+
+
 def zip_rel_or_none(name):
     try:
         return zip_rel(name)
@@ -531,12 +672,14 @@ def check_member(source, rel):
     """None when `rel` is in source and decodes (a zip member's CRC-32 checked too), else why
     not: 'missing', 'bad CRC' or 'corrupt'."""
     if not source.exists(rel):
-        return "missing"
+        return source.absent(rel) or "missing"
     try:
         with source.open(rel) as f:
             load_image(f, 32)  # reduced scale: a cheap but complete read
     except zipfile.BadZipFile as e:
         return "bad CRC" if "CRC" in str(e) else f"zip: {one_line(e)}"
+    except Image.DecompressionBombError as e:
+        return decode_error(e)
     except DECODE_ERRORS:
         return "corrupt"
     return None
@@ -1029,6 +1172,8 @@ def fetch(url, dest, args, stop, reached, check=None):
             raise Retry(f"HTTP {e.code}", retry_after(e.headers.get("Retry-After"))) from e
         raise
     except OSError as e:  # URLError, timeouts, resets: transient, worth another try
+        if disk_full(e):  # not transient: every file would fail the same way
+            raise OSError(e.errno, e.strerror, e.filename or dest) from None
         why = getattr(e, "reason", e)
         kind = Unreachable if isinstance(why, NO_ROUTE[:2]) or \
             getattr(why, "errno", None) in NO_ROUTE[2:] else Retry
@@ -1094,13 +1239,13 @@ def cmd_download(args):
     print(f"{len(rows)} rows: {n_ok} already here, {len(jobs)} to fetch "
           f"with {args.workers} workers")
     failures, stop = run_downloads(jobs, args)
+    done = len(jobs) - len(failures) - stop  # refused URLs (bad) were never jobs
     failures = bad + failures
     fail_csv = args.failures or os.path.join(args.root, "download_failures.csv")
     if failures:
         write_csv(fail_csv, ["path", "url", "error"], failures)
     elif os.path.exists(fail_csv):
         os.remove(fail_csv)
-    done = len(jobs) - len(failures) - stop
     print(f"downloaded {done}, failed {len(failures)}"
           f"{', interrupted: ' + str(stop) + ' left for the next run' if stop else ''}"
           f"{' (listed in ' + fail_csv + ')' if failures else ''}")
@@ -1119,6 +1264,10 @@ def run_downloads(jobs, args, check=None, unit="img"):
     try:
         for fut in as_completed(futures):
             err = fut.exception() or fut.result()
+            if disk_full(err):  # one line from main(), not a failure per file
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise err
             if err and not isinstance(err, KeyboardInterrupt):
                 failures.append((*futures[fut], str(err)))
             prog.update(1, f"failed {len(failures)}")
@@ -1152,8 +1301,14 @@ def resize_one(src, dst, size):
     tmp = dst + ".part"
     fmt = {".png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}.get(os.path.splitext(dst)[1].lower(),
                                                             "JPEG")
-    im.save(tmp, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    os.replace(tmp, dst)
+    try:
+        with writing(dst):
+            im.save(tmp, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        os.replace(tmp, dst)
+    except BaseException:  # a full disk: no .part left
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def cmd_resize(args):
@@ -1177,6 +1332,8 @@ def cmd_resize(args):
             resize_one(source.loadable(job[0]), job[1], args.size)
             return None
         except DECODE_ERRORS as e:
+            if disk_full(e):  # not this image's fault: main() says it in one line
+                raise
             return (job[0], f"{type(e).__name__}: {e}")
 
     # PIL releases the GIL while decoding and resampling, so threads use every core.
@@ -1294,7 +1451,9 @@ def convert_row(rec, rel, out, size):
         return None
     try:
         resize_one(io.BytesIO(raw), dst, size)
-    except DECODE_ERRORS:
+    except DECODE_ERRORS as e:
+        if disk_full(e):  # not this image's fault: main() says it in one line
+            raise
         return "corrupt"
     return None
 
@@ -2067,6 +2226,8 @@ def main(argv=None):
         status = args.func(args)
     except UserError as e:
         raise SystemExit(f"data.py: error: {e}") from None
+    except OSError as e:  # a full disk, a folder not ours
+        raise SystemExit(f"data.py: error: {os_error_line(e)}") from None
     if status:  # failures were listed above; the shell (or notebook) sees the status
         raise SystemExit(status)
     return status

@@ -199,7 +199,7 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
     order the batches come in; unreadable images are left out and the file compacted, so row j
     of out_path is paths[good[j]], good ascending."""
     tmp = out_path + ".tmp.npy"
-    xb = np.lib.format.open_memmap(tmp, "w+", np.float32, (len(paths), cfg["dim"]))
+    xb = data.open_memmap(tmp, np.float32, (len(paths), cfg["dim"]))
     ok, bad, prog = np.zeros(len(paths), bool), {}, data.Progress(len(paths), "embed")
     on_device, where = device.type == "cuda" and nets.can_decode_jpegs(), Counter()
     for x, idx, failed in image_batches(paths, root, cfg["img_size"], args, device,
@@ -217,9 +217,11 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
     xb.flush()
     del xb
     good = np.flatnonzero(ok)
-    if len(good):
-        compact_rows(out_path, tmp, good)
-    os.remove(tmp)
+    try:
+        if len(good):
+            compact_rows(out_path, tmp, good)
+    finally:  # a full disk too: no temp file left (in INDEX/slices nothing else removes it)
+        os.remove(tmp)
     return good.tolist(), bad
 
 
@@ -259,7 +261,7 @@ def loader_over(ds, collate, args, device):
 def compact_rows(dst, src, keep):
     """dst = the rows `keep` (ascending) of the .npy src, CHUNK rows at a time."""
     a = np.load(src, mmap_mode="r")
-    out = np.lib.format.open_memmap(dst, "w+", np.float32, (len(keep), a.shape[1]))
+    out = data.open_memmap(dst, np.float32, (len(keep), a.shape[1]))
     for i in range(0, len(keep), CHUNK):
         out[i:i + CHUNK] = a[keep[i:i + CHUNK]]
     out.flush()
@@ -269,7 +271,7 @@ def copy_rows(dst, parts):
     """dst = the first n rows of each (.npy path, n) in parts, streamed CHUNK rows at a time."""
     srcs = [(np.load(p, mmap_mode="r"), n) for p, n in parts]
     dim = srcs[0][0].shape[1]
-    out = np.lib.format.open_memmap(dst, "w+", np.float32, (sum(n for _, n in srcs), dim))
+    out = data.open_memmap(dst, np.float32, (sum(n for _, n in srcs), dim))
     at = 0
     for a, n in srcs:
         for i in range(0, n, CHUNK):
@@ -320,7 +322,8 @@ def embed_collection(model, rows, root, cfg, args, device, out_path):
     src = data.image_source(root)
     found = [src.exists(r["path"]) for r in rows]
     todo = [r for r, ok in zip(rows, found, strict=True) if ok]
-    skipped = [(r["path"], "missing") for r, ok in zip(rows, found, strict=True) if not ok]
+    skipped = [(r["path"], src.absent(r["path"])) for r, ok in zip(rows, found, strict=True)
+               if not ok]  # missing, a symlink loop, not readable
     t0 = time.time()
     good, bad = embed_to_npy(model, [r["path"] for r in todo], root, cfg, args, device,
                              out_path) if todo else ([], {})
@@ -697,7 +700,7 @@ def write_generation(gen, index, header, rows, cfg):
     """index.faiss, meta.csv and config.json (with the fingerprints of all three data files)
     into the generation folder gen, which already holds embeddings.npy (and meta.csv when
     rows is None: --merge-shards streams it there)."""
-    faiss.write_index(index, os.path.join(gen, "index.faiss"))
+    write_index_file(index, os.path.join(gen, "index.faiss"))
     if rows is not None:
         data.write_csv(os.path.join(gen, "meta.csv"), header,
                        [[r.get(c) or "" for c in header] for r in rows])
@@ -811,7 +814,7 @@ def model_config(args):
 # ----------------------------------------------------------------------------- build and add
 
 def cmd_build(args, device):
-    if args.shard:
+    if args.shard is not None:  # --shard '' too: parse_shard refuses it, no whole build
         return cmd_build_shard(args, device)
     job = build_job(args, device)
     if nets.world() > 1:
@@ -980,16 +983,15 @@ def embed_slice(model, rows, lo, hi, root, cfg, args, device, folder):
     npy, meta = slice_names(folder)
     src, t0 = data.image_source(root), time.time()
     todo = [i for i in range(lo, hi) if src.exists(rows[i]["path"])]
+    there = set(todo)
     part = npy[:-len(".npy")] + ".partial.npy"
     good, bad = embed_to_npy(model, [rows[i]["path"] for i in todo], root, cfg, args, device,
                              part) if todo else ([], {})
     if not good:  # embed_to_npy writes no file then
         np.save(part, np.zeros((0, cfg["dim"]), np.float32))
     os.replace(part, npy)
-    why = {i: "missing" for i in range(lo, hi)}
+    why = {i: src.absent(rows[i]["path"]) for i in range(lo, hi) if i not in there}
     why.update({todo[j]: reason for j, reason in bad.items()})
-    for j in good:
-        del why[todo[j]]
     rec = {"rank": nets.rank(), "start": lo, "stop": hi, "n": len(good),
            "skipped": sorted(why.items()), "seconds": round(time.time() - t0, 3)}
     data.atomic_write(meta, json.dumps(rec))
@@ -1106,11 +1108,32 @@ def write_faiss(index, path):
     """faiss.write_index to a temp file, then rename: never a half index under path."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        faiss.write_index(index, tmp)
+        write_index_file(index, tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def write_index_file(index, path):
+    """faiss.write_index(index, path) through a Python file: a full disk is an OSError naming
+    path. faiss's own file writer reports a failed close on stderr only and leaves a short
+    file, and a failed write as a RuntimeError."""
+    failed = []
+
+    def write(b):
+        try:
+            return f.write(b)
+        except OSError as e:
+            failed.append(e)
+            raise
+    with data.writing(path), open(path, "wb") as f:
+        try:
+            faiss.write_index(index, faiss.PyCallbackIOWriter(write))
+        except RuntimeError:
+            if failed:  # faiss says "py err": the OSError is the news
+                raise failed[0] from None
+            raise
 
 
 def cmd_train_only(args, device):
@@ -1728,15 +1751,15 @@ def log(folder, **record):
 
 
 def check_html(args):
-    """--html goes with a mode that writes a page, into a folder that exists: a typo should
-    end the run before an embedding pass, not after it."""
+    """--html goes with a mode that writes a page; it and --sheet into a folder that exists,
+    onto no folder or device: a typo should end the run before an embedding pass, not after."""
+    if args.sheet is not None:
+        data.check_output(args.sheet, "--sheet")
     if args.html is None:
         return
     if args.build or args.add:
         raise UserError("--html goes with --query, --query-id, --eval or --map")
-    folder = os.path.dirname(os.path.abspath(args.html))
-    if not os.path.isdir(folder):
-        raise UserError(f"--html {args.html}: the folder {folder} does not exist")
+    data.check_output(args.html, "--html")
 
 
 def default(key):
@@ -1833,7 +1856,7 @@ def main(argv=None):
     nets.tune_malloc()
     try:
         check_html(args)
-        if args.shard and not args.build:
+        if args.shard is not None and not args.build:
             raise UserError("--shard I/N goes with --build")
         if args.merge_shards:
             return cmd_merge_shards(args) if nets.is_main() else None
@@ -1857,6 +1880,8 @@ def main(argv=None):
         return cmd_eval(args, device)
     except UserError as e:
         raise SystemExit(f"retrieve.py: error: {e}") from None
+    except OSError as e:  # a full disk (no SIGBUS: memory maps are reserved), a folder not ours
+        raise SystemExit(f"retrieve.py: error: {data.os_error_line(e)}") from None
     finally:
         nets.close_distributed()
 
