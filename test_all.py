@@ -669,6 +669,49 @@ def test_metrics_classification_bad_input(call, match):
         call()
 
 
+# ------------------------------------------------------------------------- classification baselines
+
+
+def test_metrics_classification_baselines_hand():
+    # y = 0 0 1 over K = 2, majority class 0 (from train). Calling all 0: accuracy 2/3,
+    # F1_0 = 2*2 / (3 + 2) = 0.8, F1_1 = 0 -> macro 0.4, weighted (2*0.8 + 0) / 3 = 8/15.
+    # Uniform: m ~ Bin(3, 1/2) rows called c, E[F1_c] = sum P(m) 2 m s / (3 (m + s)):
+    # s = 2: (3/8)(4/9) + (3/8)(2/3) + (1/8)(4/5) = 31/60; s = 1: (3/8)(1/3) + (3/8)(4/9) +
+    # (1/8)(1/2) = 17/48 -> macro (31/60 + 17/48) / 2 = 209/480, weighted (2 31/60 + 17/48) / 3
+    b = metrics.baselines([0, 0, 1], 2, metrics.majority_class([1, 0, 0, 1, 0], 2))
+    assert b["majority"] == pytest.approx({"class": 0, "accuracy": 2 / 3, "macro_f1": 0.4,
+                                           "weighted_f1": 8 / 15})
+    assert b["uniform"] == pytest.approx({"accuracy": 1 / 2, "macro_f1": 209 / 480,
+                                          "weighted_f1": (2 * 31 / 60 + 17 / 48) / 3})
+    # the majority of train, not of the evaluated split: class 1 is never right here
+    assert metrics.majority_scores([0, 0, 2], 3, 1) == pytest.approx(
+        {"class": 1, "accuracy": 0.0, "macro_f1": 0.0, "weighted_f1": 0.0})
+    assert metrics.majority_class([2, 1, 1, 2], 3) == 1  # a tie: the lower index
+    assert metrics.majority_class(np.zeros(0, np.int64), 3) is None
+    assert metrics.baselines([0, 1], 2, None)["majority"] is None  # no train label
+    assert metrics.uniform_scores([0, 0], 1) == {"accuracy": 1.0, "macro_f1": 1.0,
+                                                 "weighted_f1": 1.0}
+
+
+@pytest.mark.parametrize("y,k", [([0, 0, 1, 2, 2, 2], 4), ([1, 1, 1], 3), ([0, 1, 2, 3, 0], 5)])
+def test_metrics_uniform_baseline_exact_by_enumeration(y, k):
+    # every one of the k^n ways of calling the n rows is equally likely
+    reps = [metrics.classification_report(y, np.array(p), k)
+            for p in itertools.product(range(k), repeat=len(y))]
+    u = metrics.uniform_scores(y, k)
+    assert u["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in reps]), abs=1e-12)
+    assert u["macro_f1"] == pytest.approx(np.mean([r["macro"]["f1"] for r in reps]), abs=1e-12)
+    assert u["weighted_f1"] == pytest.approx(np.mean([r["weighted"]["f1"] for r in reps]),
+                                             abs=1e-12)
+
+
+def test_metrics_uniform_baseline_large_split():
+    # 25k rows over 20 classes: no overflow in the binomial, and about 1/K everywhere
+    y = np.random.default_rng(0).integers(0, 20, 25_000)
+    u = metrics.uniform_scores(y, 20)
+    assert u["accuracy"] == 0.05 and u["macro_f1"] == pytest.approx(0.05, abs=1e-3)
+
+
 # -------------------------------------------------------------------------------------------- top-k
 
 
