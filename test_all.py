@@ -941,6 +941,21 @@ def test_data_wikiart_real_list_formats(tmp_path, capsys):
     assert classes["style"] == ["Art_Nouveau", "Baroque", "Cubism"]
 
 
+def test_data_wikiart_small_classes_dropped_or_kept_by_name(tmp_path, capsys):
+    """Tiny has 2 images, under the floor of 5: left out by default, named; kept when
+    --min-per-class asks for it, named in a warning."""
+    write_lists(tmp_path / "lists")
+    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--per-class", "0", "--split", "random"]
+    data.main([*base, "--out", str(tmp_path / "a")])
+    log = capsys.readouterr().out
+    assert "dropped class Tiny: 2 usable images < --min-per-class 5 (too few to learn)" in log
+    assert "Tiny" not in {r["style"] for r in data.read_csv(tmp_path / "a" / "manifest.csv")}
+    data.main([*base, "--out", str(tmp_path / "b"), "--min-per-class", "2"])
+    log = capsys.readouterr().out
+    assert "warning: 1 class kept with fewer than 5 usable images" in log and "Tiny (2)" in log
+    assert "Tiny" in {r["style"] for r in data.read_csv(tmp_path / "b" / "manifest.csv")}
+
+
 def test_data_wikiart_labels_bytes_and_conflicts(tmp_path):
     write_lists(tmp_path / "lists")
     out = tmp_path / "out"
@@ -1262,7 +1277,8 @@ def test_data_zip_bad_crc_listed_and_same_subset_as_folder(tmp_path, capsys):
         if p != victim:
             (root / p).parent.mkdir(parents=True, exist_ok=True)
             (root / p).write_bytes(body)
-    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--per-class", "0"]
+    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--per-class", "0", "--min-per-class",
+            "1"]  # Tiny (2 images) too
     capsys.readouterr()
     data.main([*base, "--out", str(tmp_path / "z"), "--images", str(zpath)])
     assert "skipped 1 bad CRC images" in capsys.readouterr().out
@@ -1452,7 +1468,8 @@ def test_data_split_official_test_is_the_val_lists(tmp_path, capsys):
 def test_data_split_artist_no_painter_in_two_splits(tmp_path, capsys):
     write_lists(tmp_path / "lists")
     data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o"),
-               "--per-class", "0", "--split", "artist", "--test-frac", "0.3"])
+               "--per-class", "0", "--min-per-class", "1", "--split", "artist", "--test-frac",
+               "0.3"])
     assert "split artist: 5 artists" in capsys.readouterr().out
     splits = {}
     for r in data.read_csv(tmp_path / "o" / "manifest.csv"):
@@ -1494,6 +1511,24 @@ def test_data_demo_again_gives_the_same_data(tmp_path, capsys):
     data.main(["demo", "--out", str(tmp_path / "a"), "--n", "24"])
     assert "23 of the 24 images were already in" in capsys.readouterr().out
     assert files(tmp_path / "a") == first
+
+
+def test_data_demo_long_tail(tmp_path, capsys):
+    # 360 over 6 styles at 100:1: shares 100^(-c/5) -> 217.6 86.6 34.5 13.7 5.5 2.2, rounded
+    assert data.demo_tail_sizes(360, 100).tolist() == [218, 87, 34, 14, 5, 2]
+    assert data.demo_tail_sizes(120, 100).tolist() == [72, 29, 11, 4, 2, 2]
+    assert data.demo_tail_sizes(60, 1).tolist() == [10] * 6
+    out = tmp_path / "tail"
+    data.main(["demo", "--out", str(out), "--n", "120", "--tail", "100"])
+    log = capsys.readouterr().out
+    true = Counter(p.split("/")[0] for p in data.scan_files(out / "images"))  # folder = style
+    assert sorted(true.values(), reverse=True) == [72, 29, 11, 4, 2, 2]
+    listed = Counter(r["style"] for r in data.read_csv(out / "manifest.csv"))
+    assert sum(abs(listed[c] - true[c]) for c in true) <= 2 * (120 // 40)  # the label noise
+    small = sorted(c for c, n in listed.items() if n < data.SMALL_CLASS)
+    assert len(small) >= 2 and "warning: " in log and all(c in log for c in small)
+    with pytest.raises(SystemExit, match="at least 6 images"):
+        data.main(["demo", "--out", str(out), "--n", "5", "--tail", "100"])
 
 
 # ============================================================================
