@@ -1805,7 +1805,7 @@ def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, 
     assert all(n_train[names[c]] < data.SMALL_CLASS for c in col["classes"])
     line = f"warning: style: {col['predicted']:.0%} of the val images are called " \
         + " or ".join(names[c] for c in col["classes"])
-    assert line in report and "--balance inverse weighs rare classes" in report
+    assert line in report and "--balance loss pushes the model toward rare classes" in report
     assert "of the val images are called" in log
     log, m, report = got["default"]
     assert m["collapse"] is None and "collapsed" not in report
