@@ -374,14 +374,39 @@ def check_images(table, args):
 
 
 def announce_splits(table, manifest):
-    """Print where best.pt is selected and which classes no train image has; returns the split."""
+    """Print where best.pt is selected, over which classes, and which classes no train image
+    has or too few have; returns the split."""
     sel = selection_split(table)
     print(f"selecting best.pt on {sel}" + ("" if sel == "dev" else
           f" ({manifest} has no dev split; --eval reports on test, or on this val if there is "
-          "no test, where the scores are optimistic)"))
+          "no test, where the scores are optimistic)") + ": the best mean over tasks of "
+          "macro-F1, each averaged over all the task's classes (" +
+          ", ".join(f"{t} {len(table.classes[t])}" for t in table.tasks) + ")")
+    for j, t in enumerate(table.tasks):
+        there = set(table.y[table.split == sel, j].tolist())
+        absent = [c for i, c in enumerate(table.classes[t]) if i not in there]
+        if absent:
+            k = len(table.classes[t])
+            print(f"  {t}: no {sel} image of {', '.join(absent)}: F1 0 in that mean (the "
+                  f"{t} macro-F1 is at most {(k - len(absent)) / k:.2f})")
     for s in sorted(set(table.split.tolist()) - {"train"}):
         warn_unseen(table, s)
+    warn_small(table)
     return sel
+
+
+def warn_small(table):
+    """One warning per task naming the classes with 1 to data.SMALL_CLASS - 1 train images."""
+    for j, t in enumerate(table.tasks):
+        counts = class_counts(table.y[table.split == "train", j], len(table.classes[t]))
+        small = [f"{table.classes[t][c]} ({counts[c]})" for c in np.argsort(counts, kind="stable")
+                 if 0 < counts[c] < data.SMALL_CLASS]
+        if small:
+            print(f"warning: {t}: {len(small)} class{'es have' if len(small) > 1 else ' has'} "
+                  f"fewer than {data.SMALL_CLASS} train images, too few to learn: "
+                  f"{', '.join(small)}; kept, trained on and "
+                  "counted in macro-F1 like any class (data.py leaves such classes out of a "
+                  f"subset unless --min-per-class is under {data.SMALL_CLASS})")
 
 
 def epoch_seed(seed, epoch):
@@ -658,11 +683,40 @@ def to_device(x, device):
                 memory_format=torch.channels_last).float()
 
 
-def multitask_loss(logits, y, weights, smoothing):
+def balance_line(how, feeds, tasks):
+    """What --balance does, in numbers: the range of each task's weights or log priors."""
+    parts = [f"{t} class weights {w.min():.2f}..{w.max():.2f}" if w is not None else
+             f"{t} log prior {o.min():.2f}..{o.max():.2f}" if o is not None else ""
+             for t, w, o in zip(tasks, feeds.ce_weights, feeds.offsets, strict=True)]
+    what = {"none": "plain cross-entropy", "sampler": "plain cross-entropy, images drawn "
+            "1/count of their style class"}.get(how, "; ".join(p for p in parts if p))
+    return f"--balance {how}: {what}"
+
+
+def task_loss(out, y, weight, offset, smoothing, reduction="mean"):
+    """One task's cross-entropy over the rows labelled for it (y -1: not labelled): their mean
+    (weighted: over their weights' sum) or their sum. offset: tau * log(prior) under --balance
+    logit-adjust, added to the logits here only (evaluation and prediction read the plain
+    ones). Its label smoothing spreads the smoothing mass by the prior, not uniformly: the
+    uniform eps / K, divided by a tiny prior, would make the plain logits favour the rarest
+    classes (measured: the long-tailed demo collapses onto them); by the prior, the plain
+    logits keep the order of p(class | image) / prior, as without smoothing."""
+    if offset is None:
+        return F.cross_entropy(out.float(), y, weight=weight, ignore_index=-1,
+                               label_smoothing=smoothing, reduction=reduction)
+    z, lab = out.float() + offset, y >= 0
+    logp = F.log_softmax(z, 1)
+    prior = torch.softmax(offset / TAU, 0)  # offset = tau * log(prior), prior summing to 1
+    nll = -logp.gather(1, y.clamp(min=0)[:, None])[:, 0]
+    per_row = torch.where(lab, (1 - smoothing) * nll - smoothing * (logp * prior).sum(1), 0.0)
+    return per_row.sum() / lab.sum() if reduction == "mean" else per_row.sum()
+
+
+def multitask_loss(logits, y, weights, smoothing, offsets=None):
     """Sum over tasks of the cross-entropy over rows labelled for it; None if no row is.
     Skipping an all-unlabelled task avoids cross_entropy's 0/0 = NaN mean."""
-    terms = [F.cross_entropy(out.float(), y[:, j], weight=weights[j], ignore_index=-1,
-                             label_smoothing=smoothing)
+    offsets = offsets or [None] * len(weights)
+    terms = [task_loss(out, y[:, j], weights[j], offsets[j], smoothing)
              for j, out in enumerate(logits.values()) if (y[:, j] >= 0).any()]
     return sum(terms) if terms else None
 
@@ -671,19 +725,64 @@ def class_counts(y, n):
     return np.bincount(y[y >= 0], minlength=n)
 
 
+# --balance: how the loss (or the draw) treats classes of unequal size. Measured on the demo
+# and a 100:1 long-tailed demo (README, "Imbalanced classes"): sqrt is the one whose accuracy
+# never fell below the majority class's, with the best macro-F1 of those. `loss` is inverse's
+# old name (the default before; it collapses onto the rarest classes of a long tail).
+BALANCES = ("sqrt", "none", "logit-adjust", "capped", "effective", "inverse", "sampler")
+DEFAULT_BALANCE = "sqrt"
+ALIASES = {"loss": "inverse"}
+CAP = 10  # capped: a class counts as at least 1/CAP of the largest one
+BETA = 0.999  # effective: Cui et al.'s beta; the effective number saturates at 1/(1-beta)
+TAU = 1.0  # logit-adjust: Menon et al.'s tau (1: the Bayes-optimal balanced-error shift)
+
+
+def balance_name(how):
+    return ALIASES.get(how, how)
+
+
+def class_weights(counts, how):
+    """Cross-entropy weights per class from the train counts, scaled so that the mean weight
+    over the training images is 1; None for the unweighted ways. A class without a train
+    image is weighted as one with one image."""
+    how, c = balance_name(how), np.maximum(counts, 1).astype(np.float64)
+    if how == "inverse":
+        w = 1 / c  # n / (K * count) when every class has an image
+    elif how == "sqrt":
+        w = 1 / np.sqrt(c)
+    elif how == "capped":
+        w = 1 / np.maximum(c, c.max() / CAP)
+    elif how == "effective":
+        w = (1 - BETA) / (1 - BETA ** c)  # 1 / the effective number of images
+    else:
+        return None
+    return w * max(counts.sum(), 1) / max((w * counts).sum(), 1e-12)
+
+
+def logit_offsets(counts, how):
+    """tau * log(prior) per class (a class without a train image counts as one) under
+    logit-adjust, else None."""
+    if balance_name(how) != "logit-adjust":
+        return None
+    c = np.maximum(counts, 1).astype(np.float64)
+    return TAU * np.log(c / c.sum())
+
+
 def balance_weights(table, rows, args, device):
-    """(per-task CE class weights or Nones, per-row sampler weights or None)."""
+    """(per-task CE class weights or Nones, per-task logit offsets or Nones, per-row sampler
+    weights or None), from the train rows' class counts."""
     y = table.y[rows]
     counts = [class_counts(y[:, j], len(table.classes[t])) for j, t in enumerate(table.tasks)]
-    ce = [None] * len(table.tasks)
-    if args.balance == "loss":  # n / (K * count): the mean weight over samples is 1
-        ce = [torch.tensor(c.sum() / (len(c) * np.maximum(c, 1)), dtype=torch.float32,
-                           device=device) for c in counts]
+
+    def tensor(a):
+        return None if a is None else torch.tensor(a, dtype=torch.float32, device=device)
+    ce = [tensor(class_weights(c, args.balance)) for c in counts]
+    offsets = [tensor(logit_offsets(c, args.balance)) for c in counts]
     if args.balance != "sampler":
-        return ce, None
+        return ce, offsets, None
     lab = y[:, 0] >= 0  # balance on the first task (style)
     w = np.where(lab, 1.0 / np.maximum(counts[0], 1)[np.maximum(y[:, 0], 0)], 0.0)
-    return ce, np.where(lab, w, w[lab].mean() if lab.any() else 1.0)  # unlabelled: mean draw
+    return ce, offsets, np.where(lab, w, w[lab].mean() if lab.any() else 1.0)  # unlabelled: mean
 
 
 def make_scheduler(opt, total_steps, warmup):
@@ -713,12 +812,13 @@ class Fit:
     ddp: object = None  # under torchrun: DistributedDataParallel around what trains (see join_ddp)
     dummy: object = None  # under torchrun: a (1, ...) zero input for a rank with no image
     ce_host: list = None  # under torchrun: ce_weights on the host (batch_divisors, each step)
+    offsets: list = None  # per task: tau * log(prior) for the loss (logit-adjust), or None
 
 
 def train_step(fit, x, y):
     with nets.autocast(fit.device, fit.amp):
         logits = fit.fwd(to_device(x, fit.device))
-    loss = multitask_loss(logits, y.to(fit.device), fit.ce_weights, fit.smoothing)
+    loss = multitask_loss(logits, y.to(fit.device), fit.ce_weights, fit.smoothing, fit.offsets)
     if loss is None:
         return None
     if not torch.isfinite(loss):
@@ -803,7 +903,8 @@ def gather_predictions(idx, probs, skipped):
 
 
 def evaluate(model, fwd, loader, y, tasks, device, amp):
-    """{task: {acc, macro_f1, n}} on the rows the loader yields, plus mean_f1 over tasks."""
+    """{task: {acc, macro_f1, n, collapse}} on the rows the loader yields, plus mean_f1 over
+    tasks."""
     idx, probs, skipped = gather_predictions(*predict_probs(model, fwd, loader, device, amp))
     out = {}
     for j, t in enumerate(tasks):
@@ -811,9 +912,70 @@ def evaluate(model, fwd, loader, y, tasks, device, amp):
         m = yt >= 0
         if t in probs and m.any():
             rep = metrics.classification_report(yt[m], probs[t][m].argmax(1), probs[t].shape[1])
-            out[t] = {"acc": rep["accuracy"], "macro_f1": rep["macro"]["f1"], "n": int(m.sum())}
+            out[t] = {"acc": rep["accuracy"], "macro_f1": rep["macro"]["f1"], "n": int(m.sum()),
+                      "collapse": collapse(rep)}
     mean_f1 = float(np.mean([v["macro_f1"] for v in out.values()])) if out else 0.0
     return {"tasks": out, "mean_f1": mean_f1, "images": len(idx), "skipped": skipped}
+
+
+# The guard: when the fewest classes that take more than 90% of the predictions are under 20%
+# of the true labels, the model has collapsed onto them (on a long tail, weighted losses do
+# this onto the rarest classes: issue 20 saw 486 paintings called 4 styles of 1-2 images).
+COLLAPSE_PREDICTED, COLLAPSE_TRUE = 0.9, 0.2
+
+
+def collapse(rep):
+    """{classes, predicted, true}: the fewest classes (indices, most predicted first) that
+    take more than 90% of a report's predictions, their share of the predictions and of the
+    true labels, when that is under 20%; else None."""
+    pred = np.array([c["predicted"] for c in rep["per_class"]])
+    true = np.array([c["support"] for c in rep["per_class"]])
+    order, n = np.argsort(-pred, kind="stable"), rep["n"]
+    top = order[:np.searchsorted(np.cumsum(pred[order]), COLLAPSE_PREDICTED * n, "right") + 1]
+    if true[top].sum() < COLLAPSE_TRUE * n:
+        return {"classes": top.tolist(), "predicted": float(pred[top].sum() / n),
+                "true": float(true[top].sum() / n)}
+    return None
+
+
+def collapse_warning(task, col, names, split, balance):
+    """The guard's one line: which classes, how often, and what to try."""
+    how, small = balance_name(balance), data.SMALL_CLASS
+    fix = (f"train longer or from --weights imagenet, and leave classes with too few train "
+           f"images out of the subset (data.py --min-per-class {small})")
+    if how == DEFAULT_BALANCE:
+        fix = f"try --balance none, or {fix}"
+    elif how != "none":
+        fix = (f"--balance {balance} pushes the model toward rare classes: train with the "
+               f"default --balance {DEFAULT_BALANCE}, or none (README: Imbalanced classes)")
+    called = " or ".join(names[c] for c in col["classes"])
+    onto = "one class" if len(col["classes"]) == 1 else f"{len(col['classes'])} rare classes"
+    return (f"warning: {task}: {col['predicted']:.0%} of the {split} images are called {called}, "
+            f"which {col['true']:.0%} of them are: the model has collapsed onto {onto}; {fix}")
+
+
+def task_baselines(table, split):
+    """{task: metrics.baselines} on `split`'s labels, the majority class from train's."""
+    out = {}
+    for j, t in enumerate(table.tasks):
+        y, k = table.y[:, j], len(table.classes[t])
+        there = y[(table.split == split) & (y >= 0)]
+        if len(there):
+            out[t] = metrics.baselines(there, k, metrics.majority_class(
+                y[(table.split == "train") & (y >= 0)], k))
+    return out
+
+
+def baseline_line(split, base, classes):
+    """The baselines of each task on one line, for the start of training."""
+    parts = []
+    for t, b in base.items():
+        m, u = b["majority"], b["uniform"]
+        maj = "no train label" if m is None else (
+            f"majority class {classes[t][m['class']]} acc {m['accuracy']:.3f} f1 "
+            f"{m['macro_f1']:.3f}")
+        parts.append(f"{t} {maj}, uniform random acc {u['accuracy']:.3f} f1 {u['macro_f1']:.3f}")
+    return f"{split} baselines (macro-F1): {'; '.join(parts)}"
 
 
 def plain_args(args):
@@ -821,12 +983,20 @@ def plain_args(args):
             or v is None}
 
 
+def train_counts(table):
+    """{task: train images per class}: --eval's majority baseline is the most frequent one."""
+    tr = table.y[table.split == "train"]
+    return {t: class_counts(tr[:, j], len(table.classes[t])).tolist()
+            for j, t in enumerate(table.tasks)}
+
+
 def save_checkpoint(fit, out, state, table, args, is_best):
     """last.pt every epoch (and best.pt when improved): temp file + rename, never half."""
     ckpt = {"arch": ARCH, "model": fit.model.state_dict(), "optimizer": fit.opt.state_dict(),
             "scheduler": fit.sched.state_dict(), "args": plain_args(args),
             "scaler": fit.scaler.state_dict() if fit.scaler is not None else None,
-            "classes": table.classes, "tasks": table.tasks, **state}
+            "classes": table.classes, "tasks": table.tasks, "train_counts": train_counts(table),
+            **state}
     buf = io.BytesIO()
     torch.save(ckpt, buf)
     data.atomic_write(os.path.join(out, "last.pt"), buf.getvalue(), "wb")
@@ -860,6 +1030,8 @@ def typed_flags(parser, argv):
 
 
 def same_flag(k, a, b):
+    if k == "balance":  # loss, the old name of inverse, is inverse
+        return balance_name(a) == balance_name(b)
     if k in PATH_FLAGS and isinstance(a, str) and isinstance(b, str) and a not in (
             "imagenet", "none"):
         return os.path.abspath(a) == os.path.abspath(b)
@@ -938,6 +1110,7 @@ class Feeds:
     """Where batches come from: images (augmented) or the frozen backbone's cached maps."""
     fwd: object  # model (images) or model.classify (cached features)
     ce_weights: list
+    offsets: list
     sampler: EpochBatches
     train: object
     val: object
@@ -952,15 +1125,15 @@ def make_feeds(model, table, args, device):
     if not len(rows["train"]) or not len(rows[sel]):
         raise UserError(f"{args.data}: need labelled rows with split train and dev (or val) "
                         f"(have {len(rows['train'])} train, {len(rows[sel])} {sel})")
-    ce, draw = balance_weights(table, rows["train"], args, device)
+    ce, offsets, draw = balance_weights(table, rows["train"], args, device)
     if not args.freeze_backbone:
         sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw, seeds=True)
         ds = [data.ImageDataset(table.paths, args.root, nets.make_transform(args.img_size, aug),
                                 args.img_size) for aug in (True, False)]
         val = image_loader(ds[1], RankShare(sequential(rows[sel], args.batch_size)), args,
                            device)
-        return Feeds(model, ce, sampler, image_loader(Augmented(ds[0]), RankShare(sampler), args,
-                                                      device), val, [])
+        return Feeds(model, ce, offsets, sampler,
+                     image_loader(Augmented(ds[0]), RankShare(sampler), args, device), val, [])
     where, feats, skipped = np.full(len(table.paths), -1), {}, []
     precision, why = nets.inference_precision(device, args.amp)
     nets.say_precision(precision, why + ", the frozen backbone's cache")
@@ -974,7 +1147,7 @@ def make_feeds(model, table, args, device):
         rows[s] = rows[s][ok]
     sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw)
     val = CachedBatches(feats[sel], where, RankShare(sequential(rows[sel], args.batch_size)))
-    return Feeds(model.classify, ce, sampler,
+    return Feeds(model.classify, ce, offsets, sampler,
                  CachedBatches(feats["train"], where, RankShare(sampler)), val, skipped)
 
 
@@ -989,7 +1162,7 @@ def make_fit(model, feeds, args, device, amp):
         scaler = torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else \
             torch.cuda.amp.GradScaler()
     return Fit(model, feeds.fwd, opt, sched, scaler, feeds.ce_weights, args.label_smoothing,
-               device, amp, args.freeze_backbone)
+               device, amp, args.freeze_backbone, offsets=feeds.offsets)
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -1070,7 +1243,7 @@ def ddp_train_step(fit, x, y):
 
 def batch_divisors(y, ce_weights):
     """Per task, what cross-entropy's mean divides by over these rows: the number of labelled
-    rows, or the sum of their class weights (--balance loss)."""
+    rows, or the sum of their class weights (the weighted --balance ways)."""
     out = []
     for j, w in enumerate(ce_weights):
         lab = y[:, j][y[:, j] >= 0]
@@ -1092,9 +1265,9 @@ def share_loss(fit, x, y, div):
         logits = fit.ddp(to_device(x, fit.device))
     train_mode(fit)
     y, div = y.to(fit.device), np.where(div > 0, div, 1.0)  # 0 / 1 for a label-less task
-    return sum(F.cross_entropy(out.float(), y[:, j], weight=fit.ce_weights[j], ignore_index=-1,
-                               label_smoothing=fit.smoothing, reduction="sum") / div[j]
-               for j, out in enumerate(logits.values()))
+    offsets = fit.offsets or [None] * len(fit.ce_weights)
+    return sum(task_loss(out, y[:, j], fit.ce_weights[j], offsets[j], fit.smoothing, "sum")
+               / div[j] for j, out in enumerate(logits.values()))
 
 
 def epoch_line(rec, epochs, mark):
@@ -1148,6 +1321,9 @@ def run_epoch(fit, feeds, table, args, epoch, state):
            "skipped": len(tr["skipped"]), "skipped_val": len(skipped_val),
            "best": state["best"], "split": sel, "val": val}
     print(epoch_line(rec, args.epochs, " *" if best else ""))
+    for t, v in val["tasks"].items():
+        if v["collapse"]:
+            print(collapse_warning(t, v["collapse"], table.classes[t], sel, args.balance))
     list_skipped(feeds, table, args.out, tr["skipped"] + skipped_val)
     if nets.is_main():
         data.append_jsonl(os.path.join(args.out, "log.jsonl"), rec)
@@ -1182,12 +1358,19 @@ def cmd_train(args, device, ckpt=None):
           + (f"; each step's {args.batch_size} images split over {nets.world()} processes"
              if fit.ddp else ""))
     list_skipped(feeds, table, args.out, feeds.cache_failed)
+    print(balance_line(args.balance, feeds, table.tasks))
+    base = task_baselines(table, sel)
+    print(baseline_line(sel, base, table.classes))
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         state = run_epoch(fit, feeds, table, args, epoch, state)
         if args.patience and state["bad_epochs"] >= args.patience:
             print(f"early stop: no better {sel} mean F1 for {args.patience} epochs")
             break
-    print(f"best {sel} mean macro-F1 {state['best']:.4f}: {os.path.join(args.out, 'best.pt')}")
+    maj = [b["majority"]["macro_f1"] for b in base.values() if b["majority"]]
+    print(f"best {sel} mean macro-F1 {state['best']:.4f} (majority class "
+          f"{np.mean(maj) if maj else float('nan'):.4f}, uniform random "
+          f"{np.mean([b['uniform']['macro_f1'] for b in base.values()]):.4f}): "
+          f"{os.path.join(args.out, 'best.pt')}")
     return state
 
 
@@ -1210,13 +1393,27 @@ def read_eval_table(args, ckpt, typed_classes):
     return read_table(args.data, args.classes, tasks, ckpt["classes"], args.drop_leaks)
 
 
-def task_result(y, probs, names):
-    """Report, top-3 accuracy and confusion matrix of one task over its labelled rows."""
+def task_result(y, probs, names, majority):
+    """Report, top-3 accuracy, confusion matrix, baselines (majority: the train majority class,
+    or None) and the guard's collapse (or None) of one task over its labelled rows."""
     m = y >= 0
     pred = probs[m].argmax(1)
-    return {"report": metrics.classification_report(y[m], pred, len(names), names),
-            "top3": metrics.topk_accuracy(y[m], probs[m], 3),
-            "confusion": metrics.confusion_matrix(y[m], pred, len(names))}
+    rep = metrics.classification_report(y[m], pred, len(names), names)
+    base = metrics.baselines(y[m], len(names), majority)
+    if base["majority"]:
+        base["majority"]["name"] = names[majority]
+    return {"report": rep, "top3": metrics.topk_accuracy(y[m], probs[m], 3),
+            "confusion": metrics.confusion_matrix(y[m], pred, len(names)), "baselines": base,
+            "collapse": collapse(rep)}
+
+
+def train_majority(ckpt, table, t):
+    """The most frequent train class of task t: from the checkpoint's train counts, else
+    (checkpoints before they were stored) from the manifest's train rows; None if neither."""
+    k, counts = len(table.classes[t]), (ckpt.get("train_counts") or {}).get(t)
+    if counts is None:
+        counts = class_counts(table.y[table.split == "train", table.tasks.index(t)], k)
+    return metrics.majority_class(np.repeat(np.arange(k), counts), k)
 
 
 def eval_split(args, table):
@@ -1238,13 +1435,25 @@ def eval_notes(table, split, ckpt):
     return notes
 
 
+def baseline_text(base, n):
+    """report.txt's lines for the baselines of one task on its n images."""
+    m, u = base["majority"], base["uniform"]
+    maj = ("majority class: no train label" if m is None else
+           f"majority class ({m['name']}, the most frequent in train) for all: accuracy "
+           f"{m['accuracy']:.4f}  macro-F1 {m['macro_f1']:.4f}  weighted F1 {m['weighted_f1']:.4f}")
+    return [f"baselines on the same {n} images: {maj}",
+            f"  uniform random (each class 1/K, expected): accuracy {u['accuracy']:.4f}  "
+            f"macro-F1 {u['macro_f1']:.4f}  weighted F1 {u['weighted_f1']:.4f}"]
+
+
 def report_text(res, args, n_val, skipped, notes=()):
     lines = [f"checkpoint: {args.ckpt}", f"data: {args.data} ({args.split} split, {n_val} "
              f"images, {skipped} unreadable and skipped)", *notes, ""]
     for t, r in res.items():
         rep = r["report"]
         lines += [f"== {t}: {rep['n']} labelled {args.split} images ==", metrics.format_report(rep),
-                  f"accuracy {rep['accuracy']:.4f}  top-3 accuracy {r['top3']:.4f}"]
+                  f"accuracy {rep['accuracy']:.4f}  top-3 accuracy {r['top3']:.4f}",
+                  *baseline_text(r["baselines"], rep["n"])]
         for what in ("precision", "recall"):
             if rep[f"undefined_{what}"]:
                 lines.append(f"undefined {what} (n/a, counted as 0 in macro/weighted): "
@@ -1256,7 +1465,8 @@ def report_text(res, args, n_val, skipped, notes=()):
 def write_eval(out, res, table, idx, probs, text):
     os.makedirs(out, exist_ok=True)
     data.atomic_write(os.path.join(out, "report.txt"), text + "\n")
-    summary = {t: {"top3": r["top3"], **r["report"]} for t, r in res.items()}
+    summary = {t: {"top3": r["top3"], **r["report"], "baselines": r["baselines"],
+                   "collapse": r["collapse"]} for t, r in res.items()}
     data.atomic_write(os.path.join(out, "metrics.json"), json.dumps(summary, indent=1) + "\n")
     for t, r in res.items():
         names = table.classes[t]
@@ -1310,8 +1520,12 @@ def cmd_eval(args, device):
     if not len(idx):
         raise UserError(f"none of the {len(rows)} {args.split} images under {args.root} "
                         "could be read")
-    res = {t: task_result(table.y[idx, j], probs[t], table.classes[t])
+    res = {t: task_result(table.y[idx, j], probs[t], table.classes[t],
+                          train_majority(ckpt, table, t))
            for j, t in enumerate(table.tasks) if (table.y[idx, j] >= 0).any()}
+    notes += [collapse_warning(t, r["collapse"], table.classes[t], args.split,
+                               ckpt["args"].get("balance", "loss"))
+              for t, r in res.items() if r["collapse"]]
     text = report_text(res, args, len(rows), len(rows) - len(idx), notes)
     write_eval(out, res, table, idx, probs, text)
     print(text)
@@ -1608,11 +1822,18 @@ def build_parser():
     t.add_argument("--warmup", type=float, default=0.05,
                    help="linear warm-up: a fraction of all steps when < 1, else steps; then cosine")
     t.add_argument("--label-smoothing", type=float, default=0.1, help="in every task's loss")
-    t.add_argument("--balance", default="loss", choices=("loss", "sampler", "none"),
-                   help="class imbalance: loss = cross-entropy weighted n/(K*count) per class "
-                   "and task, every image once per epoch; sampler = draw images with weight "
-                   "1/count of their style class (rare ones repeat, common ones go unseen: the "
-                   "real lists span 98..13,060 per class)")
+    t.add_argument("--balance", default=DEFAULT_BALANCE, choices=BALANCES + tuple(ALIASES),
+                   metavar="{" + ",".join(BALANCES) + "}",
+                   help="class imbalance, per task (README: Imbalanced classes). Cross-entropy "
+                   "weighted per class by sqrt = 1/sqrt(count) (measured best on a long tail "
+                   "and as good as none on balanced data), capped = 1/count with counts below "
+                   "1/10 of the largest raised to it, effective = (1-b)/(1-b^count), b=0.999 "
+                   "(Cui et al. 2019), inverse (old name: loss, the default before) = "
+                   "n/(K*count), which collapses onto the rarest classes of a long tail; none: "
+                   "plain cross-entropy; logit-adjust: the loss sees logits + log(train prior) "
+                   "(Menon et al. 2021), prediction the plain ones; sampler = draw images with "
+                   "weight 1/count of their style class (rare ones repeat, common ones go "
+                   "unseen)")
     t.add_argument("--patience", type=int, default=0,
                    help="stop after N epochs without a better val mean F1 (0: never)")
     t.add_argument("--freeze-backbone", action="store_true",

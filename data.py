@@ -67,6 +67,9 @@ SHARD_MAX_BYTES = 4 << 30  # hf-wikiart parquet shards are ~520 MB
 # load_image says what happens to such an image itself: a JPEG decodes reduced, the rest over
 # MAX_PIXELS are refused (PIL itself still refuses over 179 MP)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# A class with fewer train images than this is too small to learn (or to score): subsets leave
+# it out unless --min-per-class is set below it, and crnn.py names it at training start.
+SMALL_CLASS = 5
 
 
 class UserError(Exception):
@@ -823,6 +826,22 @@ def balanced_subset(labels, names, task, per_class, min_per_class, seed, source=
     return chosen, dropped, bad
 
 
+def report_small(chosen, dropped, min_per_class, held=frozenset()):
+    """Names the classes balanced_subset dropped, and warns of the classes it kept with fewer
+    than SMALL_CLASS images that can go to train (held ones, the test lists, do not count)."""
+    what = "usable train images" if held else "usable images"
+    for c, n in dropped.items():
+        print(f"dropped class {c}: {n} {what} < --min-per-class {min_per_class}"
+              + (" (too few to learn)" if n < SMALL_CLASS else ""))
+    small = {c: sum(p not in held for p in ps) for c, ps in chosen.items()}
+    small = {c: n for c, n in small.items() if n < SMALL_CLASS}
+    if small:
+        names = ", ".join(f"{c} ({n})" for c, n in sorted(small.items(), key=lambda x: x[1]))
+        print(f"warning: {len(small)} class{'es' if len(small) > 1 else ''} kept with fewer than "
+              f"{SMALL_CLASS} {what}, too few to learn (--min-per-class {min_per_class} asks for "
+              f"them): {names}; the default --min-per-class {SMALL_CLASS} leaves them out")
+
+
 # ----------------------------------------------------------------------------- split rules
 # One split column shared by every task (a multi-task model must never train on an image
 # another task evaluates). random: today's train/val; official: the ArtGAN val lists are test,
@@ -941,9 +960,7 @@ def cmd_wikiart(args):
     chosen, dropped, bad = balanced_subset(labels, classes[task], task, args.per_class,
                                            args.min_per_class, args.seed, source, held)
     report_unusable(args.out, bad)
-    for c, n in dropped.items():
-        print(f"dropped class {c}: {n} usable {'train ' if held else ''}images "
-              f"< --min-per-class {args.min_per_class}")
+    report_small(chosen, dropped, args.min_per_class, held)
     if not chosen:
         raise UserError("nothing left after filtering (lower --min-per-class, or check --images)")
     groups = {p: artist_of(p) for ps in chosen.values() for p in ps}
@@ -1574,8 +1591,7 @@ def write_hf_subset(args, shards, tasks):
     task = args.balance_on
     chosen, dropped, _ = balanced_subset(labels, classes[task], task, args.per_class,
                                          args.min_per_class, args.seed)
-    for c, n in dropped.items():
-        print(f"dropped class {c}: {n} images < --min-per-class {args.min_per_class}")
+    report_small(chosen, dropped, args.min_per_class)
     if not chosen:
         raise UserError("nothing left after filtering (lower --min-per-class)")
     split = make_split(args, chosen, {}, painter)
@@ -2028,15 +2044,52 @@ def write_demo_lists(lists, items, noise):
                 atomic_write(os.path.join(lists, f"{task}_{split}.csv"), text)
 
 
+def demo_tail_sizes(n, ratio):
+    """Class sizes falling geometrically, largest : smallest = ratio, summing to n (largest
+    remainders), each at least 1: n 360, ratio 100 -> 218, 87, 34, 14, 5, 2."""
+    k = len(DEMO_STYLES)
+    share = ratio ** (-np.arange(k) / (k - 1))
+    raw = n * share / share.sum()
+    sizes = np.maximum(np.floor(raw).astype(int), 1)
+    for c in np.argsort(-(raw - np.floor(raw)), kind="stable")[:max(0, n - sizes.sum())]:
+        sizes[c] += 1
+    return sizes
+
+
+def demo_tail_styles(n, ratio, rng):
+    """--tail: the style of each of n images, exact geometric class sizes in a seeded order of
+    the styles (the rarest is not always the same one), shuffled."""
+    if n < len(DEMO_STYLES) or ratio < 1:
+        raise UserError(f"--tail {ratio} --n {n}: need a ratio >= 1 and at least "
+                        f"{len(DEMO_STYLES)} images (one per style)")
+    order = rng.permutation(len(DEMO_STYLES))
+    styles = np.repeat(order, demo_tail_sizes(n, ratio))
+    return rng.permutation(styles).tolist()
+
+
+def demo_pick(i, hands, tail, rng):
+    """(artist, style) of image i. Balanced demo: artists take turns and paint one of their two
+    styles 80% of the time. --tail: the style is given, and 80% of the time painted by one of
+    the two artists who favour it."""
+    if tail is None:
+        a = i % len(hands)
+        st = int(rng.choice(hands[a]["styles"])) if rng.random() < 0.8 else \
+            int(rng.integers(len(DEMO_STYLES)))
+        return a, st
+    st = tail[i]
+    fans = [a for a, h in enumerate(hands) if st in h["styles"]]
+    return (int(rng.choice(fans)) if rng.random() < 0.8 else int(rng.integers(len(hands)))), st
+
+
 def cmd_demo(args):
+    args.out = args.out or ("demo-tail" if args.tail else "demo")
     rng = np.random.default_rng(args.seed)
     hands = demo_artists(rng)
     items, prog, reused = [], Progress(args.n, "demo", every=5.0), 0
+    tail = demo_tail_styles(args.n, args.tail, rng) if args.tail else None
     for i in range(args.n):
-        a = i % len(hands)
+        a, st = demo_pick(i, hands, tail, rng)
         hand = hands[a]
-        st = int(rng.choice(hand["styles"])) if rng.random() < 0.8 else \
-            int(rng.integers(len(DEMO_STYLES)))
         g = int(rng.integers(len(DEMO_GENRES)))
         path = f"{DEMO_STYLES[st]}/{hand['slug']}_{DEMO_GENRES[g].replace('_', '-')}-{i}.jpg"
         # painted every time, so that the random stream (and all that follows) never depends
@@ -2114,8 +2167,10 @@ def add_balance_args(p):
     p.add_argument("--balance-on", default="style", help="task whose classes are balanced")
     p.add_argument("--per-class", type=int, default=500,
                    help="cap per class (0: no cap); --split official caps train only")
-    p.add_argument("--min-per-class", type=int, default=1,
-                   help="drop classes with fewer usable (train) images")
+    p.add_argument("--min-per-class", type=int, default=SMALL_CLASS,
+                   help="drop classes with fewer usable (train) images, named; below "
+                   f"{SMALL_CLASS} (too few to learn) the small classes kept are named in a "
+                   "warning")
 
 
 def add_split_args(p, rules):
@@ -2212,8 +2267,12 @@ def build_parser():
 
     m = sub.add_parser("demo", help="small SYNTHETIC dataset in the real formats",
                        formatter_class=Help)
-    m.add_argument("--out", default="demo", help="writes images/, lists/ and the manifests")
+    m.add_argument("--out", help="writes images/, lists/ and the manifests (default: demo, "
+                   "demo-tail with --tail)")
     m.add_argument("--n", type=int, default=360, help="number of images")
+    m.add_argument("--tail", type=float, metavar="RATIO",
+                   help="a long tail: style class sizes fall geometrically, largest : smallest "
+                   "= RATIO (100: 218, 87, 34, 14, 5, 2 of 360), same painter and label noise")
     m.add_argument("--seed", type=int, default=0, help="the same seed gives the same data")
     m.set_defaults(func=cmd_demo)
     return p

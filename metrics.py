@@ -1,11 +1,12 @@
 """Hand-written metrics: numpy arrays in (callers do `.cpu().numpy()`), Python numbers out.
 
-Holds classification and retrieval metrics and their random baselines; imports nothing of the
-project and no torch.
+Holds classification and retrieval metrics and their baselines (majority class, random
+ranking or calls); imports nothing of the project and no torch.
 
     import metrics
     rep = metrics.classification_report(y_true, y_pred, n_classes, names=classes)
     print(metrics.format_report(rep))
+    metrics.baselines(y_true, n_classes, metrics.majority_class(y_train, n_classes))
     metrics.retrieval_metrics(I, gt, ks=(1, 5))   # D, I = index.search(xq, k)
 
 Zero-division rule (sklearn zero_division=0, FAISS counts_to_PR): a ratio with denominator 0
@@ -146,6 +147,61 @@ def format_report(report, digits=3):
               "with no true samples; counted as 0 in macro and weighted avg (sklearn "
               "zero_division=0)."]
     return "\n".join(lines)
+
+
+# --- classification baselines ---
+# What a classifier has to beat, on the split it is scored on. majority: every image called
+# the most frequent class of the TRAIN labels (ties: the lower index), scored like any
+# prediction. uniform: every image called one of the n_classes at random, each with
+# probability 1 / n_classes, independently: the exact expected scores. Both average over all
+# n_classes labels with the zero-division rule above.
+
+def majority_class(y_train, n_classes):
+    """The most frequent label of y_train, the lower index on a tie; None when it is empty."""
+    y_train = _labels(y_train, n_classes, "y_train")
+    return int(np.bincount(y_train, minlength=n_classes).argmax()) if len(y_train) else None
+
+
+def _scores(f1, support):
+    return {"macro_f1": float(f1.mean()), "weighted_f1": float(np.average(f1, weights=support))}
+
+
+def majority_scores(y_true, n_classes, majority):
+    """accuracy, macro_f1 and weighted_f1 of calling every row of y_true `majority`."""
+    rep = classification_report(y_true, np.full(len(y_true), majority, np.int64), n_classes)
+    return {"class": int(majority), "accuracy": rep["accuracy"],
+            "macro_f1": rep["macro"]["f1"], "weighted_f1": rep["weighted"]["f1"]}
+
+
+def uniform_scores(y_true, n_classes):
+    """Exact expected accuracy (1 / n_classes), macro_f1 and weighted_f1 of uniform random
+    calls. Class c with s true rows of n is called m ~ Binomial(n, 1/K) times; given m, the
+    rows called c are a uniform m-subset, so E[tp | m] = m s / n and, F1 = 2 tp / (m + s)
+    being linear in tp, E[F1_c] = sum over m of P(m) 2 m s / (n (m + s)) (0 when m + s = 0)."""
+    _positive_int(n_classes, "n_classes")
+    y_true = _labels(y_true, n_classes, "y_true")
+    n = len(y_true)
+    if n == 0:
+        raise ValueError("uniform_scores needs at least one sample")
+    m = np.arange(n + 1)
+    if n_classes == 1:
+        pmf = (m == n).astype(float)  # every row called the one class
+    else:  # log C(n, m) as a running sum of log((n - m + 1) / m): no factorials
+        log_c = np.concatenate([[0.0], np.cumsum(np.log(n - m[1:] + 1) - np.log(m[1:]))])
+        pmf = np.exp(log_c - m * np.log(n_classes) + (n - m) * np.log1p(-1 / n_classes))
+    m, pmf = m[pmf > 0], pmf[pmf > 0]  # the rest underflowed: a few hundred m stay at n 25k
+    s = np.bincount(y_true, minlength=n_classes)[:, None]  # (K, 1) true rows per class
+    f1 = (pmf * _div(2 * m * s, n * (m + s))).sum(1)
+    return {"accuracy": 1 / n_classes, **_scores(f1, s[:, 0])}
+
+
+def baselines(y_true, n_classes, majority):
+    """{"majority": majority_scores (None when majority is None: no train labels),
+    "uniform": uniform_scores} on y_true, the split being evaluated; majority comes from
+    majority_class of the train labels, never of y_true."""
+    return {"majority": None if majority is None else
+            majority_scores(y_true, n_classes, majority),
+            "uniform": uniform_scores(y_true, n_classes)}
 
 
 def topk_accuracy(y_true, scores, k):

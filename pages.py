@@ -344,8 +344,25 @@ def unreadable_note(n):
 
 # ----------------------------------------------------------------------------- crnn.py --eval
 
-def metrics_table(rep, top3):
-    """The text report's numbers (metrics.classification_report) as a table; n/a = undefined."""
+def baseline_table(rep, base):
+    """The model beside the majority-class and uniform-random baselines on the same images."""
+    rows = [("this model", rep["accuracy"], rep["macro"]["f1"], rep["weighted"]["f1"])]
+    m, u = base["majority"], base["uniform"]
+    if m:
+        rows.append((f"majority class ({m['name']}, most frequent in train)", m["accuracy"],
+                     m["macro_f1"], m["weighted_f1"]))
+    rows.append(("uniform random (1/K each, expected)", u["accuracy"], u["macro_f1"],
+                 u["weighted_f1"]))
+    th = "".join(f"<th>{h}</th>" for h in ("on the same images", "accuracy", "macro F1",
+                                             "weighted F1"))
+    body = "".join(f"<tr><td>{esc(name)}</td><td>{num(a)}</td><td>{num(f)}</td><td>{num(w)}"
+                   "</td></tr>" for name, a, f, w in rows)
+    return f'<table class="num"><tr>{th}</tr>{body}</table>'
+
+
+def metrics_table(rep, top3, base=None):
+    """The text report's numbers (metrics.classification_report) as a table, then the
+    baselines (crnn.task_result's) when given; n/a = undefined."""
     th = "".join(f"<th>{h}</th>" for h in ("class", "precision", "recall", "f1-score", "support"))
     rows = [f"<tr><td>{esc(c['name'])}</td><td>{num(c['precision'])}</td><td>{num(c['recall'])}"
             f"</td><td>{num(c['f1'])}</td><td>{c['support']}</td></tr>" for c in rep["per_class"]]
@@ -360,7 +377,7 @@ def metrics_table(rep, top3):
              + ", ".join(rep[f"undefined_{w}"]) for w in ("precision", "recall")
              if rep[f"undefined_{w}"]]
     return (f'<div><table class="num"><tr>{th}</tr>{"".join(rows)}</table>'
-            f'{meta_lines(notes)}</div>')
+            f'{meta_lines(notes)}{baseline_table(rep, base) if base else ""}</div>')
 
 
 def cell_colour(v):
@@ -414,7 +431,8 @@ def eval_page(path, lines, results, outliers, asked):
     outliers: crnn.outliers() dicts with "seen" (the crop the model saw, uint8 array, or None
     when it no longer decodes) and "attention" (its grid of attention weights); asked: N."""
     bad = sum(o.get("seen") is None for o in outliers)
-    body = meta_lines(lines) + unreadable_note(bad)
+    body = "".join(meta_lines([s], "warn" if s.startswith("warning") else "meta")
+                   for s in lines) + unreadable_note(bad)
     if asked:
         body += meta_lines([f"outliers: the {len(outliers)} most confident disagreements with "
                             "the labels (score = p(pred) - p(true)); left: the centre crop the "
@@ -426,7 +444,7 @@ def eval_page(path, lines, results, outliers, asked):
                             "disagreements with the labels"])
     for t, r in results.items():
         body += f'<h2>{esc(t)}: {r["report"]["n"]} labelled images</h2>\n<div class="row">'
-        body += metrics_table(r["report"], r["top3"])
+        body += metrics_table(r["report"], r["top3"], r.get("baselines"))
         body += confusion_grid(r["confusion"], [c["name"] for c in r["report"]["per_class"]])
         body += "</div>\n"
         mine = [outlier_card(i, o) for i, o in enumerate(outliers, 1) if o["task"] == t]

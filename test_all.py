@@ -211,6 +211,14 @@ def demo(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def demo_tail(tmp_path_factory):
+    """120 synthetic images with a 100:1 long tail of styles (72, 29, 11, 4, 2, 2 painted)."""
+    out = tmp_path_factory.mktemp("shared") / "demo-tail"
+    data.main(["demo", "--out", str(out), "--n", "120", "--tail", "100"])
+    return out
+
+
+@pytest.fixture(scope="module")
 def demo_zip(demo):
     """demo/images as a zip under one top folder (as wikiart.zip holds wikiart/<Style>/...)."""
     path = demo.parent / "demo_images.zip"
@@ -707,6 +715,49 @@ def test_metrics_classification_bad_input(call, match):
         call()
 
 
+# ------------------------------------------------------------------------- classification baselines
+
+
+def test_metrics_classification_baselines_hand():
+    # y = 0 0 1 over K = 2, majority class 0 (from train). Calling all 0: accuracy 2/3,
+    # F1_0 = 2*2 / (3 + 2) = 0.8, F1_1 = 0 -> macro 0.4, weighted (2*0.8 + 0) / 3 = 8/15.
+    # Uniform: m ~ Bin(3, 1/2) rows called c, E[F1_c] = sum P(m) 2 m s / (3 (m + s)):
+    # s = 2: (3/8)(4/9) + (3/8)(2/3) + (1/8)(4/5) = 31/60; s = 1: (3/8)(1/3) + (3/8)(4/9) +
+    # (1/8)(1/2) = 17/48 -> macro (31/60 + 17/48) / 2 = 209/480, weighted (2 31/60 + 17/48) / 3
+    b = metrics.baselines([0, 0, 1], 2, metrics.majority_class([1, 0, 0, 1, 0], 2))
+    assert b["majority"] == pytest.approx({"class": 0, "accuracy": 2 / 3, "macro_f1": 0.4,
+                                           "weighted_f1": 8 / 15})
+    assert b["uniform"] == pytest.approx({"accuracy": 1 / 2, "macro_f1": 209 / 480,
+                                          "weighted_f1": (2 * 31 / 60 + 17 / 48) / 3})
+    # the majority of train, not of the evaluated split: class 1 is never right here
+    assert metrics.majority_scores([0, 0, 2], 3, 1) == pytest.approx(
+        {"class": 1, "accuracy": 0.0, "macro_f1": 0.0, "weighted_f1": 0.0})
+    assert metrics.majority_class([2, 1, 1, 2], 3) == 1  # a tie: the lower index
+    assert metrics.majority_class(np.zeros(0, np.int64), 3) is None
+    assert metrics.baselines([0, 1], 2, None)["majority"] is None  # no train label
+    assert metrics.uniform_scores([0, 0], 1) == {"accuracy": 1.0, "macro_f1": 1.0,
+                                                 "weighted_f1": 1.0}
+
+
+@pytest.mark.parametrize("y,k", [([0, 0, 1, 2, 2, 2], 4), ([1, 1, 1], 3), ([0, 1, 2, 3, 0], 5)])
+def test_metrics_uniform_baseline_exact_by_enumeration(y, k):
+    # every one of the k^n ways of calling the n rows is equally likely
+    reps = [metrics.classification_report(y, np.array(p), k)
+            for p in itertools.product(range(k), repeat=len(y))]
+    u = metrics.uniform_scores(y, k)
+    assert u["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in reps]), abs=1e-12)
+    assert u["macro_f1"] == pytest.approx(np.mean([r["macro"]["f1"] for r in reps]), abs=1e-12)
+    assert u["weighted_f1"] == pytest.approx(np.mean([r["weighted"]["f1"] for r in reps]),
+                                             abs=1e-12)
+
+
+def test_metrics_uniform_baseline_large_split():
+    # 25k rows over 20 classes: no overflow in the binomial, and about 1/K everywhere
+    y = np.random.default_rng(0).integers(0, 20, 25_000)
+    u = metrics.uniform_scores(y, 20)
+    assert u["accuracy"] == 0.05 and u["macro_f1"] == pytest.approx(0.05, abs=1e-3)
+
+
 # -------------------------------------------------------------------------------------------- top-k
 
 
@@ -934,6 +985,21 @@ def test_data_wikiart_real_list_formats(tmp_path, capsys):
         assert 1 <= n_val <= 4
     classes = json.loads((out / "classes.json").read_text())
     assert classes["style"] == ["Art_Nouveau", "Baroque", "Cubism"]
+
+
+def test_data_wikiart_small_classes_dropped_or_kept_by_name(tmp_path, capsys):
+    """Tiny has 2 images, under the floor of 5: left out by default, named; kept when
+    --min-per-class asks for it, named in a warning."""
+    write_lists(tmp_path / "lists")
+    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--per-class", "0", "--split", "random"]
+    data.main([*base, "--out", str(tmp_path / "a")])
+    log = capsys.readouterr().out
+    assert "dropped class Tiny: 2 usable images < --min-per-class 5 (too few to learn)" in log
+    assert "Tiny" not in {r["style"] for r in data.read_csv(tmp_path / "a" / "manifest.csv")}
+    data.main([*base, "--out", str(tmp_path / "b"), "--min-per-class", "2"])
+    log = capsys.readouterr().out
+    assert "warning: 1 class kept with fewer than 5 usable images" in log and "Tiny (2)" in log
+    assert "Tiny" in {r["style"] for r in data.read_csv(tmp_path / "b" / "manifest.csv")}
 
 
 def test_data_wikiart_labels_bytes_and_conflicts(tmp_path):
@@ -1333,7 +1399,8 @@ def test_data_zip_bad_crc_listed_and_same_subset_as_folder(tmp_path, capsys):
         if p != victim:
             (root / p).parent.mkdir(parents=True, exist_ok=True)
             (root / p).write_bytes(body)
-    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--per-class", "0"]
+    base = ["wikiart", "--lists", str(tmp_path / "lists"), "--per-class", "0", "--min-per-class",
+            "1"]  # Tiny (2 images) too
     capsys.readouterr()
     data.main([*base, "--out", str(tmp_path / "z"), "--images", str(zpath)])
     assert "skipped 1 bad CRC images" in capsys.readouterr().out
@@ -1553,7 +1620,8 @@ def test_data_split_official_test_is_the_val_lists(tmp_path, capsys):
 def test_data_split_artist_no_painter_in_two_splits(tmp_path, capsys):
     write_lists(tmp_path / "lists")
     data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(tmp_path / "o"),
-               "--per-class", "0", "--split", "artist", "--test-frac", "0.3"])
+               "--per-class", "0", "--min-per-class", "1", "--split", "artist", "--test-frac",
+               "0.3"])
     assert "split artist: 5 artists" in capsys.readouterr().out
     splits = {}
     for r in data.read_csv(tmp_path / "o" / "manifest.csv"):
@@ -1595,6 +1663,24 @@ def test_data_demo_again_gives_the_same_data(tmp_path, capsys):
     data.main(["demo", "--out", str(tmp_path / "a"), "--n", "24"])
     assert "23 of the 24 images were already in" in capsys.readouterr().out
     assert files(tmp_path / "a") == first
+
+
+def test_data_demo_long_tail(tmp_path, capsys):
+    # 360 over 6 styles at 100:1: shares 100^(-c/5) -> 217.6 86.6 34.5 13.7 5.5 2.2, rounded
+    assert data.demo_tail_sizes(360, 100).tolist() == [218, 87, 34, 14, 5, 2]
+    assert data.demo_tail_sizes(120, 100).tolist() == [72, 29, 11, 4, 2, 2]
+    assert data.demo_tail_sizes(60, 1).tolist() == [10] * 6
+    out = tmp_path / "tail"
+    data.main(["demo", "--out", str(out), "--n", "120", "--tail", "100"])
+    log = capsys.readouterr().out
+    true = Counter(p.split("/")[0] for p in data.scan_files(out / "images"))  # folder = style
+    assert sorted(true.values(), reverse=True) == [72, 29, 11, 4, 2, 2]
+    listed = Counter(r["style"] for r in data.read_csv(out / "manifest.csv"))
+    assert sum(abs(listed[c] - true[c]) for c in true) <= 2 * (120 // 40)  # the label noise
+    small = sorted(c for c, n in listed.items() if n < data.SMALL_CLASS)
+    assert len(small) >= 2 and "warning: " in log and all(c in log for c in small)
+    with pytest.raises(SystemExit, match="at least 6 images"):
+        data.main(["demo", "--out", str(out), "--n", "5", "--tail", "100"])
 
 
 # -------------------------------------------------------------------------------------------- poses
@@ -2022,6 +2108,123 @@ def test_crnn_overflowed_fp16_step_leaves_the_schedule(demo):
     assert sched.last_epoch == 1 and scaler.get_scale() == 2.0 ** 15
 
 
+def test_crnn_balance_weights_by_hand():
+    c = np.array([100, 10, 1])  # 111 train images; weights scaled to mean 1 over them
+    got = {b: crnn.class_weights(c, b) for b in crnn.BALANCES}
+    assert got["inverse"] == pytest.approx(111 / (3 * c))  # n / (K * count), as before
+    assert crnn.class_weights(c, "loss") == pytest.approx(got["inverse"])  # the old name
+    assert got["sqrt"] == pytest.approx(c ** -0.5 * 111 / (10 + 10 ** 0.5 + 1))
+    assert got["capped"] == pytest.approx(np.array([0.01, 0.1, 0.1]) * 111 / 2.1)  # 1 -> 10
+    eff = (1 - 0.999) / (1 - 0.999 ** c)
+    assert got["effective"] == pytest.approx(eff * 111 / (eff * c).sum())
+    assert got["none"] is got["logit-adjust"] is got["sampler"] is None
+    assert crnn.logit_offsets(c, "logit-adjust") == pytest.approx(np.log(c / 111))
+    assert crnn.logit_offsets(np.array([3, 0]), "logit-adjust") == pytest.approx(np.log([.75, .25]))
+    assert crnn.logit_offsets(c, "sqrt") is None
+
+
+class HeadsToy(torch.nn.Module):
+    """Two linear heads over a flattened (B, 3, 2, 2) input: a CRNN's outputs, cheaply."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({"style": torch.nn.Linear(12, 4),
+                                          "genre": torch.nn.Linear(12, 3)})
+
+    def forward(self, x):
+        return {t: h(x.flatten(1)) for t, h in self.heads.items()}
+
+
+@pytest.mark.parametrize("balance", crnn.BALANCES)
+def test_crnn_balanced_loss_shares_add_up_to_one_process(balance):
+    """Under torchrun each rank's share_loss divides its summed loss by the whole batch's
+    divisor (batch_divisors): the ranks' shares must add up to 1 process's multitask_loss for
+    every --balance way (weighted means, logit offsets, smoothing), so that DDP's averaged
+    gradient is the 1-process one."""
+    torch.manual_seed(0)
+    y = torch.tensor([[0, 0], [0, 1], [0, -1], [1, 2], [0, 0], [3, -1], [2, 1], [-1, 2], [0, 1]])
+    table = crnn.Table([str(i) for i in range(9)], np.array(["train"] * 9), ["style", "genre"],
+                       {"style": list("abcd"), "genre": list("xyz")}, y.numpy())
+    ce, offsets, _ = crnn.balance_weights(table, np.arange(9), argparse.Namespace(
+        balance=balance), torch.device("cpu"))
+    toy, x = HeadsToy(), torch.randn(9, 3, 2, 2)
+    fit = crnn.Fit(toy, toy, None, None, None, ce, 0.1, torch.device("cpu"), None, False,
+                   ddp=toy, offsets=offsets)
+    whole = crnn.multitask_loss(toy(x), y, ce, 0.1, offsets)
+    shares = [np.arange(9)[r::3] for r in range(3)]  # 3 ranks
+    div = np.sum([crnn.batch_divisors(y[s], ce) for s in shares], 0)
+    assert sum(crnn.share_loss(fit, x[s], y[s], div) for s in shares).item() == \
+        pytest.approx(whole.item(), rel=1e-6)
+    plain = crnn.multitask_loss(toy(x), y, [None, None], 0.1)
+    assert (whole.item() == pytest.approx(plain.item())) == (balance in ("none", "sampler"))
+    if balance == "logit-adjust":  # no smoothing: exactly cross-entropy of logits + log prior
+        z = toy(x)
+        expected = sum(torch.nn.functional.cross_entropy(z[t] + offsets[j], y[:, j],
+                                                         ignore_index=-1)
+                       for j, t in enumerate(z))
+        assert crnn.multitask_loss(z, y, ce, 0.0, offsets).item() == \
+            pytest.approx(expected.item(), rel=1e-6)
+
+
+# The long-tailed demo at the tiny settings of the other training tests: frozen features of a
+# random ResNet18, so each run takes seconds (the feature cache is shared).
+TAIL = [*CRNN_FAST, "--freeze-backbone", "--epochs", "6", "--batch-size", "16", "--lr", "1e-3",
+        "--seed", "0"]
+
+
+def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, tmp_path,
+                                                                     capsys):
+    """issue 20 on the long-tailed demo: n/(K*count) weights (--balance loss, the old
+    default) call most val images a class with one or two train images, and the guard says so
+    every epoch and in --eval's report; the default beats the majority class in macro-F1,
+    calls no smallest class for half the images and leaves the guard silent."""
+    rows = data.read_csv(demo_tail / "manifest.csv")
+    n_train = Counter(r["style"] for r in rows if r["split"] == "train")
+    names = json.loads((demo_tail / "classes.json").read_text())["style"]
+    base = ["--train", "--data", str(demo_tail / "manifest.csv"), *TAIL, "--cache",
+            str(tmp_path / "cache")]
+    got = {}
+    for run, flags in (("loss", ["--balance", "loss"]), ("default", [])):
+        crnn.main([*base, *flags, "--out", str(tmp_path / run)])
+        log = capsys.readouterr().out
+        crnn.main(["--eval", "--ckpt", str(tmp_path / run / "best.pt"), "--workers", "0",
+                   "--no-amp"])
+        capsys.readouterr()
+        got[run] = (log, json.loads((tmp_path / run / "metrics.json").read_text())["style"],
+                    (tmp_path / run / "report.txt").read_text())
+    log, m, report = got["loss"]
+    col = m["collapse"]
+    assert col and col["predicted"] > 0.9 and col["true"] < 0.2
+    assert all(n_train[names[c]] < data.SMALL_CLASS for c in col["classes"])
+    line = f"warning: style: {col['predicted']:.0%} of the val images are called " \
+        + " or ".join(names[c] for c in col["classes"])
+    assert line in report and "--balance loss pushes the model toward rare classes" in report
+    assert "of the val images are called" in log
+    log, m, report = got["default"]
+    assert m["collapse"] is None and "collapsed" not in report
+    assert m["macro"]["f1"] > m["baselines"]["majority"]["macro_f1"]
+    least = min(n_train.values())
+    assert all(c["predicted"] <= m["n"] / 2 for c in m["per_class"] if n_train[c["name"]] == least)
+    # what training says at its start: the small classes by name, what selection averages
+    small = sorted((n, c) for c, n in n_train.items() if n < data.SMALL_CLASS)
+    assert "warning: style: " in log and f"{small[0][1]} ({small[0][0]})" in log
+    assert "each averaged over all the task's classes (style 6, artist 6, genre 4)" in log
+    assert "val baselines (macro-F1): style majority class " in log
+    # a checkpoint from before train counts and the new --balance names still resumes and
+    # evaluates; --eval then takes the majority class from the manifest's train rows
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(tmp_path / "loss" / name, weights_only=True)
+        del ckpt["train_counts"]
+        torch.save(ckpt, tmp_path / "loss" / name)
+    crnn.main(["--eval", "--ckpt", str(tmp_path / "loss" / "best.pt"), "--workers", "0"])
+    m = json.loads((tmp_path / "loss" / "metrics.json").read_text())["style"]
+    assert m["baselines"]["majority"]["name"] == n_train.most_common(1)[0][0]
+    capsys.readouterr()
+    crnn.main(["--train", "--resume", "--epochs", "7", "--workers", "0", "--out",
+               str(tmp_path / "loss")])
+    assert "--balance loss" in capsys.readouterr().out
+
+
 def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
     args = ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, "--freeze-backbone",
             "--epochs", "1", "--out", str(tmp_path)]
@@ -2263,6 +2466,12 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
         assert f"top-3 accuracy {summary[t]['top3']:.4f}" in (out / "report.txt").read_text()
     ckpt = torch.load(trained / "best.pt", weights_only=True)
     assert summary["style"]["accuracy"] == pytest.approx(ckpt["val"]["tasks"]["style"]["acc"])
+    for t in tasks:  # the trained model: baselines beside it, and the guard silent
+        base = summary[t]["baselines"]
+        assert base["majority"]["name"] == classes[t][int(np.argmax(ckpt["train_counts"][t]))]
+        assert summary[t]["macro"]["f1"] > base["majority"]["macro_f1"]
+        assert summary[t]["collapse"] is None
+    assert "collapsed" not in (out / "report.txt").read_text()
     # --predict on the same val images, another code path (no DataLoader, other batches):
     # its top-1 is predictions.csv's, its top-3 gives the report's top-3 accuracy
     files = {str(demo / "images" / r["path"]): r for r in preds}
@@ -2283,6 +2492,59 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
                                                   abs=2e-4)
     with Image.open(out / "outliers.png") as im, Image.open(out / "confusion_style.png") as cm:
         assert im.width >= 190 and im.height >= 200 and cm.width > 6 * 12
+
+
+def test_crnn_guard_rule_by_hand():
+    def rep(y, p, k=5):
+        return metrics.classification_report(np.array(y), np.array(p), k)
+    y = [0] * 8 + [1, 2]  # class 0 is 80% of the labels
+    assert crnn.collapse(rep(y, [4] * 10)) == {"classes": [4], "predicted": 1.0, "true": 0.0}
+    assert crnn.collapse(rep(y, [0] * 10)) is None  # the majority class: wrong, not collapsed
+    assert crnn.collapse(rep(y, [4] * 9 + [0])) is None  # 90% is not more than 90%
+    assert crnn.collapse(rep(y, [4] * 6 + [3] * 4)) == {"classes": [4, 3], "predicted": 1.0,
+                                                        "true": 0.0}  # two rare ones
+    assert crnn.collapse(rep(y, [1] * 10)) == {"classes": [1], "predicted": 1.0, "true": 0.1}
+    assert crnn.collapse(rep([1, 1, 0, 0, 0, 0, 0, 0, 0, 0], [1] * 10)) is None  # 20% of them
+
+
+@pytest.mark.xdist_group("trained")
+def test_crnn_guard_and_baselines_on_a_hand_made_split(trained, demo, tmp_path, capsys):
+    """A checkpoint forced to call every image Ukiyo_e, from before checkpoints kept their
+    train counts: --eval says it collapsed in report.txt, report.html and metrics.json, and
+    scores the baselines of a hand-made split (majority class: its train rows' most frequent)."""
+    names = json.loads((demo / "classes.json").read_text())["style"]
+    paths = {c: [r["path"] for r in data.read_csv(demo / "manifest.csv") if r["style"] == c]
+             for c in names}
+    a, b, c, rare = names[0], names[1], names[2], names[5]
+    rows = [[paths[a][i], a, "train"] for i in range(3)] + [[paths[b][0], b, "train"]]
+    rows += [[paths[a][3], a, "test"], [paths[b][1], b, "test"], [paths[b][2], b, "test"],
+             [paths[c][0], c, "test"]]
+    data.write_csv(tmp_path / "m.csv", ["path", "style", "split"], rows)
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    del ckpt["train_counts"]
+    ckpt["args"]["balance"] = "loss"
+    ckpt["model"]["heads.style.weight"].zero_()
+    ckpt["model"]["heads.style.bias"].copy_(torch.full((6,), -10.0))
+    ckpt["model"]["heads.style.bias"][5] = 10.0
+    torch.save(ckpt, tmp_path / "forced.pt")
+    crnn.main(["--eval", "--ckpt", str(tmp_path / "forced.pt"), "--data", str(tmp_path / "m.csv"),
+               "--root", str(demo / "images"), "--classes", str(demo / "classes.json"),
+               "--out", str(tmp_path / "e"), "--workers", "0"])
+    m = json.loads((tmp_path / "e" / "metrics.json").read_text())["style"]
+    assert m["collapse"] == {"classes": [5], "predicted": 1.0, "true": 0.0}
+    line = f"warning: style: 100% of the test images are called {rare}, which 0% of them are"
+    assert line in (tmp_path / "e" / "report.txt").read_text()
+    page = (tmp_path / "e" / "report.html").read_text(encoding="utf-8")
+    assert f'<p class="warn">{html.escape(line)}' in page
+    # test = a b b c, majority (of train: a a a b) a: accuracy 1/4, F1_a = 2*1 / (4 + 1) = 0.4,
+    # macro over the 6 classes 0.4 / 6, weighted 0.4 / 4; uniform: metrics' exact expectation
+    assert m["baselines"]["majority"] == pytest.approx({"class": 0, "name": a, "accuracy": 0.25,
+                                                        "macro_f1": 0.4 / 6, "weighted_f1": 0.1})
+    assert m["baselines"]["uniform"] == pytest.approx(metrics.uniform_scores([0, 1, 1, 2], 6))
+    assert m["baselines"]["uniform"]["accuracy"] == pytest.approx(1 / 6)
+    for v in ("0.250", f"{0.4 / 6:.3f}", "0.100", f"{m['baselines']['uniform']['macro_f1']:.3f}"):
+        assert f"<td>{v}</td>" in page
+    assert check_page(tmp_path / "e" / "report.html").tags["table"] >= 3
 
 
 @pytest.mark.xdist_group("trained")
