@@ -1822,7 +1822,7 @@ def test_nets_autocast_and_cudnn_flags(monkeypatch, demo, tmp_path):
 def fit_for(amp):
     """crnn.make_fit on a tiny model, as cmd_train calls it with this autocast dtype."""
     model = crnn.CRNN({"style": 3}, torch.nn.Conv2d(3, 8, 3), hidden=8)
-    feeds = crnn.Feeds(model, [None], [[0]], None, None, [])
+    feeds = crnn.Feeds(model, [None], [None], [[0]], None, None, [])
     args = crnn.build_parser().parse_args(["--train", "--epochs", "1"])
     return crnn.make_fit(model, feeds, args, torch.device("cuda"), amp)
 
