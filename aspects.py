@@ -26,7 +26,8 @@ import urllib.error
 import numpy as np
 from PIL import Image
 
-from data import KEYPOINT_FLIP, UserError, one_line
+from data import KEYPOINT_FLIP
+from files import UserError, one_line
 
 MIN_CONF = 0.5  # a joint counts from here: COCO's v 1 and 2, a detector logit of 0 and up
 FLIP = np.array(KEYPOINT_FLIP)

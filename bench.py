@@ -43,6 +43,7 @@ from PIL import Image
 
 import crnn
 import data
+import files
 import nets
 import retrieve
 
@@ -117,13 +118,13 @@ def bench_loading(args, tmp):
 
     def draft():
         for p in paths:
-            tf(data.load_image(os.path.join(src, p), 224))
+            tf(files.load_image(os.path.join(src, p), 224))
 
     def cached():
         for p in paths:
-            tf(data.load_image(os.path.join(cache, p), 224))
+            tf(files.load_image(os.path.join(cache, p), 224))
 
-    data.write_csv(os.path.join(tmp, "big.csv"), ["path"], [[p] for p in paths])
+    files.write_csv(os.path.join(tmp, "big.csv"), ["path"], [[p] for p in paths])
     t_resize = timed(lambda: data.main(["resize", "--manifest", os.path.join(tmp, "big.csv"),
                                         "--root", src, "--out", cache, "--size", "256",
                                         "--workers", "1"]))
@@ -301,7 +302,7 @@ def pipeline_rows(args, tmp, device):
     n = by_mode(args, 64, 96, 256)
     src, cache = os.path.join(tmp, "orig500"), os.path.join(tmp, "cache256")
     paths = make_big_jpegs(src, n, size=(667, 500))
-    data.write_csv(os.path.join(tmp, "orig500.csv"), ["path"], [[p] for p in paths])
+    files.write_csv(os.path.join(tmp, "orig500.csv"), ["path"], [[p] for p in paths])
     with quiet():
         data.main(["resize", "--manifest", os.path.join(tmp, "orig500.csv"), "--root", src,
                    "--out", cache, "--size", "256"])
@@ -404,7 +405,7 @@ def bench_training(args, tmp):
     frozen, t_cache = crnn_epochs(demo, os.path.join(tmp, "frozen"), [*flags, "--freeze-backbone"])
     best = {k: max(recs, key=lambda r: r["img_per_s"]) for k, recs in
             (("e2e", e2e), ("frozen", frozen))}  # the warmest epoch of each
-    n_cached = len(data.read_manifest(os.path.join(demo, "manifest.csv")))  # train + val
+    n_cached = len(files.read_manifest(os.path.join(demo, "manifest.csv")))  # train + val
     amp = nets.autocast_dtype(device)  # what crnn.py trained under on this device
     workers = crnn.build_parser().get_default("workers")
     note = (f"{backbone} {size} px on {device.type}, demo n={n}, best of {epochs} epoch(s), "
@@ -552,7 +553,7 @@ def peak_rss_mb():
 
 def write_vectors(path, n, d, chunk=10_000):
     """n synthetic unit vectors to a .npy, chunk rows at a time (never all in memory here)."""
-    xb = data.open_memmap(path, np.float32, (n, d))  # reserved: a full disk is no SIGBUS
+    xb = files.open_memmap(path, np.float32, (n, d))  # reserved: a full disk is no SIGBUS
     for i in range(0, n, chunk):
         xb[i:i + chunk] = synthetic_embeddings(min(chunk, n - i), d, seed=100 + i // chunk)
     xb.flush()
@@ -777,7 +778,7 @@ def print_table(rows):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.Help)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=files.Help)
     p.add_argument("--quick", action="store_true", help="small sizes: about 5 min on 2 cores")
     p.add_argument("--tiny", action="store_true",
                    help=f"smoke-test sizes, seconds; sections {TINY_SECTIONS} unless --only")
@@ -808,11 +809,11 @@ def run_sections(only, args, info):
                 skipped[s] = str(e)
                 print(f"[{s}] skipped: {e}", flush=True)
             except (Exception, SystemExit) as e:  # SystemExit: a child process's error
-                if data.disk_full(e):  # no later section can write either: stop, one line
-                    raise SystemExit(f"bench.py: error: {data.os_error_line(e)}") from None
+                if files.disk_full(e):  # no later section can write either: stop, one line
+                    raise SystemExit(f"bench.py: error: {files.os_error_line(e)}") from None
                 if not isinstance(e, SystemExit):
                     traceback.print_exc()
-                failed[s] = data.one_line(e)
+                failed[s] = files.one_line(e)
                 print(f"[{s}] FAILED after {time.time() - t0:.0f} s: {failed[s]}", flush=True)
             write_results(args.out, info, rows, skipped, failed)
     return rows, skipped, failed
@@ -820,7 +821,7 @@ def run_sections(only, args, info):
 
 def write_results(path, info, rows, skipped, failed):
     info = {**info, "peak_rss_mb": peak_rss_mb()}
-    data.atomic_write(path, json.dumps({"machine": info, "rows": rows, "skipped": skipped,
+    files.atomic_write(path, json.dumps({"machine": info, "rows": rows, "skipped": skipped,
                                         "failed": failed}, indent=1) + "\n")
 
 
@@ -835,7 +836,7 @@ def main(argv=None):
                          f"(known: {', '.join(SECTIONS)})")
     try:
         device = bench_device(args)
-    except data.UserError as e:
+    except files.UserError as e:
         raise SystemExit(f"bench.py: error: {e}") from None
     tuned = nets.tune_malloc()
     info = {**machine(device), "malloc_tuned": tuned, "quick": args.quick,

@@ -31,7 +31,7 @@ with at least one label; an empty cell adds no loss for that task (ignore_index=
 
 Splits: best.pt is selected on `dev` when the manifest has one (else on `val`), and --eval
 reports on `test` (else `val`; --split picks), so the reported figures are not the ones the
-checkpoint was chosen on. --root may be a folder or a .zip read in place (data.image_source).
+checkpoint was chosen on. --root may be a folder or a .zip read in place (files.image_source).
 
 Files (OUT = --out, default runs/<the manifest's folder>): log.jsonl (one JSON object per epoch),
 last.pt every epoch and best.pt (best mean macro-F1 over tasks on dev/val), skipped.csv (images
@@ -76,6 +76,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 import data
+import files
 import metrics
 import nets
 import pages
@@ -83,7 +84,7 @@ import pages
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 DEFAULT_DATA = os.path.join("demo", "manifest.csv")
 ARCH = "crnn-v1"  # stored in every checkpoint; load_checkpoint refuses anything else
-UserError, one_line = data.UserError, data.one_line
+UserError, one_line = files.UserError, files.one_line
 # --eval/--predict rebuild the model from the checkpoint: only these flags mean anything there
 EVAL_ARGS = ("eval", "predict", "ckpt", "data", "root", "classes", "out", "outliers", "k",
              "split", "drop_leaks", "outliers_split", "explain", "batch_size", "workers", "amp",
@@ -264,7 +265,7 @@ def class_lists(rows, tasks, path):
 
 def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=False):
     """Rows of a manifest with a split column; labels checked against the class lists."""
-    rows = split_hygiene(data.read_manifest(manifest, ("path", "split")), manifest, drop_leaks)
+    rows = split_hygiene(files.read_manifest(manifest, ("path", "split")), manifest, drop_leaks)
     have = [t for t in data.TASKS if any(r.get(t) for r in rows)]
     tasks = have if tasks is None else tasks
     missing = [t for t in tasks if t not in have]
@@ -353,7 +354,7 @@ def check_images(table, args):
     """The table training reads, once its train and selection images are known to be there (a
     stat per row, or a zip lookup): most of them missing (another --root? a partial download)
     is one line, not an epoch of skips; --skip-missing leaves the missing rows out."""
-    src, sel = data.image_source(args.root, must_exist=False), selection_split(table)
+    src, sel = files.image_source(args.root, must_exist=False), selection_split(table)
     used = np.flatnonzero((table.split == "train") | (table.split == sel))
     gone = [i for i in used if not src.exists(table.paths[i])]
     if not gone:
@@ -502,7 +503,7 @@ def image_loader(ds, batches, args, device):
     """DataLoader over fixed/epoch batches of indices; unreadable images are dropped."""
     kw = {"persistent_workers": True, "worker_init_fn": seed_worker} if args.workers else {}
     return DataLoader(ds, batch_sampler=batches, num_workers=args.workers,
-                      collate_fn=data.collate_skip, pin_memory=device.type == "cuda",
+                      collate_fn=files.collate_skip, pin_memory=device.type == "cuda",
                       generator=torch.Generator().manual_seed(args.seed + nets.rank()), **kw)
 
 
@@ -610,7 +611,7 @@ def join_cache_parts(d, split, chunk=4096):
             metas.append(json.load(f))
     npy = os.path.join(d, f"{split}.npy")
     tmp = f"{npy}.{os.getpid()}.tmp.npy"
-    out = data.open_memmap(tmp, np.float16, (sum(len(a) for a in parts),) + parts[0].shape[1:])
+    out = files.open_memmap(tmp, np.float16, (sum(len(a) for a in parts),) + parts[0].shape[1:])
     at, ok, failed = 0, [], []
     for a, m in zip(parts, metas, strict=True):
         for i in range(0, len(a), chunk):
@@ -622,7 +623,7 @@ def join_cache_parts(d, split, chunk=4096):
     del out, parts
     os.replace(tmp, npy)
     print(f"cache: joined {len(names)} parts into {npy} ({at} images)")
-    data.atomic_write(os.path.join(d, f"{split}.json"), json.dumps(
+    files.atomic_write(os.path.join(d, f"{split}.json"), json.dumps(
         {"key": metas[0]["key"], "paths": sum((m["paths"] for m in metas), []), "ok": ok,
          "failed": failed}))
     for n in names:
@@ -633,19 +634,19 @@ def join_cache_parts(d, split, chunk=4096):
 def open_cache(tmp, n, shape):
     """A new fp16 memmap (n, *shape) at tmp, its folder made."""
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    return data.open_memmap(tmp, np.float16, (n, *shape))  # reserved: ENOSPC, no SIGBUS
+    return files.open_memmap(tmp, np.float16, (n, *shape))  # reserved: ENOSPC, no SIGBUS
 
 
 @torch.no_grad()
 def build_cache(model, paths, npy, meta, key, args, device, precision, part=False):
-    ds = data.ImageDataset(paths, args.root, nets.make_transform(args.img_size), args.img_size)
+    ds = files.ImageDataset(paths, args.root, nets.make_transform(args.img_size), args.img_size)
     batches = sequential(np.arange(len(paths)), args.batch_size)
     loader = image_loader(ds, batches, args, device)
     # a BN-folded copy in the inference precision: frozen, eval only
     backbone, dtype = nets.for_inference(model.backbone, precision), nets.PRECISIONS[precision]
     ok, arr, failed = np.zeros(len(paths), bool), None, []
     tmp = f"{npy}.{os.getpid()}.tmp.npy"  # this process's own: no clash with another run
-    prog = data.Progress(len(paths), f"cache {os.path.basename(npy)}")
+    prog = files.Progress(len(paths), f"cache {os.path.basename(npy)}")
     try:
         for expected, (x, i, bad) in zip(batches, loader, strict=True):
             failed += bad
@@ -667,7 +668,7 @@ def build_cache(model, paths, npy, meta, key, args, device, precision, part=Fals
     finally:
         if os.path.exists(tmp):  # interrupted: no half cache left behind
             os.remove(tmp)
-    data.atomic_write(meta, json.dumps({"key": key, "paths": paths, "ok": ok.tolist(),
+    files.atomic_write(meta, json.dumps({"key": key, "paths": paths, "ok": ok.tolist(),
                                         "failed": failed}))
     print(f"cache: wrote {npy} ({ok.sum()} images, {len(paths) - ok.sum()} unreadable, {key})")
     return np.load(npy, mmap_mode="r"), ok, failed
@@ -855,7 +856,7 @@ def train_one_epoch(fit, loader, batches, y, label):
     fit.model.train()
     if fit.frozen:
         fit.model.backbone.eval()  # frozen BatchNorm keeps its running statistics
-    prog = data.Progress(sum(len(b) for b in batches), label)
+    prog = files.Progress(sum(len(b) for b in batches), label)
     total, seen, skipped = 0.0, 0, []
     for expected, (x, idx, failed) in zip(batches, loader, strict=True):
         skipped += failed
@@ -999,9 +1000,9 @@ def save_checkpoint(fit, out, state, table, args, is_best):
             **state}
     buf = io.BytesIO()
     torch.save(ckpt, buf)
-    data.atomic_write(os.path.join(out, "last.pt"), buf.getvalue(), "wb")
+    files.atomic_write(os.path.join(out, "last.pt"), buf.getvalue(), "wb")
     if is_best:
-        data.atomic_write(os.path.join(out, "best.pt"), buf.getvalue(), "wb")
+        files.atomic_write(os.path.join(out, "best.pt"), buf.getvalue(), "wb")
 
 
 # What a run is: --resume takes these from last.pt unless typed (a larger --epochs extends the
@@ -1128,7 +1129,7 @@ def make_feeds(model, table, args, device):
     ce, offsets, draw = balance_weights(table, rows["train"], args, device)
     if not args.freeze_backbone:
         sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw, seeds=True)
-        ds = [data.ImageDataset(table.paths, args.root, nets.make_transform(args.img_size, aug),
+        ds = [files.ImageDataset(table.paths, args.root, nets.make_transform(args.img_size, aug),
                                 args.img_size) for aug in (True, False)]
         val = image_loader(ds[1], RankShare(sequential(rows[sel], args.batch_size)), args,
                            device)
@@ -1209,7 +1210,7 @@ def ddp_train_one_epoch(fit, loader, batches, y, label):
     all ranks."""
     train_mode(fit)
     seed_all(torch.initial_seed() + 104_729 * nets.rank())  # own dropout draws (crops: Augmented)
-    prog = data.Progress(sum(len(b) for b in batches), label)
+    prog = files.Progress(sum(len(b) for b in batches), label)
     total, seen, skipped = 0.0, 0, []
     for expected, (x, idx, failed) in zip(batches, loader, strict=True):
         skipped += failed
@@ -1287,7 +1288,7 @@ def list_skipped(feeds, table, out, failed):
     new = {i: why for i, why in failed if i not in feeds.skipped}
     if new:
         feeds.skipped.update(new)
-        data.write_csv(os.path.join(out, "skipped.csv"), ["path", "split", "reason"],
+        files.write_csv(os.path.join(out, "skipped.csv"), ["path", "split", "reason"],
                        [[table.paths[i], table.split[i], why]
                         for i, why in sorted(feeds.skipped.items())])
         print(f"  {len(feeds.skipped)} unreadable images so far, listed in "
@@ -1326,7 +1327,7 @@ def run_epoch(fit, feeds, table, args, epoch, state):
             print(collapse_warning(t, v["collapse"], table.classes[t], sel, args.balance))
     list_skipped(feeds, table, args.out, tr["skipped"] + skipped_val)
     if nets.is_main():
-        data.append_jsonl(os.path.join(args.out, "log.jsonl"), rec)
+        files.append_jsonl(os.path.join(args.out, "log.jsonl"), rec)
     return state
 
 
@@ -1352,7 +1353,7 @@ def cmd_train(args, device, ckpt=None):
         join_ddp(fit, feeds, args)
     state = restore(fit, ckpt) if ckpt else {"epoch": 0, "best": -1.0, "bad_epochs": 0}
     if not ckpt and nets.is_main():
-        data.atomic_write(os.path.join(args.out, "log.jsonl"), "")
+        files.atomic_write(os.path.join(args.out, "log.jsonl"), "")
     print(f"tasks: {', '.join(f'{t} ({len(c)} classes)' for t, c in table.classes.items())}; "
           f"{len(feeds.sampler.indices)} train images, {len(feeds.sampler)} steps/epoch"
           + (f"; each step's {args.batch_size} images split over {nets.world()} processes"
@@ -1379,7 +1380,7 @@ def cmd_train(args, device, ckpt=None):
 def read_eval_table(args, ckpt, typed_classes):
     """The manifest's rows labelled with the checkpoint's class lists. A --classes file the
     user typed must agree with them; a classes.json beside the manifest is not consulted."""
-    rows = data.read_manifest(args.data, ("path", "split"))
+    rows = files.read_manifest(args.data, ("path", "split"))
     tasks = [t for t in ckpt["tasks"] if any(r.get(t) for r in rows)]
     if not tasks:
         raise UserError(f"{args.data}: no labels for the checkpoint's tasks "
@@ -1464,13 +1465,13 @@ def report_text(res, args, n_val, skipped, notes=()):
 
 def write_eval(out, res, table, idx, probs, text):
     os.makedirs(out, exist_ok=True)
-    data.atomic_write(os.path.join(out, "report.txt"), text + "\n")
+    files.atomic_write(os.path.join(out, "report.txt"), text + "\n")
     summary = {t: {"top3": r["top3"], **r["report"], "baselines": r["baselines"],
                    "collapse": r["collapse"]} for t, r in res.items()}
-    data.atomic_write(os.path.join(out, "metrics.json"), json.dumps(summary, indent=1) + "\n")
+    files.atomic_write(os.path.join(out, "metrics.json"), json.dumps(summary, indent=1) + "\n")
     for t, r in res.items():
         names = table.classes[t]
-        data.write_csv(os.path.join(out, f"confusion_{t}.csv"), ["true \\ pred", *names],
+        files.write_csv(os.path.join(out, f"confusion_{t}.csv"), ["true \\ pred", *names],
                        [[n, *row.tolist()] for n, row in zip(names, r["confusion"], strict=True)])
         pages.confusion_png(r["confusion"], names, f"{t}: rows true, columns predicted (row %)",
                       os.path.join(out, f"confusion_{t}.png"))
@@ -1482,7 +1483,7 @@ def write_eval(out, res, table, idx, probs, text):
             pred = int(p[k].argmax())
             true = [table.classes[t][y[k]], f"{p[k, y[k]]:.4f}"] if y[k] >= 0 else ["", ""]
             row += [true[0], table.classes[t][pred], f"{p[k, pred]:.4f}", true[1]]
-    data.write_csv(os.path.join(out, "predictions.csv"), header, rows)
+    files.write_csv(os.path.join(out, "predictions.csv"), header, rows)
 
 
 def outliers(table, idx, probs, n):
@@ -1510,7 +1511,7 @@ def cmd_eval(args, device):
     rows = np.flatnonzero((table.split == args.split) & (table.y >= 0).any(1))
     notes = eval_notes(table, args.split, ckpt)
     searched = outlier_rows(table, args.outliers_split) if args.outliers else rows
-    ds = data.ImageDataset(table.paths, args.root, nets.make_transform(size), size)
+    ds = files.ImageDataset(table.paths, args.root, nets.make_transform(size), size)
     fast = inference_model(model, device, args.amp)
     loader = image_loader(ds, sequential(np.union1d(rows, searched), args.batch_size), args,
                           device)
@@ -1545,7 +1546,7 @@ def write_outliers(table, idx, probs, args, out):
     contact sheet outliers.png in out; returns them."""
     found = outliers(table, idx, probs, args.outliers)
     keys = ["path", "task", "true", "pred", "p_true", "p_pred", "score"]
-    data.write_csv(os.path.join(out, "outliers.csv"), keys,
+    files.write_csv(os.path.join(out, "outliers.csv"), keys,
                    [[o[k] if isinstance(o[k], str) else f"{o[k]:.4f}" for k in keys]
                     for o in found])
     outlier_sheet(found, args.root, os.path.join(out, "outliers.png"))
@@ -1576,7 +1577,7 @@ def planted_found(found, table, searched, manifest):
     path = os.path.join(os.path.dirname(manifest), "label_noise.csv")
     if not os.path.isfile(path):
         return None
-    planted = {r["path"] for r in data.read_csv(path, ("path",))}
+    planted = {r["path"] for r in files.read_csv(path, ("path",))}
     there = planted & {table.paths[i] for i in searched}
     hits = planted & {o["path"] for o in found if o["task"] == "style"}
     print(f"planted label errors ({path}): {len(hits)} of {len(planted)} named as style "
@@ -1586,7 +1587,7 @@ def planted_found(found, table, searched, manifest):
 
 def outlier_sheet(found, root, path, cols=5):
     """Contact sheet of the outliers: `task true: X` and `pred: Y (p)` under each thumbnail."""
-    src = data.image_source(root, must_exist=False)  # a folder or a zip
+    src = files.image_source(root, must_exist=False)  # a folder or a zip
     cells = [(src.thumb(o["path"]), f"{o['task']} true: {o['true']}",
               f"pred: {o['pred']} ({o['p_pred']:.2f})") for o in found]
     pages.contact_sheet([cells[i:i + cols] for i in range(0, len(cells), cols)], path)
@@ -1655,9 +1656,9 @@ def look_at_outliers(model, found, root, size, device):
     for o in found:
         o["seen"] = o["attention"] = None
         try:
-            xs.append(tf(data.load_image(data.safe_join(root, o["path"]), size)))
+            xs.append(tf(files.load_image(files.safe_join(root, o["path"]), size)))
             ok.append(o)
-        except data.DECODE_ERRORS:
+        except files.DECODE_ERRORS:
             pass
     for i in range(0, len(ok), EXPLAIN_BATCH):
         x = to_device(torch.stack(xs[i:i + EXPLAIN_BATCH]), device)
@@ -1709,34 +1710,34 @@ def explain(model, xs, files, tops, stems, classes, device):
 
 def collect_images(inputs):
     """(files to classify, non-image files skipped): folders are walked recursively."""
-    files, skipped = [], 0
+    paths, skipped = [], 0
     for p in inputs:
         if os.path.isdir(p):
             for d, subdirs, names in os.walk(p):
                 subdirs.sort()
                 for name in sorted(names):
-                    if name.lower().endswith(data.IMAGE_EXTS):
-                        files.append(os.path.join(d, name))
+                    if name.lower().endswith(files.IMAGE_EXTS):
+                        paths.append(os.path.join(d, name))
                     else:
                         skipped += 1
         elif os.path.isfile(p):
-            files.append(p)
+            paths.append(p)
         else:
             raise UserError(f"not found: {p}")
-    return files, skipped
+    return paths, skipped
 
 
-def load_batch(files, tf, size, alone):
+def load_batch(paths, tf, size, alone):
     """(tensors, files that decoded); a lone explicit file that does not decode is an error."""
     xs, ok = [], []
-    for f in files:
+    for f in paths:
         try:
-            xs.append(tf(data.load_image(f, size)))
+            xs.append(tf(files.load_image(f, size)))
             ok.append(f)
-        except data.DECODE_ERRORS as e:
+        except files.DECODE_ERRORS as e:
             if alone:
-                raise UserError(f"not an image ({data.decode_error(e)}): {f}") from None
-            print(f"skipped ({data.decode_error(e)}): {f}")
+                raise UserError(f"not an image ({files.decode_error(e)}): {f}") from None
+            print(f"skipped ({files.decode_error(e)}): {f}")
     return xs, ok
 
 
@@ -1754,17 +1755,17 @@ def top_k(model, xs, classes, k, device):
 
 def cmd_predict(args, device):
     model, ckpt = load_checkpoint(args.ckpt, device)
-    files, skipped = collect_images(args.predict)
-    if not files:
+    paths, skipped = collect_images(args.predict)
+    if not paths:
         raise UserError(f"no images in {' '.join(args.predict)} (extensions "
-                        f"{' '.join(data.IMAGE_EXTS)})")
+                        f"{' '.join(files.IMAGE_EXTS)})")
     alone, unreadable = len(args.predict) == 1 and os.path.isfile(args.predict[0]), 0
     size = ckpt["args"]["img_size"]
     tf, fast = nets.make_transform(size), inference_model(model, device, args.amp)
     folder = os.path.join(args.out or os.path.dirname(os.path.abspath(args.ckpt)), "explain")
-    results, stems = {}, explain_stems(files, folder)
-    for i in range(0, len(files), args.batch_size):
-        chunk = files[i:i + args.batch_size]
+    results, stems = {}, explain_stems(paths, folder)
+    for i in range(0, len(paths), args.batch_size):
+        chunk = paths[i:i + args.batch_size]
         xs, ok = load_batch(chunk, tf, size, alone)
         unreadable += len(chunk) - len(ok)
         tops = top_k(fast, xs, ckpt["classes"], args.k, device) if xs else []
@@ -1786,7 +1787,7 @@ def cmd_predict(args, device):
 # ----------------------------------------------------------------------------- command line
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.Help)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=files.Help)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--train", action="store_true", help="train on the manifest's train split")
     mode.add_argument("--eval", action="store_true",
@@ -1882,7 +1883,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     nets.main_prints_only()
-    data.tolerant_stdout()
+    files.tolerant_stdout()
     nets.tune_malloc()
     typed = typed_flags(parser, argv) if args.resume else None
     keep = typed if typed is not None else set(vars(args)) if args.train else EVAL_ARGS
@@ -1912,7 +1913,7 @@ def main(argv=None):
     except UserError as e:
         raise SystemExit(f"crnn.py: error: {e}") from None
     except OSError as e:  # a full disk (no SIGBUS: memory maps are reserved), a folder not ours
-        raise SystemExit(f"crnn.py: error: {data.os_error_line(e)}") from None
+        raise SystemExit(f"crnn.py: error: {files.os_error_line(e)}") from None
     finally:
         nets.close_distributed()
 

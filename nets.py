@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import UserError, one_line
+from files import UserError, one_line
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

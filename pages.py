@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import data
+import files
 
 THUMB = 160  # px, the longer side of a thumbnail on a contact sheet
 GREY = (200, 200, 200)  # stands in for an image that no longer decodes
@@ -47,7 +48,7 @@ def fit_text(text, fnt, width):
 def save_png(im, path):
     buf = io.BytesIO()
     im.save(buf, "PNG")
-    data.atomic_write(path, buf.getvalue(), "wb")
+    files.atomic_write(path, buf.getvalue(), "wb")
 
 
 def thumbnail(path, size=THUMB):
@@ -56,16 +57,16 @@ def thumbnail(path, size=THUMB):
 
 
 def image_file(root, rel):
-    """What data.load_image reads for rel under root, a folder or a zip read in place (a path,
+    """What files.load_image reads for rel under root, a folder or a zip read in place (a path,
     or the zip member); an image missing there comes out grey."""
-    return data.image_source(root, must_exist=False).thumb(rel)
+    return files.image_source(root, must_exist=False).thumb(rel)
 
 
 def open_thumbnail(path, size=THUMB):
     """(image fitted into size x size, True), or (a grey square, False) when it does not decode."""
     try:
-        return ImageOps.contain(data.load_image(path, size), (size, size)), True
-    except data.DECODE_ERRORS:  # moved, unreadable, or too large to decode
+        return ImageOps.contain(files.load_image(path, size), (size, size)), True
+    except files.DECODE_ERRORS:  # moved, unreadable, or too large to decode
         return Image.new("RGB", (size, size), GREY), False
 
 
@@ -325,7 +326,7 @@ def page(title, body):
 
 
 def write_page(path, title, body):
-    data.atomic_write(path, page(title, body))
+    files.atomic_write(path, page(title, body))
     return path
 
 
@@ -558,7 +559,7 @@ def sprite_sheets(root, paths, cell):
     per_row = SHEET // cell
     per_sheet = per_row * per_row
     sheets, sp, colours, bad, sheet = [], np.zeros((len(paths), 5), np.int64), [], 0, None
-    prog = data.Progress(len(paths), "thumbnails")
+    prog = files.Progress(len(paths), "thumbnails")
     for i, rel in enumerate(paths):
         s, k = divmod(i, per_sheet)
         if k == 0:

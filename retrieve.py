@@ -68,11 +68,11 @@ from PIL import Image, ImageEnhance
 from torch import nn
 
 import crnn
-import data
+import files
 import metrics
 import nets
 import pages
-from data import UserError, one_line
+from files import UserError, one_line
 
 try:  # the index lock: fcntl on POSIX, msvcrt on Windows
     import fcntl
@@ -199,8 +199,8 @@ def embed_to_npy(model, paths, root, cfg, args, device, out_path):
     order the batches come in; unreadable images are left out and the file compacted, so row j
     of out_path is paths[good[j]], good ascending."""
     tmp = out_path + ".tmp.npy"
-    xb = data.open_memmap(tmp, np.float32, (len(paths), cfg["dim"]))
-    ok, bad, prog = np.zeros(len(paths), bool), {}, data.Progress(len(paths), "embed")
+    xb = files.open_memmap(tmp, np.float32, (len(paths), cfg["dim"]))
+    ok, bad, prog = np.zeros(len(paths), bool), {}, files.Progress(len(paths), "embed")
     on_device, where = device.type == "cuda" and nets.can_decode_jpegs(), Counter()
     for x, idx, failed in image_batches(paths, root, cfg["img_size"], args, device,
                                         decode_on_device=on_device):
@@ -235,8 +235,8 @@ def image_batches(paths, root, size, args, device, decode_on_device=False):
         jpegs = np.array([i for i, p in enumerate(paths)
                           if p.lower().endswith((".jpg", ".jpeg"))], np.int64)
         retry = []
-        for blobs, idx, failed in loader_over(data.FileBytes([paths[i] for i in jpegs], root),
-                                              data.collate_bytes, args, device):
+        for blobs, idx, failed in loader_over(files.FileBytes([paths[i] for i in jpegs], root),
+                                              files.collate_bytes, args, device):
             retry += [int(jpegs[i]) for i, _ in failed]
             if blobs is not None:
                 try:
@@ -245,8 +245,8 @@ def image_batches(paths, root, size, args, device, decode_on_device=False):
                 except RuntimeError:  # a JPEG nvJPEG refuses (CMYK, lossless): PIL's turn
                     retry += jpegs[idx.numpy()].tolist()
         rest = np.sort(np.concatenate([np.setdiff1d(rest, jpegs), retry]).astype(np.int64))
-    ds = data.ImageDataset([paths[i] for i in rest], root, nets.make_transform(size), size=size)
-    for x, idx, failed in loader_over(ds, data.collate_skip, args, device):
+    ds = files.ImageDataset([paths[i] for i in rest], root, nets.make_transform(size), size=size)
+    for x, idx, failed in loader_over(ds, files.collate_skip, args, device):
         yield x, None if idx is None else torch.from_numpy(rest[idx.numpy()]), \
             [(int(rest[i]), why) for i, why in failed]
 
@@ -261,7 +261,7 @@ def loader_over(ds, collate, args, device):
 def compact_rows(dst, src, keep):
     """dst = the rows `keep` (ascending) of the .npy src, CHUNK rows at a time."""
     a = np.load(src, mmap_mode="r")
-    out = data.open_memmap(dst, np.float32, (len(keep), a.shape[1]))
+    out = files.open_memmap(dst, np.float32, (len(keep), a.shape[1]))
     for i in range(0, len(keep), CHUNK):
         out[i:i + CHUNK] = a[keep[i:i + CHUNK]]
     out.flush()
@@ -271,7 +271,7 @@ def copy_rows(dst, parts):
     """dst = the first n rows of each (.npy path, n) in parts, streamed CHUNK rows at a time."""
     srcs = [(np.load(p, mmap_mode="r"), n) for p, n in parts]
     dim = srcs[0][0].shape[1]
-    out = data.open_memmap(dst, np.float32, (sum(n for _, n in srcs), dim))
+    out = files.open_memmap(dst, np.float32, (sum(n for _, n in srcs), dim))
     at = 0
     for a, n in srcs:
         for i in range(0, n, CHUNK):
@@ -287,9 +287,9 @@ def scan_images(root, skip_dir=None):
     """Sorted relative paths of the images under root, a folder (not under skip_dir) or a zip;
     other files count."""
     paths, others = [], 0
-    for rel in data.image_source(root).members(skip_dir):
+    for rel in files.image_source(root).members(skip_dir):
         name = rel.rsplit("/", 1)[-1]
-        if name.lower().endswith(data.IMAGE_EXTS) and not name.startswith("."):
+        if name.lower().endswith(files.IMAGE_EXTS) and not name.startswith("."):
             paths.append(rel)
         else:
             others += 1
@@ -298,9 +298,9 @@ def scan_images(root, skip_dir=None):
 
 def read_collection(root, manifest, index_dir):
     """(header, rows) of the images to index: the manifest's rows, or a scan of root."""
-    data.image_source(root)  # a folder or a zip, there and readable: else one line here
+    files.image_source(root)  # a folder or a zip, there and readable: else one line here
     if manifest:
-        rows = data.read_manifest(manifest)
+        rows = files.read_manifest(manifest)
         first = {}
         for r in rows:
             first.setdefault(r["path"], r)
@@ -312,14 +312,14 @@ def read_collection(root, manifest, index_dir):
     if others:
         print(f"skipped {others} non-image files under {root}")
     if not paths:
-        raise UserError(f"no images under {root} (extensions {' '.join(data.IMAGE_EXTS)})")
+        raise UserError(f"no images under {root} (extensions {' '.join(files.IMAGE_EXTS)})")
     return ["path"], [{"path": p} for p in paths]
 
 
 def embed_collection(model, rows, root, cfg, args, device, out_path):
     """Embed rows to out_path; returns (rows that decoded, n skipped, seconds). The others are
     listed in INDEX/skipped.csv."""
-    src = data.image_source(root)
+    src = files.image_source(root)
     found = [src.exists(r["path"]) for r in rows]
     todo = [r for r, ok in zip(rows, found, strict=True) if ok]
     skipped = [(r["path"], src.absent(r["path"])) for r, ok in zip(rows, found, strict=True)
@@ -328,7 +328,7 @@ def embed_collection(model, rows, root, cfg, args, device, out_path):
     good, bad = embed_to_npy(model, [r["path"] for r in todo], root, cfg, args, device,
                              out_path) if todo else ([], {})
     skipped += [(todo[i]["path"], why) for i, why in sorted(bad.items())]
-    data.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
+    files.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
     dt = time.time() - t0
     print(f"embedded {len(good)} images in {dt:.1f} s ({len(good) / max(dt, 1e-9):.1f} img/s)"
           + (f"; skipped {len(skipped)}, listed in {args.index}/skipped.csv" if skipped else ""))
@@ -452,7 +452,7 @@ def add_rows(index, xb, start=0):
         index.codes.resize((n0 + n_new) * d * 4)
         dst = faiss.rev_swig_ptr(index.codes.data(), index.codes.size()).view(np.float32)
         dst = dst.reshape(n0 + n_new, d)
-    prog = data.Progress(n_new, "index", unit="vec")
+    prog = files.Progress(n_new, "index", unit="vec")
     for i in range(start, len(xb), step):
         chunk = read_chunk(xb, i, i + step)
         if flat:
@@ -623,7 +623,7 @@ class IndexWriter:
 
     def commit(self):
         sync_folder(self.dir)
-        data.atomic_write(os.path.join(self.folder, POINTER), os.path.basename(self.dir) + "\n",
+        files.atomic_write(os.path.join(self.folder, POINTER), os.path.basename(self.dir) + "\n",
                           durable=True)
         self.committed = True
         remove_generations(self.folder, keep=self.dir)
@@ -702,12 +702,12 @@ def write_generation(gen, index, header, rows, cfg):
     rows is None: --merge-shards streams it there)."""
     write_index_file(index, os.path.join(gen, "index.faiss"))
     if rows is not None:
-        data.write_csv(os.path.join(gen, "meta.csv"), header,
+        files.write_csv(os.path.join(gen, "meta.csv"), header,
                        [[r.get(c) or "" for c in header] for r in rows])
     cfg["n"] = index.ntotal if rows is None else len(rows)
     cfg["version"] = VERSION  # an --add to a version-1 index migrates it
     cfg["files"] = {f: fingerprint(os.path.join(gen, f)) for f in FILES if f != "config.json"}
-    data.atomic_write(os.path.join(gen, "config.json"), json.dumps(cfg, indent=1) + "\n")
+    files.atomic_write(os.path.join(gen, "config.json"), json.dumps(cfg, indent=1) + "\n")
 
 
 def read_config(gen, folder):
@@ -758,7 +758,7 @@ def open_generation(gen, folder):
     except (ValueError, RuntimeError) as e:
         raise UserError(f"{folder}: corrupt index files ({one_line(e)}): rebuild with --build") \
             from None
-    meta = data.read_csv(os.path.join(gen, "meta.csv"), required=("path",), what="meta.csv")
+    meta = files.read_csv(os.path.join(gen, "meta.csv"), required=("path",), what="meta.csv")
     if not len(xb) == len(meta) == index.ntotal == cfg["n"] or xb.shape[1] != cfg["dim"]:
         raise UserError(f"{folder} is inconsistent ({len(xb)} embeddings, {len(meta)} "
                         f"meta rows, {index.ntotal} indexed): rebuild with --build")
@@ -908,7 +908,7 @@ def same_root(images, cfg, meta):
     to. One root per index: new images from another folder belong under it (or a new index)."""
     if not images or os.path.abspath(images) == os.path.abspath(cfg["images"]):
         return cfg["images"]
-    moved = data.image_source(images).exists(meta[0]["path"]) and \
+    moved = files.image_source(images).exists(meta[0]["path"]) and \
         not os.path.exists(cfg["images"])
     if not moved:
         raise UserError(f"{cfg['images']} is this index's image root (one root per index): "
@@ -981,7 +981,7 @@ def embed_slice(model, rows, lo, hi, root, cfg, args, device, folder):
     """Embed rows[lo:hi] to this rank's slice: vectors first (temp file + rename), the json
     record last. Skipped rows are listed by their index in rows, with why."""
     npy, meta = slice_names(folder)
-    src, t0 = data.image_source(root), time.time()
+    src, t0 = files.image_source(root), time.time()
     todo = [i for i in range(lo, hi) if src.exists(rows[i]["path"])]
     there = set(todo)
     part = npy[:-len(".npy")] + ".partial.npy"
@@ -994,7 +994,7 @@ def embed_slice(model, rows, lo, hi, root, cfg, args, device, folder):
     why.update({todo[j]: reason for j, reason in bad.items()})
     rec = {"rank": nets.rank(), "start": lo, "stop": hi, "n": len(good),
            "skipped": sorted(why.items()), "seconds": round(time.time() - t0, 3)}
-    data.atomic_write(meta, json.dumps(rec))
+    files.atomic_write(meta, json.dumps(rec))
     return {**rec, "reused": False}
 
 
@@ -1038,7 +1038,7 @@ def build_across_ranks(job, args, device):
     with IndexWriter(args.index) as w:
         emb = os.path.join(w.dir, "embeddings.npy")
         rows, skipped = join_slices(folder, recs, job.rows, emb, job.cfg["dim"])
-        data.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
+        files.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
         if not rows:
             raise UserError(f"none of the {len(job.rows)} images under {job.root} could be read")
         finish_build(w, emb, job, rows, args)
@@ -1127,7 +1127,7 @@ def write_index_file(index, path):
         except OSError as e:
             failed.append(e)
             raise
-    with data.writing(path), open(path, "wb") as f:
+    with files.writing(path), open(path, "wb") as f:
         try:
             faiss.write_index(index, faiss.PyCallbackIOWriter(write))
         except RuntimeError:
@@ -1178,7 +1178,7 @@ def write_plan(index_dir, index, cfg, header, rows, n_sample):
     plan = {"config": cfg, "header": header, "rows": len(rows), "rows_sha256": rows_sha256(rows),
             "sample": n_sample, "trained": trained_digest(index),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    data.atomic_write(os.path.join(d, "plan.json"), json.dumps(plan, indent=1) + "\n")
+    files.atomic_write(os.path.join(d, "plan.json"), json.dumps(plan, indent=1) + "\n")
     return plan
 
 
@@ -1240,10 +1240,10 @@ def write_shard(index_dir, info, emb, good, skipped, header):
     add_rows(index, np.load(emb, mmap_mode="r"))
     write_faiss(index, f["index"])
     os.replace(emb, f["embeddings"])
-    data.write_csv(f["meta"], header, [[r.get(c) or "" for c in header] for r in good])
+    files.write_csv(f["meta"], header, [[r.get(c) or "" for c in header] for r in good])
     info.update(n=len(good), skipped=skipped, trained=trained_digest(index),
                 files={k: fingerprint(f[k]) for k in ("index", "embeddings", "meta")})
-    data.atomic_write(f["json"], json.dumps(info) + "\n")
+    files.atomic_write(f["json"], json.dumps(info) + "\n")
     if skipped:
         print(f"shard {i}: skipped {len(skipped)} missing or unreadable images (listed in "
               f"{f['json']}, and in skipped.csv after --merge-shards)")
@@ -1255,19 +1255,19 @@ def cmd_merge_shards(args):
     args.index = args.merge_shards
     plan = read_plan(args.index)
     shards = check_shards(args.index, plan)
-    files = [shard_files(args.index, s["shard"]) for s in shards]
+    shard_paths = [shard_files(args.index, s["shard"]) for s in shards]
     with IndexWriter(args.index) as w:
         copy_rows(os.path.join(w.dir, "embeddings.npy"),
-                  [(f["embeddings"], s["n"]) for f, s in zip(files, shards, strict=True)])
-        join_meta([f["meta"] for f in files], os.path.join(w.dir, "meta.csv"))
+                  [(f["embeddings"], s["n"]) for f, s in zip(shard_paths, shards, strict=True)])
+        join_meta([f["meta"] for f in shard_paths], os.path.join(w.dir, "meta.csv"))
         index = merge_indexes(os.path.join(shard_dir(args.index), "trained.faiss"),
-                              [f["index"] for f in files])
+                              [f["index"] for f in shard_paths])
         cfg = {**plan["config"], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "merged_shards": len(shards)}
         write_generation(w.dir, index, plan["header"], None, cfg)
         w.commit()
     skipped = [tuple(x) for s in shards for x in s["skipped"]]
-    data.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
+    files.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
     log(args.index, event="merge", shards=len(shards), n=cfg["n"], skipped=len(skipped))
     print(f"merged {len(shards)} shards: {cfg['n']} images in {args.index} "
           f"({cfg['index_type']}, {cfg['dim']}-d); {shard_dir(args.index)} may be removed")
@@ -1370,7 +1370,7 @@ def join_meta(paths, dst):
 def merge_indexes(trained, paths):
     """The trained empty index with each shard's inverted lists appended, in order, ids shifted
     by the vectors before it. One shard is in RAM at a time (merge_from empties it)."""
-    index, prog = faiss.read_index(trained), data.Progress(len(paths), "merge", unit="shard")
+    index, prog = faiss.read_index(trained), files.Progress(len(paths), "merge", unit="shard")
     for path in paths:
         index.merge_from(faiss.read_index(path), index.ntotal)
         prog.update(1)
@@ -1399,9 +1399,9 @@ def load_query(path, size):
     if not os.path.isfile(path):
         raise UserError(f"query image not found: {path}")
     try:
-        return data.load_image(path, size)
-    except data.DECODE_ERRORS as e:
-        raise UserError(f"query is not a readable image: {path} ({data.decode_error(e)})") \
+        return files.load_image(path, size)
+    except files.DECODE_ERRORS as e:
+        raise UserError(f"query is not a readable image: {path} ({files.decode_error(e)})") \
             from None
 
 
@@ -1432,9 +1432,9 @@ def cmd_query_id(args, device):
     D, I = search(index, xb[ids], args.k + 1)
     keep = drop_self(I, ids, args.k)
     D, I = D[keep].reshape(len(ids), args.k), I[keep].reshape(len(ids), args.k)
-    src = data.image_source(cfg["images"], must_exist=False)
-    files = [os.path.join(cfg["images"], r) for r in rel]  # names to print, thumbnails from src
-    return report(args, cfg, meta, files, D, I, [src.thumb(r) for r in rel])
+    src = files.image_source(cfg["images"], must_exist=False)
+    names = [os.path.join(cfg["images"], r) for r in rel]  # names to print, thumbnails from src
+    return report(args, cfg, meta, names, D, I, [src.thumb(r) for r in rel])
 
 
 def drop_self(I, ids, k):
@@ -1485,7 +1485,7 @@ def results_html(args, cfg, meta, queries, D, I, thumbs=None):
 
 def query_sheet(queries, D, I, meta, root, path, thumbs=None):
     """One row per query: the query (framed), then its top k with rank, score and title."""
-    rows, src = [], data.image_source(root, must_exist=False)  # a folder or a zip
+    rows, src = [], files.image_source(root, must_exist=False)  # a folder or a zip
     for n, (q, d_row, i_row) in enumerate(zip(queries, D, I, strict=True)):
         rows.append([(thumbs[n] if thumbs else q, "query", os.path.basename(q))] + [
             (src.thumb(meta[i]["path"]), f"{rank}. {s:.3f}",
@@ -1514,17 +1514,17 @@ def copy_of(im, rng):
         im = im.convert("L").convert("RGB")
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=int(rng.integers(30, 71)))
-    return data.load_image(io.BytesIO(buf.getvalue()))
+    return files.load_image(io.BytesIO(buf.getvalue()))
 
 
 def original(cfg, rel):
     path = os.path.join(cfg["images"], rel)
     try:
-        src = data.image_source(cfg["images"], must_exist=False)  # a folder or a zip
-        return data.load_image(src.loadable(rel), 2 * cfg["img_size"])  # 2x: crop enlarged later
-    except data.DECODE_ERRORS as e:
+        src = files.image_source(cfg["images"], must_exist=False)  # a folder or a zip
+        return files.load_image(src.loadable(rel), 2 * cfg["img_size"])  # 2x: crop enlarged later
+    except files.DECODE_ERRORS as e:
         raise UserError(f"copy detection needs the indexed images: {path} "
-                        f"({data.decode_error(e)}); "
+                        f"({files.decode_error(e)}); "
                         "pass --images ROOT if they moved") from None
 
 
@@ -1532,7 +1532,7 @@ def eval_copies(model, index, meta, cfg, args, device, ids, keep=None):
     """Copy detection: a transformed copy of each id searched against the full index.
     keep: a dict that receives the copies' thumbnails and D, I (for --html)."""
     rng, xq = np.random.default_rng(args.seed), []
-    prog = data.Progress(len(ids), "copies")
+    prog = files.Progress(len(ids), "copies")
     for i in range(0, len(ids), args.batch_size):
         ims = [copy_of(original(cfg, meta[j]["path"]), rng) for j in ids[i:i + args.batch_size]]
         xq.append(embed_pils(model, ims, cfg, args, device))
@@ -1585,7 +1585,7 @@ def cmd_eval(args, device):
                               keep)
     res["labels"] = eval_labels(meta, I[drop_self(I, ids, 10)].reshape(len(ids), 10), ids, n)
     print(format_eval(res))
-    data.atomic_write(os.path.join(args.index, "eval.json"),
+    files.atomic_write(os.path.join(args.index, "eval.json"),
                       json.dumps({**res, "config": cfg}, indent=1) + "\n")
     log(args.index, event="eval", **res)
     if args.html:
@@ -1747,19 +1747,19 @@ def cmd_map(args, device):
 # ----------------------------------------------------------------------------- main
 
 def log(folder, **record):
-    data.append_jsonl(os.path.join(folder, "log.jsonl"), {"time": time.time(), **record})
+    files.append_jsonl(os.path.join(folder, "log.jsonl"), {"time": time.time(), **record})
 
 
 def check_html(args):
     """--html goes with a mode that writes a page; it and --sheet into a folder that exists,
     onto no folder or device: a typo should end the run before an embedding pass, not after."""
     if args.sheet is not None:
-        data.check_output(args.sheet, "--sheet")
+        files.check_output(args.sheet, "--sheet")
     if args.html is None:
         return
     if args.build or args.add:
         raise UserError("--html goes with --query, --query-id, --eval or --map")
-    data.check_output(args.html, "--html")
+    files.check_output(args.html, "--html")
 
 
 def default(key):
@@ -1768,7 +1768,7 @@ def default(key):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=data.Help)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=files.Help)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--build", action="store_true", help="embed the collection, write an index")
     mode.add_argument("--add", action="store_true", help="embed and add the images not indexed")
@@ -1851,7 +1851,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     nets.main_prints_only()
-    data.tolerant_stdout()
+    files.tolerant_stdout()
     print("args:", json.dumps(vars(args)))
     nets.tune_malloc()
     try:
@@ -1881,7 +1881,7 @@ def main(argv=None):
     except UserError as e:
         raise SystemExit(f"retrieve.py: error: {e}") from None
     except OSError as e:  # a full disk (no SIGBUS: memory maps are reserved), a folder not ours
-        raise SystemExit(f"retrieve.py: error: {data.os_error_line(e)}") from None
+        raise SystemExit(f"retrieve.py: error: {files.os_error_line(e)}") from None
     finally:
         nets.close_distributed()
 

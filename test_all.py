@@ -47,6 +47,7 @@ import aspects
 import bench
 import crnn
 import data
+import files
 import metrics
 import nets
 import pages
@@ -969,7 +970,7 @@ def test_data_wikiart_real_list_formats(tmp_path, capsys):
                       "--per-class", "12", "--min-per-class", "5", "--seed", "3",
                       "--split", "random"]) == 0
     log = capsys.readouterr().out
-    rows = data.read_csv(out / "manifest.csv")
+    rows = files.read_csv(out / "manifest.csv")
     assert list(rows[0]) == ["path", "style", "artist", "genre", "split"]
     counts = {}
     for r in rows:
@@ -995,11 +996,11 @@ def test_data_wikiart_small_classes_dropped_or_kept_by_name(tmp_path, capsys):
     data.main([*base, "--out", str(tmp_path / "a")])
     log = capsys.readouterr().out
     assert "dropped class Tiny: 2 usable images < --min-per-class 5 (too few to learn)" in log
-    assert "Tiny" not in {r["style"] for r in data.read_csv(tmp_path / "a" / "manifest.csv")}
+    assert "Tiny" not in {r["style"] for r in files.read_csv(tmp_path / "a" / "manifest.csv")}
     data.main([*base, "--out", str(tmp_path / "b"), "--min-per-class", "2"])
     log = capsys.readouterr().out
     assert "warning: 1 class kept with fewer than 5 usable images" in log and "Tiny (2)" in log
-    assert "Tiny" in {r["style"] for r in data.read_csv(tmp_path / "b" / "manifest.csv")}
+    assert "Tiny" in {r["style"] for r in files.read_csv(tmp_path / "b" / "manifest.csv")}
 
 
 def test_data_wikiart_labels_bytes_and_conflicts(tmp_path):
@@ -1007,7 +1008,7 @@ def test_data_wikiart_labels_bytes_and_conflicts(tmp_path):
     out = tmp_path / "out"
     data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
                "--per-class", "0", "--min-per-class", "1"])
-    rows = {r["path"]: r for r in data.read_csv(out / "manifest.csv")}
+    rows = {r["path"]: r for r in files.read_csv(out / "manifest.csv")}
     assert MOJI in rows  # soft hyphen, no-break space and mojibake kept byte for byte
     assert rows[MOJI]["artist"] == "Eugene_Grasset" and rows[MOJI]["genre"] == "landscape"
     assert rows["Baroque/artist-1_work-1(1).jpg"]["genre"] == "religious_painting"
@@ -1040,9 +1041,9 @@ def test_data_wikiart_images_filter(tmp_path, capsys):
     out = tmp_path / "out"
     data.main(["wikiart", "--lists", str(tmp_path / "lists"), "--out", str(out),
                "--per-class", "0", "--images", str(root)])
-    rows = data.read_csv(out / "manifest.csv")
+    rows = files.read_csv(out / "manifest.csv")
     assert not any("work-7" in r["path"] or "work-9" in r["path"] for r in rows)
-    bad = data.read_csv(out / "unusable.csv")
+    bad = files.read_csv(out / "unusable.csv")
     assert sorted({b["reason"] for b in bad}) == ["corrupt", "missing"]
     assert len(bad) == 6
     assert "3 missing and 3 corrupt" in capsys.readouterr().out
@@ -1075,7 +1076,7 @@ def test_data_nga_one_primary_image_per_painting(tmp_path):
     write_nga(tmp_path)
     data.main(["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
                str(tmp_path / "published_images.csv"), "--out", str(tmp_path / "o")])
-    rows = data.read_csv(tmp_path / "o" / "manifest.csv")
+    rows = files.read_csv(tmp_path / "o" / "manifest.csv")
     assert [r["objectid"] for r in rows] == ["101", "102", "105"]
     assert rows[0]["url"] == "https://api.nga.gov/iiif/p0/full/!512,512/0/default.jpg"
     assert rows[0]["attribution"] == "Judith Leyster" and rows[0]["path"] == "101.jpg"
@@ -1089,18 +1090,18 @@ def test_data_nga_filters(tmp_path):
     base = ["nga", "--objects", str(tmp_path / "objects.csv"), "--published-images",
             str(tmp_path / "published_images.csv"), "--out", str(tmp_path / "o")]
     data.main(base + ["--open-access", "--title-contains", "portrait", "--size", "256"])
-    rows = data.read_csv(tmp_path / "o" / "manifest.csv")
+    rows = files.read_csv(tmp_path / "o" / "manifest.csv")
     assert [r["objectid"] for r in rows] == ["101"]  # 105 is not open access
     assert rows[0]["url"].endswith("/full/!256,256/0/default.jpg")
     data.main(base + ["--limit", "1"])
-    assert len(data.read_csv(tmp_path / "o" / "manifest.csv")) == 1
+    assert len(files.read_csv(tmp_path / "o" / "manifest.csv")) == 1
     no_column = IMAGES.replace(",openaccess,", ",access,")
     (tmp_path / "old_export.csv").write_text(no_column)  # and objects.csv has none
     # an old export beside a current one: its rows say nothing of access, so they stay out
     both = [str(tmp_path / "published_images.csv"), str(tmp_path / "old_export.csv")]
     data.main([*base[:3], "--published-images", *both, *base[5:], "--open-access",
                "--title-contains", "portrait"])
-    assert [r["objectid"] for r in data.read_csv(tmp_path / "o" / "manifest.csv")] == ["101"]
+    assert [r["objectid"] for r in files.read_csv(tmp_path / "o" / "manifest.csv")] == ["101"]
     (tmp_path / "published_images.csv").write_text(no_column)
     with pytest.raises(SystemExit, match="--open-access: neither the objects CSV"):
         data.main(base + ["--open-access"])
@@ -1120,7 +1121,7 @@ def test_data_nga_missing_column(tmp_path):
 def test_data_download_retries_failures_and_resume(tmp_path, server, capsys):
     names = [f"ok{i}" for i in range(6)] + ["flaky", "slow", "trunc", "missing"]
     rows = [[f"sub/{n}.jpg", f"{server.url}/{n}.jpg"] for n in names]
-    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
+    files.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
     root = tmp_path / "img"
     os.makedirs(root / "sub")
     (root / "sub" / "ok0.jpg").write_bytes(jpeg_bytes()[:100])  # a partial file from a crash
@@ -1130,7 +1131,7 @@ def test_data_download_retries_failures_and_resume(tmp_path, server, capsys):
         data.main(argv)
     assert e.value.code == 1
     for n in names[:8]:
-        assert data.image_problem(root / "sub" / f"{n}.jpg") is None, n
+        assert files.image_problem(root / "sub" / f"{n}.jpg") is None, n
     assert not (root / "sub" / "trunc.jpg").exists() and not (root / "sub" / "missing.jpg").exists()
     assert not [f for f in os.listdir(root / "sub") if f.endswith(".part")]
     assert server.hits["/flaky.jpg"] == 2 and server.hits["/missing.jpg"] == 1
@@ -1139,7 +1140,7 @@ def test_data_download_retries_failures_and_resume(tmp_path, server, capsys):
     assert t[1] - t[0] >= 0.95  # Retry-After: 1 honoured
     assert server.max_inflight <= 2
     assert all(a and a.startswith("ArtExtract/") for a in server.agents)
-    fails = data.read_csv(root / "download_failures.csv")
+    fails = files.read_csv(root / "download_failures.csv")
     assert sorted(f["path"] for f in fails) == ["sub/missing.jpg", "sub/trunc.jpg"]
     capsys.readouterr()
     before = dict(server.hits)
@@ -1153,7 +1154,7 @@ def test_data_download_retries_failures_and_resume(tmp_path, server, capsys):
 
 def test_data_download_ctrl_c_keeps_finished_files(tmp_path, server):
     rows = [[f"{i}.jpg", f"{server.url}/lag{i}.jpg"] for i in range(12)]
-    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
+    files.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
     root = tmp_path / "img"
     cmd = [sys.executable, os.path.join(HERE, "data.py"), "download", "--manifest",
            str(tmp_path / "m.csv"), "--root", str(root), "--workers", "2", "--size", "0"]
@@ -1168,7 +1169,7 @@ def test_data_download_ctrl_c_keeps_finished_files(tmp_path, server):
     assert "run the same command to continue" in out
     done = sorted(os.listdir(root))
     assert 3 <= len(done) < 12 and not [f for f in done if f.endswith(".part")]
-    assert all(data.image_problem(root / f) is None for f in done)
+    assert all(files.image_problem(root / f) is None for f in done)
     before = dict(server.hits)
     assert subprocess.run(cmd, capture_output=True).returncode == 0  # continues
     assert len(os.listdir(root)) == 12
@@ -1181,12 +1182,12 @@ def test_data_download_http_only_and_size_cap(tmp_path, server, capsys):
     rows = [["ftp.jpg", f"{server.url}/to-ftp.jpg"], ["huge.jpg", f"{server.url}/huge.jpg"],
             ["local.jpg", (tmp_path / "m.csv").as_uri()], ["ok.jpg", f"{server.url}/ok.jpg"],
             ["js.jpg", "javascript:alert(1)"], ["ftp2.jpg", "ftp://127.0.0.1/x.jpg"]]
-    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
+    files.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
     with pytest.raises(SystemExit):
         data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root",
                    str(tmp_path / "img"), "--size", "0", "--max-bytes", "100000"])
     fails = {r["path"]: r["error"]
-             for r in data.read_csv(tmp_path / "img" / "download_failures.csv")}
+             for r in files.read_csv(tmp_path / "img" / "download_failures.csv")}
     assert sorted(fails) == ["ftp.jpg", "ftp2.jpg", "huge.jpg", "js.jpg", "local.jpg"]
     assert "downloaded 1, failed 5 (listed in " in capsys.readouterr().out
     assert "redirect to ftp://" in fails["ftp.jpg"] and "over --max-bytes" in fails["huge.jpg"]
@@ -1200,7 +1201,7 @@ def test_data_download_offline_stops_early(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     rows = [[f"{i}.jpg", f"http://127.0.0.1:{port}/{i}.jpg"] for i in range(30)]
-    data.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
+    files.write_csv(tmp_path / "m.csv", ["path", "url"], rows)
     t0 = time.time()
     with pytest.raises(SystemExit, match="no server answered the first 3 requests") as e:
         data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root",
@@ -1209,7 +1210,7 @@ def test_data_download_offline_stops_early(tmp_path):
 
 
 def test_data_download_rejects_escaping_paths(tmp_path):
-    data.write_csv(tmp_path / "m.csv", ["path", "url"], [["../evil.jpg", "http://127.0.0.1:9/x"]])
+    files.write_csv(tmp_path / "m.csv", ["path", "url"], [["../evil.jpg", "http://127.0.0.1:9/x"]])
     with pytest.raises(SystemExit, match="escapes the image root"):
         data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root", str(tmp_path)])
 
@@ -1223,7 +1224,7 @@ def test_data_download_empty_manifest(tmp_path):
 def test_data_undecodable_path_bytes_print_on_a_strict_stdout():
     """Mojibake paths keep their bytes as surrogates; a strict UTF-8 stdout must not kill the
     run that prints them."""
-    code = "import data; data.tolerant_stdout(); print('Baroque/mir\\udce3-vell.jpg')"
+    code = "import files; files.tolerant_stdout(); print('Baroque/mir\\udce3-vell.jpg')"
     child = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
                            env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert child.returncode == 0 and b"mir\\udce3-vell" in child.stdout, child.stderr[-300:]
@@ -1245,7 +1246,7 @@ def test_data_resize_odd_images(tmp_path, capsys):
     src, cache = tmp_path / "src", tmp_path / "cache"
     write_odd_images(src)
     names = ["cmyk.jpg", "gray16.png", "palette.png", "rotated.jpg", "trunc.jpg", "gray.jpg"]
-    data.write_csv(tmp_path / "m.csv", ["path"], [[n] for n in names])
+    files.write_csv(tmp_path / "m.csv", ["path"], [[n] for n in names])
     argv = ["resize", "--manifest", str(tmp_path / "m.csv"), "--root", str(src),
             "--out", str(cache), "--size", "64", "--workers", "2"]
     assert data.main(argv) == 0
@@ -1259,7 +1260,7 @@ def test_data_resize_odd_images(tmp_path, capsys):
     assert ims["rotated.jpg"].size == (64, 128)  # EXIF orientation applied
     assert ims["gray.jpg"].size == (64, 128)
     assert not (cache / "trunc.jpg").exists()
-    assert [r["path"] for r in data.read_csv(cache / "unreadable.csv")] == ["trunc.jpg"]
+    assert [r["path"] for r in files.read_csv(cache / "unreadable.csv")] == ["trunc.jpg"]
     capsys.readouterr()
     mtimes = {n: os.path.getmtime(cache / n) for n in ims}
     data.main(argv)  # second run: nothing to do but the unreadable one
@@ -1274,12 +1275,12 @@ def test_data_decompression_bombs_bounded(tmp_path):
     png_bomb(tmp_path / "huge.png", 20000, 20000)
     png_bomb(tmp_path / "big.png", 12000, 12000)
     for name in ("huge.png", "big.png"):
-        with pytest.raises(data.DECODE_ERRORS):
-            data.load_image(tmp_path / name, 224)
-        assert data.image_problem(tmp_path / name).startswith("too large to decode")
-    code = ("import data, re\n"  # VmHWM: ru_maxrss would start from this process's peak
+        with pytest.raises(files.DECODE_ERRORS):
+            files.load_image(tmp_path / name, 224)
+        assert files.image_problem(tmp_path / name).startswith("too large to decode")
+    code = ("import files, re\n"  # VmHWM: ru_maxrss would start from this process's peak
             f"for p in {[str(tmp_path / 'huge.png'), str(tmp_path / 'big.png')]!r}:\n"
-            "    try:\n        data.load_image(p, 224)\n    except data.DECODE_ERRORS:\n"
+            "    try:\n        files.load_image(p, 224)\n    except files.DECODE_ERRORS:\n"
             "        pass\n"
             "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1])")
     child = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
@@ -1290,33 +1291,33 @@ def test_data_decompression_bombs_bounded(tmp_path):
 
 def test_data_load_image_draft_decodes_smaller(tmp_path):
     Image.new("RGB", (2000, 1500), (10, 20, 30)).save(tmp_path / "big.jpg", quality=90)
-    full = data.load_image(tmp_path / "big.jpg")
-    small = data.load_image(tmp_path / "big.jpg", 224)
+    full = files.load_image(tmp_path / "big.jpg")
+    small = files.load_image(tmp_path / "big.jpg", 224)
     assert full.size == (2000, 1500)
     assert small.size == (500, 375)  # DCT scaling 1/4, shorter side still >= 224
 
 
 def test_data_image_dataset_skips_unreadable(tmp_path):
     write_odd_images(tmp_path)
-    ds = data.ImageDataset(["cmyk.jpg", "trunc.jpg"], tmp_path, size=32)
+    ds = files.ImageDataset(["cmyk.jpg", "trunc.jpg"], tmp_path, size=32)
     assert ds[0][0].mode == "RGB" and ds[0][1] == 0
     assert ds[1][0] is None and ds[1][1] == 1 and ds[1][2].startswith("cannot decode")
-    x, idx, failed = data.collate_skip([(np.zeros(2), 0), ds[1], (np.ones(2), 2)])
+    x, idx, failed = files.collate_skip([(np.zeros(2), 0), ds[1], (np.ones(2), 2)])
     assert idx.tolist() == [0, 2] and x.shape == (2, 2) and failed == [(1, ds[1][2])]
-    assert data.collate_skip([ds[1]]) == (None, None, [(1, ds[1][2])])
+    assert files.collate_skip([ds[1]]) == (None, None, [(1, ds[1][2])])
     os.chmod(tmp_path / "gray.jpg", 0)
     if not os.access(tmp_path / "gray.jpg", os.R_OK):  # root reads anything: nothing to test
-        assert data.ImageDataset(["gray.jpg"], tmp_path)[0][2] == "permission denied"
-    assert data.ImageDataset(["nope.jpg"], tmp_path)[0][2] == "missing"
-    with pytest.raises(data.UserError, match="escapes"):
-        data.ImageDataset(["../x.jpg"], tmp_path)
+        assert files.ImageDataset(["gray.jpg"], tmp_path)[0][2] == "permission denied"
+    assert files.ImageDataset(["nope.jpg"], tmp_path)[0][2] == "missing"
+    with pytest.raises(files.UserError, match="escapes"):
+        files.ImageDataset(["../x.jpg"], tmp_path)
 
 
 # ------------------------------------------------------------------------------------- full disks
 
 
 def test_data_memmaps_are_reserved_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
-    """data.open_memmap allocates its file's data before anything is written through the map
+    """files.open_memmap allocates its file's data before anything is written through the map
     (a sparse file's page written through a map onto a full disk is a SIGBUS: no message, no
     cleanup): posix_fallocate, else zeros written. ENOSPC there is an OSError naming the file,
     which is gone; a write that fails in atomic_write names its target too."""
@@ -1324,30 +1325,30 @@ def test_data_memmaps_are_reserved_and_a_full_disk_is_one_line(tmp_path, monkeyp
     real = getattr(os, "posix_fallocate", None)
     monkeypatch.setattr(os, "posix_fallocate", lambda *a: calls.append(a[1:]) or (
         real(*a) if real else None), raising=False)
-    a = data.open_memmap(tmp_path / "a.npy", np.float32, (300, 256))
+    a = files.open_memmap(tmp_path / "a.npy", np.float32, (300, 256))
     assert calls == [(a.offset, 300 * 256 * 4)]  # the whole data part, header excluded
     del a
     monkeypatch.delattr(os, "posix_fallocate")  # macOS, Windows: zeros written instead
     wrote, real_write = [], os.write
     monkeypatch.setattr(os, "write", lambda fd, b: wrote.append(len(b)) or real_write(fd, b))
-    b = data.open_memmap(tmp_path / "b.npy", np.float16, (300, 256))
+    b = files.open_memmap(tmp_path / "b.npy", np.float16, (300, 256))
     monkeypatch.setattr(os, "write", real_write)
     assert sum(wrote) == 300 * 256 * 2 and b.shape == (300, 256) and not b.any()
     del b
     assert np.load(tmp_path / "b.npy").shape == (300, 256)  # the header was left alone
     monkeypatch.setattr(os, "posix_fallocate", enospc, raising=False)
     with pytest.raises(OSError) as e:
-        data.open_memmap(tmp_path / "c.npy", np.float32, (300, 256))
+        files.open_memmap(tmp_path / "c.npy", np.float32, (300, 256))
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "c.npy")
     assert sorted(os.listdir(tmp_path)) == ["a.npy", "b.npy"]
-    assert data.os_error_line(e.value) == (f"no space left on {data.mount_point(tmp_path)} "
+    assert files.os_error_line(e.value) == (f"no space left on {files.mount_point(tmp_path)} "
                                            f"while writing {tmp_path / 'c.npy'}")
     if os.path.exists("/dev/full"):  # a real ENOSPC from the kernel, on every write
         monkeypatch.setattr(tempfile, "mkstemp",
                             lambda **kw: (os.open("/dev/full", os.O_WRONLY), kw["dir"] + "/x"))
         with pytest.raises(OSError) as e:
-            data.atomic_write(tmp_path / "d.txt", "x" * 10000)
-        assert data.disk_full(e.value) and e.value.filename == str(tmp_path / "d.txt")
+            files.atomic_write(tmp_path / "d.txt", "x" * 10000)
+        assert files.disk_full(e.value) and e.value.filename == str(tmp_path / "d.txt")
 
 
 def test_data_resize_and_download_stop_on_a_full_disk(tmp_path, server, monkeypatch):
@@ -1357,7 +1358,7 @@ def test_data_resize_and_download_stop_on_a_full_disk(tmp_path, server, monkeypa
     src.mkdir()
     for i in range(4):
         (src / f"{i}.jpg").write_bytes(jpeg_bytes())
-    data.write_csv(tmp_path / "m.csv", ["path", "url"],
+    files.write_csv(tmp_path / "m.csv", ["path", "url"],
                    [[f"{i}.jpg", f"{server.url}/ok{i}.jpg"] for i in range(4)])
     real_save = Image.Image.save
 
@@ -1393,7 +1394,7 @@ def test_data_zip_bad_crc_listed_and_same_subset_as_folder(tmp_path, capsys):
     zpath = write_zip(tmp_path / "w.zip", bodies, "wikiart/", corrupt=victim)
     flipped = bytearray(bodies[victim])
     flipped[len(flipped) // 2] ^= 0x10  # what write_zip did to the stored bytes:
-    assert data.load_image(io.BytesIO(bytes(flipped))).size == (48, 32)  # decoding cannot tell
+    assert files.load_image(io.BytesIO(bytes(flipped))).size == (48, 32)  # decoding cannot tell
     root = tmp_path / "img"  # the same images as a folder, the victim missing
     for p, body in bodies.items():
         if p != victim:
@@ -1407,25 +1408,25 @@ def test_data_zip_bad_crc_listed_and_same_subset_as_folder(tmp_path, capsys):
     data.main([*base, "--out", str(tmp_path / "f"), "--images", str(root)])
     assert (tmp_path / "z" / "manifest.csv").read_bytes() == \
         (tmp_path / "f" / "manifest.csv").read_bytes()
-    rows = data.read_csv(tmp_path / "z" / "manifest.csv")
+    rows = files.read_csv(tmp_path / "z" / "manifest.csv")
     assert len(rows) == 62 and MOJI in {r["path"] for r in rows}  # UTF-8 member names match
-    assert [(r["path"], r["reason"]) for r in data.read_csv(tmp_path / "z" / "unusable.csv")] == \
+    assert [(r["path"], r["reason"]) for r in files.read_csv(tmp_path / "z" / "unusable.csv")] == \
         [(victim, "bad CRC")]
-    assert [r["reason"] for r in data.read_csv(tmp_path / "f" / "unusable.csv")] == ["missing"]
+    assert [r["reason"] for r in files.read_csv(tmp_path / "f" / "unusable.csv")] == ["missing"]
     info = zipfile.ZipInfo(MOJI.encode("utf-8").decode("cp437"))  # UTF-8 name, no UTF-8 flag
-    assert data.member_name(info) == MOJI
+    assert files.member_name(info) == MOJI
 
 
 def test_data_resize_from_zip_and_bad_zips_are_one_line(tmp_path, capsys):
     bodies = {f"S/{k}.jpg": noise_jpeg(k, (96, 64)) for k in range(4)}
     zpath = write_zip(tmp_path / "a.zip", bodies, "top/", corrupt="S/2.jpg")
-    data.write_csv(tmp_path / "m.csv", ["path"], [[p] for p in bodies] + [["S/9.jpg"]])
+    files.write_csv(tmp_path / "m.csv", ["path"], [[p] for p in bodies] + [["S/9.jpg"]])
     cache = tmp_path / "cache"
     argv = ["resize", "--manifest", str(tmp_path / "m.csv"), "--out", str(cache), "--size", "32",
             "--workers", "2"]
     assert data.main([*argv, "--root", str(zpath)]) == 0
     assert Image.open(cache / "S" / "3.jpg").size == (48, 32)
-    bad = {r["path"]: r["error"] for r in data.read_csv(cache / "unreadable.csv")}
+    bad = {r["path"]: r["error"] for r in files.read_csv(cache / "unreadable.csv")}
     assert set(bad) == {"S/2.jpg", "S/9.jpg"} and "CRC" in bad["S/2.jpg"]
     capsys.readouterr()
     data.main([*argv, "--root", str(zpath)])
@@ -1451,18 +1452,18 @@ def test_data_zip_dataloader_workers_open_their_own_handle(tmp_path):
         (tmp_path / "dir" / p).write_bytes(body)
 
     def pixels(root, workers):
-        ds = data.ImageDataset(list(bodies), root, lambda im: torch.from_numpy(np.array(im)))
+        ds = files.ImageDataset(list(bodies), root, lambda im: torch.from_numpy(np.array(im)))
         loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=workers,
-                                             collate_fn=data.collate_skip)
+                                             collate_fn=files.collate_skip)
         return torch.cat([x for x, _, _ in loader])
 
     assert torch.equal(pixels(zpath, 2), pixels(tmp_path / "dir", 0))
     # forked workers reading through the parent's handle would share its file offset and read
     # each other's members now and then: each must use a handle it opened itself
-    probe = HandleProbe(data.ImageDataset(list(bodies), zpath))
+    probe = HandleProbe(files.ImageDataset(list(bodies), zpath))
     pids = torch.cat(list(torch.utils.data.DataLoader(probe, batch_size=4, num_workers=2)))
     assert (pids[:, 0] == pids[:, 1]).all() and (pids[:, 1] != os.getpid()).all()
-    src = data.image_source(zpath)
+    src = files.image_source(zpath)
     assert src._pid == os.getpid()  # the parent's own handle, still its own
     assert pickle.loads(pickle.dumps(src))._zf is None  # a spawned worker opens its own
 
@@ -1480,7 +1481,7 @@ def test_data_zip_bombs_refused_unread_and_a_repeated_name_reads_the_first(tmp_p
         zf.writestr("w/S/twice.jpg", noise_jpeg(1))
         zf.writestr("w/S/twice.jpg", noise_jpeg(2))
     capsys.readouterr()
-    src = data.image_source(tmp_path / "b.zip")
+    src = files.image_source(tmp_path / "b.zip")
     out = capsys.readouterr().out
     assert out.count("warning:") == 1 and "1 members repeat an earlier name (e.g. w/S/twice" \
         in out, out
@@ -1489,12 +1490,12 @@ def test_data_zip_bombs_refused_unread_and_a_repeated_name_reads_the_first(tmp_p
         assert isinstance(f, zipfile.ZipExtFile)  # a stream, not the member's bytes in memory
     with pytest.raises(Image.DecompressionBombError, match=r"inflates \d{3,}:1"):
         src.open("S/bomb.jpg")
-    assert data.check_member(src, "S/bomb.jpg").startswith("too large to decode (S/bomb.jpg")
-    ds = data.ImageDataset(["S/ok.jpg", "S/bomb.jpg"], tmp_path / "b.zip")
+    assert files.check_member(src, "S/bomb.jpg").startswith("too large to decode (S/bomb.jpg")
+    ds = files.ImageDataset(["S/ok.jpg", "S/bomb.jpg"], tmp_path / "b.zip")
     assert ds[0][0].size == (48, 32) and ds[1][0] is None and "inflates" in ds[1][2]
     big = zipfile.ZipInfo("w/S/huge.bmp")  # any format: over 256 MB inflated is refused
     big.file_size, big.compress_size = 300 << 20, 290 << 20
-    assert "over 256 MB" in data.member_problem(big)
+    assert "over 256 MB" in files.member_problem(big)
 
 
 # --------------------------------------------------------------------------------------- hf-wikiart
@@ -1538,12 +1539,12 @@ def test_data_hf_wikiart_download_convert_resume(tmp_path, server, monkeypatch, 
     monkeypatch.setattr(data, "convert_row", real)
     assert data.main(argv) == 0
     assert sorted(server.hits.values()) == [1, 1]  # no shard downloaded twice
-    rows = data.read_csv(out / "manifest.csv")
+    rows = files.read_csv(out / "manifest.csv")
     assert len(rows) == 22 and {r["split"] for r in rows} == {"train", "val"}
     for r in rows:
         assert {t: r[t] for t in ("style", "artist", "genre")} == hf_expected(r["path"])[0]
     assert Image.open(out / "images" / rows[0]["path"]).size == (48, 32)
-    assert sorted(r["path"] for r in data.read_csv(out / "unusable.csv")) == \
+    assert sorted(r["path"] for r in files.read_csv(out / "unusable.csv")) == \
         ["Impressionism/00000-00005.jpg", "Impressionism/00001-00005.jpg"]
     assert json.loads((out / "classes.json").read_text()) == {
         "style": HF_NAMES["style"], "artist": HF_NAMES["artist"][1:],
@@ -1553,7 +1554,7 @@ def test_data_hf_wikiart_download_convert_resume(tmp_path, server, monkeypatch, 
     assert "2 converted already, 0 to download" in capsys.readouterr().out
     assert sorted(server.hits.values()) == [1, 1]
     splits = {}
-    for r in data.read_csv(out / "manifest.csv"):
+    for r in files.read_csv(out / "manifest.csv"):
         splits.setdefault(hf_expected(r["path"])[1], set()).add(r["split"])
     assert all(len(s) == 1 for s in splits.values())  # no painter in two splits
     assert set().union(*splits.values()) == {"train", "dev", "test"}
@@ -1607,7 +1608,7 @@ def test_data_split_official_test_is_the_val_lists(tmp_path, capsys):
         capsys.readouterr()
         data.main(base + extra)
         log = capsys.readouterr().out
-        rows = data.read_csv(tmp_path / "o" / "manifest.csv")
+        rows = files.read_csv(tmp_path / "o" / "manifest.csv")
         assert {r["path"] for r in rows if r["split"] == "test"} == test, extra
         assert {r["split"] for r in rows} == {"train", "dev", "test"}
         fit = [r for r in rows if r["split"] != "test"]
@@ -1624,7 +1625,7 @@ def test_data_split_artist_no_painter_in_two_splits(tmp_path, capsys):
                "0.3"])
     assert "split artist: 5 artists" in capsys.readouterr().out
     splits = {}
-    for r in data.read_csv(tmp_path / "o" / "manifest.csv"):
+    for r in files.read_csv(tmp_path / "o" / "manifest.csv"):
         splits.setdefault(data.artist_of(r["path"]), set()).add(r["split"])
     assert all(len(s) == 1 for s in splits.values()) and len(splits) == 5
     assert {"train", "test"} <= set().union(*splits.values())
@@ -1644,11 +1645,11 @@ def test_data_demo_formats(tmp_path, capsys):
     assert raw.count(b"\r\n") == raw.count(b"\n") > 0
     art = (out / "lists" / "artist_train").read_text(encoding="utf-8").split("\n")
     assert art[0].startswith("(Path to image),,") and art[1] == "" and ",," in art[2]
-    rows = data.read_csv(out / "manifest.csv")
+    rows = files.read_csv(out / "manifest.csv")
     assert len(rows) == 48 and list(rows[0]) == ["path", "style", "artist", "genre", "split"]
     assert all(os.path.isfile(out / "images" / r["path"]) for r in rows)
     assert any("ã" in r["path"] for r in rows)
-    gallery = data.read_csv(out / "gallery.csv")
+    gallery = files.read_csv(out / "gallery.csv")
     assert len(gallery) == 48 and gallery[0]["attribution"]
 
 
@@ -1675,7 +1676,7 @@ def test_data_demo_long_tail(tmp_path, capsys):
     log = capsys.readouterr().out
     true = Counter(p.split("/")[0] for p in data.scan_files(out / "images"))  # folder = style
     assert sorted(true.values(), reverse=True) == [72, 29, 11, 4, 2, 2]
-    listed = Counter(r["style"] for r in data.read_csv(out / "manifest.csv"))
+    listed = Counter(r["style"] for r in files.read_csv(out / "manifest.csv"))
     assert sum(abs(listed[c] - true[c]) for c in true) <= 2 * (120 // 40)  # the label noise
     small = sorted(c for c, n in listed.items() if n < data.SMALL_CLASS)
     assert len(small) >= 2 and "warning: " in log and all(c in log for c in small)
@@ -1731,10 +1732,10 @@ def test_data_poses_round_trip_and_the_list_form(tmp_path):
 ])
 def test_data_poses_malformed_is_one_line(tmp_path, doc, msg):
     (tmp_path / "p.json").write_text(doc)
-    with pytest.raises(data.UserError, match=msg) as e:
+    with pytest.raises(files.UserError, match=msg) as e:
         data.read_poses(tmp_path / "p.json")
     assert "\n" not in str(e.value) and str(tmp_path / "p.json") in str(e.value)
-    with pytest.raises(data.UserError, match="poses file not found"):
+    with pytest.raises(files.UserError, match="poses file not found"):
         data.read_poses(tmp_path / "none.json")
 
 
@@ -1775,20 +1776,20 @@ def test_nets_backbone_weights_offline_local_and_mismatch(tmp_path, monkeypatch)
         raise urllib.error.URLError("[Errno -2] Name or service not known")
     monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__,
                         "get_state_dict", offline)
-    with pytest.raises(data.UserError, match="--weights none or --weights PATH"):
+    with pytest.raises(files.UserError, match="--weights none or --weights PATH"):
         nets.backbone("resnet18", "imagenet")
     ref = torchvision.models.resnet18(num_classes=7)  # a fine-tuned head of any size is fine
     torch.save(ref.state_dict(), tmp_path / "r18.pth")
     trunk, channels = nets.backbone("resnet18", str(tmp_path / "r18.pth"))
     assert torch.equal(trunk[0].weight, ref.conv1.weight) and channels == 512
     assert crnn.CRNN({"style": 3}, "resnet18", str(tmp_path / "r18.pth")).proj.in_channels == 512
-    with pytest.raises(data.UserError, match="not a torchvision resnet50 state_dict"):
+    with pytest.raises(files.UserError, match="not a torchvision resnet50 state_dict"):
         nets.backbone("resnet50", str(tmp_path / "r18.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(files.UserError) as e:
         nets.backbone("resnet18", str(tmp_path / "junk.pth"))
     assert str(e.value) == f"--weights {tmp_path / 'junk.pth'}: not a state_dict"
-    with pytest.raises(data.UserError, match="unknown backbone 'resnet7'"):
+    with pytest.raises(files.UserError, match="unknown backbone 'resnet7'"):
         nets.backbone("resnet7")
 
 
@@ -1863,7 +1864,7 @@ def test_nets_more_ranks_than_gpus_is_one_line(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(files.UserError) as e:
         nets.init_distributed(torch.device("cuda"))
     assert str(e.value) == ("torchrun rank 1: LOCAL_RANK 1 but this machine has 1 CUDA GPU: "
                             "start at most --nproc-per-node 1 (one process per GPU), or pass "
@@ -2036,8 +2037,8 @@ def test_crnn_resume_in_a_new_process_equals_uninterrupted(demo, tmp_path, monke
     nothing. --resume alone must take --no-amp from last.pt (it ran bf16 autocast on AMX).
     The frozen mode (no augmentation) stops in this process, at epoch 2's start: one child
     python less (each costs seconds of imports)."""
-    rows = data.read_csv(demo / "manifest.csv")[:32]  # 2 epochs of 3 runs: keep them small
-    data.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
+    rows = files.read_csv(demo / "manifest.csv")[:32]  # 2 epochs of 3 runs: keep them small
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
     args = ["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo / "images"),
             "--classes", str(demo / "classes.json"), *CRNN_FAST, *mode, "--epochs", "2",
             "--batch-size", "16", "--lr", "1e-3", "--seed", "1"]
@@ -2178,7 +2179,7 @@ def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, 
     default) call most val images a class with one or two train images, and the guard says so
     every epoch and in --eval's report; the default beats the majority class in macro-F1,
     calls no smallest class for half the images and leaves the guard silent."""
-    rows = data.read_csv(demo_tail / "manifest.csv")
+    rows = files.read_csv(demo_tail / "manifest.csv")
     n_train = Counter(r["style"] for r in rows if r["split"] == "train")
     names = json.loads((demo_tail / "classes.json").read_text())["style"]
     base = ["--train", "--data", str(demo_tail / "manifest.csv"), *TAIL, "--cache",
@@ -2255,7 +2256,7 @@ def test_crnn_patience_stops_early(demo, tmp_path, capsys):
 
 
 def test_crnn_corrupt_images_skipped_and_counted(demo, tmp_path, capsys):
-    rows = data.read_csv(demo / "manifest.csv")
+    rows = files.read_csv(demo / "manifest.csv")
     bad = [r for r in rows if r["split"] == "train"][:2] + [r for r in rows
                                                             if r["split"] == "val"][:1]
     root = tmp_path / "images"
@@ -2271,7 +2272,7 @@ def test_crnn_corrupt_images_skipped_and_counted(demo, tmp_path, capsys):
     assert "skipped 2 train + 1 val" in capsys.readouterr().out
     rec = json.loads(open(tmp_path / "run" / "log.jsonl").readline())
     assert rec["skipped"] == 2 and rec["skipped_val"] == 1
-    listed = data.read_csv(tmp_path / "run" / "skipped.csv")
+    listed = files.read_csv(tmp_path / "run" / "skipped.csv")
     assert sorted(r["path"] for r in listed) == sorted(r["path"] for r in bad)
     assert all(r["reason"].startswith("cannot decode") for r in listed)
     crnn.main(["--eval", *args, "--ckpt", str(tmp_path / "run" / "last.pt")])
@@ -2282,9 +2283,9 @@ def test_crnn_mostly_missing_images_refused_before_training(demo, tmp_path, caps
     """A manifest whose images are mostly not there (a 2-million-row list with 360 files
     trained an 8-minute epoch of skips) stops in one line with a count and examples, before
     anything is written; --skip-missing trains on those found; a few missing: a note."""
-    rows = data.read_csv(demo / "manifest.csv")
+    rows = files.read_csv(demo / "manifest.csv")
     gone = [{**r, "path": f"lost/{k}.jpg"} for k, r in enumerate(rows * 2)]
-    data.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows + gone])
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows + gone])
     args = ["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo / "images"),
             "--classes", str(demo / "classes.json"), *CRNN_FAST, "--freeze-backbone",
             "--epochs", "1", "--out", str(tmp_path / "run")]
@@ -2297,16 +2298,16 @@ def test_crnn_mostly_missing_images_refused_before_training(demo, tmp_path, caps
     out = capsys.readouterr().out
     assert "left out (--skip-missing)" in out and state["epoch"] == 1
     assert f"{sum(r['split'] == 'train' for r in rows)} train images" in out
-    data.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows + gone[:3]])
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows + gone[:3]])
     crnn.main([*args, "--overwrite"])
     assert "note: 3 of the 123 train and val images are not in" in capsys.readouterr().out
 
 
 def test_crnn_paths_in_two_splits_refused_or_dropped(demo, tmp_path, capsys):
-    rows = data.read_csv(demo / "manifest.csv")
+    rows = files.read_csv(demo / "manifest.csv")
     val = [r for r in rows if r["split"] == "val"]
     leaked = [{**r, "split": "train"} for r in val[:4]]  # val images listed again as train
-    data.write_csv(tmp_path / "m.csv", list(rows[0]),
+    files.write_csv(tmp_path / "m.csv", list(rows[0]),
                    [list(r.values()) for r in rows + leaked + rows[:2]])  # + 2 repeated rows
     args = ["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo / "images"),
             "--classes", str(demo / "classes.json"), *CRNN_FAST, "--freeze-backbone",
@@ -2366,12 +2367,12 @@ def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeyp
     here. A rank averaging its own share's mean loss (the usual DDP shortcut, which weights
     tasks and classes unlike 1 process) differs by 1e-2, so atol 2e-3 tells the two apart.
     Val metrics alone would not: near chance, one flipped argmax changes them."""
-    rows = data.read_csv(demo / "manifest.csv")
+    rows = files.read_csv(demo / "manifest.csv")
     train = [r for r in rows if r["split"] == "train"][:81]
     for r in train[8:]:  # artist labels on 8 train images: many a step has none (its head
         r["artist"] = ""  # then gets no gradient, and AdamW must leave it alone, as in 1 process)
     rows = [r for r in rows if r["split"] != "train"] + train
-    data.write_csv(tmp_path / "m81.csv", list(rows[0]), [list(r.values()) for r in rows])
+    files.write_csv(tmp_path / "m81.csv", list(rows[0]), [list(r.values()) for r in rows])
     args = ["--train", "--data", str(tmp_path / "m81.csv"), "--root", str(demo / "images"),
             "--classes", str(demo / "classes.json"), *CRNN_FAST, "--freeze-backbone", "--dropout",
             "0", "--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--seed", "1",
@@ -2421,9 +2422,9 @@ def test_crnn_torchrun_frozen_cache_with_fewer_images_than_ranks(demo, tmp_path)
     """Two ranks, one train and one val image: rank 0's share of each split is empty. It raised
     'no readable image among 0' and took the run down; now it writes an empty part, joins
     every barrier, and the run trains on the one image."""
-    rows = data.read_csv(demo / "manifest.csv")
+    rows = files.read_csv(demo / "manifest.csv")
     one = [next(r for r in rows if r["split"] == s) for s in ("train", "val")]
-    data.write_csv(tmp_path / "m1.csv", list(rows[0]), [list(r.values()) for r in one])
+    files.write_csv(tmp_path / "m1.csv", list(rows[0]), [list(r.values()) for r in one])
     rc, out = torchrun("crnn.py", "--train", "--data", tmp_path / "m1.csv", "--root",
                        demo / "images", "--classes", demo / "classes.json", *CRNN_FAST,
                        "--freeze-backbone", "--epochs", "1", "--out", tmp_path / "run",
@@ -2448,7 +2449,7 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
     for name in names:
         assert (out / name).stat().st_size > 0, name
     summary = json.loads((out / "metrics.json").read_text())
-    preds = data.read_csv(out / "predictions.csv")
+    preds = files.read_csv(out / "predictions.csv")
     classes = json.loads((demo / "classes.json").read_text())
     for t in tasks:
         lab = [r for r in preds if r[f"{t}_true"]]
@@ -2474,16 +2475,16 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
     assert "collapsed" not in (out / "report.txt").read_text()
     # --predict on the same val images, another code path (no DataLoader, other batches):
     # its top-1 is predictions.csv's, its top-3 gives the report's top-3 accuracy
-    files = {str(demo / "images" / r["path"]): r for r in preds}
-    top = crnn.main(["--predict", *files, "--ckpt", str(trained / "best.pt"), "-k", "3"])
+    by_file = {str(demo / "images" / r["path"]): r for r in preds}
+    top = crnn.main(["--predict", *by_file, "--ckpt", str(trained / "best.pt"), "-k", "3"])
     for t in tasks:
-        lab = [f for f, r in files.items() if r[f"{t}_true"]]
-        hits = [files[f][f"{t}_true"] in [c for c, _ in top[f][t]] for f in lab]
+        lab = [f for f, r in by_file.items() if r[f"{t}_true"]]
+        hits = [by_file[f][f"{t}_true"] in [c for c, _ in top[f][t]] for f in lab]
         assert summary[t]["top3"] == pytest.approx(np.mean(hits))
         for f in lab:
-            assert top[f][t][0][0] == files[f][f"{t}_pred"]
-            assert top[f][t][0][1] == pytest.approx(float(files[f][f"{t}_p_pred"]), abs=2e-4)
-    found = data.read_csv(out / "outliers.csv")
+            assert top[f][t][0][0] == by_file[f][f"{t}_pred"]
+            assert top[f][t][0][1] == pytest.approx(float(by_file[f][f"{t}_p_pred"]), abs=2e-4)
+    found = files.read_csv(out / "outliers.csv")
     scores = [float(r["score"]) for r in found]
     assert 0 < len(found) <= 6 and scores == sorted(scores, reverse=True)
     for r in found:
@@ -2513,13 +2514,13 @@ def test_crnn_guard_and_baselines_on_a_hand_made_split(trained, demo, tmp_path, 
     train counts: --eval says it collapsed in report.txt, report.html and metrics.json, and
     scores the baselines of a hand-made split (majority class: its train rows' most frequent)."""
     names = json.loads((demo / "classes.json").read_text())["style"]
-    paths = {c: [r["path"] for r in data.read_csv(demo / "manifest.csv") if r["style"] == c]
+    paths = {c: [r["path"] for r in files.read_csv(demo / "manifest.csv") if r["style"] == c]
              for c in names}
     a, b, c, rare = names[0], names[1], names[2], names[5]
     rows = [[paths[a][i], a, "train"] for i in range(3)] + [[paths[b][0], b, "train"]]
     rows += [[paths[a][3], a, "test"], [paths[b][1], b, "test"], [paths[b][2], b, "test"],
              [paths[c][0], c, "test"]]
-    data.write_csv(tmp_path / "m.csv", ["path", "style", "split"], rows)
+    files.write_csv(tmp_path / "m.csv", ["path", "style", "split"], rows)
     ckpt = torch.load(trained / "best.pt", weights_only=True)
     del ckpt["train_counts"]
     ckpt["args"]["balance"] = "loss"
@@ -2558,8 +2559,8 @@ def test_crnn_outliers_anywhere_find_the_planted_labels(trained, demo, tmp_path,
         line = next(ln for ln in capsys.readouterr().out.splitlines()
                     if ln.startswith("planted label errors"))
         found[where] = int(re.search(r": (\d+) of (\d+) named", line)[1])
-        planted = {r["path"] for r in data.read_csv(demo / "label_noise.csv")}
-        named = {r["path"] for r in data.read_csv(tmp_path / where / "outliers.csv")
+        planted = {r["path"] for r in files.read_csv(demo / "label_noise.csv")}
+        named = {r["path"] for r in files.read_csv(tmp_path / where / "outliers.csv")
                  if r["task"] == "style"}
         assert found[where] == len(planted & named)
     assert found["all"] > found["heldout"], found
@@ -2570,8 +2571,8 @@ def test_crnn_inference_in_bf16_agrees_with_fp32(trained, demo):
     """--eval/--predict's Inference model with bf16 backbone weights (what AMX CPUs and CUDA
     get) against fp32: embeddings at cosine >= 0.999, the same predicted classes."""
     model, _ = crnn.load_checkpoint(str(trained / "best.pt"))
-    rows = [r for r in data.read_csv(demo / "manifest.csv") if r["split"] == "val"][:12]
-    x = torch.stack([nets.make_transform(64)(data.load_image(demo / "images" / r["path"], 64))
+    rows = [r for r in files.read_csv(demo / "manifest.csv") if r["split"] == "val"][:12]
+    x = torch.stack([nets.make_transform(64)(files.load_image(demo / "images" / r["path"], 64))
                      for r in rows])
     with torch.no_grad():
         a, b = crnn.Inference(model, "fp32").eval(), crnn.Inference(model, "bf16").eval()
@@ -2625,11 +2626,11 @@ def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path
     images; one genre class is labelled only in test."""
     classes = json.loads((demo / "classes.json").read_text())
     rare, rows = classes["genre"][0], []
-    for k, r in enumerate(data.read_csv(demo / "manifest.csv")):
+    for k, r in enumerate(files.read_csv(demo / "manifest.csv")):
         split = "test" if r["split"] == "val" else "dev" if k % 4 == 0 else "train"
         genre = "" if split != "test" and r["genre"] == rare else r["genre"]
         rows.append([r["path"], r["style"], r["artist"], genre, split])
-    data.write_csv(tmp_path / "m.csv", ["path", "style", "artist", "genre", "split"], rows)
+    files.write_csv(tmp_path / "m.csv", ["path", "style", "artist", "genre", "split"], rows)
     (tmp_path / "classes.json").write_text(json.dumps(classes))
     out = tmp_path / "run"
     capsys.readouterr()
@@ -2647,9 +2648,9 @@ def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path
     report = (out / "report.txt").read_text()
     assert f"(test split, {n_test} images, 0 unreadable" in report and rare in report
     assert "selected on" not in report
-    assert {r["path"] for r in data.read_csv(out / "predictions.csv")} == \
+    assert {r["path"] for r in files.read_csv(out / "predictions.csv")} == \
         {r[0] for r in rows if r[4] == "test"}
-    assert data.read_csv(out / "outliers.csv")
+    assert files.read_csv(out / "outliers.csv")
     with Image.open(out / "outliers.png") as im:  # thumbnails read from the zip, not grey
         assert im.getpixel((90, 90)) not in (pages.GREY, (255, 255, 255))
     crnn.main(["--eval", "--ckpt", str(out / "best.pt"), "--split", "dev", "--workers", "0"])
@@ -2667,7 +2668,7 @@ def test_crnn_eval_html_report(trained, demo, tmp_path, capsys):
                "--workers", "0"])
     p = check_page(out / "report.html")
     text = (out / "report.html").read_text(encoding="utf-8")
-    found = data.read_csv(out / "outliers.csv")
+    found = files.read_csv(out / "outliers.csv")
     summary = json.loads((out / "metrics.json").read_text())
     assert p.classes["outlier"] == len(found) > 0
     assert p.tags["img"] == 2 * len(found)  # what the model saw, and its attention over it
@@ -3077,19 +3078,19 @@ def test_aspects_detector_runs_from_a_state_dict_path(tmp_path, monkeypatch):
             assert ((f["keypoints"][:, 2] >= 0) & (f["keypoints"][:, 2] <= 1)).all()
     assert aspects.detect(model, ims[:1], torch.device("cpu"), threshold=1.0) == [[]]
     assert model.transform.min_size == (64,)  # the input size asked for
-    with pytest.raises(data.UserError, match="--pose-weights none or --pose-weights PATH"):
+    with pytest.raises(files.UserError, match="--pose-weights none or --pose-weights PATH"):
         monkeypatch.setattr(torchvision.models.detection.KeypointRCNN_ResNet50_FPN_Weights
                             .COCO_V1.__class__, "get_state_dict", lambda *a, **k: (_ for _ in (
                                 )).throw(urllib.error.URLError("Name or service not known")))
         aspects.load_detector("coco", min_size=64)
-    with pytest.raises(data.UserError, match="--pose-weights r18.pth: not a torchvision "
+    with pytest.raises(files.UserError, match="--pose-weights r18.pth: not a torchvision "
                                              "keypointrcnn_resnet50_fpn state_dict"):
         aspects.load_detector_state(model, torchvision.models.resnet18().state_dict(), "r18.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(data.UserError) as e:
+    with pytest.raises(files.UserError) as e:
         aspects.load_detector(str(tmp_path / "junk.pth"))
     assert str(e.value) == f"--pose-weights {tmp_path / 'junk.pth'}: not a state_dict"
-    with pytest.raises(data.UserError, match="file not found .or use --pose-weights coco.none"):
+    with pytest.raises(files.UserError, match="file not found .or use --pose-weights coco.none"):
         aspects.load_detector(str(tmp_path / "none.pth"))
 
 
@@ -3132,7 +3133,7 @@ def test_retrieve_pca_whitening_renormalises():
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, atol=1e-4)
     _, I = index.search(xb[:50], 1)
     assert (I[:, 0] == np.arange(50)).mean() > 0.9
-    with pytest.raises(data.UserError, match="--pca"):
+    with pytest.raises(files.UserError, match="--pca"):
         retrieve.index_from_vectors(xb[:10], index_args("--pca", "16"))
 
 
@@ -3220,7 +3221,7 @@ def test_retrieve_gpu_copy_failure_stays_on_the_cpu(emulated_gpu, monkeypatch, c
 
 
 def test_retrieve_ivfpq_refuses_tiny_collection():
-    with pytest.raises(data.UserError, match="ivfpq cannot train"):
+    with pytest.raises(files.UserError, match="ivfpq cannot train"):
         retrieve.index_from_vectors(clustered(300, 32, 1), index_args("--index-type", "ivfpq"))
 
 
@@ -3262,7 +3263,7 @@ def test_retrieve_build_save_load_roundtrip(built, demo, capsys):
     assert cfg["version"] == retrieve.VERSION and cfg["pool"] == "grid" and cfg["n"] == 120
     assert xb.shape == (120, cfg["dim"]) == (120, 512 * 4) and xb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(xb, axis=1), 1.0, atol=1e-4)
-    gallery = data.read_csv(str(demo / "gallery.csv"))
+    gallery = files.read_csv(str(demo / "gallery.csv"))
     assert [r["path"] for r in meta] == [r["path"] for r in gallery]
     assert meta[7]["title"] == gallery[7]["title"]
     D, I = index.search(np.ascontiguousarray(xb[:10]), 3)
@@ -3274,7 +3275,7 @@ def test_retrieve_build_save_load_roundtrip(built, demo, capsys):
 
 
 def test_retrieve_query_prints_k_rows_and_sheet(built, demo, tmp_path, capsys):
-    meta = data.read_csv(os.path.join(retrieve.generation(built), "meta.csv"))
+    meta = files.read_csv(os.path.join(retrieve.generation(built), "meta.csv"))
     imgs = [str(demo / "images" / meta[i]["path"]) for i in (3, 40)]
     sheet = tmp_path / "sheet.png"
     retrieve.main(["--query", *imgs, "--index", str(built), "-k", "4", "--sheet", str(sheet)])
@@ -3287,7 +3288,7 @@ def test_retrieve_query_prints_k_rows_and_sheet(built, demo, tmp_path, capsys):
 
 
 def test_retrieve_query_id_excludes_itself(built):
-    meta = data.read_csv(os.path.join(retrieve.generation(built), "meta.csv"))
+    meta = files.read_csv(os.path.join(retrieve.generation(built), "meta.csv"))
     D, I = retrieve.main(["--query-id", meta[5]["path"], meta[6]["path"], "--index", str(built),
                           "-k", "5", "--sheet", str(built / "qid.png")])
     assert I.shape == (2, 5) and 5 not in I[0] and 6 not in I[1]
@@ -3317,9 +3318,9 @@ def test_retrieve_eval_copy_detection_above_chance(built):
 def test_retrieve_add_equals_build_at_once(built, demo, tmp_path):
     """Build on the first 80 gallery rows, --add the rest: the same as `built` (all 120 at
     once); fp32 (--no-amp) so that batch composition cannot change a vector."""
-    rows = data.read_csv(str(demo / "gallery.csv"))
+    rows = files.read_csv(str(demo / "gallery.csv"))
     head = tmp_path / "first80.csv"
-    data.write_csv(str(head), list(rows[0]), [list(r.values()) for r in rows[:80]])
+    files.write_csv(str(head), list(rows[0]), [list(r.values()) for r in rows[:80]])
     part = str(tmp_path / "part")
     retrieve.main(["--build", "--images", str(demo / "images"), "--manifest", str(head),
                    "--index", part, *RETRIEVE_FAST])
@@ -3351,7 +3352,7 @@ def test_retrieve_build_from_zip_equals_folder(built, demo, tmp_path):
     _, got, xb, _ = retrieve.open_index(index)
     meta = [r["path"] for r in got]
     assert meta == sorted(r["path"] for r in rows)
-    assert [r["path"] for r in data.read_csv(index / "skipped.csv")] == ["Cubism/broken.jpg"]
+    assert [r["path"] for r in files.read_csv(index / "skipped.csv")] == ["Cubism/broken.jpg"]
     at = {r["path"]: i for i, r in enumerate(built_meta)}
     np.testing.assert_allclose(xb, ref[[at[p] for p in meta]], atol=1e-5)
     retrieve.main(["--query-id", meta[0], "--index", str(index), "-k", "2"])
@@ -3369,7 +3370,7 @@ def test_retrieve_precision_fp32_unchanged_bf16_agrees_and_recorded(demo, small_
     cfg, meta, xb32, _ = retrieve.open_index(folders[0])
     assert cfg["precision"] == "fp32"
     old = retrieve.Embedder(nets.fuse_for_inference(nets.backbone("resnet18", "none", 0)[0]))
-    x = torch.stack([nets.make_transform(64)(data.load_image(demo / "images" / r["path"], 64))
+    x = torch.stack([nets.make_transform(64)(files.load_image(demo / "images" / r["path"], 64))
                      for r in meta[:8]])
     with torch.inference_mode():
         want = torch.nn.functional.normalize(old.eval()(x.contiguous(
@@ -3458,7 +3459,7 @@ def test_retrieve_skips_bad_files_and_uses_local_weights(demo, tmp_path, capsys)
                    str(weights), *flags])
     out = capsys.readouterr().out
     assert "skipped 1 non-image files" in out
-    assert [(r["path"], r["reason"][:14]) for r in data.read_csv(str(index / "skipped.csv"))] \
+    assert [(r["path"], r["reason"][:14]) for r in files.read_csv(str(index / "skipped.csv"))] \
         == [("loop.jpg", "symlink loop"), ("broken.jpg", "cannot decode ")]
     assert [r["path"] for r in retrieve.open_index(index)[1]] == \
         ["sub/ok0.jpg", "sub/ok1.jpg", "sub/ok2.jpg"]
@@ -3509,8 +3510,8 @@ def small_builds(demo):
     and 1): the same size and dimension, other vectors. Returns (manifest, {seed: folder})."""
     base = demo.parent / "small"
     base.mkdir(exist_ok=True)
-    rows = data.read_csv(demo / "gallery.csv")[:24]
-    data.write_csv(base / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
+    rows = files.read_csv(demo / "gallery.csv")[:24]
+    files.write_csv(base / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
     folders = {}
     for seed in (0, 1):
         folders[seed] = base / f"seed{seed}"
@@ -3591,7 +3592,7 @@ def test_retrieve_full_disk_is_one_line_and_the_old_index_stays(demo, small_buil
     before = sorted(os.listdir(index))
     monkeypatch.setattr(os, "posix_fallocate", enospc, raising=False)
     msg = retrieve_error(small_build_args(demo, manifest, index, 1))
-    assert msg == (f"retrieve.py: error: no space left on {data.mount_point(index)} while "
+    assert msg == (f"retrieve.py: error: no space left on {files.mount_point(index)} while "
                    f"writing {index / 'gen-2' / 'embeddings.npy.tmp.npy'}")
     assert sorted(os.listdir(index)) == before
     assert all(np.array_equal(a, b) for a, b in zip(answers(index), answers(folders[0]),
@@ -3630,7 +3631,7 @@ def test_retrieve_build_on_a_full_tmpfs_is_one_line_not_sigbus(demo, small_build
     ix.add(np.ones((40, 64), np.float32))  # 10 KB
     with pytest.raises(OSError) as e:
         retrieve.write_faiss(ix, str(small_disk / "x.faiss"))
-    assert data.disk_full(e.value) and e.value.filename.startswith(str(small_disk / "x.faiss"))
+    assert files.disk_full(e.value) and e.value.filename.startswith(str(small_disk / "x.faiss"))
     assert sorted(os.listdir(small_disk)) == ["filler", "idx"]
 
 
@@ -3658,7 +3659,7 @@ def test_retrieve_add_keeps_one_image_root(demo, small_builds, tmp_path):
     """--add --images: accepted where the indexed images moved to (and remembered), refused in
     one line for another folder while the index's own root is still there."""
     manifest, _ = small_builds
-    rows = data.read_csv(manifest)
+    rows = files.read_csv(manifest)
     for r in rows:
         (tmp_path / "a" / r["path"]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(demo / "images" / r["path"], tmp_path / "a" / r["path"])
@@ -3697,7 +3698,7 @@ def test_retrieve_config_must_describe_its_files(small_builds, tmp_path):
         ["--eval", "--index", str(tmp_path / "0")])
     cfg = json.loads(open(os.path.join(gen, "config.json")).read())
     del cfg["dim"]
-    data.atomic_write(os.path.join(gen, "config.json"), json.dumps(cfg))
+    files.atomic_write(os.path.join(gen, "config.json"), json.dumps(cfg))
     assert "config.json lacks dim" in retrieve_error(["--eval", "--index", str(tmp_path / "0")])
     (tmp_path / "0" / "CURRENT").write_text("gen-99\n")
     assert "names no generation" in retrieve_error(["--eval", "--index", str(tmp_path / "0")])
@@ -3832,8 +3833,8 @@ def test_retrieve_html_bad_input(built, tmp_path):
         msg = retrieve_error([*q, flag, str(path)])
         assert msg.endswith("exists and is not a regular file (a folder, a device)"), msg
     assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
-    with pytest.raises(data.UserError, match="not a regular file"):  # whoever writes
-        data.atomic_write(tmp_path / "fifo", "x")
+    with pytest.raises(files.UserError, match="not a regular file"):  # whoever writes
+        files.atomic_write(tmp_path / "fifo", "x")
     assert stat.S_ISFIFO(os.stat(tmp_path / "fifo").st_mode)
     assert "does not exist" in retrieve_error([*q, "--sheet", nowhere])  # as --html: refused
     assert not (tmp_path / "no").exists()
@@ -3975,8 +3976,8 @@ def test_retrieve_ckpt_embeds_with_crnn_model(demo, tmp_path):
     ckpt = tmp_path / "best.pt"
     torch.save({"arch": crnn.ARCH, "args": a, "classes": classes,
                 "model": crnn.build_model(a, classes).state_dict()}, ckpt)
-    rows = data.read_csv(str(demo / "gallery.csv"))[:20]
-    data.write_csv(str(tmp_path / "m.csv"), list(rows[0]), [list(r.values()) for r in rows])
+    rows = files.read_csv(str(demo / "gallery.csv"))[:20]
+    files.write_csv(str(tmp_path / "m.csv"), list(rows[0]), [list(r.values()) for r in rows])
     index = str(tmp_path / "idx")
     cfg = retrieve.main(["--build", "--ckpt", str(ckpt), "--images", str(demo / "images"),
                          "--manifest", str(tmp_path / "m.csv"), "--index", index, "--workers", "0"])
