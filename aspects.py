@@ -14,7 +14,7 @@ light and layout vectors; no FAISS, no index folder and no command line (retriev
     f = aspects.light_features(thumb); aspects.light_summary(f)  # "light from the upper left, ..."
     aspects.light_vector(f), aspects.layout_vector(thumb)
 
-Keypoints are COCO's 17 (data.KEYPOINTS): (x, y, confidence) in image pixels, y down, "left"
+Keypoints are COCO's 17 (poses.KEYPOINTS): (x, y, confidence) in image pixels, y down, "left"
 the figure's own left. A joint counts where its confidence is >= MIN_CONF; the others are
 masked out of every comparison, never read as a joint at (0, 0).
 """
@@ -26,8 +26,8 @@ import urllib.error
 import numpy as np
 from PIL import Image
 
-from data import KEYPOINT_FLIP
 from files import UserError, one_line
+from poses import KEYPOINT_FLIP
 
 MIN_CONF = 0.5  # a joint counts from here: COCO's v 1 and 2, a detector logit of 0 and up
 FLIP = np.array(KEYPOINT_FLIP)

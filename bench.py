@@ -45,6 +45,7 @@ import crnn
 import data
 import files
 import nets
+import painter
 import retrieve
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,13 +91,13 @@ def make_big_jpegs(folder, n, size=(2400, 1800), seed=0):
     for a scan's entropy: about 1.2 bits/pixel (650 KB at 2400x1800, q90). Entropy matters:
     draft mode skips IDCT work, never Huffman decoding, which grows with the file's bits."""
     rng = np.random.default_rng(seed)
-    hands = data.demo_artists(rng)
+    hands = painter.demo_artists(rng)
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i in range(n):
-        style = data.DEMO_STYLES[i % len(data.DEMO_STYLES)]
-        genre = data.DEMO_GENRES[i % len(data.DEMO_GENRES)]
-        im = data.demo_painting(style, genre, hands[i % len(hands)], rng, short=240)
+        style = painter.DEMO_STYLES[i % len(painter.DEMO_STYLES)]
+        genre = painter.DEMO_GENRES[i % len(painter.DEMO_GENRES)]
+        im = painter.demo_painting(style, genre, hands[i % len(hands)], rng, short=240)
         im = im.resize(size, Image.BICUBIC)
         a = np.asarray(im, np.int16) + rng.normal(0, 2, (size[1], size[0], 1)).astype(np.int16)
         p = os.path.join(folder, f"big{i}.jpg")
@@ -144,9 +145,9 @@ def bench_loading(args, tmp):
 def demo_tensors(n, size=224, seed=0):
     """n painting-like images (data.py's synthetic painter) as a normalised (n, 3, S, S) batch."""
     rng = np.random.default_rng(seed)
-    hands, tf = data.demo_artists(rng), nets.make_transform(size)
-    ims = [data.demo_painting(data.DEMO_STYLES[i % 6], data.DEMO_GENRES[i % 4], hands[i % 6],
-                              rng, short=size) for i in range(n)]
+    hands, tf = painter.demo_artists(rng), nets.make_transform(size)
+    ims = [painter.demo_painting(painter.DEMO_STYLES[i % 6], painter.DEMO_GENRES[i % 4],
+                                 hands[i % 6], rng, short=size) for i in range(n)]
     return torch.stack([tf(im) for im in ims])
 
 

@@ -80,6 +80,7 @@ import files
 import metrics
 import nets
 import pages
+import wikiart
 
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 DEFAULT_DATA = os.path.join("demo", "manifest.csv")
@@ -266,7 +267,7 @@ def class_lists(rows, tasks, path):
 def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=False):
     """Rows of a manifest with a split column; labels checked against the class lists."""
     rows = split_hygiene(files.read_manifest(manifest, ("path", "split")), manifest, drop_leaks)
-    have = [t for t in data.TASKS if any(r.get(t) for r in rows)]
+    have = [t for t in wikiart.TASKS if any(r.get(t) for r in rows)]
     tasks = have if tasks is None else tasks
     missing = [t for t in tasks if t not in have]
     if missing:
@@ -319,9 +320,9 @@ def train_tasks(text):
     if not text:
         return None
     tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in data.TASKS]
+    unknown = [t for t in tasks if t not in wikiart.TASKS]
     if unknown or not tasks:
-        raise UserError(f"--tasks {text!r}: expected a comma list of {', '.join(data.TASKS)}")
+        raise UserError(f"--tasks {text!r}: expected a comma list of {', '.join(wikiart.TASKS)}")
     return list(dict.fromkeys(tasks))
 
 
@@ -397,17 +398,17 @@ def announce_splits(table, manifest):
 
 
 def warn_small(table):
-    """One warning per task naming the classes with 1 to data.SMALL_CLASS - 1 train images."""
+    """One warning per task naming the classes with 1 to wikiart.SMALL_CLASS - 1 train images."""
     for j, t in enumerate(table.tasks):
         counts = class_counts(table.y[table.split == "train", j], len(table.classes[t]))
         small = [f"{table.classes[t][c]} ({counts[c]})" for c in np.argsort(counts, kind="stable")
-                 if 0 < counts[c] < data.SMALL_CLASS]
+                 if 0 < counts[c] < wikiart.SMALL_CLASS]
         if small:
             print(f"warning: {t}: {len(small)} class{'es have' if len(small) > 1 else ' has'} "
-                  f"fewer than {data.SMALL_CLASS} train images, too few to learn: "
+                  f"fewer than {wikiart.SMALL_CLASS} train images, too few to learn: "
                   f"{', '.join(small)}; kept, trained on and "
                   "counted in macro-F1 like any class (data.py leaves such classes out of a "
-                  f"subset unless --min-per-class is under {data.SMALL_CLASS})")
+                  f"subset unless --min-per-class is under {wikiart.SMALL_CLASS})")
 
 
 def epoch_seed(seed, epoch):
@@ -941,7 +942,7 @@ def collapse(rep):
 
 def collapse_warning(task, col, names, split, balance):
     """The guard's one line: which classes, how often, and what to try."""
-    how, small = balance_name(balance), data.SMALL_CLASS
+    how, small = balance_name(balance), wikiart.SMALL_CLASS
     fix = (f"train longer or from --weights imagenet, and leave classes with too few train "
            f"images out of the subset (data.py --min-per-class {small})")
     if how == DEFAULT_BALANCE:

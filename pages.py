@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import data
 import files
+import poses
 
 THUMB = 160  # px, the longer side of a thumbnail on a contact sheet
 GREY = (200, 200, 200)  # stands in for an image that no longer decodes
@@ -189,7 +190,7 @@ FIGURE_COLOURS = [(255, 64, 64), (64, 200, 255), (255, 220, 0), (190, 90, 255), 
 
 
 def draw_figures(im, figures, scale=1.0, min_conf=0.5, width=None):
-    """A copy of im with each figure's skeleton over it: COCO's limbs (data.SKELETON) between
+    """A copy of im with each figure's skeleton over it: COCO's limbs (poses.SKELETON) between
     joints that both show (confidence >= min_conf), a dot per joint, a colour per figure.
     figures: [{"keypoints": (17, 3)}, ...] or (17, 3) arrays, in the original image's pixels;
     scale: thumbnail px per original px (one number, or (sx, sy))."""
@@ -202,7 +203,7 @@ def draw_figures(im, figures, scale=1.0, min_conf=0.5, width=None):
         xy, there = k[:, :2] * [sx, sy], k[:, 2] >= min_conf
         colour = FIGURE_COLOURS[n % len(FIGURE_COLOURS)]
         for fill, w in (((30, 30, 30), width + 2), (colour, width)):  # rim, then colour
-            for a, b in data.SKELETON:
+            for a, b in poses.SKELETON:
                 if there[a] and there[b]:
                     draw.line([tuple(xy[a]), tuple(xy[b])], fill=fill, width=w)
         r = width * 0.9

@@ -47,11 +47,15 @@ import aspects
 import bench
 import crnn
 import data
+import fetch
 import files
 import metrics
 import nets
 import pages
+import painter
+import poses
 import retrieve
+import wikiart
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1231,10 +1235,10 @@ def test_data_undecodable_path_bytes_print_on_a_strict_stdout():
 
 
 def test_data_retry_after_and_iiif_size():
-    assert data.retry_after("7") == 7.0
-    assert data.retry_after(None) is None
+    assert fetch.retry_after("7") == 7.0
+    assert fetch.retry_after(None) is None
     later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
-    assert 25 <= data.retry_after(later) <= 31
+    assert 25 <= fetch.retry_after(later) <= 31
     url = "https://api.nga.gov/iiif/x/full/!512,512/0/default.jpg"
     assert data.resize_iiif(url, 256) == "https://api.nga.gov/iiif/x/full/!256,256/0/default.jpg"
 
@@ -1373,7 +1377,7 @@ def test_data_resize_and_download_stop_on_a_full_disk(tmp_path, server, monkeypa
     assert re.search(r"while writing .*cache/\d\.jpg$", str(e.value.code)), e.value.code
     assert not [f for f in os.listdir(tmp_path / "cache") if f.endswith(".part")]
     monkeypatch.setattr(Image.Image, "save", real_save)  # the test server draws JPEGs
-    monkeypatch.setattr(data, "stream", enospc)
+    monkeypatch.setattr(fetch, "stream", enospc)
     with pytest.raises(SystemExit) as e:
         data.main(["download", "--manifest", str(tmp_path / "m.csv"), "--root",
                    str(tmp_path / "img"), "--size", "0", "--workers", "1", "--retries", "3",
@@ -1626,7 +1630,7 @@ def test_data_split_artist_no_painter_in_two_splits(tmp_path, capsys):
     assert "split artist: 5 artists" in capsys.readouterr().out
     splits = {}
     for r in files.read_csv(tmp_path / "o" / "manifest.csv"):
-        splits.setdefault(data.artist_of(r["path"]), set()).add(r["split"])
+        splits.setdefault(wikiart.artist_of(r["path"]), set()).add(r["split"])
     assert all(len(s) == 1 for s in splits.values()) and len(splits) == 5
     assert {"train", "test"} <= set().union(*splits.values())
     with pytest.raises(SystemExit, match="--test-frac \\+ --dev-frac must be < 1"):
@@ -1656,7 +1660,7 @@ def test_data_demo_formats(tmp_path, capsys):
 def test_data_demo_again_gives_the_same_data(tmp_path, capsys):
     """The quick start's line run twice: the same files, byte for byte, not a shifted stream."""
     def files(root):
-        return {p: (root / p).read_bytes() for p in data.scan_files(root)}
+        return {p: (root / p).read_bytes() for p in painter.scan_files(root)}
     data.main(["demo", "--out", str(tmp_path / "a"), "--n", "24"])
     first = files(tmp_path / "a")
     os.remove(tmp_path / "a" / sorted(p for p in first if p.startswith("images"))[3])
@@ -1668,17 +1672,17 @@ def test_data_demo_again_gives_the_same_data(tmp_path, capsys):
 
 def test_data_demo_long_tail(tmp_path, capsys):
     # 360 over 6 styles at 100:1: shares 100^(-c/5) -> 217.6 86.6 34.5 13.7 5.5 2.2, rounded
-    assert data.demo_tail_sizes(360, 100).tolist() == [218, 87, 34, 14, 5, 2]
-    assert data.demo_tail_sizes(120, 100).tolist() == [72, 29, 11, 4, 2, 2]
-    assert data.demo_tail_sizes(60, 1).tolist() == [10] * 6
+    assert painter.demo_tail_sizes(360, 100).tolist() == [218, 87, 34, 14, 5, 2]
+    assert painter.demo_tail_sizes(120, 100).tolist() == [72, 29, 11, 4, 2, 2]
+    assert painter.demo_tail_sizes(60, 1).tolist() == [10] * 6
     out = tmp_path / "tail"
     data.main(["demo", "--out", str(out), "--n", "120", "--tail", "100"])
     log = capsys.readouterr().out
-    true = Counter(p.split("/")[0] for p in data.scan_files(out / "images"))  # folder = style
+    true = Counter(p.split("/")[0] for p in painter.scan_files(out / "images"))  # folder = style
     assert sorted(true.values(), reverse=True) == [72, 29, 11, 4, 2, 2]
     listed = Counter(r["style"] for r in files.read_csv(out / "manifest.csv"))
     assert sum(abs(listed[c] - true[c]) for c in true) <= 2 * (120 // 40)  # the label noise
-    small = sorted(c for c, n in listed.items() if n < data.SMALL_CLASS)
+    small = sorted(c for c, n in listed.items() if n < wikiart.SMALL_CLASS)
     assert len(small) >= 2 and "warning: " in log and all(c in log for c in small)
     with pytest.raises(SystemExit, match="at least 6 images"):
         data.main(["demo", "--out", str(out), "--n", "5", "--tail", "100"])
@@ -1689,18 +1693,18 @@ def test_data_demo_long_tail(tmp_path, capsys):
 
 def test_data_poses_round_trip_and_the_list_form(tmp_path):
     rng = np.random.default_rng(0)
-    k = data.demo_pose(rng, "walking", hide=(9,))
+    k = painter.demo_pose(rng, "walking", hide=(9,))
     k[:, :2] = k[:, :2] * 30 + 100
     k[3, 2] = 0.5  # labelled but hidden: COCO's v 1
-    poses = {"a/b.jpg": [{"box": np.array([10, 20, 50, 90], np.float32), "keypoints": k,
-                          "score": 0.9}], "c.png": []}
-    data.write_poses(tmp_path / "poses.json", poses)
+    by_path = {"a/b.jpg": [{"box": np.array([10, 20, 50, 90], np.float32), "keypoints": k,
+                            "score": 0.9}], "c.png": []}
+    poses.write_poses(tmp_path / "poses.json", by_path)
     doc = json.loads((tmp_path / "poses.json").read_text())
     assert doc["categories"][0]["skeleton"][0] == [16, 14]  # COCO counts joints from 1
     ann = doc["annotations"][0]
     assert ann["keypoints"][9:12] == [round(float(k[3, 0]), 2), round(float(k[3, 1]), 2), 1]
     assert ann["keypoints"][27:30] == [0, 0, 0] and ann["bbox"] == [10, 20, 40, 70]
-    back = data.read_poses(tmp_path / "poses.json")
+    back = poses.read_poses(tmp_path / "poses.json")
     assert sorted(back) == ["a/b.jpg", "c.png"] and back["c.png"] == []
     f, shown = back["a/b.jpg"][0], k[:, 2] > 0
     assert f["keypoints"][:, 2].tolist() == k[:, 2].tolist() and f["score"] == pytest.approx(0.9)
@@ -1711,7 +1715,7 @@ def test_data_poses_round_trip_and_the_list_form(tmp_path):
                "keypoint_scores": [0.9] * 17},
               {"path": "x/y.jpg", "keypoints": [[1, 2, 2]] * 17}]
     (tmp_path / "list.json").write_text(json.dumps(listed))
-    figures = data.read_poses(tmp_path / "list.json")["x/y.jpg"]
+    figures = poses.read_poses(tmp_path / "list.json")["x/y.jpg"]
     assert len(figures) == 2 and figures[0]["keypoints"][:, 2] == pytest.approx([0.9] * 17)
     assert figures[1]["box"].tolist() == [1, 2, 1, 2] and figures[1]["score"] == 1
 
@@ -1733,17 +1737,17 @@ def test_data_poses_round_trip_and_the_list_form(tmp_path):
 def test_data_poses_malformed_is_one_line(tmp_path, doc, msg):
     (tmp_path / "p.json").write_text(doc)
     with pytest.raises(files.UserError, match=msg) as e:
-        data.read_poses(tmp_path / "p.json")
+        poses.read_poses(tmp_path / "p.json")
     assert "\n" not in str(e.value) and str(tmp_path / "p.json") in str(e.value)
     with pytest.raises(files.UserError, match="poses file not found"):
-        data.read_poses(tmp_path / "none.json")
+        poses.read_poses(tmp_path / "none.json")
 
 
 def test_data_demo_figures_are_painted_where_their_joints_are():
     rng, counts = np.random.default_rng(4), Counter()
     for _ in range(30):
         im = Image.new("RGB", (160, 120), (200, 190, 170))
-        figures = data.demo_figures(im, rng)
+        figures = painter.demo_figures(im, rng)
         counts[len(figures)] += 1
         a = np.asarray(im, np.int64)
         for f in figures:
@@ -1752,18 +1756,18 @@ def test_data_demo_figures_are_painted_where_their_joints_are():
             shown = k[k[:, 2] > 0, :2]
             assert (shown >= 0).all() and (shown < [160, 120]).all()  # inside the image
             assert f["box"].tolist() == pytest.approx([*shown.min(0), *shown.max(0)], abs=1e-4)
-            for j, jj in data.SKELETON:  # a shown limb's middle is painted (dark here, +-2 px:
+            for j, jj in poses.SKELETON:  # a shown limb's middle is painted (dark here, +-2 px:
                 if j >= 5 and k[j, 2] and k[jj, 2]:  # PIL's thinnest lines sit off centre)
                     x, y = ((k[j, :2] + k[jj, :2]) / 2).round().astype(int)
                     assert a[y - 2:y + 3, x - 2:x + 3].sum(-1).min() < 3 * 100
     assert set(counts) == {0, 1, 2}
-    poses = {f: data.demo_pose(np.random.default_rng(1), f, mirror=False, hide=())
-             for f in data.POSE_FAMILIES}
-    wrist_up = {f: p[9, 1] < p[5, 1] for f, p in poses.items()}  # left wrist above shoulder
+    by_family = {f: painter.demo_pose(np.random.default_rng(1), f, mirror=False, hide=())
+                 for f in painter.POSE_FAMILIES}
+    wrist_up = {f: p[9, 1] < p[5, 1] for f, p in by_family.items()}  # left wrist above shoulder
     assert wrist_up["arms_raised"] and not wrist_up["standing"]
-    flipped = data.demo_pose(np.random.default_rng(1), "pointing", mirror=True, hide=())
-    assert flipped[10, 0] == pytest.approx(-poses["pointing"][9, 0])  # the left arm, now right
-    hidden = data.demo_pose(np.random.default_rng(1), "standing", hide=(13, 15))
+    flipped = painter.demo_pose(np.random.default_rng(1), "pointing", mirror=True, hide=())
+    assert flipped[10, 0] == pytest.approx(-by_family["pointing"][9, 0])  # the left arm, now right
+    hidden = painter.demo_pose(np.random.default_rng(1), "standing", hide=(13, 15))
     assert hidden[[13, 15], 2].tolist() == [0, 0] and hidden[14, 2] == 1
 
 
@@ -2196,7 +2200,7 @@ def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, 
     log, m, report = got["loss"]
     col = m["collapse"]
     assert col and col["predicted"] > 0.9 and col["true"] < 0.2
-    assert all(n_train[names[c]] < data.SMALL_CLASS for c in col["classes"])
+    assert all(n_train[names[c]] < wikiart.SMALL_CLASS for c in col["classes"])
     line = f"warning: style: {col['predicted']:.0%} of the val images are called " \
         + " or ".join(names[c] for c in col["classes"])
     assert line in report and "--balance loss pushes the model toward rare classes" in report
@@ -2207,7 +2211,7 @@ def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, 
     least = min(n_train.values())
     assert all(c["predicted"] <= m["n"] / 2 for c in m["per_class"] if n_train[c["name"]] == least)
     # what training says at its start: the small classes by name, what selection averages
-    small = sorted((n, c) for c, n in n_train.items() if n < data.SMALL_CLASS)
+    small = sorted((n, c) for c, n in n_train.items() if n < wikiart.SMALL_CLASS)
     assert "warning: style: " in log and f"{small[0][1]} ({small[0][0]})" in log
     assert "each averaged over all the task's classes (style 6, artist 6, genre 4)" in log
     assert "val baselines (macro-F1): style majority class " in log
@@ -2872,15 +2876,15 @@ def pose_gallery(rng, n_images):
     for i in range(n_images):
         for j in range(int(rng.integers(1, 3))):
             at = (60 + 150 * j + rng.uniform(-20, 20), rng.uniform(80, 120))
-            figs.append(posed(data.demo_pose(rng), rng.uniform(20, 40), shift=at))
+            figs.append(posed(painter.demo_pose(rng), rng.uniform(20, 40), shift=at))
             img.append(i)
     return np.stack(figs), np.array(img)
 
 
 def test_aspects_pose_copy_translated_scaled_mirrored_is_nearest():
     rng = np.random.default_rng(0)
-    G = np.stack([posed(data.demo_pose(rng, f, mirror=False), 30, shift=(200, 150))
-                  for f in data.POSE_FAMILIES for _ in range(40)])
+    G = np.stack([posed(painter.demo_pose(rng, f, mirror=False), 30, shift=(200, 150))
+                  for f in painter.POSE_FAMILIES for _ in range(40)])
     src = G[5 * 40]  # pointing: one arm out, so its mirror image is another pose
     copy = posed(src, 2.5, shift=(-400, 90))
     assert aspects.pose_similarity(copy, src[None])[0] == pytest.approx(1.0)
@@ -2900,10 +2904,10 @@ def test_aspects_masked_joints_do_not_pull_unrelated_poses_together():
     legs = [13, 14, 15, 16]
     for seed in range(12):
         rng = np.random.default_rng(seed)
-        family = data.POSE_FAMILIES[seed % 6]
-        own = data.demo_pose(rng, family, mirror=False, hide=())
-        others = [f for f in data.POSE_FAMILIES if f != family]
-        G = np.stack([own] + [data.demo_pose(rng, others[i % 5], mirror=False, hide=legs)
+        family = painter.POSE_FAMILIES[seed % 6]
+        own = painter.demo_pose(rng, family, mirror=False, hide=())
+        others = [f for f in painter.POSE_FAMILIES if f != family]
+        G = np.stack([own] + [painter.demo_pose(rng, others[i % 5], mirror=False, hide=legs)
                               for i in range(50)])
         q = posed(own, 1.3, shift=(5, 5))
         q[legs, 2] = 0
@@ -2918,7 +2922,7 @@ def test_aspects_masked_joints_do_not_pull_unrelated_poses_together():
 
 def test_aspects_verify_recovers_a_similarity_transform():
     rng = np.random.default_rng(3)
-    q = posed(data.demo_pose(rng, "pointing", mirror=False, hide=()), 40, shift=(100, 120))
+    q = posed(painter.demo_pose(rng, "pointing", mirror=False, hide=()), 40, shift=(100, 120))
     for mirror in (False, True):
         c = posed(q, 1.7, 15, (30, -20), mirror=mirror)
         c[..., :2] += rng.normal(0, 0.5, (17, 2))  # px
@@ -2935,9 +2939,9 @@ def test_aspects_verify_recovers_a_similarity_transform():
         assert np.abs(aspects.transform_points(T[0], q[:, :2])[on] - own[on, :2]).max() < 3
         if mirror:  # not allowed to flip: no transform fits as well
             assert aspects.verify(q[None], [c[None]], mirror=False)[0][0] < score[0] - 0.3
-    two = np.stack([q, posed(data.demo_pose(rng, "sitting", hide=()), 30, shift=(300, 90))])
+    two = np.stack([q, posed(painter.demo_pose(rng, "sitting", hide=()), 30, shift=(300, 90))])
     c = posed(two, 0.8, -10, (-50, 40))
-    decoy = posed(data.demo_pose(rng, "arms_raised", hide=()), 25, shift=(0, 100))
+    decoy = posed(painter.demo_pose(rng, "arms_raised", hide=()), 25, shift=(0, 100))
     score, T = aspects.verify(two, [np.concatenate([decoy[None], c[::-1]])])
     assert score[0] == pytest.approx(1.0) and T[0, :2] == pytest.approx([0.8, -10])
     assert aspects.verify(two, [c[:1]])[0][0] == pytest.approx(0.5, abs=0.05)  # one of two
