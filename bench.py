@@ -44,6 +44,7 @@ from PIL import Image
 import crnn
 import data
 import files
+import index as faiss_index  # index.py (`index` names a FAISS index here)
 import nets
 import painter
 import retrieve
@@ -480,7 +481,7 @@ TINY_SEARCH = ("faiss flat (exact)", "hnsw M32 efSearch 64")  # d=256: no pca 25
 
 
 def set_knobs(index, knobs):
-    inner = retrieve.inner(index)
+    inner = faiss_index.inner(index)
     for name, v in knobs.items():
         target = inner.hnsw if name == "efSearch" else inner
         setattr(target, name, v)

@@ -49,6 +49,7 @@ import crnn
 import data
 import fetch
 import files
+import index as faiss_index  # index.py (`index` names a FAISS index here)
 import metrics
 import nets
 import pages
@@ -3174,7 +3175,7 @@ def test_retrieve_gpu_copy_answers_as_the_cpu_index(emulated_gpu, capsys, flags)
     xb, xq = clustered(3000, 64, 1), clustered(50, 64, 2)
     icfg, index = retrieve.index_from_vectors(xb, index_args(*flags))
     on_gpu = retrieve.to_search_device(index, icfg, torch.device("cuda"))
-    assert isinstance(on_gpu, retrieve.OnGpu) and len(emulated_gpu) == 1
+    assert isinstance(on_gpu, faiss_index.OnGpu) and len(emulated_gpu) == 1
     assert not isinstance(emulated_gpu[0][0], faiss.IndexPreTransform)  # the inner index only
     for k in (10, 2500):  # 2500 > GPU_MAX: answered by the CPU index, with a note
         (D, I), (Dc, Ic) = on_gpu.search(xq, k), index.search(xq, k)
@@ -3200,7 +3201,7 @@ def test_retrieve_gpu_index_on_the_device_gpu_only(emulated_gpu, built, monkeypa
         args = parse(["--query", "x.jpg", "--index", str(built), *flags])
         dev = torch.device(args.device)
         on_gpu = retrieve.open_for_search(args, dev)[3]
-        assert isinstance(on_gpu, retrieve.OnGpu) and emulated_gpu[-1][1] == want, flags
+        assert isinstance(on_gpu, faiss_index.OnGpu) and emulated_gpu[-1][1] == want, flags
     assert [d for _, d in emulated_gpu] == [1, 0, "all"] and device == torch.device("cuda", 1)
     out = capsys.readouterr().out
     assert "index on GPU 1" in out and "index on all 2 GPUs" in out
@@ -3219,7 +3220,7 @@ def test_retrieve_gpu_copy_failure_stays_on_the_cpu(emulated_gpu, monkeypatch, c
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
     icfg, index = retrieve.index_from_vectors(clustered(400, 16, 1), index_args(
         "--index-type", "ivf-flat", "--nlist", "8"))
-    retrieve.inner(index).nprobe = 3000
+    faiss_index.inner(index).nprobe = 3000
     assert retrieve.to_search_device(index, icfg, torch.device("cuda")) is index
     assert "--nprobe 3000 > 2048" in capsys.readouterr().out
 
@@ -3715,7 +3716,7 @@ def test_retrieve_old_layout_opens_and_moves_into_a_generation(demo, small_build
     index = tmp_path / "old"
     shutil.copytree(folders[0], index)
     gen = retrieve.generation(index)
-    for f in retrieve.FILES:
+    for f in faiss_index.FILES:
         os.replace(os.path.join(gen, f), index / f)
     os.rmdir(gen)
     os.remove(index / "CURRENT")
@@ -3728,7 +3729,7 @@ def test_retrieve_old_layout_opens_and_moves_into_a_generation(demo, small_build
     retrieve.main(["--add", "--manifest", str(demo / "gallery.csv"), "--index", str(index),
                    "--workers", "0"])
     assert (index / "CURRENT").read_text().strip() == "gen-1"
-    assert not any((index / f).exists() for f in retrieve.FILES)
+    assert not any((index / f).exists() for f in faiss_index.FILES)
     assert retrieve.open_index(index)[0]["n"] == 120
 
 
