@@ -43,6 +43,7 @@ from PIL import Image
 
 import crnn
 import data
+import embed
 import files
 import index as faiss_index  # index.py (`index` names a FAISS index here)
 import nets
@@ -189,11 +190,11 @@ def embed_ways(x, device, batch=32, rounds=2):
         ([(f"{low} weights", low, None)] if low != "fp32" else [])
     for way, precision, dtype in ways:
         with quiet():
-            model = retrieve.load_model(embed_config(precision), device)
+            model = embed.load_model(embed_config(precision), device)
 
         def run_ours(model=model, dtype=dtype):
             with nets.autocast(device, dtype):
-                return np.concatenate([retrieve.forward(model, x[i:i + batch], device)
+                return np.concatenate([embed.forward(model, x[i:i + batch], device)
                                        for i in range(0, len(x), batch)])
         runs[way] = run_ours
     out = {way: fn() for way, fn in runs.items()}  # warm-up: oneDNN primitives, allocator
@@ -308,10 +309,10 @@ def pipeline_rows(args, tmp, device):
     with quiet():
         data.main(["resize", "--manifest", os.path.join(tmp, "orig500.csv"), "--root", src,
                    "--out", cache, "--size", "256"])
-        model = retrieve.load_model(embed_config(nets.inference_precision(device)[0], "grid"),
+        model = embed.load_model(embed_config(nets.inference_precision(device)[0], "grid"),
                                     device)
     x = demo_tensors(128 if device.type == "cuda" else 32)  # a GPU: more than one batch
-    r_model = rate(lambda: retrieve.forward(model, x, device), len(x))[0]
+    r_model = rate(lambda: embed.forward(model, x, device), len(x))[0]
     rows, workers = [], retrieve.build_parser().get_default("workers")
     for name, root, target in (("256 px cache", cache, 0.85), ("500 px originals", src, 0.75)):
         warm, first, whole = max(loop_rates(model, paths, root, device, workers, tmp)
@@ -326,28 +327,28 @@ def pipeline_rows(args, tmp, device):
 
 def loop_rates(model, paths, root, device, workers, tmp, batch=32):
     """(img/s after the first batch, the first batch's seconds, img/s of the whole loop) of
-    retrieve.embed_to_npy, timed batch by batch at its calls of retrieve.forward."""
+    embed.embed_to_npy, timed batch by batch at its calls of embed.forward."""
     cfg = {**embed_config("fp32", "grid"), "dim": real_dim(model, device)}
-    stamps, real = [time.perf_counter()], retrieve.forward
+    stamps, real = [time.perf_counter()], embed.forward
 
     def stamped(*a):
         out = real(*a)
         stamps.append(time.perf_counter())
         return out
     args = argparse.Namespace(batch_size=batch, workers=workers)
-    retrieve.forward = stamped
+    embed.forward = stamped
     try:
         with quiet():
-            retrieve.embed_to_npy(model, paths, root, cfg, args, device,
+            embed.embed_to_npy(model, paths, root, cfg, args, device,
                                   os.path.join(tmp, "loop.npy"))
     finally:
-        retrieve.forward = real
+        embed.forward = real
     d = np.diff(stamps)
     return float(batch * (len(d) - 1) / d[1:].sum()), float(d[0]), float(len(paths) / d.sum())
 
 
 def real_dim(model, device):
-    return retrieve.forward(model, torch.zeros(1, 3, 224, 224), device).shape[1]
+    return embed.forward(model, torch.zeros(1, 3, 224, 224), device).shape[1]
 
 
 def bench_device(args):
@@ -667,7 +668,7 @@ def write_shards(folder, n, d, shards, tmp):
     own functions (write_plan, write_shard), as --train-only and --build --shard would."""
     args = retrieve.build_parser().parse_args(["--build", "--weights", "none",
                                                "--index-type", "ivfpq"])
-    cfg = {**retrieve.model_config(args), "dim": d, "metric": "inner_product", "index_dim": d,
+    cfg = {**embed.model_config(args), "dim": d, "metric": "inner_product", "index_dim": d,
            "index_params": retrieve.index_params("ivfpq", d, n, args), "images": "synthetic",
            "manifest": None, "seed": 0, "precision": "fp32"}
     rows = [{"path": f"{i:08d}.jpg"} for i in range(n)]

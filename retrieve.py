@@ -49,39 +49,39 @@ Non-image files in a folder are skipped and counted; unreadable images are liste
 import argparse
 import contextlib
 import hashlib
-import io
 import json
-import math
 import os
 import re
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageEnhance
 from torch import nn
 
-import crnn
 import files
 import metrics
 import nets
 import pages
+from embed import (
+    MODEL_DEFAULTS,
+    check_same_model,
+    embed_collection,
+    embed_pils,
+    embed_to_npy,
+    load_model,
+    model_config,
+    read_collection,
+)
 from files import UserError, one_line
 from index import (
     CHUNK,
-    FORMAT,
     INDEX_DEFAULTS,
     TRAIN_MAX,
-    VERSION,
     IndexWriter,
     add_rows,
     check_pca,
-    compact_rows,
     copy_rows,
     drop_self,
     fingerprint,
@@ -103,291 +103,20 @@ from index import (
     write_faiss,
     write_generation,
 )
+from retrieve_eval import (
+    EVAL_NOTE,
+    copy_failures,
+    eval_copies,
+    eval_labels,
+    eval_table,
+    format_eval,
+)
 
 # FAISS names (index.py): xb database vectors, xq query vectors, D scores, I ids (row numbers of
 # embeddings.npy and meta.csv, -1 where an approximate index found fewer than k).
 
 DEFAULT_IMAGES, DEFAULT_MANIFEST, DEFAULT_INDEX = "demo/images", "demo/gallery.csv", "demo/index"
-# These flags default to None so that a value the user typed can be told from the default: at
-# --query/--query-id/--add/--eval, a typed value that differs from config.json is refused.
-MODEL_DEFAULTS = {"backbone": "resnet50", "weights": "imagenet", "ckpt": None, "img_size": 224,
-                  "pool": "grid", "grid": 2, "index_type": INDEX_DEFAULTS["index_type"],
-                  "pca": None}
-LABEL_COLUMNS = ("style", "artist", "genre", "attribution")
 EVAL_MAX = 2000  # self and label protocols: a seeded sample of queries beyond this (SE ~0.01)
-
-
-# ----------------------------------------------------------------------------- model
-
-class Embedder(nn.Module):
-    """CNN trunk + pooling -> (B, dim) unit vectors.
-
-    avg: global mean; gem: generalised mean, p=3 (Radenovic et al. 2018), stresses strong
-    activations; grid: mean over G x G cells, each cell a unit vector, cells kept in place
-    (dim = C * G * G): layout, i.e. composition and pose, stays in the vector."""
-
-    def __init__(self, body, pool="grid", grid=2, dtype=torch.float32):
-        super().__init__()
-        self.body, self.pool, self.grid, self.dtype = body, pool, grid, dtype
-
-    def forward(self, x):
-        f = self.body(x.to(self.dtype)).float()  # pool in fp32: GeM's cube overflows fp16
-        if self.pool == "avg":
-            z = f.mean((2, 3))
-        elif self.pool == "gem":
-            z = f.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1 / 3)
-        else:
-            g = F.adaptive_avg_pool2d(f, self.grid).permute(0, 2, 3, 1)  # (B, G, G, C)
-            z = F.normalize(g, dim=3).flatten(1)
-        return F.normalize(z, dim=1)
-
-
-class CkptEmbedder(nn.Module):
-    """A crnn.py model's embed() (attention-pooled RNN states: learned style), unit length."""
-
-    def __init__(self, model, precision="fp32"):
-        super().__init__()
-        self.model = crnn.Inference(model, precision)
-
-    def forward(self, x):
-        return F.normalize(self.model.embed(x).float(), dim=1)
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_model(cfg, device, why="as the index was built"):
-    """The embedder that cfg describes, on device, eval mode, its backbone in cfg["precision"]
-    (BN folded, channels_last; pooling and normalisation in fp32); fills cfg["dim"] when
-    unset."""
-    precision = cfg["precision"]
-    nets.say_precision(precision, why)
-    if cfg["ckpt"]:
-        model = CkptEmbedder(crnn.load_checkpoint(cfg["ckpt"])[0], precision)
-    else:
-        trunk = nets.backbone(cfg["backbone"], cfg["weights"], cfg["init_seed"])[0]
-        body = nets.for_inference(trunk, precision)
-        model = Embedder(body, cfg["pool"], cfg["grid"], nets.PRECISIONS[precision])
-    model = model.eval().to(device, memory_format=torch.channels_last)
-    with torch.inference_mode():
-        dim = model(torch.zeros(1, 3, cfg["img_size"], cfg["img_size"], device=device)).shape[1]
-    if cfg.get("dim") not in (None, dim):
-        raise UserError(f"the model gives {dim}-d embeddings, the index holds {cfg['dim']}-d")
-    cfg["dim"] = int(dim)
-    return model
-
-
-def forward(model, x, device):
-    """(B, 3, S, S) batch -> (B, dim) float32 numpy unit vectors."""
-    x = x.to(device, non_blocking=device.type == "cuda")  # not on MPS: see crnn.to_device
-    x = x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        z = model(x)
-    return F.normalize(z.float(), dim=1).cpu().numpy()
-
-
-def embed_pils(model, images, cfg, args, device):
-    """PIL images -> (len, dim) float32, batched."""
-    tf, out = nets.make_transform(cfg["img_size"]), []
-    for i in range(0, len(images), args.batch_size):
-        x = torch.stack([tf(im) for im in images[i:i + args.batch_size]])
-        out.append(forward(model, x, device))
-    return np.concatenate(out)
-
-
-# ----------------------------------------------------------------------------- embeddings file
-
-def embed_to_npy(model, paths, root, cfg, args, device, out_path):
-    """Embed root/paths into a (n_good, dim) .npy written batch by batch; returns (good ids,
-    {id: why} for the others).
-
-    Rows stream into a memory-mapped file (never all in RAM) at their own positions, whatever
-    order the batches come in; unreadable images are left out and the file compacted, so row j
-    of out_path is paths[good[j]], good ascending."""
-    tmp = out_path + ".tmp.npy"
-    xb = files.open_memmap(tmp, np.float32, (len(paths), cfg["dim"]))
-    ok, bad, prog = np.zeros(len(paths), bool), {}, files.Progress(len(paths), "embed")
-    on_device, where = device.type == "cuda" and nets.can_decode_jpegs(), Counter()
-    for x, idx, failed in image_batches(paths, root, cfg["img_size"], args, device,
-                                        decode_on_device=on_device):
-        bad.update(failed)
-        if x is not None:  # None: every image of the batch failed to decode
-            xb[idx.numpy()] = forward(model, x, device)
-            ok[idx.numpy()] = True
-            where[x.device.type] += len(idx)  # decoded on the device, or by PIL on the host
-        prog.update(len(failed) + (0 if x is None else len(idx)),
-                    f"{len(bad)} unreadable" if bad else "")
-    if on_device:
-        print(f"decoded: {where[device.type]} JPEGs on {device.type} (nvJPEG), "
-              f"{where['cpu']} images with PIL")
-    xb.flush()
-    del xb
-    good = np.flatnonzero(ok)
-    try:
-        if len(good):
-            compact_rows(out_path, tmp, good)
-    finally:  # a full disk too: no temp file left (in INDEX/slices nothing else removes it)
-        os.remove(tmp)
-    return good.tolist(), bad
-
-
-def image_batches(paths, root, size, args, device, decode_on_device=False):
-    """(x, idx, failed) batches over root/paths, decoded in DataLoader worker processes while
-    the model runs (PIL, JPEG draft mode), pinned for a fast copy to a GPU. decode_on_device:
-    JPEG files go to the device as bytes and decode there in batches (nets.decode_jpegs); the
-    rest, and any it cannot decode, take the PIL way after them. idx index into paths."""
-    rest = np.arange(len(paths))
-    if decode_on_device:
-        jpegs = np.array([i for i, p in enumerate(paths)
-                          if p.lower().endswith((".jpg", ".jpeg"))], np.int64)
-        retry = []
-        for blobs, idx, failed in loader_over(files.FileBytes([paths[i] for i in jpegs], root),
-                                              files.collate_bytes, args, device):
-            retry += [int(jpegs[i]) for i, _ in failed]
-            if blobs is not None:
-                try:
-                    yield nets.decode_jpegs(blobs, size, device), torch.from_numpy(
-                        jpegs[idx.numpy()]), []
-                except RuntimeError:  # a JPEG nvJPEG refuses (CMYK, lossless): PIL's turn
-                    retry += jpegs[idx.numpy()].tolist()
-        rest = np.sort(np.concatenate([np.setdiff1d(rest, jpegs), retry]).astype(np.int64))
-    ds = files.ImageDataset([paths[i] for i in rest], root, nets.make_transform(size), size=size)
-    for x, idx, failed in loader_over(ds, files.collate_skip, args, device):
-        yield x, None if idx is None else torch.from_numpy(rest[idx.numpy()]), \
-            [(int(rest[i]), why) for i, why in failed]
-
-
-def loader_over(ds, collate, args, device):
-    """Batches of ds in order, args.workers processes decoding ahead (4 batches each)."""
-    kw = {"prefetch_factor": 4} if args.workers else {}
-    return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers,
-                                       collate_fn=collate, pin_memory=device.type == "cuda", **kw)
-
-
-# ----------------------------------------------------------------------------- collection
-
-def scan_images(root, skip_dir=None):
-    """Sorted relative paths of the images under root, a folder (not under skip_dir) or a zip;
-    other files count."""
-    paths, others = [], 0
-    for rel in files.image_source(root).members(skip_dir):
-        name = rel.rsplit("/", 1)[-1]
-        if name.lower().endswith(files.IMAGE_EXTS) and not name.startswith("."):
-            paths.append(rel)
-        else:
-            others += 1
-    return paths, others
-
-
-def read_collection(root, manifest, index_dir):
-    """(header, rows) of the images to index: the manifest's rows, or a scan of root."""
-    files.image_source(root)  # a folder or a zip, there and readable: else one line here
-    if manifest:
-        rows = files.read_manifest(manifest)
-        first = {}
-        for r in rows:
-            first.setdefault(r["path"], r)
-        uniq = list(first.values())
-        if len(uniq) < len(rows):
-            print(f"note: {len(rows) - len(uniq)} repeated paths in {manifest} indexed once")
-        return list(rows[0]), uniq
-    paths, others = scan_images(root, index_dir)
-    if others:
-        print(f"skipped {others} non-image files under {root}")
-    if not paths:
-        raise UserError(f"no images under {root} (extensions {' '.join(files.IMAGE_EXTS)})")
-    return ["path"], [{"path": p} for p in paths]
-
-
-def embed_collection(model, rows, root, cfg, args, device, out_path):
-    """Embed rows to out_path; returns (rows that decoded, n skipped, seconds). The others are
-    listed in INDEX/skipped.csv."""
-    src = files.image_source(root)
-    found = [src.exists(r["path"]) for r in rows]
-    todo = [r for r, ok in zip(rows, found, strict=True) if ok]
-    skipped = [(r["path"], src.absent(r["path"])) for r, ok in zip(rows, found, strict=True)
-               if not ok]  # missing, a symlink loop, not readable
-    t0 = time.time()
-    good, bad = embed_to_npy(model, [r["path"] for r in todo], root, cfg, args, device,
-                             out_path) if todo else ([], {})
-    skipped += [(todo[i]["path"], why) for i, why in sorted(bad.items())]
-    files.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
-    dt = time.time() - t0
-    print(f"embedded {len(good)} images in {dt:.1f} s ({len(good) / max(dt, 1e-9):.1f} img/s)"
-          + (f"; skipped {len(skipped)}, listed in {args.index}/skipped.csv" if skipped else ""))
-    if not good:
-        raise UserError(f"none of the {len(rows)} images under {root} could be read")
-    return [todo[i] for i in good], len(skipped), dt
-
-
-# ----------------------------------------------------------------------------- faiss index
-
-
-# ----------------------------------------------------------------------------- index folder
-
-# INDEX/CURRENT names the generation in use ("gen-4"); INDEX/gen-4/ holds its four FILES. A
-# writer, holding INDEX/lock, builds gen-5 beside it, fsyncs it, then replaces CURRENT with one
-# rename (as LevelDB's CURRENT file): a reader sees gen-4 or gen-5, never a mix, wherever the
-# writer dies. Old generations are removed only after the switch. An index from before
-# generations (the four files at the top of INDEX) reads as generation 0; the next --build or
-# --add moves it into a generation. Logs and pictures (log.jsonl, eval.json, skipped.csv,
-# query_sheet.png) stay at the top: they describe runs, not one generation.
-
-
-def check_same_model(args, cfg):
-    """Refuse typed flags that differ from how the index was built, and changed weight files."""
-    for key in MODEL_DEFAULTS:
-        val, was = getattr(args, key), cfg.get(key)
-        if val is None or val == was:
-            continue
-        if key in ("weights", "ckpt") and os.path.isfile(val) and \
-                file_sha256(val) == cfg.get(f"{key}_sha256"):
-            continue  # the same file under another name
-        flag = "--" + key.replace("_", "-")
-        built = f"{flag} {was}" if was is not None else f"no {flag}" + \
-            (f" (--ckpt {cfg['ckpt']})" if cfg.get("ckpt") else "")
-        raise UserError(f"{args.index} was built with {built}, not {val}: drop {flag} to "
-                        "use the index's own setting, or rebuild with --build")
-    for key in ("weights", "ckpt"):
-        path, sha = cfg.get(key), cfg.get(f"{key}_sha256")
-        if sha and (not os.path.isfile(path) or file_sha256(path) != sha):
-            raise UserError(f"--{key} file {path} is missing or changed since the index was "
-                            "built: restore it or rebuild with --build")
-    if cfg["precision"] not in nets.PRECISIONS:  # queries embed in it: one nets knows
-        raise UserError(f"{args.index}: unknown precision {cfg['precision']!r}: rebuild with "
-                        "--build")
-
-
-def model_config(args):
-    """config.json's model half: the typed flags, else MODEL_DEFAULTS (--ckpt: its own args)."""
-    cfg = {"format": FORMAT, "version": VERSION}
-    cfg.update({k: MODEL_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k)
-                for k in MODEL_DEFAULTS})
-    cfg["init_seed"] = args.seed  # --weights none: the random init is seeded
-    for key in ("weights", "ckpt"):
-        path = cfg[key] if cfg[key] not in (None, "imagenet", "none") else None
-        if path and not os.path.isfile(path):
-            raise UserError(f"--{key} file not found: {path}")
-        cfg[f"{key}_sha256"] = file_sha256(path) if path else None
-    if cfg["ckpt"]:
-        typed = [f"--{k.replace('_', '-')}" for k in ("backbone", "weights", "pool", "grid",
-                                                        "img_size") if getattr(args, k)]
-        if typed:
-            raise UserError(f"--ckpt embeds with the checkpoint's own model and image "
-                            f"size: drop {' '.join(typed)}")
-        ck_args = crnn.load_checkpoint(cfg["ckpt"])[1]["args"]
-        cfg.update(backbone=ck_args.get("backbone"), weights=None, weights_sha256=None,
-                   pool=None, grid=None, img_size=int(ck_args["img_size"]))
-    if cfg["grid"] is not None and cfg["grid"] < 1 or cfg["img_size"] < 32:
-        raise UserError("--grid must be >= 1 and --img-size >= 32")
-    return cfg
-
-
 # ----------------------------------------------------------------------------- build and add
 
 def cmd_build(args, device):
@@ -974,79 +703,6 @@ def query_sheet(queries, D, I, meta, root, path, thumbs=None):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def copy_of(im, rng):
-    """A seeded near-duplicate: crop 50-90% of the area (aspect 3:4..4:3), rotate +-10 deg,
-    resize x0.6-1.4, jitter brightness/contrast/saturation x0.7-1.3, grayscale 20% of the
-    time, JPEG re-compression at quality 30-70."""
-    w, h = im.size
-    area, ratio = rng.uniform(0.5, 0.9), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    cw = min(w, round(math.sqrt(area * w * h * ratio)))
-    ch = min(h, round(math.sqrt(area * w * h / ratio)))
-    x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-    im = im.crop((x0, y0, x0 + cw, y0 + ch)).rotate(rng.uniform(-10, 10), Image.BILINEAR)
-    s = rng.uniform(0.6, 1.4)
-    im = im.resize((max(16, round(cw * s)), max(16, round(ch * s))), Image.BILINEAR)
-    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        im = enhance(im).enhance(rng.uniform(0.7, 1.3))
-    if rng.random() < 0.2:
-        im = im.convert("L").convert("RGB")
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=int(rng.integers(30, 71)))
-    return files.load_image(io.BytesIO(buf.getvalue()))
-
-
-def original(cfg, rel):
-    path = os.path.join(cfg["images"], rel)
-    try:
-        src = files.image_source(cfg["images"], must_exist=False)  # a folder or a zip
-        return files.load_image(src.loadable(rel), 2 * cfg["img_size"])  # 2x: crop enlarged later
-    except files.DECODE_ERRORS as e:
-        raise UserError(f"copy detection needs the indexed images: {path} "
-                        f"({files.decode_error(e)}); "
-                        "pass --images ROOT if they moved") from None
-
-
-def eval_copies(model, index, meta, cfg, args, device, ids, keep=None):
-    """Copy detection: a transformed copy of each id searched against the full index.
-    keep: a dict that receives the copies' thumbnails and D, I (for --html)."""
-    rng, xq = np.random.default_rng(args.seed), []
-    prog = files.Progress(len(ids), "copies")
-    for i in range(0, len(ids), args.batch_size):
-        ims = [copy_of(original(cfg, meta[j]["path"]), rng) for j in ids[i:i + args.batch_size]]
-        xq.append(embed_pils(model, ims, cfg, args, device))
-        if keep is not None:
-            keep.setdefault("copies", []).extend(pages.shrink(im) for im in ims)
-        prog.update(len(ims))
-    D, I = search(index, np.concatenate(xq), 10)
-    if keep is not None:
-        keep.update(D=D, I=I)
-    return {"queries": len(ids), **metrics.retrieval_metrics(I, ids, ks=(1, 5))}
-
-
-def eval_labels(meta, I, ids, n):
-    """Leave-one-out label retrieval per label column with >= 2 classes: mAP@10, P@5 and their
-    random-ranking baselines. I: (len(ids), 10) results without the query itself.
-
-    Candidates are all other indexed images (unlabelled ones count as not relevant), and the
-    baselines use the same candidates: n_relevant = same-label count - 1 per query."""
-    out = {}
-    for col in LABEL_COLUMNS:
-        labels = np.array([r.get(col) or "" for r in meta], dtype=object)
-        names, counts = np.unique(labels[labels != ""], return_counts=True)
-        if len(names) < 2:
-            continue
-        q = ids[labels[ids] != ""]
-        res = I[labels[ids] != ""]
-        rel = (labels[res] == labels[q][:, None]) & (res >= 0)
-        n_rel = counts[np.searchsorted(names, labels[q])] - 1
-        out[col] = {"queries": len(q), "classes": len(names),
-                    "map@10": metrics.map_at_k(rel, n_rel, 10),
-                    "p@5": metrics.precision_at_k(rel, 5),
-                    "random_map@10": metrics.random_map_at_k(n_rel, n - 1, 10),
-                    "random_p@5": metrics.random_precision_at_k(n_rel, n - 1, 5)}
-    return out
-
-
 def cmd_eval(args, device):
     cfg, meta, xb, index = open_for_search(args, device)
     n = len(xb)
@@ -1071,21 +727,6 @@ def cmd_eval(args, device):
     return res
 
 
-def copy_failures(meta, ids, keep):
-    """The copy-detection queries whose original did not come first, worst first: the copy,
-    what came first (None when nothing did) and the original's rank (None: below 10)."""
-    out = []
-    for q, j in enumerate(ids):
-        row, first = keep["I"][q], keep["I"][q][0]
-        if first == j:
-            continue
-        at = np.flatnonzero(row == j)
-        out.append({"copy": keep["copies"][q], "first": meta[first] if first >= 0 else None,
-                    "score": float(keep["D"][q, 0]), "original": meta[j],
-                    "rank": int(at[0]) + 1 if len(at) else None, "depth": len(row)})
-    return sorted(out, key=lambda f: -(f["rank"] or f["depth"] + 1))
-
-
 def eval_html(args, cfg, meta, res, ids, keep):
     lines = [index_line(args.index, cfg), f"seed {args.seed}; copy detection: "
              f"{res['copy']['queries']} transformed copies searched among all {res['n']}"]
@@ -1095,33 +736,6 @@ def eval_html(args, cfg, meta, res, ids, keep):
                                     cfg["images"])
     print(f"html: {args.html} ({len(failures)} copy-detection failures"
           + (f", {bad} images no longer decode: grey)" if bad else ")"))
-
-
-EVAL_NOTE = ("{n} images indexed. * a sanity check only: 1.0 for any injective embedding "
-             "searched exactly (ivfpq's compressed codes score lower).\n"
-             "rnd = expected under a random ranking of the same candidates.")
-
-
-def eval_table(res):
-    """(column heads, [(protocol, [cell text])]): the eval table for text and HTML alike."""
-    cols = ("queries", "top1", "recall@5", "mrr", "map@10", "p@5", "random_map@10", "random_p@5")
-    head = ("queries", "Top-1", "R@5", "MRR@10", "mAP@10", "P@5", "rnd mAP", "rnd P@5")
-    rows = [("self-retrieval *", res["self"]), ("copy detection", res["copy"])]
-    rows += [(f"label: {c} ({v['classes']} cl.)", v) for c, v in res["labels"].items()]
-
-    def cell(v):
-        return "-" if v is None else str(v) if isinstance(v, int) else f"{v:.3f}"
-
-    return head, [(name, [cell(r.get(c)) for c in cols]) for name, r in rows]
-
-
-def format_eval(res):
-    head, rows = eval_table(res)
-    w = max(len(name) for name, _ in rows)
-    lines = [f"{'protocol':<{w}}" + "".join(f"{h:>8}" for h in head)]
-    lines += [f"{name:<{w}}" + "".join(f"{c:>8}" for c in cells) for name, cells in rows]
-    lines.append(EVAL_NOTE.format(n=res["n"]))
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- map

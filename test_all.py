@@ -47,6 +47,7 @@ import aspects
 import bench
 import crnn
 import data
+import embed
 import fetch
 import files
 import index as faiss_index  # index.py (`index` names a FAISS index here)
@@ -1895,7 +1896,7 @@ def test_nets_copies_wait_on_mps(monkeypatch):
     for device, want in (("mps", False), ("cuda", True), ("cpu", False)):
         x, y = Copy(), Copy()
         crnn.to_device(x, torch.device(device))
-        retrieve.forward(lambda t: torch.ones(1, 4), y, torch.device(device))
+        embed.forward(lambda t: torch.ones(1, 4), y, torch.device(device))
         assert x.non_blocking == y.non_blocking == [want], device
 
 
@@ -3265,7 +3266,7 @@ def test_retrieve_shards_merge_exactly_like_one_index(flags, tmp_path, one_faiss
 
 def test_retrieve_build_save_load_roundtrip(built, demo, capsys):
     cfg, meta, xb, index = retrieve.open_index(str(built))
-    assert cfg["version"] == retrieve.VERSION and cfg["pool"] == "grid" and cfg["n"] == 120
+    assert cfg["version"] == faiss_index.VERSION and cfg["pool"] == "grid" and cfg["n"] == 120
     assert xb.shape == (120, cfg["dim"]) == (120, 512 * 4) and xb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(xb, axis=1), 1.0, atol=1e-4)
     gallery = files.read_csv(str(demo / "gallery.csv"))
@@ -3374,13 +3375,13 @@ def test_retrieve_precision_fp32_unchanged_bf16_agrees_and_recorded(demo, small_
     manifest, folders = small_builds
     cfg, meta, xb32, _ = retrieve.open_index(folders[0])
     assert cfg["precision"] == "fp32"
-    old = retrieve.Embedder(nets.fuse_for_inference(nets.backbone("resnet18", "none", 0)[0]))
+    old = embed.Embedder(nets.fuse_for_inference(nets.backbone("resnet18", "none", 0)[0]))
     x = torch.stack([nets.make_transform(64)(files.load_image(demo / "images" / r["path"], 64))
                      for r in meta[:8]])
     with torch.inference_mode():
         want = torch.nn.functional.normalize(old.eval()(x.contiguous(
             memory_format=torch.channels_last)), dim=1).numpy()
-    assert np.array_equal(want, retrieve.forward(retrieve.load_model(dict(cfg), torch.device(
+    assert np.array_equal(want, embed.forward(embed.load_model(dict(cfg), torch.device(
         "cpu")), x, torch.device("cpu")))  # bit for bit
     monkeypatch.setattr(nets, "inference_precision", lambda device, enabled=True: (
         "bf16", "forced by the test"))
@@ -3410,15 +3411,15 @@ def test_retrieve_jpegs_decoded_on_the_device_agree_with_pil(demo, tmp_path):
     args = argparse.Namespace(batch_size=4, workers=0)
     cpu, model = torch.device("cpu"), nets.backbone("resnet18", "none", seed=0)[0].eval()
 
-    def embed(on_device):
+    def batches(on_device):
         out, failed = {}, []
-        for x, idx, bad in retrieve.image_batches(paths, str(root), 64, args, cpu, on_device):
+        for x, idx, bad in embed.image_batches(paths, str(root), 64, args, cpu, on_device):
             failed += bad
             if x is not None:
                 with torch.no_grad():
                     out.update(zip(idx.tolist(), model(x).flatten(1), strict=True))
         return out, failed
-    (a, fa), (b, fb) = embed(False), embed(True)
+    (a, fa), (b, fb) = batches(False), batches(True)
     assert sorted(a) == sorted(b) and fa == fb == [(paths.index("trunc.jpg"), fa[0][1])]
     cos = [torch.nn.functional.cosine_similarity(a[i], b[i], 0).item() for i in a]
     assert min(cos) >= 0.99, cos
@@ -3494,7 +3495,7 @@ def test_retrieve_bad_input_is_one_line(built, demo, tmp_path):
                                           "--index", str(tmp_path / "i"), *RETRIEVE_FAST])
     old = tmp_path / "old"
     old.mkdir()
-    (old / "config.json").write_text(json.dumps({"format": retrieve.FORMAT, "version": 0}))
+    (old / "config.json").write_text(json.dumps({"format": faiss_index.FORMAT, "version": 0}))
     assert "version" in retrieve_error(["--eval", "--index", str(old)])
     assert "empty path" in retrieve_error(["--query-id", "", *idx])
     msg = retrieve_error(["--build", "--shard", "", "--index", str(tmp_path / "s"),
