@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import crnn
+import crnn_model
 import files
 import nets
 from files import UserError
@@ -63,7 +63,7 @@ class CkptEmbedder(nn.Module):
 
     def __init__(self, model, precision="fp32"):
         super().__init__()
-        self.model = crnn.Inference(model, precision)
+        self.model = crnn_model.Inference(model, precision)
 
     def forward(self, x):
         return F.normalize(self.model.embed(x).float(), dim=1)
@@ -84,7 +84,7 @@ def load_model(cfg, device, why="as the index was built"):
     precision = cfg["precision"]
     nets.say_precision(precision, why)
     if cfg["ckpt"]:
-        model = CkptEmbedder(crnn.load_checkpoint(cfg["ckpt"])[0], precision)
+        model = CkptEmbedder(crnn_model.load_checkpoint(cfg["ckpt"])[0], precision)
     else:
         trunk = nets.backbone(cfg["backbone"], cfg["weights"], cfg["init_seed"])[0]
         body = nets.for_inference(trunk, precision)
@@ -100,7 +100,7 @@ def load_model(cfg, device, why="as the index was built"):
 
 def forward(model, x, device):
     """(B, 3, S, S) batch -> (B, dim) float32 numpy unit vectors."""
-    x = x.to(device, non_blocking=device.type == "cuda")  # not on MPS: see crnn.to_device
+    x = x.to(device, non_blocking=device.type == "cuda")  # not on MPS: see crnn_model.to_device
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         z = model(x)
@@ -159,7 +159,7 @@ def model_config(args):
         if typed:
             raise UserError(f"--ckpt embeds with the checkpoint's own model and image "
                             f"size: drop {' '.join(typed)}")
-        ck_args = crnn.load_checkpoint(cfg["ckpt"])[1]["args"]
+        ck_args = crnn_model.load_checkpoint(cfg["ckpt"])[1]["args"]
         cfg.update(backbone=ck_args.get("backbone"), weights=None, weights_sha256=None,
                    pool=None, grid=None, img_size=int(ck_args["img_size"]))
     if cfg["grid"] is not None and cfg["grid"] < 1 or cfg["img_size"] < 32:

@@ -46,6 +46,9 @@ from PIL import Image, ImageOps
 import aspects
 import bench
 import crnn
+import crnn_data
+import crnn_model
+import crnn_train
 import data
 import embed
 import fetch
@@ -443,14 +446,14 @@ def trained(demo):
 def kill_in_epoch(monkeypatch, epoch):
     """Ctrl-C in crnn.py's epoch `epoch` (of this process), at its start: the epochs before it
     finished and wrote last.pt. Undone by monkeypatch."""
-    real, calls = crnn.train_one_epoch, []
+    real, calls = crnn_train.train_one_epoch, []
 
     def killed(*a, **kw):
         calls.append(1)
         if len(calls) == epoch:
             raise KeyboardInterrupt
         return real(*a, **kw)
-    monkeypatch.setattr(crnn, "train_one_epoch", killed)
+    monkeypatch.setattr(crnn_train, "train_one_epoch", killed)
 
 
 def crnn_error(capsys, argv):
@@ -1788,7 +1791,8 @@ def test_nets_backbone_weights_offline_local_and_mismatch(tmp_path, monkeypatch)
     torch.save(ref.state_dict(), tmp_path / "r18.pth")
     trunk, channels = nets.backbone("resnet18", str(tmp_path / "r18.pth"))
     assert torch.equal(trunk[0].weight, ref.conv1.weight) and channels == 512
-    assert crnn.CRNN({"style": 3}, "resnet18", str(tmp_path / "r18.pth")).proj.in_channels == 512
+    assert crnn_model.CRNN({"style": 3}, "resnet18",
+                           str(tmp_path / "r18.pth")).proj.in_channels == 512
     with pytest.raises(files.UserError, match="not a torchvision resnet50 state_dict"):
         nets.backbone("resnet50", str(tmp_path / "r18.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
@@ -1827,11 +1831,11 @@ def test_nets_autocast_and_cudnn_flags(monkeypatch, demo, tmp_path):
 
 
 def fit_for(amp):
-    """crnn.make_fit on a tiny model, as cmd_train calls it with this autocast dtype."""
-    model = crnn.CRNN({"style": 3}, torch.nn.Conv2d(3, 8, 3), hidden=8)
-    feeds = crnn.Feeds(model, [None], [None], [[0]], None, None, [])
+    """crnn_train.make_fit on a tiny model, as cmd_train calls it with this autocast dtype."""
+    model = crnn_model.CRNN({"style": 3}, torch.nn.Conv2d(3, 8, 3), hidden=8)
+    feeds = crnn_train.Feeds(model, [None], [None], [[0]], None, None, [])
     args = crnn.build_parser().parse_args(["--train", "--epochs", "1"])
-    return crnn.make_fit(model, feeds, args, torch.device("cuda"), amp)
+    return crnn_train.make_fit(model, feeds, args, torch.device("cuda"), amp)
 
 
 @pytest.mark.parametrize("capability, weights, amp, scaler", [
@@ -2013,14 +2017,14 @@ def test_crnn_learns_demo_above_chance(trained):
 # A child python that runs crnn.main(argv[2:]) and SIGKILLs itself (as `kill -9`: no handler,
 # no cleanup) at its train_step number argv[1]
 KILLED_AT_STEP = """import os, signal, sys
-import crnn
-n, real, calls = int(sys.argv[1]), crnn.train_step, []
+import crnn, crnn_train
+n, real, calls = int(sys.argv[1]), crnn_train.train_step, []
 def step(*a, **kw):
     calls.append(1)
     if len(calls) == n:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*a, **kw)
-crnn.train_step = step
+crnn_train.train_step = step
 crnn.main(sys.argv[2:])
 """
 
@@ -2098,36 +2102,37 @@ def test_crnn_overflowed_fp16_step_leaves_the_schedule(demo):
     rate schedule must not advance (it did: torch warned 'lr_scheduler.step() before
     optimizer.step()')."""
     torch.manual_seed(0)
-    model = crnn.CRNN({"style": 6}, "resnet18", "none", hidden=16)
+    model = crnn_model.CRNN({"style": 6}, "resnet18", "none", hidden=16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = crnn.make_scheduler(opt, 100, 0.1)
+    sched = crnn_train.make_scheduler(opt, 100, 0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
-    fit = crnn.Fit(model, model, opt, sched, scaler, [None], 0.0, torch.device("cpu"), None,
+    fit = crnn_train.Fit(model, model, opt, sched, scaler, [None], 0.0, torch.device("cpu"), None,
                    False)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     x, y = torch.randn(4, 3, 64, 64), torch.tensor([[0], [1], [2], [3]])
     hook = model.heads["style"].weight.register_hook(lambda g: g * float("inf"))  # overflow
-    crnn.train_step(fit, x, y)
+    crnn_train.train_step(fit, x, y)
     assert scaler.get_scale() == 2.0 ** 15 and sched.last_epoch == 0  # skipped, not counted
     assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())  # no step
     hook.remove()  # finite gradients: a real step, which the schedule counts
-    crnn.train_step(fit, x, y)
+    crnn_train.train_step(fit, x, y)
     assert sched.last_epoch == 1 and scaler.get_scale() == 2.0 ** 15
 
 
 def test_crnn_balance_weights_by_hand():
     c = np.array([100, 10, 1])  # 111 train images; weights scaled to mean 1 over them
-    got = {b: crnn.class_weights(c, b) for b in crnn.BALANCES}
+    got = {b: crnn_train.class_weights(c, b) for b in crnn.BALANCES}
     assert got["inverse"] == pytest.approx(111 / (3 * c))  # n / (K * count), as before
-    assert crnn.class_weights(c, "loss") == pytest.approx(got["inverse"])  # the old name
+    assert crnn_train.class_weights(c, "loss") == pytest.approx(got["inverse"])  # the old name
     assert got["sqrt"] == pytest.approx(c ** -0.5 * 111 / (10 + 10 ** 0.5 + 1))
     assert got["capped"] == pytest.approx(np.array([0.01, 0.1, 0.1]) * 111 / 2.1)  # 1 -> 10
     eff = (1 - 0.999) / (1 - 0.999 ** c)
     assert got["effective"] == pytest.approx(eff * 111 / (eff * c).sum())
     assert got["none"] is got["logit-adjust"] is got["sampler"] is None
-    assert crnn.logit_offsets(c, "logit-adjust") == pytest.approx(np.log(c / 111))
-    assert crnn.logit_offsets(np.array([3, 0]), "logit-adjust") == pytest.approx(np.log([.75, .25]))
-    assert crnn.logit_offsets(c, "sqrt") is None
+    assert crnn_train.logit_offsets(c, "logit-adjust") == pytest.approx(np.log(c / 111))
+    assert crnn_train.logit_offsets(np.array([3, 0]), "logit-adjust") == \
+        pytest.approx(np.log([.75, .25]))
+    assert crnn_train.logit_offsets(c, "sqrt") is None
 
 
 class HeadsToy(torch.nn.Module):
@@ -2150,26 +2155,26 @@ def test_crnn_balanced_loss_shares_add_up_to_one_process(balance):
     gradient is the 1-process one."""
     torch.manual_seed(0)
     y = torch.tensor([[0, 0], [0, 1], [0, -1], [1, 2], [0, 0], [3, -1], [2, 1], [-1, 2], [0, 1]])
-    table = crnn.Table([str(i) for i in range(9)], np.array(["train"] * 9), ["style", "genre"],
+    table = crnn_data.Table([str(i) for i in range(9)], np.array(["train"] * 9), ["style", "genre"],
                        {"style": list("abcd"), "genre": list("xyz")}, y.numpy())
-    ce, offsets, _ = crnn.balance_weights(table, np.arange(9), argparse.Namespace(
+    ce, offsets, _ = crnn_train.balance_weights(table, np.arange(9), argparse.Namespace(
         balance=balance), torch.device("cpu"))
     toy, x = HeadsToy(), torch.randn(9, 3, 2, 2)
-    fit = crnn.Fit(toy, toy, None, None, None, ce, 0.1, torch.device("cpu"), None, False,
+    fit = crnn_train.Fit(toy, toy, None, None, None, ce, 0.1, torch.device("cpu"), None, False,
                    ddp=toy, offsets=offsets)
-    whole = crnn.multitask_loss(toy(x), y, ce, 0.1, offsets)
+    whole = crnn_train.multitask_loss(toy(x), y, ce, 0.1, offsets)
     shares = [np.arange(9)[r::3] for r in range(3)]  # 3 ranks
-    div = np.sum([crnn.batch_divisors(y[s], ce) for s in shares], 0)
-    assert sum(crnn.share_loss(fit, x[s], y[s], div) for s in shares).item() == \
+    div = np.sum([crnn_train.batch_divisors(y[s], ce) for s in shares], 0)
+    assert sum(crnn_train.share_loss(fit, x[s], y[s], div) for s in shares).item() == \
         pytest.approx(whole.item(), rel=1e-6)
-    plain = crnn.multitask_loss(toy(x), y, [None, None], 0.1)
+    plain = crnn_train.multitask_loss(toy(x), y, [None, None], 0.1)
     assert (whole.item() == pytest.approx(plain.item())) == (balance in ("none", "sampler"))
     if balance == "logit-adjust":  # no smoothing: exactly cross-entropy of logits + log prior
         z = toy(x)
         expected = sum(torch.nn.functional.cross_entropy(z[t] + offsets[j], y[:, j],
                                                          ignore_index=-1)
                        for j, t in enumerate(z))
-        assert crnn.multitask_loss(z, y, ce, 0.0, offsets).item() == \
+        assert crnn_train.multitask_loss(z, y, ce, 0.0, offsets).item() == \
             pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -2339,13 +2344,13 @@ def test_crnn_full_disk_is_one_line(demo, tmp_path, monkeypatch, capsys):
 
 
 def test_crnn_nan_loss_stops_and_keeps_last_good(demo, tmp_path, monkeypatch, capsys):
-    real, calls = crnn.multitask_loss, []
+    real, calls = crnn_train.multitask_loss, []
 
     def nan_in_epoch_2(*a):
         calls.append(1)
         loss = real(*a)
         return loss * float("nan") if len(calls) > 6 else loss  # 90 images / 16 = 6 steps
-    monkeypatch.setattr(crnn, "multitask_loss", nan_in_epoch_2)
+    monkeypatch.setattr(crnn_train, "multitask_loss", nan_in_epoch_2)
     msg = crnn_error(capsys, ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST,
                                   "--freeze-backbone", "--batch-size", "16", "--epochs", "3",
                                   "--out", str(tmp_path)])
@@ -2581,7 +2586,8 @@ def test_crnn_inference_in_bf16_agrees_with_fp32(trained, demo):
     x = torch.stack([nets.make_transform(64)(files.load_image(demo / "images" / r["path"], 64))
                      for r in rows])
     with torch.no_grad():
-        a, b = crnn.Inference(model, "fp32").eval(), crnn.Inference(model, "bf16").eval()
+        a = crnn_model.Inference(model, "fp32").eval()
+        b = crnn_model.Inference(model, "bf16").eval()
         cos = torch.nn.functional.cosine_similarity(a.embed(x), b.embed(x))
         pa, pb = a(x), b(x)
     assert cos.min() >= 0.999, cos
@@ -2722,7 +2728,7 @@ def test_crnn_attention_finds_the_textured_patch():
     torch.manual_seed(0)
     trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.ReLU(),
                                 torch.nn.Conv2d(8, 8, 2, stride=2), torch.nn.ReLU())
-    model = crnn.CRNN({"patch": 2}, trunk, hidden=8, rnn="lstm", dropout=0.0)
+    model = crnn_model.CRNN({"patch": 2}, trunk, hidden=8, rnn="lstm", dropout=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(40):
         x, y, _ = patch_images(32, 100 + step)
@@ -3980,8 +3986,8 @@ def test_retrieve_ckpt_embeds_with_crnn_model(demo, tmp_path):
     a = {"backbone": "resnet18", "hidden": 16, "rnn": "gru", "dropout": 0.0, "img_size": 64}
     classes = {"style": ["A", "B"]}
     ckpt = tmp_path / "best.pt"
-    torch.save({"arch": crnn.ARCH, "args": a, "classes": classes,
-                "model": crnn.build_model(a, classes).state_dict()}, ckpt)
+    torch.save({"arch": crnn_model.ARCH, "args": a, "classes": classes,
+                "model": crnn_model.build_model(a, classes).state_dict()}, ckpt)
     rows = files.read_csv(str(demo / "gallery.csv"))[:20]
     files.write_csv(str(tmp_path / "m.csv"), list(rows[0]), [list(r.values()) for r in rows])
     index = str(tmp_path / "idx")
