@@ -23,7 +23,6 @@ Bad input ends with one line on stderr and exit status 1 (`UserError`), never a 
 """
 
 import argparse
-import contextlib
 import io
 import json
 import os
@@ -231,18 +230,10 @@ def resize_one(src, dst, size):
     if s < 1:
         im = im.resize((max(1, round(im.width * s)), max(1, round(im.height * s))),
                        Image.LANCZOS, reducing_gap=3.0)
-    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
-    tmp = dst + ".part"
     fmt = {".png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}.get(os.path.splitext(dst)[1].lower(),
                                                             "JPEG")
-    try:
-        with files.writing(dst):
-            im.save(tmp, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-        os.replace(tmp, dst)
-    except BaseException:  # a full disk: no .part left
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with files.replaced(dst) as tmp, files.writing(dst):  # a full disk: no temp left
+        im.save(tmp, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
 
 
 def cmd_resize(args):

@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from files import Progress, UserError, disk_full, image_problem
+from files import Progress, UserError, disk_full, image_problem, replaced
 
 USER_AGENT = "ArtExtract/0.1 (open-source research toolkit; python-urllib)"
 
@@ -80,15 +80,14 @@ def fetch(url, dest, args, stop, reached, check=None):
     answered. check(path) -> (ok, what): whether the body is what we asked for (default: a
     decodable image)."""
     req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    tmp = f"{dest}.{os.getpid()}.{threading.get_ident()}.part"
     try:
-        with OPENER.open(req, timeout=args.timeout) as r, open(tmp, "wb") as f:
-            reached.set()
-            stream(r, f, args.max_bytes, stop)
-        ok, what = check(tmp) if check else (image_problem(tmp) is None, "a decodable image")
-        if not ok:
-            raise Retry(f"downloaded file is not {what}")
-        os.replace(tmp, dest)
+        with replaced(dest, suffix=".part") as tmp:
+            with OPENER.open(req, timeout=args.timeout) as r, open(tmp, "wb") as f:
+                reached.set()
+                stream(r, f, args.max_bytes, stop)
+            ok, what = check(tmp) if check else (image_problem(tmp) is None, "a decodable image")
+            if not ok:
+                raise Retry(f"downloaded file is not {what}")
     except urllib.error.HTTPError as e:
         reached.set()
         if e.code == 429 or e.code >= 500:
@@ -101,9 +100,6 @@ def fetch(url, dest, args, stop, reached, check=None):
         kind = Unreachable if isinstance(why, NO_ROUTE[:2]) or \
             getattr(why, "errno", None) in NO_ROUTE[2:] else Retry
         raise kind(f"{type(e).__name__}: {why}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def stream(r, f, max_bytes, stop):

@@ -123,36 +123,47 @@ def file_mode():
     return 0o666 & ~umask
 
 
-def atomic_write(path, data, mode="w", durable=False):
-    """Write text or bytes to a temp file beside `path`, then rename: never a half file.
-    durable: fsync the file before and its folder after the rename (survives a power cut).
-    A path taken by a folder or a device is refused: the rename would replace a device node."""
+@contextlib.contextmanager
+def replaced(path, durable=False, suffix=".tmp"):
+    """`with replaced(path) as tmp:` write tmp (a new name beside path), and path becomes it at
+    the end of the block (os.replace: readers see the old file or the new, never half of one);
+    an error inside leaves no temp and path as it was. durable: fsync tmp before and the folder
+    after the rename (survives a power cut). A folder or a device at path is refused (the rename
+    would replace a device node); path's folder is made. suffix: the temp's ending (".tmp.npy"
+    for np.save, which adds .npy to any other name)."""
     if os.path.lexists(path) and not os.path.isfile(path):
         raise UserError(f"{path} exists and is not a regular file (a folder, a device): not "
                         "writing over it")
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path), suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    os.close(fd)  # a name of its own (no clash with another process or thread), opened anew
     try:
-        kw = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape",
-                                     "newline": ""}
-        with writing(path), os.fdopen(fd, mode, **kw) as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
         os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file the usual mode
+        yield tmp
+        if durable:
+            fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)  # after the rename there is none: only an error leaves one
     if durable and os.name == "posix":  # the rename itself is on disk once the folder is
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_path(d)
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path, data, mode="w", durable=False):
+    """Write text or bytes to path through replaced(): never a half file (durable: fsynced)."""
+    kw = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
+    with replaced(path, durable) as tmp, writing(path), open(tmp, mode, **kw) as f:
+        f.write(data)
 
 
 def check_output(path, flag):

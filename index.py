@@ -551,13 +551,8 @@ def trained_digest(index):
 
 def write_faiss(index, path):
     """faiss.write_index to a temp file, then rename: never a half index under path."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
+    with files.replaced(path) as tmp:
         write_index_file(index, tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
 
 
 def write_index_file(index, path):
