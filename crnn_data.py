@@ -371,21 +371,18 @@ def shared_feature_cache(model, table, rows, split, args, device, precision):
     joined = not cache_ready(d, split, [table.paths[i] for i in rows], cache_key(args, precision))
     if joined:
         lo, hi = nets.rank_span(len(rows))
-        feature_cache(model, table, rows[lo:hi], part_name(split, nets.rank()), args, device,
-                      precision, part=True)
+        stem = os.path.join(d, split)
+        feature_cache(model, table, rows[lo:hi], os.path.basename(nets.part_stem(stem)), args,
+                      device, precision, part=True)
         nets.barrier()
         if nets.is_main():
-            join_cache_parts(d, split)
+            join_cache_parts(stem)
     nets.barrier()
     feats, ok, failed = feature_cache(model, table, rows, split, args, device, precision,
                                       said=joined)
     if not ok.any():
         raise UserError(f"no readable image among {len(rows)} in {args.root}")
     return feats, ok, failed
-
-
-def part_name(split, r):
-    return f"{split}.part-{r}-of-{nets.world()}"
 
 
 def cache_ready(d, split, paths, key):
@@ -401,75 +398,43 @@ def cache_ready(d, split, paths, key):
         n == len(paths)
 
 
-def join_cache_parts(d, split, chunk=4096):
-    """Rank 0: the ranks' part caches, in rank order, into split.npy and split.json (temp file
-    + rename, chunk rows at a time: bounded memory); then the parts are removed."""
-    names = [os.path.join(d, part_name(split, r)) for r in range(nets.world())]
-    parts = [np.load(n + ".npy", mmap_mode="r") for n in names]
-    metas = []
-    for n in names:
-        with open(n + ".json", encoding="utf-8") as f:
-            metas.append(json.load(f))
-    npy = os.path.join(d, f"{split}.npy")
-    tmp = f"{npy}.{os.getpid()}.tmp.npy"
-    out = files.open_memmap(tmp, np.float16, (sum(len(a) for a in parts),) + parts[0].shape[1:])
+def join_cache_parts(stem):
+    """Rank 0: the ranks' part caches (nets.join_parts), in rank order, into STEM.npy and
+    STEM.json, positions of failed images shifted to the whole cache's; then the parts go."""
+    metas = nets.join_parts(stem, stem + ".npy")
     at, ok, failed = 0, [], []
-    for a, m in zip(parts, metas, strict=True):
-        for i in range(0, len(a), chunk):
-            out[at + i:at + min(i + chunk, len(a))] = a[i:i + chunk]
+    for m in metas:
         ok += m["ok"]
         failed += [(at + i, why) for i, why in m["failed"]]  # positions in the whole cache
-        at += len(a)
-    out.flush()
-    del out, parts
-    os.replace(tmp, npy)
-    print(f"cache: joined {len(names)} parts into {npy} ({at} images)")
-    files.atomic_write(os.path.join(d, f"{split}.json"), json.dumps(
+        at += m["n"]
+    print(f"cache: joined {len(metas)} parts into {stem}.npy ({at} images)")
+    files.atomic_write(stem + ".json", json.dumps(
         {"key": metas[0]["key"], "paths": sum((m["paths"] for m in metas), []), "ok": ok,
-         "failed": failed}))
-    for n in names:
-        for ext in (".npy", ".json"):
-            os.remove(n + ext)
-
-
-def open_cache(tmp, n, shape):
-    """A new fp16 memmap (n, *shape) at tmp, its folder made."""
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    return files.open_memmap(tmp, np.float16, (n, *shape))  # reserved: ENOSPC, no SIGBUS
+         "failed": failed, "n": at}))
+    nets.remove_parts(stem)
 
 
 @torch.no_grad()
 def build_cache(model, paths, npy, meta, key, args, device, precision, part=False):
+    """The frozen backbone's maps of root/paths into npy (fp16, zeros where an image failed) by
+    nets.rows_to_npy, then meta, the json that says what they are. part: a rank's share, which
+    is written even when no image in it decodes (none, or too few rows for a batch)."""
     ds = files.ImageDataset(paths, args.root, nets.make_transform(args.img_size), args.img_size)
-    batches = sequential(np.arange(len(paths)), args.batch_size)
-    loader = image_loader(ds, batches, args, device)
+    loader = image_loader(ds, sequential(np.arange(len(paths)), args.batch_size), args, device)
     # a BN-folded copy in the inference precision: frozen, eval only
     backbone, dtype = nets.for_inference(model.backbone, precision), nets.PRECISIONS[precision]
-    ok, arr, failed = np.zeros(len(paths), bool), None, []
-    tmp = f"{npy}.{os.getpid()}.tmp.npy"  # this process's own: no clash with another run
-    prog = files.Progress(len(paths), f"cache {os.path.basename(npy)}")
-    try:
-        for expected, (x, i, bad) in zip(batches, loader, strict=True):
-            failed += bad
-            if x is not None:
-                f = backbone(to_device(x, device).to(dtype)).float().cpu().numpy()
-                if arr is None:  # shape known after the first batch: (n, C, H, W)
-                    arr = open_cache(tmp, len(paths), f.shape[1:])
-                arr[i.numpy()] = np.clip(f, -65504, 65504)  # fp16 range
-                ok[i.numpy()] = True
-            prog.update(len(expected))
-        if arr is None and not part:
-            raise UserError(f"no readable image among {len(paths)} in {args.root}")
-        if arr is None:  # a rank's share with nothing readable: rows of zeros, none ok
-            zero = torch.zeros(1, 3, args.img_size, args.img_size, device=device, dtype=dtype)
-            arr = open_cache(tmp, len(paths), backbone(zero).shape[1:])
-        arr.flush()
-        del arr
-        os.replace(tmp, npy)
-    finally:
-        if os.path.exists(tmp):  # interrupted: no half cache left behind
-            os.remove(tmp)
+    zero = torch.zeros(1, 3, args.img_size, args.img_size, device=device, dtype=dtype)
+    shape = tuple(backbone(zero).shape[1:])  # (C, H, W) of one image's maps
+
+    def maps(x):
+        f = backbone(to_device(x, device).to(dtype)).float().cpu().numpy()
+        return np.clip(f, -65504, 65504)  # fp16 range
+
+    os.makedirs(os.path.dirname(npy), exist_ok=True)
+    ok, failed = nets.rows_to_npy(loader, maps, len(paths), npy, np.float16, shape,
+                                  f"cache {os.path.basename(npy)}", empty=None if part else
+                                  f"no readable image among {len(paths)} in {args.root}")
     files.atomic_write(meta, json.dumps({"key": key, "paths": paths, "ok": ok.tolist(),
-                                        "failed": failed}))
+                                        "failed": failed, "n": len(paths)}))
     print(f"cache: wrote {npy} ({ok.sum()} images, {len(paths) - ok.sum()} unreadable, {key})")
     return np.load(npy, mmap_mode="r"), ok, failed

@@ -10,6 +10,7 @@ backbone, device and precision are nets.py's.
     xq = embed.embed_pils(model, [im], cfg, args, device)   # (1, dim) float32 unit rows
 """
 
+import contextlib
 import hashlib
 import os
 import time
@@ -170,37 +171,30 @@ def model_config(args):
 # ----------------------------------------------------------------------------- embeddings file
 
 def embed_to_npy(model, paths, root, cfg, args, device, out_path):
-    """Embed root/paths into a (n_good, dim) .npy written batch by batch; returns (good ids,
-    {id: why} for the others).
-
-    Rows stream into a memory-mapped file (never all in RAM) at their own positions, whatever
-    order the batches come in; unreadable images are left out and the file compacted, so row j
-    of out_path is paths[good[j]], good ascending."""
-    tmp = out_path + ".tmp.npy"
-    xb = files.open_memmap(tmp, np.float32, (len(paths), cfg["dim"]))
-    ok, bad, prog = np.zeros(len(paths), bool), {}, files.Progress(len(paths), "embed")
+    """Embed root/paths into a (n_good, dim) .npy; returns (good ids, {id: why} for the
+    others). The rows stream into a memory-mapped file at their own positions
+    (nets.rows_to_npy); unreadable images are then left out and the file compacted, so row j
+    of out_path is paths[good[j]], good ascending (none: a (0, dim) file)."""
     on_device, where = device.type == "cuda" and nets.can_decode_jpegs(), Counter()
-    for x, idx, failed in image_batches(paths, root, cfg["img_size"], args, device,
-                                        decode_on_device=on_device):
-        bad.update(failed)
-        if x is not None:  # None: every image of the batch failed to decode
-            xb[idx.numpy()] = forward(model, x, device)
-            ok[idx.numpy()] = True
-            where[x.device.type] += len(idx)  # decoded on the device, or by PIL on the host
-        prog.update(len(failed) + (0 if x is None else len(idx)),
-                    f"{len(bad)} unreadable" if bad else "")
-    if on_device:
-        print(f"decoded: {where[device.type]} JPEGs on {device.type} (nvJPEG), "
-              f"{where['cpu']} images with PIL")
-    xb.flush()
-    del xb
-    good = np.flatnonzero(ok)
+
+    def rows(x):
+        where[x.device.type] += len(x)  # decoded on the device, or by PIL on the host
+        return forward(model, x, device)
+
+    every = out_path + ".tmp.npy"  # every row, failed ones as zeros
+    batches = image_batches(paths, root, cfg["img_size"], args, device, on_device)
     try:
-        if len(good):
-            compact_rows(out_path, tmp, good)
-    finally:  # a full disk too: no temp file left (in INDEX/slices nothing else removes it)
-        os.remove(tmp)
-    return good.tolist(), bad
+        ok, bad = nets.rows_to_npy(batches, rows, len(paths), every, np.float32, (cfg["dim"],),
+                                   "embed", temp=False)
+        if on_device:
+            print(f"decoded: {where[device.type]} JPEGs on {device.type} (nvJPEG), "
+                  f"{where['cpu']} images with PIL")
+        good = np.flatnonzero(ok)
+        compact_rows(out_path, every, good)
+    finally:  # a full disk too: no temp file left (in INDEX/parts nothing else removes it)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(every)
+    return good.tolist(), dict(bad)
 
 
 def image_batches(paths, root, size, args, device, decode_on_device=False):

@@ -136,7 +136,7 @@ def replaced(path, durable=False, suffix=".tmp"):
                         "writing over it")
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=f"{os.path.basename(path)}.", suffix=suffix)
     os.close(fd)  # a name of its own (no clash with another process or thread), opened anew
     try:
         os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the file the usual mode
@@ -300,6 +300,24 @@ def open_memmap(path, dtype, shape):
             os.remove(path)
         raise
     return arr
+
+
+def copy_rows(dst, parts, chunk_bytes=64 << 20):
+    """dst = the first n rows of each (.npy path, n) in parts, in order: streamed about
+    chunk_bytes at a time (bounded memory at any size), through a temp file renamed at the end.
+    dst takes the dtype and row shape of the first part."""
+    srcs = [(np.load(p, mmap_mode="r"), n) for p, n in parts]
+    first = srcs[0][0]
+    shape = (sum(n for _, n in srcs), *first.shape[1:])
+    step = max(1, chunk_bytes // max(1, first[:1].nbytes))  # rows per copy
+    with replaced(dst, suffix=".tmp.npy") as tmp:
+        out, at = open_memmap(tmp, first.dtype, shape), 0
+        for a, n in srcs:
+            for i in range(0, n, step):
+                out[at + i:at + min(i + step, n)] = a[i:min(i + step, n)]
+            at += n
+        out.flush()
+        del out
 
 
 # ----------------------------------------------------------------------------- image loading

@@ -503,20 +503,6 @@ def compact_rows(dst, src, keep):
     out.flush()
 
 
-def copy_rows(dst, parts):
-    """dst = the first n rows of each (.npy path, n) in parts, streamed CHUNK rows at a time."""
-    srcs = [(np.load(p, mmap_mode="r"), n) for p, n in parts]
-    dim = srcs[0][0].shape[1]
-    out = files.open_memmap(dst, np.float32, (sum(n for _, n in srcs), dim))
-    at = 0
-    for a, n in srcs:
-        for i in range(0, n, CHUNK):
-            j = min(i + CHUNK, n)
-            out[at + i:at + j] = a[i:j]
-        at += n
-    out.flush()
-
-
 # ----------------------------------------------------------------------------- shard files
 
 def shard_dir(index):

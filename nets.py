@@ -12,6 +12,7 @@ Holds no data reading (data.py), no drawing (pages.py), no CNN-RNN and no FAISS 
 import contextlib
 import datetime
 import functools
+import json
 import os
 import sys
 import urllib.error
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import files
 from files import UserError, one_line
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -233,6 +235,93 @@ def all_sum(values):
         t = t.cuda()
     dist.all_reduce(t)
     return t.cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- per-rank parts
+# Work split over torchrun ranks (crnn's feature cache, retrieve's embeddings) is written in
+# parts: rank R writes the rows of its share (rank_span) to STEM.part-R-of-W.npy, then the
+# record of what they are to STEM.part-R-of-W.json, last and by rename, so that a json marks a
+# finished part: the same command after a crash keeps it (read_part). Rank 0 then joins the
+# parts in rank order into one .npy (join_parts) and removes them (remove_parts).
+
+def part_stem(stem, r=None):
+    """STEM.part-R-of-W, rank r's part (default: this rank's) of the world() ranks' work."""
+    return f"{stem}.part-{rank() if r is None else r}-of-{world()}"
+
+
+def read_part(stem, r=None):
+    """(record, rows memory-mapped) of rank r's finished part, or None when there is none to
+    trust: no json (the part was not finished), or rows that do not load or are not its n."""
+    p = part_stem(stem, r)
+    try:
+        with open(p + ".json", encoding="utf-8") as f:
+            rec = json.load(f)
+        rows = np.load(p + ".npy", mmap_mode="r")
+        ok = isinstance(rec, dict) and rec["n"] == len(rows)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (rec, rows) if ok else None
+
+
+def finish_part(stem, record):
+    """Mark this rank's part (its rows written) finished: its record, with n, the row count."""
+    files.atomic_write(part_stem(stem) + ".json", json.dumps(record))
+
+
+def join_parts(stem, dst):
+    """Rank 0, once every rank finished: the parts' rows, in rank order, into the .npy dst
+    (files.copy_rows: bounded memory, temp + rename). Returns the records in rank order."""
+    got = [read_part(stem, r) for r in range(world())]
+    if None in got:
+        raise UserError(f"{part_stem(stem, got.index(None))}: rank {got.index(None)}'s part "
+                        "is missing or unreadable")
+    files.copy_rows(dst, [(part_stem(stem, r) + ".npy", rec["n"])
+                          for r, (rec, _) in enumerate(got)])
+    return [rec for rec, _ in got]
+
+
+def remove_parts(stem):
+    for r in range(world()):
+        for ext in (".npy", ".json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(part_stem(stem, r) + ext)
+
+
+# ----------------------------------------------------------------------------- embedding loop
+
+def rows_to_npy(batches, fn, n, path, dtype, shape, label, empty=None, temp=True):
+    """The one batched embedding loop: fn(x) -> numpy rows (B, *shape) for each (x, idx,
+    failed) batch of images (x None when none of the batch decoded; idx: their positions in
+    0..n-1), written at those positions of a new (n, *shape) .npy of dtype at path, memory-
+    mapped (never all in RAM), whatever order the batches come in; through a temp file renamed
+    at the end: an interrupted run leaves no file. Rows of images that failed stay zeros.
+    Returns (ok (n,) bool, failed [(position, why)]). empty: raised as a UserError, and no file
+    written, when no image decoded. temp False: path is itself a temp file of the caller's."""
+    ok, failed, prog = np.zeros(n, bool), [], files.Progress(n, label)
+    with files.replaced(path, suffix=".tmp.npy") if temp else removed_on_error(path) as tmp:
+        out = files.open_memmap(tmp, dtype, (n, *shape))  # reserved: ENOSPC, no SIGBUS
+        for x, idx, bad in batches:
+            failed += bad
+            if x is not None:
+                out[idx.numpy()] = fn(x)
+                ok[idx.numpy()] = True
+            prog.update(len(bad) + (0 if x is None else len(idx)),
+                        f"{len(failed)} unreadable" if failed else "")
+        if empty and not ok.any():
+            raise UserError(empty)
+        out.flush()
+        del out  # unmapped before the rename
+    return ok, failed
+
+
+@contextlib.contextmanager
+def removed_on_error(path):
+    try:
+        yield path
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        raise
 
 
 # ----------------------------------------------------------------------------- precision

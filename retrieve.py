@@ -38,7 +38,7 @@ second writer is refused while one runs (DIR/lock). Beside them: skipped.csv (mi
 unreadable images, with why), log.jsonl, eval.json, query_sheet.png, map.html (--map).
 HTML pages are single files (thumbnails inside): open from disk, or in a notebook with
 IPython.display.HTML(open(path, encoding="utf-8").read()).
-Work that outlives a run sits beside the generations: INDEX/slices (each torchrun rank's finished
+Work that outlives a run sits beside the generations: INDEX/parts (each torchrun rank's finished
 embeddings, reused when the same command runs again after a crash) and INDEX/shards (the trained
 empty ivf index and the shards of a sharded build, until --merge-shards).
 Bad input (a query that is not an image, an empty folder, an index from another version or
@@ -82,7 +82,6 @@ from index import (
     IndexWriter,
     add_rows,
     check_pca,
-    copy_rows,
     drop_self,
     fingerprint,
     generation,
@@ -190,7 +189,7 @@ def cmd_add(args, device):
         print(f"{len(rows) - len(new)} of {len(rows)} images are indexed already")
         if not new:
             if moved:  # nothing to embed, but the next --add and --eval must find them there
-                copy_rows(os.path.join(w.dir, "embeddings.npy"), [(xb.filename, len(xb))])
+                files.copy_rows(os.path.join(w.dir, "embeddings.npy"), [(xb.filename, len(xb))])
                 write_generation(w.dir, index, list(meta[0]), meta, cfg)
                 w.commit()
             return cfg
@@ -198,7 +197,7 @@ def cmd_add(args, device):
         model = load_model(cfg, device)
         new, n_skip, dt = embed_collection(model, new, root, cfg, args, device, part)
         emb = os.path.join(w.dir, "embeddings.npy")
-        copy_rows(emb, [(xb.filename, len(xb)), (part, len(new))])
+        files.copy_rows(emb, [(xb.filename, len(xb)), (part, len(new))])
         os.remove(part)
         add_rows(index, np.load(emb, mmap_mode="r"), start=len(xb))  # trained transforms kept
         header = list(dict.fromkeys(list(meta[0]) + header))  # old columns, then any new ones
@@ -224,17 +223,17 @@ def same_root(images, cfg, meta):
     return images
 
 
-# ----------------------------------------------------------------------------- torchrun slices
+# ----------------------------------------------------------------------------- torchrun parts
 # `torchrun --nproc-per-node N retrieve.py --build ...`: rank R embeds rows[R*n/N:(R+1)*n/N]
-# into INDEX/slices/<purpose>-<key>/embeddings.rank-R.npy and then writes rank-R.json (its
-# rows, what it skipped); the json is written last, by rename, so it marks a finished slice. The
-# key hashes the model, the images, the row list and N: the same command after a crash finds
-# the finished slices and embeds only the others; another model or collection never reads
-# them. Rank 0 waits for all (all_gather), joins the slices in rank order into the generation's
-# embeddings.npy (copy_rows: bounded memory), indexes them and commits, as one process does.
+# into the part INDEX/parts/<purpose>-<key>/embeddings.part-R-of-N (nets.py's per-rank parts:
+# the .npy, then the .json record, its rows and what it skipped, last). The key hashes the
+# model, the images, the row list and N: the same command after a crash keeps the finished
+# parts and embeds only the others; another model or collection never reads them. Rank 0 waits
+# for all (all_gather), joins the parts in rank order into the generation's embeddings.npy
+# (bounded memory), indexes them and commits, as one process does.
 
-SLICE_KEYS = ("backbone", "weights", "weights_sha256", "ckpt", "ckpt_sha256", "img_size", "pool",
-              "grid", "init_seed", "dim", "precision")  # what a vector depends on (and the
+PART_KEYS = ("backbone", "weights", "weights_sha256", "ckpt", "ckpt_sha256", "img_size", "pool",
+             "grid", "init_seed", "dim", "precision")  # what a vector depends on (and the
 # images, the rows and the number of processes)
 
 
@@ -245,85 +244,60 @@ def rows_sha256(rows):
     return h.hexdigest()
 
 
-def slice_folder(index, purpose, cfg, root, rows):
-    what = [{k: cfg.get(k) for k in SLICE_KEYS}, root, nets.world(), rows_sha256(rows)]
+def parts_stem(index, purpose, cfg, root, rows):
+    what = [{k: cfg.get(k) for k in PART_KEYS}, root, nets.world(), rows_sha256(rows)]
     key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
-    return os.path.join(index, "slices", f"{purpose}-{key}")
+    return os.path.join(index, "parts", f"{purpose}-{key}", "embeddings")
 
 
 def embed_shared(model, rows, root, cfg, args, device, purpose):
-    """Embed rows, each rank its contiguous slice (one process: all of them), keeping slices an
-    earlier run finished. Returns (slice folder, [each rank's slice record, in rank order]) on
+    """Embed rows, each rank its contiguous part (one process: all of them), keeping parts an
+    earlier run finished. Returns (parts stem, [each rank's part record, in rank order]) on
     every rank, once all ranks are done."""
-    folder = slice_folder(args.index, purpose, cfg, root, rows)
+    stem = parts_stem(args.index, purpose, cfg, root, rows)
     lo, hi = nets.rank_span(len(rows))
-    rec = read_slice(folder, lo, hi, cfg["dim"])
-    if rec is None:
-        os.makedirs(folder, exist_ok=True)
-        rec = embed_slice(model, rows, lo, hi, root, cfg, args, device, folder)
-    return folder, nets.all_gather_objects(rec)  # rank 0 waits here for the slowest rank
+    got = nets.read_part(stem)
+    if got and (got[0].get("start"), got[0].get("stop")) == (lo, hi) and \
+            got[1].shape[1:] == (cfg["dim"],):
+        rec = {**got[0], "reused": True}
+    else:
+        rec = embed_part(model, rows, lo, hi, root, cfg, args, device, stem)
+    return stem, nets.all_gather_objects(rec)  # rank 0 waits here for the slowest rank
 
 
-def slice_names(folder, r=None):
-    r = nets.rank() if r is None else r
-    return (os.path.join(folder, f"embeddings.rank-{r}.npy"),
-            os.path.join(folder, f"rank-{r}.json"))
-
-
-def read_slice(folder, lo, hi, dim):
-    """This rank's finished slice record (reused: True), or None when there is none to trust."""
-    npy, meta = slice_names(folder)
-    try:
-        with open(meta, encoding="utf-8") as f:
-            rec = json.load(f)
-        ok = (rec["start"], rec["stop"]) == (lo, hi) and \
-            np.load(npy, mmap_mode="r").shape == (rec["n"], dim)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return {**rec, "reused": True} if ok else None
-
-
-def embed_slice(model, rows, lo, hi, root, cfg, args, device, folder):
-    """Embed rows[lo:hi] to this rank's slice: vectors first (temp file + rename), the json
-    record last. Skipped rows are listed by their index in rows, with why."""
-    npy, meta = slice_names(folder)
+def embed_part(model, rows, lo, hi, root, cfg, args, device, stem):
+    """Embed rows[lo:hi] to this rank's part. Skipped rows are listed by their index in rows,
+    with why."""
     src, t0 = files.image_source(root), time.time()
     todo = [i for i in range(lo, hi) if src.exists(rows[i]["path"])]
-    there = set(todo)
-    part = npy[:-len(".npy")] + ".partial.npy"
+    there, npy = set(todo), nets.part_stem(stem) + ".npy"
+    os.makedirs(os.path.dirname(npy), exist_ok=True)
     good, bad = embed_to_npy(model, [rows[i]["path"] for i in todo], root, cfg, args, device,
-                             part) if todo else ([], {})
-    if not good:  # embed_to_npy writes no file then
-        np.save(part, np.zeros((0, cfg["dim"]), np.float32))
-    os.replace(part, npy)
+                             npy)
     why = {i: src.absent(rows[i]["path"]) for i in range(lo, hi) if i not in there}
     why.update({todo[j]: reason for j, reason in bad.items()})
     rec = {"rank": nets.rank(), "start": lo, "stop": hi, "n": len(good),
            "skipped": sorted(why.items()), "seconds": round(time.time() - t0, 3)}
-    files.atomic_write(meta, json.dumps(rec))
+    nets.finish_part(stem, rec)
     return {**rec, "reused": False}
 
 
-def join_slices(folder, recs, rows, dst, dim):
-    """The ranks' slices, in rank order, into dst; returns (rows that decoded, [(path, why)])."""
-    parts = [(slice_names(folder, r)[0], rec["n"]) for r, rec in enumerate(recs) if rec["n"]]
-    if parts:
-        copy_rows(dst, parts)
-    else:
-        np.save(dst, np.zeros((0, dim), np.float32))
-    why = dict(kv for rec in recs for kv in rec["skipped"])
+def join_parts(stem, rows, dst):
+    """The ranks' parts, in rank order, into dst; returns (rows that decoded, [(path, why)])."""
+    why = dict(kv for rec in nets.join_parts(stem, dst) for kv in rec["skipped"])
     return ([r for i, r in enumerate(rows) if i not in why],
             [(rows[i]["path"], reason) for i, reason in sorted(why.items())])
 
 
-def remove_slices(folder):
-    """A used slice folder, and INDEX/slices once empty."""
+def remove_parts(stem):
+    """A used parts folder, and INDEX/parts once empty."""
+    folder = os.path.dirname(stem)
     shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
         os.rmdir(os.path.dirname(folder))
 
 
-def report_slices(recs):
+def report_parts(recs):
     """Print what each rank did; returns the embedding time, the slowest rank's seconds."""
     for r, rec in enumerate(recs):
         n = rec["stop"] - rec["start"]
@@ -336,19 +310,19 @@ def report_slices(recs):
 
 
 def build_across_ranks(job, args, device):
-    """--build under torchrun: every rank embeds its slice; rank 0 alone writes the index."""
-    folder, recs = embed_shared(job.model, job.rows, job.root, job.cfg, args, device, "build")
+    """--build under torchrun: every rank embeds its part; rank 0 alone writes the index."""
+    stem, recs = embed_shared(job.model, job.rows, job.root, job.cfg, args, device, "build")
     if not nets.is_main():
         return None
-    dt = report_slices(recs)
+    dt = report_parts(recs)
     with IndexWriter(args.index) as w:
         emb = os.path.join(w.dir, "embeddings.npy")
-        rows, skipped = join_slices(folder, recs, job.rows, emb, job.cfg["dim"])
+        rows, skipped = join_parts(stem, job.rows, emb)
         files.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
         if not rows:
             raise UserError(f"none of the {len(job.rows)} images under {job.root} could be read")
         finish_build(w, emb, job, rows, args)
-    remove_slices(folder)  # its vectors are in the generation now
+    remove_parts(stem)  # its vectors are in the generation now
     print(f"embedded {len(rows)} images on {nets.world()} processes in {dt:.1f} s "
           f"({len(rows) / max(dt, 1e-9):.1f} img/s)" + (
               f"; skipped {len(skipped)}, listed in {args.index}/skipped.csv" if skipped else ""))
@@ -389,13 +363,13 @@ def cmd_train_only(args, device):
     pick = np.sort(np.random.default_rng(args.seed).choice(
         len(job.rows), min(len(job.rows), TRAIN_MAX), replace=False))
     sample = [job.rows[i] for i in pick]
-    folder, recs = embed_shared(job.model, sample, job.root, job.cfg, args, device, "sample")
+    stem, recs = embed_shared(job.model, sample, job.root, job.cfg, args, device, "sample")
     if not nets.is_main():
         return None
-    report_slices(recs)
+    report_parts(recs)
     d = shard_dir(args.index)
-    xs = os.path.join(folder, "sample.npy")
-    good = join_slices(folder, recs, sample, xs, job.cfg["dim"])[0]
+    xs = os.path.join(os.path.dirname(stem), "sample.npy")
+    good = join_parts(stem, sample, xs)[0]
     if not good:
         raise UserError(f"none of the {len(sample)} sampled images under {job.root} could be "
                         "read")
@@ -407,7 +381,7 @@ def cmd_train_only(args, device):
     train_index(index, xb, args.seed)  # the sample as a 1-process --build would draw it
     job.cfg.update(images=job.root, manifest=job.manifest, seed=args.seed)
     plan = write_plan(args.index, index, job.cfg, job.header, job.rows, len(good))
-    remove_slices(folder)
+    remove_parts(stem)
     print(f"trained {kind} on {len(good)} of {len(job.rows)} images "
           f"({job.cfg['index_params']}): {d}/trained.faiss; now --build --shard I/N")
     return plan
@@ -460,16 +434,16 @@ def cmd_build_shard(args, device):
                         "--train-only, or point --images/--manifest at that collection")
     lo, hi = nets.rank_span(len(rows), i, n)
     rows, model = rows[lo:hi], load_model(cfg, device)
-    folder, recs = embed_shared(model, rows, root, cfg, args, device, f"shard-{i}-of-{n}")
+    stem, recs = embed_shared(model, rows, root, cfg, args, device, f"shard-{i}-of-{n}")
     if not nets.is_main():
         return None
-    report_slices(recs)
+    report_parts(recs)
     info = {"shard": i, "of": n, "start": lo, "stop": hi, "rows_sha256": plan["rows_sha256"],
             "config": {k: cfg.get(k) for k in MODEL_KEYS}}
     emb = f"{shard_files(args.index, i)['embeddings']}.{os.getpid()}.tmp.npy"
-    good, skipped = join_slices(folder, recs, rows, emb, cfg["dim"])
+    good, skipped = join_parts(stem, rows, emb)
     info = write_shard(args.index, info, emb, good, skipped, header)
-    remove_slices(folder)
+    remove_parts(stem)
     print(f"shard {i}/{n}: {info['n']} images (rows {lo}..{hi - 1}) in "
           f"{shard_files(args.index, i)['index']}")
     return info
@@ -501,7 +475,7 @@ def cmd_merge_shards(args):
     shards = check_shards(args.index, plan)
     shard_paths = [shard_files(args.index, s["shard"]) for s in shards]
     with IndexWriter(args.index) as w:
-        copy_rows(os.path.join(w.dir, "embeddings.npy"),
+        files.copy_rows(os.path.join(w.dir, "embeddings.npy"),
                   [(f["embeddings"], s["n"]) for f, s in zip(shard_paths, shards, strict=True)])
         join_meta([f["meta"] for f in shard_paths], os.path.join(w.dir, "meta.csv"))
         index = merge_indexes(os.path.join(shard_dir(args.index), "trained.faiss"),

@@ -1353,8 +1353,8 @@ def test_data_memmaps_are_reserved_and_a_full_disk_is_one_line(tmp_path, monkeyp
     assert files.os_error_line(e.value) == (f"no space left on {files.mount_point(tmp_path)} "
                                            f"while writing {tmp_path / 'c.npy'}")
     if os.path.exists("/dev/full"):  # a real ENOSPC from the kernel, on every write
-        monkeypatch.setattr(files, "open", lambda f, *a, **kw: builtins.open(
-            "/dev/full", *a, **kw), raising=False)  # the temp file is written to a full disk
+        monkeypatch.setattr(files, "open", lambda f, mode="r", **kw: builtins.open(
+            "/dev/full" if "w" in mode else f, mode, **kw), raising=False)  # writes: a full disk
         with pytest.raises(OSError) as e:
             files.atomic_write(tmp_path / "d.txt", "x" * 10000)
         assert files.disk_full(e.value) and e.value.filename == str(tmp_path / "d.txt")
@@ -2339,7 +2339,7 @@ def test_crnn_full_disk_is_one_line(demo, tmp_path, monkeypatch, capsys):
     msg = crnn_error(capsys, ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST,
                               "--freeze-backbone", "--epochs", "1", "--out", str(tmp_path)])
     assert re.fullmatch(r"crnn\.py: error: no space left on \S+ while writing \S+/cache/train"
-                        r"\.npy\.\d+\.tmp\.npy", msg), msg
+                        r"\.npy\.\w+\.tmp\.npy", msg), msg
     assert os.listdir(tmp_path / "cache") == []
 
 
@@ -3862,9 +3862,9 @@ def test_retrieve_html_bad_input(built, tmp_path):
 def test_retrieve_torchrun_resumes_a_dead_rank_and_equals_one_process(built, demo, tmp_path,
                                                                        monkeypatch):
     """`torchrun --nproc-per-node 2 retrieve.py --build` after a run whose rank 1 died: rank 0's
-    finished slice is kept, only rank 1's is embedded, and the index equals the 1-process build
+    finished part is kept, only rank 1's is embedded, and the index equals the 1-process build
     `built` row for row. The dead run is played in this process as rank 0 of 2 (a torchrun
-    launch costs ~8 s of CPU in imports): it finishes its slice and is killed while it waits
+    launch costs ~8 s of CPU in imports): it finishes its part and is killed while it waits
     for rank 1, which left a half-written file."""
     index = tmp_path / "idx"
     argv = ["--build", "--images", str(demo / "images"), "--manifest", str(demo / "gallery.csv"),
@@ -3879,9 +3879,10 @@ def test_retrieve_torchrun_resumes_a_dead_rank_and_equals_one_process(built, dem
     with pytest.raises(KeyboardInterrupt):
         retrieve.main(argv)
     monkeypatch.undo()
-    (folder,) = (index / "slices").iterdir()
-    assert sorted(os.listdir(folder)) == ["embeddings.rank-0.npy", "rank-0.json"]
-    (folder / "embeddings.rank-1.partial.npy").write_bytes(b"\x93NUMPY half a slice")
+    (folder,) = (index / "parts").iterdir()
+    assert sorted(os.listdir(folder)) == ["embeddings.part-0-of-2.json",
+                                          "embeddings.part-0-of-2.npy"]
+    (folder / "embeddings.part-1-of-2.npy").write_bytes(b"\x93NUMPY half a part")
     rc, out = torchrun("retrieve.py", *argv)
     assert rc == 0, out[-3000:]
     assert "rank 0: 60 images kept from an earlier run" in out, out[-3000:]
