@@ -46,6 +46,7 @@ import data
 import embed
 import files
 import index as faiss_index  # index.py (`index` names a FAISS index here)
+import metrics
 import nets
 import painter
 import retrieve
@@ -230,8 +231,7 @@ def agreement(a, b, k=5):
             "centred_min": float(same.min()),
             "others": float(c[~np.eye(n, dtype=bool)].max()) if n > 1 else -1.0,
             "top1": float(np.mean(c.argmax(1) == np.arange(n))),
-            "top5_overlap": float(np.mean([len(set(p) & set(q)) / k
-                                           for p, q in zip(na, nb, strict=True)]))}
+            "top5_overlap": metrics.knn_recall(na, nb, k)}
 
 
 def agrees(ag, floor=0.99):
@@ -451,11 +451,6 @@ def latencies(search_one, xq):
     return np.percentile(t, 50), np.percentile(t, 99), np.array(I)
 
 
-def recall_at(I, gt, k=5):
-    """|top-k found & exact top-k| / k, averaged over queries."""
-    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(I, gt, strict=True)]))
-
-
 def our_index(xb, flags):
     args = retrieve.build_parser().parse_args(["--build", *flags])
     t0 = time.perf_counter()
@@ -506,7 +501,7 @@ def bench_search(args, tmp):
             return top[np.argsort(-s[top])]
 
         n50, n99, I = latencies(brute, xq)
-        r = recall_at(I, gt)
+        r = metrics.knn_recall(I, gt, 5)
         rows.append(row("search", f"n={n // 1000}k numpy brute force", n50, n50, "ms", None,
                         False, f"p99 {n99:.2f} ms, recall@5 {r:.3f}", recall_at_5=r,
                         p99_ms=n99))
@@ -520,7 +515,7 @@ def bench_search(args, tmp):
             index, t_build = built[key]
             set_knobs(index, knobs)
             p50, p99, I = latencies(lambda q, ix=index: ix.search(q[None], k)[1][0], xq)
-            r = recall_at(I, gt)
+            r = metrics.knn_recall(I, gt, 5)
             fast = p50 <= 5 and r >= 0.95
             rows.append(row("search", f"n={n // 1000}k {name}", n50, p50, "ms", None, False,
                             f"p99 {p99:.2f} ms, recall@5 {r:.3f}, build {t_build:.1f} s"

@@ -242,6 +242,18 @@ def retrieval_metrics(I, gt, ks=(1, 5)):
     return out
 
 
+def knn_recall(I, I_true, k):
+    """Mean over queries of |first k of I & first k of I_true| / k: how much of the exact k
+    nearest neighbours (I_true) an approximate search (I) found. Ids as from index.search
+    ((nq, >=k) ints; a -1 in I finds nothing)."""
+    I, I_true = np.asarray(I), np.asarray(I_true)
+    _check_k(k)
+    if I.ndim != 2 or I_true.shape[0] != len(I) or min(I.shape[1], I_true.shape[1]) < k:
+        raise ValueError(f"I {I.shape} and I_true {I_true.shape} need (nq, >={k}) each")
+    return float(np.mean([len(set(a[:k].tolist()) & set(b[:k].tolist()) - {-1}) / k
+                          for a, b in zip(I, I_true, strict=True)]))
+
+
 def _sum_precision_at_hits(rel):
     """Sum over the last axis of P@i * rel_i, the numerator of average precision."""
     ranks = np.arange(1, rel.shape[-1] + 1)

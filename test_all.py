@@ -574,7 +574,7 @@ def recall_at_5(index, xb, xq):
     exact.add(xb)
     _, It = exact.search(xq, 5)
     _, I = index.search(xq, 5)
-    return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(I, It, strict=True)])
+    return metrics.knn_recall(I, It, 5)
 
 
 # ============================================================================
@@ -832,6 +832,18 @@ def test_metrics_retrieval_default_keys_and_missing():
     out = metrics.retrieval_metrics(I, np.array([0, 0]))  # ks=(1, 5)
     # query 0 returned nothing; query 1 finds id 0 at rank 5 -> rr 1/5
     assert out == pytest.approx({"top1": 0.0, "recall@5": 0.5, "mrr": (0 + 1 / 5) / 2})
+
+
+def test_metrics_knn_recall_hand():
+    I = np.array([[1, 2, 3], [4, -1, -1]])
+    exact = np.array([[3, 2, 9], [4, 5, 6]])
+    # query 0: {1, 2} & {3, 2} -> 1/2 at k=2; {1, 2, 3} & {3, 2, 9} -> 2/3 at k=3;
+    # query 1: 4 only (a -1 finds nothing) -> 1/2 at k=2, 1/3 at k=3
+    assert metrics.knn_recall(I, exact, 2) == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert metrics.knn_recall(I, exact, 3) == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert metrics.knn_recall(exact, exact, 3) == 1.0
+    with pytest.raises(ValueError):
+        metrics.knn_recall(I, exact, 4)
 
 
 I_ZEROS = np.zeros((2, 3), int)
@@ -1944,6 +1956,16 @@ def test_nets_device_decode_turns_images_upright(monkeypatch):
     six = oriented_jpeg(6)
     assert nets.jpeg_orientation(six[:2] + b"\xff" + six[2:]) == 6  # a fill byte before APP1
     assert nets.jpeg_orientation(b"\xff\xd8\xff\xe1\x00\x10Exif\x00\x00MM\x00") == 1  # cut
+
+
+def test_nets_one_malloc_switch(monkeypatch):
+    """ARTEXTRACT_MALLOC_TUNING=0 or 1 decides; the old ARTEXTRACT_NO_MALLOC_TUNING is not a
+    second switch (it would override the documented one)."""
+    monkeypatch.setenv("ARTEXTRACT_NO_MALLOC_TUNING", "1")
+    monkeypatch.setenv("ARTEXTRACT_MALLOC_TUNING", "1")
+    assert nets.malloc_tuning_wanted() == (True, "ARTEXTRACT_MALLOC_TUNING=1")
+    monkeypatch.setenv("ARTEXTRACT_MALLOC_TUNING", "0")
+    assert nets.malloc_tuning_wanted()[0] is False
 
 
 # ============================================================================
