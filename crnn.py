@@ -665,16 +665,12 @@ def build_parser():
                    help="with --predict: OUT/explain/<name>_<task>.png per image and task, the "
                    "crop, the attention over the grid and the Grad-CAM of the predicted class "
                    "(OUT: --out, else the checkpoint's folder)")
-    r = p.add_argument_group("runtime")
-    r.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
-    r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="DataLoader processes decoding images (0: in the main process)")
-    r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="lower precision where the hardware has it (nets.choose_precision): "
-                   "CUDA sm >= 8.0 (A100, L4, H100) bf16 autocast training and bf16 weights "
-                   "for inference (--eval, --predict, the frozen cache); older GPUs (T4, "
-                   "V100) fp16 autocast + GradScaler and fp16 weights; AMX/Zen 4 CPUs bf16; "
-                   "--no-amp: fp32 throughout")
+    nets.add_runtime_flags(p, "lower precision where the hardware has it "
+                           "(nets.choose_precision): CUDA sm >= 8.0 (A100, L4, H100) bf16 "
+                           "autocast training and bf16 weights for inference (--eval, "
+                           "--predict, the frozen cache); older GPUs (T4, V100) fp16 autocast "
+                           "+ GradScaler and fp16 weights; AMX/Zen 4 CPUs bf16; --no-amp: fp32 "
+                           "throughout")
     return p
 
 

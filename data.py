@@ -644,7 +644,8 @@ def build_parser():
     d.add_argument("--manifest", required=True, help="CSV with path and url columns")
     d.add_argument("--root", required=True, help="images go to ROOT/<path>")
     d.add_argument("--size", type=int, default=512, help="IIIF size to ask for (0: url as is)")
-    d.add_argument("--workers", type=int, default=4, help="requests in flight at most")
+    d.add_argument("--workers", type=int, default=4,
+                   help="download threads: requests in flight at most")
     d.add_argument("--retries", type=int, default=5, help="tries after the first, per file")
     d.add_argument("--backoff", type=float, default=1.0, help="first retry wait, s (x2 each)")
     d.add_argument("--timeout", type=float, default=30.0, help="per request, s")

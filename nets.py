@@ -9,6 +9,7 @@ Holds no data reading (data.py), no drawing (pages.py), no CNN-RNN and no FAISS 
     device = nets.init_distributed(device)          # under torchrun: joins the process group
 """
 
+import argparse
 import contextlib
 import datetime
 import functools
@@ -129,6 +130,19 @@ def mallopt_keep_freed():
         return ok and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False
+
+
+def add_runtime_flags(parser, amp_help, device_help=""):
+    """The runtime flags both scripts take, in a "runtime" group (returned, for a script's own):
+    --device (pick_device), --workers (DataLoader processes) and --amp (choose_precision;
+    amp_help: what it changes in this script). device_help: more on --device here."""
+    r = parser.add_argument_group("runtime")
+    r.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, mps, then cpu)"
+                   + device_help)
+    r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader processes decoding images (0: in the main process)")
+    r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help=amp_help)
+    return r
 
 
 # ----------------------------------------------------------------------------- torch.distributed

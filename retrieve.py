@@ -897,19 +897,15 @@ def build_parser():
                    "failures; --map its page (default: INDEX/map.html)")
     q.add_argument("--eval-queries", type=int, help="copy-detection queries (default: "
                    "min(200, n))")
-    r = p.add_argument_group("runtime")
+    r = nets.add_runtime_flags(p, "--build: embed with bf16 weights on CPUs with fast bf16 "
+                               "(AMX, Zen 4) and CUDA sm >= 8.0, fp16 on older GPUs (T4); "
+                               "--no-amp: fp32. The index records it: queries, --add and "
+                               "--eval embed as it was built", "; with a GPU build of FAISS "
+                               "the index is searched on this one GPU")
     r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="image decoding processes")
-    r.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, mps, then cpu); "
-                   "with a GPU build of FAISS the index is searched on this one GPU")
     r.add_argument("--all-gpus", action="store_true", help="--query/--eval/--map with a GPU "
                    "build of FAISS: a copy of the index on every GPU, queries split over them "
                    "(default: only the --device GPU)")
-    r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="--build: embed with bf16 weights on CPUs with fast bf16 (AMX, Zen 4) "
-                   "and CUDA sm >= 8.0, fp16 on older GPUs (T4); --no-amp: fp32. The index "
-                   "records it: queries, --add and --eval embed as it was built")
     r.add_argument("--seed", type=int, default=0, help="init, samples, copies")
     return p
 
