@@ -512,13 +512,9 @@ def collect_images(inputs):
     paths, skipped = [], 0
     for p in inputs:
         if os.path.isdir(p):
-            for d, subdirs, names in os.walk(p):
-                subdirs.sort()
-                for name in sorted(names):
-                    if name.lower().endswith(files.IMAGE_EXTS):
-                        paths.append(os.path.join(d, name))
-                    else:
-                        skipped += 1
+            rel, others = files.scan_images(p)
+            paths += [os.path.join(p, *r.split("/")) for r in rel]
+            skipped += others
         elif os.path.isfile(p):
             paths.append(p)
         else:

@@ -232,19 +232,6 @@ def loader_over(ds, collate, args, device):
 
 # ----------------------------------------------------------------------------- collection
 
-def scan_images(root, skip_dir=None):
-    """Sorted relative paths of the images under root, a folder (not under skip_dir) or a zip;
-    other files count."""
-    paths, others = [], 0
-    for rel in files.image_source(root).members(skip_dir):
-        name = rel.rsplit("/", 1)[-1]
-        if name.lower().endswith(files.IMAGE_EXTS) and not name.startswith("."):
-            paths.append(rel)
-        else:
-            others += 1
-    return paths, others
-
-
 def read_collection(root, manifest, index_dir):
     """(header, rows) of the images to index: the manifest's rows, or a scan of root."""
     files.image_source(root)  # a folder or a zip, there and readable: else one line here
@@ -257,7 +244,7 @@ def read_collection(root, manifest, index_dir):
         if len(uniq) < len(rows):
             print(f"note: {len(rows) - len(uniq)} repeated paths in {manifest} indexed once")
         return list(rows[0]), uniq
-    paths, others = scan_images(root, index_dir)
+    paths, others = files.scan_images(root, index_dir)
     if others:
         print(f"skipped {others} non-image files under {root}")
     if not paths:

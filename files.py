@@ -530,6 +530,20 @@ class FolderImages:
         return out
 
 
+def scan_images(root, skip_dir=None):
+    """(relative paths of the images under root, a folder (not under skip_dir) or a zip, in
+    members() order; how many other files there are): the one image lister (retrieve's
+    collection, crnn's --predict folders). Names starting with '.' are no images."""
+    paths, others = [], 0
+    for rel in image_source(root).members(skip_dir):
+        name = rel.rsplit("/", 1)[-1]
+        if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
+            paths.append(rel)
+        else:
+            others += 1
+    return paths, others
+
+
 @functools.lru_cache(maxsize=4)
 def open_zip(path, mtime_ns, size):
     """One ZipImages per zip file and version: reading the central directory of 81k members
