@@ -327,7 +327,7 @@ def cache_key(args, precision):
     """What the cached maps depend on: a change rebuilds the cache."""
     w = args.weights
     if w not in ("imagenet", "none") and os.path.isfile(w):
-        w += f"@{os.path.getsize(w)}:{int(os.path.getmtime(w))}"
+        w += f"@sha256:{files.file_sha256(w)[:16]}"  # the file's bytes, not its name or date
     seed = f"|seed {args.seed}" if w == "none" else ""  # random weights depend on the seed
     return f"{args.backbone}|{w}|{args.img_size}px{seed}" + \
         (f"|{precision}" if precision != "fp32" else "")

@@ -11,7 +11,6 @@ backbone, device and precision are nets.py's.
 """
 
 import contextlib
-import hashlib
 import os
 import time
 from collections import Counter
@@ -70,14 +69,6 @@ class CkptEmbedder(nn.Module):
         return F.normalize(self.model.embed(x).float(), dim=1)
 
 
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_model(cfg, device, why="as the index was built"):
     """The embedder that cfg describes, on device, eval mode, its backbone in cfg["precision"]
     (BN folded, channels_last; pooling and normalisation in fp32); fills cfg["dim"] when
@@ -126,7 +117,7 @@ def check_same_model(args, cfg):
         if val is None or val == was:
             continue
         if key in ("weights", "ckpt") and os.path.isfile(val) and \
-                file_sha256(val) == cfg.get(f"{key}_sha256"):
+                files.file_sha256(val) == cfg.get(f"{key}_sha256"):
             continue  # the same file under another name
         flag = "--" + key.replace("_", "-")
         built = f"{flag} {was}" if was is not None else f"no {flag}" + \
@@ -135,7 +126,7 @@ def check_same_model(args, cfg):
                         "use the index's own setting, or rebuild with --build")
     for key in ("weights", "ckpt"):
         path, sha = cfg.get(key), cfg.get(f"{key}_sha256")
-        if sha and (not os.path.isfile(path) or file_sha256(path) != sha):
+        if sha and (not os.path.isfile(path) or files.file_sha256(path) != sha):
             raise UserError(f"--{key} file {path} is missing or changed since the index was "
                             "built: restore it or rebuild with --build")
     if cfg["precision"] not in nets.PRECISIONS:  # queries embed in it: one nets knows
@@ -153,7 +144,7 @@ def model_config(args):
         path = cfg[key] if cfg[key] not in (None, "imagenet", "none") else None
         if path and not os.path.isfile(path):
             raise UserError(f"--{key} file not found: {path}")
-        cfg[f"{key}_sha256"] = file_sha256(path) if path else None
+        cfg[f"{key}_sha256"] = files.file_sha256(path) if path else None
     if cfg["ckpt"]:
         typed = [f"--{k.replace('_', '-')}" for k in ("backbone", "weights", "pool", "grid",
                                                         "img_size") if getattr(args, k)]

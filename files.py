@@ -18,6 +18,7 @@ import contextlib
 import csv
 import errno
 import functools
+import hashlib
 import io
 import json
 import math
@@ -164,6 +165,23 @@ def atomic_write(path, data, mode="w", durable=False):
     kw = {} if "b" in mode else {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
     with replaced(path, durable) as tmp, writing(path), open(tmp, mode, **kw) as f:
         f.write(data)
+
+
+def file_sha256(path):
+    """sha256 (hex) of a file's bytes: the one identity of a weights file (the index records it
+    as weights_sha256, crnn's feature cache keys on it): a copy under another name is the same
+    file, any changed byte another. Hashed once per (path, size, mtime) in a process."""
+    st = os.stat(path)
+    return sha256_of(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def sha256_of(path, size, mtime_ns):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_output(path, flag):

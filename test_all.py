@@ -2281,6 +2281,21 @@ def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
     assert not [f for f in os.listdir(tmp_path / "cache") if ".tmp" in f]
 
 
+def test_crnn_cache_key_is_the_weights_bytes(tmp_path):
+    """The feature cache keys a weights file as the index does, by its sha256: a copy under
+    another name (or touched) keeps the cache, a changed byte rebuilds it."""
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"w": torch.zeros(3)}, a)
+    shutil.copy(a, b)
+    os.utime(b, (1, 1))
+    key = lambda w: crnn_data.cache_key(argparse.Namespace(  # noqa: E731
+        weights=str(w), backbone="resnet18", img_size=64, seed=0), "fp32")
+    assert key(a) == f"resnet18|{a}@sha256:{files.file_sha256(a)[:16]}|64px"
+    assert key(a).split("@")[1] == key(b).split("@")[1]  # the same bytes, another name and date
+    torch.save({"w": torch.ones(3)}, b)
+    assert key(a).split("@")[1] != key(b).split("@")[1]
+
+
 def test_crnn_patience_stops_early(demo, tmp_path, capsys):
     crnn.main(["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, "--freeze-backbone",
                "--lr", "0", "--epochs", "6", "--patience", "2", "--out", str(tmp_path)])
