@@ -176,15 +176,18 @@ class Fit:
 
 
 def train_step(fit, x, y):
+    """One optimizer step on the batch x, y (x None: no image decoded). Returns (loss, images);
+    loss None when no image in it has a label (no step)."""
+    if x is None:
+        return None, 0
     with nets.autocast(fit.device, fit.amp):
         logits = fit.fwd(to_device(x, fit.device))
     loss = multitask_loss(logits, y.to(fit.device), fit.ce_weights, fit.smoothing, fit.offsets)
     if loss is None:
-        return None
-    if not torch.isfinite(loss):
-        return loss.item()
-    optimizer_step(fit, loss)
-    return loss.item()
+        return None, len(y)
+    if torch.isfinite(loss):
+        optimizer_step(fit, loss)
+    return loss.item(), len(y)
 
 
 def optimizer_step(fit, loss, idle=()):
@@ -211,22 +214,29 @@ def optimizer_step(fit, loss, idle=()):
 
 
 def train_one_epoch(fit, loader, batches, y, label):
-    """Mean loss, images used and the [(row, reason)] skipped as unreadable."""
-    fit.model.train()
-    if fit.frozen:
-        fit.model.backbone.eval()  # frozen BatchNorm keeps its running statistics
+    """The one training loop: mean loss, images used and the [(row, reason)] skipped as
+    unreadable. Under torchrun (fit.ddp) the loader yields this rank's share of each global
+    batch in `batches` and every rank takes one step per global batch (ddp_train_step); loss,
+    images and skipped then count all ranks. A loss that is not finite ends the epoch (on
+    every rank: each sees the same summed loss) and is returned."""
+    train_mode(fit)
+    if fit.ddp is not None:
+        seed_all(torch.initial_seed() + 104_729 * nets.rank())  # own dropout (crops: Augmented)
+    step = train_step if fit.ddp is None else ddp_train_step
     prog = files.Progress(sum(len(b) for b in batches), label)
     total, seen, skipped = 0.0, 0, []
     for expected, (x, idx, failed) in zip(batches, loader, strict=True):
         skipped += failed
-        if x is not None:
-            got = idx.tolist()
-            loss = train_step(fit, x, torch.from_numpy(y[got]))
-            if loss is not None and not math.isfinite(loss):
-                return {"loss": loss, "images": seen, "skipped": skipped}
-            total, seen = total + (loss or 0.0) * len(got), seen + len(got)
+        got = [] if x is None else idx.tolist()
+        loss, n = step(fit, x if got else None, torch.from_numpy(y[got]))
+        total, seen = total + (loss or 0.0) * n, seen + n
+        if loss is not None and not math.isfinite(loss):
+            break
         prog.update(len(expected), f"loss {total / max(seen, 1):.3f}")
-    return {"loss": total / max(seen, 1), "images": seen, "skipped": skipped}
+    if fit.ddp is not None:
+        skipped = sum(nets.all_gather_objects(skipped), [])
+    return {"loss": total / max(seen, 1) if math.isfinite(total) else total, "images": seen,
+            "skipped": skipped}
 
 
 @torch.no_grad()
@@ -473,27 +483,6 @@ def train_mode(fit):
         fit.model.backbone.eval()  # frozen BatchNorm keeps its running statistics
 
 
-def ddp_train_one_epoch(fit, loader, batches, y, label):
-    """train_one_epoch under torchrun: the loader yields this rank's share of each global batch
-    in `batches`; every rank takes one step per global batch. Loss, images and skipped count
-    all ranks."""
-    train_mode(fit)
-    seed_all(torch.initial_seed() + 104_729 * nets.rank())  # own dropout draws (crops: Augmented)
-    prog = files.Progress(sum(len(b) for b in batches), label)
-    total, seen, skipped = 0.0, 0, []
-    for expected, (x, idx, failed) in zip(batches, loader, strict=True):
-        skipped += failed
-        got = [] if x is None else idx.tolist()
-        loss, n = ddp_train_step(fit, x if got else None, torch.from_numpy(y[got]))
-        total, seen = total + (loss or 0.0) * n, seen + n
-        if loss is not None and not math.isfinite(loss):
-            break  # every rank sees the same summed loss, so every rank stops here
-        prog.update(len(expected), f"loss {total / max(seen, 1):.3f}")
-    skipped = sum(nets.all_gather_objects(skipped), [])
-    return {"loss": total / max(seen, 1) if math.isfinite(total) else total, "images": seen,
-            "skipped": skipped}
-
-
 def ddp_train_step(fit, x, y):
     """One optimizer step on every rank for one global batch, of which x, y are this rank's
     share (x None: none). Returns (the whole batch's loss, its images); loss None when no
@@ -573,8 +562,7 @@ def run_epoch(fit, feeds, table, args, epoch, state):
     seed_all(epoch_seed(args.seed, epoch))
     feeds.sampler.set_epoch(epoch)
     t0 = time.time()
-    train = train_one_epoch if fit.ddp is None else ddp_train_one_epoch
-    tr = train(fit, feeds.train, feeds.sampler.batches, table.y, f"epoch {epoch}")
+    tr = train_one_epoch(fit, feeds.train, feeds.sampler.batches, table.y, f"epoch {epoch}")
     if not math.isfinite(tr["loss"]):
         raise UserError(f"loss became {tr['loss']} in epoch {epoch}: training stopped; "
                         f"{os.path.join(args.out, 'last.pt')} holds the last good epoch "
