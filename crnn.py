@@ -631,7 +631,8 @@ def build_parser():
                    "weight 1/count of their style class (rare ones repeat, common ones go "
                    "unseen)")
     t.add_argument("--patience", type=int, default=0,
-                   help="stop after N epochs without a better val mean F1 (0: never)")
+                   help="stop after N epochs without a better dev (else val) mean F1 (0: "
+                   "never)")
     t.add_argument("--freeze-backbone", action="store_true",
                    help="cache the frozen backbone's maps (fp16, OUT/cache) and train only the "
                    "RNN and heads from them: no augmentation, >= 20x faster epochs")

@@ -113,6 +113,8 @@ def read_checkpoint(path):
                         "one cut short or damaged") from None
     if not isinstance(ckpt, dict) or ckpt.get("arch") != ARCH:
         raise UserError(f"{path} is not a crnn.py checkpoint (another architecture or format)")
+    if "dev" not in ckpt and "val" in ckpt:  # the dev scores' name before issue 22
+        ckpt["dev"] = ckpt.pop("val")
     return ckpt
 
 

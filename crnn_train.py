@@ -393,13 +393,13 @@ class Feeds:
     offsets: list
     sampler: EpochBatches
     train: object
-    val: object
+    dev: object  # the selection split's batches: dev, else val
     cache_failed: list  # [(manifest row, why)] left out of the feature cache
     skipped: dict = field(default_factory=dict)  # row -> why it did not decode: skipped.csv
 
 
 def make_feeds(model, table, args, device):
-    """Train batches, and `val`: the selection split's (dev, else val; never test)."""
+    """Train batches, and `dev`: the selection split's (dev, else val; never test)."""
     labelled, sel = (table.y >= 0).any(1), selection_split(table)
     rows = {s: np.flatnonzero((table.split == s) & labelled) for s in ("train", sel)}
     if not len(rows["train"]) or not len(rows[sel]):
@@ -410,10 +410,10 @@ def make_feeds(model, table, args, device):
         sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw, seeds=True)
         ds = [files.ImageDataset(table.paths, args.root, nets.make_transform(args.img_size, aug),
                                 args.img_size) for aug in (True, False)]
-        val = image_loader(ds[1], RankShare(sequential(rows[sel], args.batch_size)), args,
+        dev = image_loader(ds[1], RankShare(sequential(rows[sel], args.batch_size)), args,
                            device)
         return Feeds(model, ce, offsets, sampler,
-                     image_loader(Augmented(ds[0]), RankShare(sampler), args, device), val, [])
+                     image_loader(Augmented(ds[0]), RankShare(sampler), args, device), dev, [])
     where, feats, skipped = np.full(len(table.paths), -1), {}, []
     precision, why = nets.inference_precision(device, args.amp)
     nets.say_precision(precision, why + ", the frozen backbone's cache")
@@ -426,9 +426,9 @@ def make_feeds(model, table, args, device):
             draw = draw[ok]
         rows[s] = rows[s][ok]
     sampler = EpochBatches(rows["train"], args.batch_size, args.seed, draw)
-    val = CachedBatches(feats[sel], where, RankShare(sequential(rows[sel], args.batch_size)))
+    dev = CachedBatches(feats[sel], where, RankShare(sequential(rows[sel], args.batch_size)))
     return Feeds(model.classify, ce, offsets, sampler,
-                 CachedBatches(feats["train"], where, RankShare(sampler)), val, skipped)
+                 CachedBatches(feats["train"], where, RankShare(sampler)), dev, skipped)
 
 
 def make_fit(model, feeds, args, device, amp):
@@ -532,13 +532,13 @@ def share_loss(fit, x, y, div):
 # ----------------------------------------------------------------------------- the run
 
 def epoch_line(rec, epochs, mark):
-    val = rec["val"]
-    parts = [f"{t} acc {v['acc']:.3f} f1 {v['macro_f1']:.3f}" for t, v in val["tasks"].items()]
+    dev = rec["dev"]
+    parts = [f"{t} acc {v['acc']:.3f} f1 {v['macro_f1']:.3f}" for t, v in dev["tasks"].items()]
     return (f"epoch {rec['epoch']}/{epochs}: loss {rec['loss']:.4f} | {rec['split']} "
             f"{', '.join(parts)} | "
-            f"mean f1 {val['mean_f1']:.4f}{mark} | {rec['time_s']:.1f} s, train "
+            f"mean f1 {dev['mean_f1']:.4f}{mark} | {rec['time_s']:.1f} s, train "
             f"{rec['img_per_s']:.1f} img/s, lr {rec['lr']:.2e} | skipped {rec['skipped']} "
-            f"train + {rec['skipped_val']} val")
+            f"train + {rec['skipped_dev']} {rec['split']}")
 
 
 def list_skipped(feeds, table, out, failed):
@@ -568,23 +568,23 @@ def run_epoch(fit, feeds, table, args, epoch, state):
                         f"{os.path.join(args.out, 'last.pt')} holds the last good epoch "
                         "(try a lower --lr or --no-amp)")
     t_train = time.time() - t0
-    val = evaluate(fit.model, fit.fwd, feeds.val, table.y, table.tasks, fit.device, fit.amp)
-    skipped_val = val.pop("skipped")
-    best, sel = val["mean_f1"] > state["best"], selection_split(table)
-    state = {"epoch": epoch, "best": max(val["mean_f1"], state["best"]),  # "val": the scores
-             "bad_epochs": 0 if best else state["bad_epochs"] + 1, "val": val,  # on `sel`
-             "selected_on": sel}
+    dev = evaluate(fit.model, fit.fwd, feeds.dev, table.y, table.tasks, fit.device, fit.amp)
+    skipped_dev = dev.pop("skipped")
+    best, sel = dev["mean_f1"] > state["best"], selection_split(table)
+    state = {"epoch": epoch, "best": max(dev["mean_f1"], state["best"]),  # "dev": the scores
+             "bad_epochs": 0 if best else state["bad_epochs"] + 1, "dev": dev,  # on `sel`,
+             "selected_on": sel}  # which is val for a manifest without a dev split
     if nets.is_main():  # under torchrun every rank holds the same weights: one writes them
         save_checkpoint(fit, args.out, state, table, args, best)
     rec = {"epoch": epoch, "loss": tr["loss"], "lr": fit.opt.param_groups[0]["lr"],
            "time_s": time.time() - t0, "img_per_s": tr["images"] / max(t_train, 1e-9),
-           "skipped": len(tr["skipped"]), "skipped_val": len(skipped_val),
-           "best": state["best"], "split": sel, "val": val}
+           "skipped": len(tr["skipped"]), "skipped_dev": len(skipped_dev),
+           "best": state["best"], "split": sel, "dev": dev}
     print(epoch_line(rec, args.epochs, " *" if best else ""))
-    for t, v in val["tasks"].items():
+    for t, v in dev["tasks"].items():
         if v["collapse"]:
             print(collapse_warning(t, v["collapse"], table.classes[t], sel, args.balance))
-    list_skipped(feeds, table, args.out, tr["skipped"] + skipped_val)
+    list_skipped(feeds, table, args.out, tr["skipped"] + skipped_dev)
     if nets.is_main():
         files.append_jsonl(os.path.join(args.out, "log.jsonl"), rec)
     return state

@@ -2028,10 +2028,10 @@ def test_crnn_learns_demo_above_chance(trained):
     assert [r["epoch"] for r in log] == list(range(1, 13))
     assert log[-1]["loss"] < log[0]["loss"] - 1.0  # summed over 3 tasks, starts near 5.0
     model, ckpt = crnn.load_checkpoint(str(trained / "best.pt"))
-    val = ckpt["val"]
-    assert ckpt["best"] == max(r["val"]["mean_f1"] for r in log)
-    assert val["tasks"]["style"]["acc"] > 0.45  # 6 styles: chance 0.17
-    assert val["mean_f1"] > 0.35  # mean macro-F1 over 3 tasks: chance ~0.2
+    dev = ckpt["dev"]
+    assert ckpt["best"] == max(r["dev"]["mean_f1"] for r in log)
+    assert dev["tasks"]["style"]["acc"] > 0.45  # 6 styles: chance 0.17
+    assert dev["mean_f1"] > 0.35  # mean macro-F1 over 3 tasks: chance ~0.2
     assert set(ckpt["classes"]) == {"style", "artist", "genre"}
     assert model.embed(torch.randn(2, 3, 64, 64)).shape == (2, 512)  # 2 x --hidden 256
 
@@ -2096,7 +2096,7 @@ def test_crnn_resume_in_a_new_process_equals_uninterrupted(demo, tmp_path, monke
     assert a["epoch"] == b["epoch"] == 2
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), (k, (v.float() - b["model"][k].float()).abs().max())
-    assert a["val"] == b["val"]
+    assert a["dev"] == b["dev"]
     logs = [[json.loads(ln)["loss"] for ln in open(tmp_path / d / "log.jsonl")] for d in "ab"]
     assert logs[0] == logs[1] and len(logs[0]) == 2
 
@@ -2296,6 +2296,17 @@ def test_crnn_cache_key_is_the_weights_bytes(tmp_path):
     assert key(a).split("@")[1] != key(b).split("@")[1]
 
 
+@pytest.mark.xdist_group("trained")
+def test_crnn_reads_old_checkpoints_val_as_dev(trained, tmp_path):
+    """Checkpoints before issue 22 kept the dev scores under "val": they load with them as
+    "dev", and --eval still reads such a checkpoint."""
+    ckpt = torch.load(trained / "best.pt", weights_only=True)
+    ckpt["val"] = ckpt.pop("dev")
+    torch.save(ckpt, tmp_path / "old.pt")
+    got = crnn.load_checkpoint(str(tmp_path / "old.pt"))[1]
+    assert got["dev"] == ckpt["val"] and "val" not in got
+
+
 def test_crnn_patience_stops_early(demo, tmp_path, capsys):
     crnn.main(["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, "--freeze-backbone",
                "--lr", "0", "--epochs", "6", "--patience", "2", "--out", str(tmp_path)])
@@ -2319,7 +2330,7 @@ def test_crnn_corrupt_images_skipped_and_counted(demo, tmp_path, capsys):
     crnn.main(["--train", *args, "--epochs", "1", "--out", str(tmp_path / "run")])
     assert "skipped 2 train + 1 val" in capsys.readouterr().out
     rec = json.loads(open(tmp_path / "run" / "log.jsonl").readline())
-    assert rec["skipped"] == 2 and rec["skipped_val"] == 1
+    assert rec["skipped"] == 2 and rec["skipped_dev"] == 1
     listed = files.read_csv(tmp_path / "run" / "skipped.csv")
     assert sorted(r["path"] for r in listed) == sorted(r["path"] for r in bad)
     assert all(r["reason"].startswith("cannot decode") for r in listed)
@@ -2453,7 +2464,7 @@ def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeyp
                                    rtol=0, msg=k)
     # validation on all ranks' predictions gathered: all 30 val images, and the metrics that
     # one process computes from the same weights and features
-    assert b["val"]["images"] == a["val"]["images"] == 30
+    assert b["dev"]["images"] == a["dev"]["images"] == 30
     model = crnn.load_checkpoint(str(two / "last.pt"))[0]
     with torch.no_grad():
         logits = model.classify(torch.from_numpy(np.load(two / "cache" / "val.npy")).float())
@@ -2462,7 +2473,7 @@ def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeyp
     for j, t in enumerate(table.tasks):
         m = y[:, j] >= 0
         acc = (logits[t].argmax(1).numpy()[m] == y[m, j]).mean()
-        assert b["val"]["tasks"][t]["n"] == m.sum() and b["val"]["tasks"][t]["acc"] == \
+        assert b["dev"]["tasks"][t]["n"] == m.sum() and b["dev"]["tasks"][t]["acc"] == \
             pytest.approx(acc), t
 
 
@@ -2514,7 +2525,7 @@ def test_crnn_eval_writes_every_file(trained, demo, tmp_path, capsys):
         assert np.array_equal(cm, metrics.confusion_matrix(y, p, len(classes[t])))
         assert f"top-3 accuracy {summary[t]['top3']:.4f}" in (out / "report.txt").read_text()
     ckpt = torch.load(trained / "best.pt", weights_only=True)
-    assert summary["style"]["accuracy"] == pytest.approx(ckpt["val"]["tasks"]["style"]["acc"])
+    assert summary["style"]["accuracy"] == pytest.approx(ckpt["dev"]["tasks"]["style"]["acc"])
     for t in tasks:  # the trained model: baselines beside it, and the guard silent
         base = summary[t]["baselines"]
         assert base["majority"]["name"] == classes[t][int(np.argmax(ckpt["train_counts"][t]))]
@@ -2643,7 +2654,7 @@ def test_crnn_eval_uses_the_checkpoints_classes(trained, demo, tmp_path):
                      str(tmp_path / "manifest.csv"), "--root", str(demo / "images"), "--out",
                      str(tmp_path / "eval"), "--workers", "0"])
     ckpt = torch.load(trained / "best.pt", weights_only=True)
-    assert res["style"]["accuracy"] == pytest.approx(ckpt["val"]["tasks"]["style"]["acc"])
+    assert res["style"]["accuracy"] == pytest.approx(ckpt["dev"]["tasks"]["style"]["acc"])
 
 
 @pytest.mark.xdist_group("trained")
