@@ -588,10 +588,10 @@ def build_parser():
     mode.add_argument("--eval", action="store_true",
                       help="report on the test split of --data (else val; see --split)")
     mode.add_argument("--predict", nargs="+", metavar="IMG", help="image files or folders")
-    p.add_argument("--data", help="manifest CSV from data.py (default: demo/manifest.csv; "
-                   "--eval: the checkpoint's)")
-    p.add_argument("--root", help="image folder or .zip read in place (default: images/ "
-                   "beside --data)")
+    p.add_argument("--data", "--manifest", help="manifest CSV from data.py (default: "
+                   "demo/manifest.csv; --eval: the checkpoint's); --manifest as in retrieve.py")
+    p.add_argument("--root", "--images", help="image folder or .zip read in place (default: "
+                   "images/ beside --data); --images as in retrieve.py")
     p.add_argument("--classes", help="class lists (default: classes.json beside --data, else "
                    "the sorted labels of the manifest)")
     p.add_argument("--out", help="output folder (default: runs/<the manifest's folder>, "

@@ -849,12 +849,13 @@ def build_parser():
                       "an ivfpq or ivf-flat index on it and store it empty (INDEX/shards)")
     mode.add_argument("--merge-shards", metavar="INDEX", help="sharded build, step 3: merge "
                       "INDEX/shards into one index (a new generation of INDEX)")
-    p.add_argument("--images", help=f"image folder, or a .zip read in place; paths are stored "
-                   f"relative to it (default: "
-                   f"{DEFAULT_IMAGES} for --build, else the index's root)")
-    p.add_argument("--manifest", help=f"CSV with a path column (default: {DEFAULT_MANIFEST} "
-                   "with the default --images if it exists, else every image under --images; "
-                   "--add: the index's manifest unless --images is given)")
+    p.add_argument("--images", "--root", help=f"image folder, or a .zip read in place; paths "
+                   f"are stored relative to it (default: {DEFAULT_IMAGES} for --build, else the "
+                   "index's root); --root as in crnn.py")
+    p.add_argument("--manifest", "--data", help=f"CSV with a path column (default: "
+                   f"{DEFAULT_MANIFEST} with the default --images if it exists, else every image "
+                   "under --images; --add: the index's manifest unless --images is given); "
+                   "--data as in crnn.py")
     p.add_argument("--index", default=DEFAULT_INDEX, help="index folder")
     p.add_argument("--shard", metavar="I/N", help="with --build, sharded build step 2: embed "
                    "the I-th of N contiguous parts of the collection and add it to a copy of the "

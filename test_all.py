@@ -2847,6 +2847,16 @@ def test_crnn_predict_explain_writes_pngs(trained, demo, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------- bad input
 
+def test_crnn_and_retrieve_take_both_spellings():
+    """The manifest and the image folder are --data/--root in crnn.py and --manifest/--images
+    in retrieve.py: each script takes the other's spelling for the same thing."""
+    for parser, mode, dests in ((crnn.build_parser(), "--train", ("data", "root")),
+                                (retrieve.build_parser(), "--build", ("manifest", "images"))):
+        for flags in (("--data", "--root"), ("--manifest", "--images")):
+            args = parser.parse_args([mode, flags[0], "m.csv", flags[1], "pics"])
+            assert (getattr(args, dests[0]), getattr(args, dests[1])) == ("m.csv", "pics"), flags
+
+
 
 def test_a_device_this_machine_lacks_is_one_line(demo, capsys, monkeypatch):
     """--device cuda on a machine without a usable GPU (a CPU runtime in Colab, a typo) used to
