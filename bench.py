@@ -672,7 +672,7 @@ def write_shards(folder, n, d, shards, tmp):
         retrieve.train_index(index, synthetic_embeddings(n_train, d, seed=7))
     plan = retrieve.write_plan(folder, index, cfg, ["path"], rows, n_train)
     for i in range(shards):
-        lo, hi = nets.rank_span(n, i, shards)
+        lo, hi = nets.rank_part(n, i, shards)
         emb = os.path.join(tmp, f"shard{i}.npy")  # write_shard moves it into the folder
         write_vectors(emb, hi - lo, d)
         info = {"shard": i, "of": shards, "start": lo, "stop": hi,

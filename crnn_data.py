@@ -337,7 +337,7 @@ def feature_cache(model, table, rows, split, args, device, precision, said=False
     """(fp16 memmap (n, C, H, W) of the frozen backbone's maps for `rows`, ok mask, failed
     [(position, reason)]). A cache for other paths or settings, or one that does not load
     (a run killed while writing it, a full disk), is built anew. said: the caller has
-    already said where this cache came from. part: one torchrun rank's share, which may hold
+    already said where this cache came from. part: one torchrun rank's part, which may hold
     no readable image (or none at all) and is still written."""
     d = args.cache or os.path.join(args.out, "cache")
     npy, meta = os.path.join(d, f"{split}.npy"), os.path.join(d, f"{split}.json")
@@ -359,10 +359,10 @@ def feature_cache(model, table, rows, split, args, device, precision, said=False
 
 
 def shared_feature_cache(model, table, rows, split, args, device, precision):
-    """feature_cache under torchrun: each rank builds the cache of its contiguous share of rows
-    (split.part-R-of-W.npy, kept if an earlier run finished it), rank 0 joins the shares into
+    """feature_cache under torchrun: each rank builds the cache of its contiguous part of rows
+    (split.part-R-of-W.npy, kept if an earlier run finished it), rank 0 joins the parts into
     the one cache, and every rank reads that whole. One process: feature_cache itself.
-    A rank whose share is empty (more ranks than rows) or unreadable writes an empty part
+    A rank whose part is empty (more ranks than rows) or unreadable writes an empty part
     and joins every barrier; only a split with no readable image at all is an error, the
     same one on every rank."""
     if nets.world() == 1:
@@ -370,7 +370,7 @@ def shared_feature_cache(model, table, rows, split, args, device, precision):
     d = args.cache or os.path.join(args.out, "cache")
     joined = not cache_ready(d, split, [table.paths[i] for i in rows], cache_key(args, precision))
     if joined:
-        lo, hi = nets.rank_span(len(rows))
+        lo, hi = nets.rank_part(len(rows))
         stem = os.path.join(d, split)
         feature_cache(model, table, rows[lo:hi], os.path.basename(nets.part_stem(stem)), args,
                       device, precision, part=True)
@@ -417,7 +417,7 @@ def join_cache_parts(stem):
 @torch.no_grad()
 def build_cache(model, paths, npy, meta, key, args, device, precision, part=False):
     """The frozen backbone's maps of root/paths into npy (fp16, zeros where an image failed) by
-    nets.rows_to_npy, then meta, the json that says what they are. part: a rank's share, which
+    nets.rows_to_npy, then meta, the json that says what they are. part: a rank's part, which
     is written even when no image in it decodes (none, or too few rows for a batch)."""
     ds = files.ImageDataset(paths, args.root, nets.make_transform(args.img_size), args.img_size)
     loader = image_loader(ds, sequential(np.arange(len(paths)), args.batch_size), args, device)

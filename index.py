@@ -285,9 +285,10 @@ def drop_self(I, ids, k):
 
 
 POINTER, LOCK = "CURRENT", "lock"
-# Work that outlives a failed write: torchrun ranks' finished slices (INDEX/slices) and a
-# sharded build's trained index and shards (INDEX/shards); never read by a query.
-WORK_DIRS = ("slices", "shards")
+# Work that outlives a failed write: torchrun ranks' finished parts (INDEX/parts; INDEX/slices
+# before issue 22) and a sharded build's trained index and shards (INDEX/shards); never read
+# by a query.
+WORK_DIRS = ("parts", "slices", "shards")
 CONFIG_FIELDS = ("dim", "n", "index_type", "index_params", "pca", "index_dim", "backbone",
                  "weights", "ckpt", "img_size", "pool", "grid", "init_seed", "images",
                  "manifest")

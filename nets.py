@@ -209,8 +209,8 @@ def close_distributed():
         dist.destroy_process_group()
 
 
-def rank_span(n, r=None, w=None):
-    """(start, stop) of rank r's contiguous share of n items (default: this rank's): shares
+def rank_part(n, r=None, w=None):
+    """(start, stop) of rank r's contiguous part of n items (default: this rank's): parts
     differ in size by at most one and, in rank order, cover 0..n-1."""
     r, w = rank() if r is None else r, world() if w is None else w
     return n * r // w, n * (r + 1) // w
@@ -253,7 +253,7 @@ def all_sum(values):
 
 # ----------------------------------------------------------------------------- per-rank parts
 # Work split over torchrun ranks (crnn's feature cache, retrieve's embeddings) is written in
-# parts: rank R writes the rows of its share (rank_span) to STEM.part-R-of-W.npy, then the
+# parts: rank R writes the rows of its part (rank_part) to STEM.part-R-of-W.npy, then the
 # record of what they are to STEM.part-R-of-W.json, last and by rename, so that a json marks a
 # finished part: the same command after a crash keeps it (read_part). Rank 0 then joins the
 # parts in rank order into one .npy (join_parts) and removes them (remove_parts).

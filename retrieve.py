@@ -255,7 +255,7 @@ def embed_shared(model, rows, root, cfg, args, device, purpose):
     earlier run finished. Returns (parts stem, [each rank's part record, in rank order]) on
     every rank, once all ranks are done."""
     stem = parts_stem(args.index, purpose, cfg, root, rows)
-    lo, hi = nets.rank_span(len(rows))
+    lo, hi = nets.rank_part(len(rows))
     got = nets.read_part(stem)
     if got and (got[0].get("start"), got[0].get("stop")) == (lo, hi) and \
             got[1].shape[1:] == (cfg["dim"],):
@@ -432,7 +432,7 @@ def cmd_build_shard(args, device):
         raise UserError(f"{root}: not the {plan['rows']} images the trained index was planned "
                         f"for ({len(rows)} images, or another order): train again with "
                         "--train-only, or point --images/--manifest at that collection")
-    lo, hi = nets.rank_span(len(rows), i, n)
+    lo, hi = nets.rank_part(len(rows), i, n)
     rows, model = rows[lo:hi], load_model(cfg, device)
     stem, recs = embed_shared(model, rows, root, cfg, args, device, f"shard-{i}-of-{n}")
     if not nets.is_main():
@@ -550,7 +550,7 @@ def check_shard(index, plan, info):
             raise UserError(f"{f['index']}: made with {k} {info['config'].get(k)}, the trained "
                             f"index with {cfg.get(k)}: shards of another model")
     if info["rows_sha256"] != plan["rows_sha256"] or \
-            (info["start"], info["stop"]) != nets.rank_span(plan["rows"], i, n):
+            (info["start"], info["stop"]) != nets.rank_part(plan["rows"], i, n):
         raise UserError(f"{f['index']}: made for other rows than shard {i}/{n} of the plan's "
                         f"{plan['rows']} images")
     ix = read_faiss(f["index"], faiss.IO_FLAG_MMAP)  # lists stay on disk: a cheap read

@@ -3309,7 +3309,7 @@ def test_retrieve_shards_merge_exactly_like_one_index(flags, tmp_path, one_faiss
     retrieve.write_faiss(trained, str(tmp_path / "trained.faiss"))
     paths = [str(tmp_path / f"index.shard-{i}.faiss") for i in range(3)]
     for i, path in enumerate(paths):
-        lo, hi = nets.rank_span(len(xb), i, 3)
+        lo, hi = nets.rank_part(len(xb), i, 3)
         shard = faiss.read_index(str(tmp_path / "trained.faiss"))
         retrieve.add_rows(shard, xb[lo:hi])
         retrieve.write_faiss(shard, path)
