@@ -670,7 +670,7 @@ def write_shards(folder, n, d, shards, tmp):
     index, n_train = retrieve.new_index(cfg), min(n, 40 * cfg["index_params"]["nlist"])
     with quiet():  # a small sample: what is measured does not depend on how good the lists are
         retrieve.train_index(index, synthetic_embeddings(n_train, d, seed=7))
-    plan = retrieve.write_plan(folder, index, cfg, ["path"], rows, n_train)
+    plan = faiss_index.write_plan(folder, index, cfg, ["path"], rows, n_train)
     for i in range(shards):
         lo, hi = nets.rank_part(n, i, shards)
         emb = os.path.join(tmp, f"shard{i}.npy")  # write_shard moves it into the folder
@@ -679,7 +679,7 @@ def write_shards(folder, n, d, shards, tmp):
                 "rows_sha256": plan["rows_sha256"],
                 "config": {k: cfg.get(k) for k in retrieve.MODEL_KEYS}}
         with quiet():
-            retrieve.write_shard(folder, info, emb, rows[lo:hi], [], ["path"])
+            faiss_index.write_shard(folder, info, emb, rows[lo:hi], [], ["path"])
     return cfg["index_params"]
 
 

@@ -1,5 +1,6 @@
 """The FAISS index and its folder: index types and their parameters, training, adding, search,
-the GPU copy, the crash-consistent generation store, and shard files merged into one index.
+the GPU copy, the crash-consistent generation store, and a sharded build's files (the plan, the
+shards, their checks) merged into one index.
 
 Holds no embedding, no model and no command line (retrieve.py): faiss and numpy only (torch
 only to name the current GPU when a bare `cuda` device asks for one), so it reads and tests
@@ -21,6 +22,7 @@ import math
 import os
 import re
 import shutil
+import time
 
 import faiss
 import numpy as np
@@ -581,6 +583,140 @@ def join_meta(paths, dst):
                 if k == 0:
                     w.writerow(header)
                 w.writerows(rows)
+
+
+def rows_sha256(rows):
+    """sha256 of a collection's paths in order: the rows a plan, a shard or a part is for."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r["path"].encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+def write_plan(index_dir, index, cfg, header, rows, n_sample):
+    """INDEX/shards/trained.faiss (the trained empty index) and plan.json: the config the
+    merged index will have, and what every shard must share with it."""
+    d = shard_dir(index_dir)
+    os.makedirs(d, exist_ok=True)
+    write_faiss(index, os.path.join(d, "trained.faiss"))
+    plan = {"config": cfg, "header": header, "rows": len(rows), "rows_sha256": rows_sha256(rows),
+            "sample": n_sample, "trained": trained_digest(index),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    files.atomic_write(os.path.join(d, "plan.json"), json.dumps(plan, indent=1) + "\n")
+    return plan
+
+
+def read_plan(index):
+    d = shard_dir(index)
+    path, trained = os.path.join(d, "plan.json"), os.path.join(d, "trained.faiss")
+    for f in (path, trained):
+        if not os.path.isfile(f):
+            raise UserError(f"{f} not found: train the index once with --train-only --index "
+                            f"{index} --index-type ivfpq (or ivf-flat)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            plan = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({one_line(e)}): run --train-only again") \
+            from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("config"), dict) or \
+            "dim" not in plan["config"]:
+        raise UserError(f"{path} is not a --train-only plan: run --train-only again")
+    return plan
+
+
+def write_shard(index_dir, info, emb, good, skipped, header):
+    """Shard info["shard"]: emb (a .npy of the vectors of the rows `good`, moved into place),
+    their index (a copy of trained.faiss with them added) and meta rows, then the json that
+    records them. skipped: [(path, why)] of the shard's rows that are not in emb."""
+    f, i = shard_files(index_dir, info["shard"]), info["shard"]
+    index = faiss.read_index(os.path.join(shard_dir(index_dir), "trained.faiss"))
+    add_rows(index, np.load(emb, mmap_mode="r"))
+    write_faiss(index, f["index"])
+    os.replace(emb, f["embeddings"])
+    files.write_csv(f["meta"], header, [[r.get(c) or "" for c in header] for r in good])
+    info.update(n=len(good), skipped=skipped, trained=trained_digest(index),
+                files={k: fingerprint(f[k]) for k in ("index", "embeddings", "meta")})
+    files.atomic_write(f["json"], json.dumps(info) + "\n")
+    if skipped:
+        print(f"shard {i}: skipped {len(skipped)} missing or unreadable images (listed in "
+              f"{f['json']}, and in skipped.csv after --merge-shards)")
+    return info
+
+
+def check_shards(index, plan, part):
+    """The shards' json records in shard order, once every check passed; else one line naming
+    the first bad file. Reads only: nothing is written before all shards are known good.
+    part(i, n): (start, stop) of shard i of n in the plan's rows (nets.rank_part's rule)."""
+    d = shard_dir(index)
+    found = sorted(int(m[1]) for name in os.listdir(d)
+                   if (m := re.fullmatch(r"shard-(\d+)\.json", name)))
+    if not found:
+        raise UserError(f"no shards in {d}: build them with --build --shard I/N --index {index}")
+    infos = {i: read_shard_json(index, i) for i in found}
+    n = infos[found[0]]["of"]
+    for i, info in infos.items():
+        if info["of"] != n or i >= n:
+            raise UserError(f"{shard_files(index, i)['json']}: shard {i}/{info['of']}, but "
+                            f"shard {found[0]} is one of {n}: shards of one --shard I/N split only")
+    for i in range(n):
+        for path in shard_files(index, i).values():
+            if not os.path.isfile(path):
+                raise UserError(f"{path}: missing (shard {i}/{n} not built, or not copied here:"
+                                f" --build --shard {i}/{n})")
+    check_trained(index, plan)
+    for i in range(n):
+        check_shard(index, plan, infos[i], part(i, n))
+    return [infos[i] for i in range(n)]
+
+
+def read_shard_json(index, i):
+    path = shard_files(index, i)["json"]
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+        ok = isinstance(info, dict) and {"of", "start", "stop", "n", "config", "files",
+                                         "rows_sha256", "skipped"} <= set(info)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({one_line(e)})") from None
+    if not ok:
+        raise UserError(f"{path} is not a shard record: build the shard again")
+    return info
+
+
+def check_trained(index, plan):
+    path = os.path.join(shard_dir(index), "trained.faiss")
+    if trained_digest(read_faiss(path)) != plan["trained"]:
+        raise UserError(f"{path} is not the trained index plan.json describes: run "
+                        "--train-only again, then the shards")
+
+
+def check_shard(index, plan, info, rows):
+    """One shard against the plan: its files, model (the config keys its json records), rows
+    ((start, stop) it must hold) and trained quantizer."""
+    i, n, cfg, f = info["shard"], info["of"], plan["config"], shard_files(index, info["shard"])
+    for k in ("index", "embeddings", "meta"):
+        if fingerprint(f[k]) != info["files"][k]:
+            raise UserError(f"{f[k]} is not the file {f['json']} describes (another run's?): "
+                            f"build shard {i}/{n} again")
+    for k in info["config"]:
+        if info["config"].get(k) != cfg.get(k):
+            raise UserError(f"{f['index']}: made with {k} {info['config'].get(k)}, the trained "
+                            f"index with {cfg.get(k)}: shards of another model")
+    if info["rows_sha256"] != plan["rows_sha256"] or \
+            (info["start"], info["stop"]) != tuple(rows):
+        raise UserError(f"{f['index']}: made for other rows than shard {i}/{n} of the plan's "
+                        f"{plan['rows']} images")
+    ix = read_faiss(f["index"], faiss.IO_FLAG_MMAP)  # lists stay on disk: a cheap read
+    if ix.d != cfg["dim"]:
+        raise UserError(f"{f['index']}: {ix.d}-d vectors, the trained index {cfg['dim']}-d")
+    if trained_digest(ix) != plan["trained"]:
+        raise UserError(f"{f['index']}: added to another trained index (other coarse centroids "
+                        f"or PQ codebooks) than {shard_dir(index)}/trained.faiss: build it again")
+    shape = np.load(f["embeddings"], mmap_mode="r").shape
+    if ix.ntotal != info["n"] or shape != (info["n"], cfg["dim"]):
+        raise UserError(f"{f['index']}: {ix.ntotal} vectors indexed, {shape} embedded, "
+                        f"{info['n']} recorded: build shard {i}/{n} again")
 
 
 def merge_indexes(trained, paths):

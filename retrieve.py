@@ -74,7 +74,7 @@ from embed import (
     model_config,
     read_collection,
 )
-from files import UserError, one_line
+from files import UserError
 from index import (
     CHUNK,
     INDEX_DEFAULTS,
@@ -82,8 +82,8 @@ from index import (
     IndexWriter,
     add_rows,
     check_pca,
+    check_shards,
     drop_self,
-    fingerprint,
     generation,
     index_from_vectors,
     index_params,
@@ -91,16 +91,17 @@ from index import (
     merge_indexes,
     new_index,
     open_index,
-    read_faiss,
+    read_plan,
+    rows_sha256,
     search,
     set_search_params,
     shard_dir,
     shard_files,
     to_search_device,
     train_index,
-    trained_digest,
-    write_faiss,
     write_generation,
+    write_plan,
+    write_shard,
 )
 from retrieve_eval import (
     EVAL_NOTE,
@@ -235,13 +236,6 @@ def same_root(images, cfg, meta):
 PART_KEYS = ("backbone", "weights", "weights_sha256", "ckpt", "ckpt_sha256", "img_size", "pool",
              "grid", "init_seed", "dim", "precision")  # what a vector depends on (and the
 # images, the rows and the number of processes)
-
-
-def rows_sha256(rows):
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(r["path"].encode("utf-8", "surrogateescape") + b"\n")
-    return h.hexdigest()
 
 
 def parts_stem(index, purpose, cfg, root, rows):
@@ -387,38 +381,6 @@ def cmd_train_only(args, device):
     return plan
 
 
-def write_plan(index_dir, index, cfg, header, rows, n_sample):
-    """INDEX/shards/trained.faiss (the trained empty index) and plan.json: the config the
-    merged index will have, and what every shard must share with it."""
-    d = shard_dir(index_dir)
-    os.makedirs(d, exist_ok=True)
-    write_faiss(index, os.path.join(d, "trained.faiss"))
-    plan = {"config": cfg, "header": header, "rows": len(rows), "rows_sha256": rows_sha256(rows),
-            "sample": n_sample, "trained": trained_digest(index),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    files.atomic_write(os.path.join(d, "plan.json"), json.dumps(plan, indent=1) + "\n")
-    return plan
-
-
-def read_plan(index):
-    d = shard_dir(index)
-    path, trained = os.path.join(d, "plan.json"), os.path.join(d, "trained.faiss")
-    for f in (path, trained):
-        if not os.path.isfile(f):
-            raise UserError(f"{f} not found: train the index once with --train-only --index "
-                            f"{index} --index-type ivfpq (or ivf-flat)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            plan = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({one_line(e)}): run --train-only again") \
-            from None
-    if not isinstance(plan, dict) or not isinstance(plan.get("config"), dict) or \
-            "dim" not in plan["config"]:
-        raise UserError(f"{path} is not a --train-only plan: run --train-only again")
-    return plan
-
-
 def cmd_build_shard(args, device):
     """--build --shard I/N: embed this shard's rows and add them to a copy of trained.faiss."""
     i, n = parse_shard(args.shard)
@@ -449,30 +411,11 @@ def cmd_build_shard(args, device):
     return info
 
 
-def write_shard(index_dir, info, emb, good, skipped, header):
-    """Shard info["shard"]: emb (a .npy of the vectors of the rows `good`, moved into place),
-    their index (a copy of trained.faiss with them added) and meta rows, then the json that
-    records them. skipped: [(path, why)] of the shard's rows that are not in emb."""
-    f, i = shard_files(index_dir, info["shard"]), info["shard"]
-    index = faiss.read_index(os.path.join(shard_dir(index_dir), "trained.faiss"))
-    add_rows(index, np.load(emb, mmap_mode="r"))
-    write_faiss(index, f["index"])
-    os.replace(emb, f["embeddings"])
-    files.write_csv(f["meta"], header, [[r.get(c) or "" for c in header] for r in good])
-    info.update(n=len(good), skipped=skipped, trained=trained_digest(index),
-                files={k: fingerprint(f[k]) for k in ("index", "embeddings", "meta")})
-    files.atomic_write(f["json"], json.dumps(info) + "\n")
-    if skipped:
-        print(f"shard {i}: skipped {len(skipped)} missing or unreadable images (listed in "
-              f"{f['json']}, and in skipped.csv after --merge-shards)")
-    return info
-
-
 def cmd_merge_shards(args):
     """--merge-shards INDEX: every shard checked, then one generation of them all."""
     args.index = args.merge_shards
     plan = read_plan(args.index)
-    shards = check_shards(args.index, plan)
+    shards = check_shards(args.index, plan, lambda i, n: nets.rank_part(plan["rows"], i, n))
     shard_paths = [shard_files(args.index, s["shard"]) for s in shards]
     with IndexWriter(args.index) as w:
         files.copy_rows(os.path.join(w.dir, "embeddings.npy"),
@@ -490,79 +433,6 @@ def cmd_merge_shards(args):
     print(f"merged {len(shards)} shards: {cfg['n']} images in {args.index} "
           f"({cfg['index_type']}, {cfg['dim']}-d); {shard_dir(args.index)} may be removed")
     return cfg
-
-
-def check_shards(index, plan):
-    """The shards' json records in shard order, once every check passed; else one line naming
-    the first bad file. Reads only: nothing is written before all shards are known good."""
-    d = shard_dir(index)
-    found = sorted(int(m[1]) for name in os.listdir(d)
-                   if (m := re.fullmatch(r"shard-(\d+)\.json", name)))
-    if not found:
-        raise UserError(f"no shards in {d}: build them with --build --shard I/N --index {index}")
-    infos = {i: read_shard_json(index, i) for i in found}
-    n = infos[found[0]]["of"]
-    for i, info in infos.items():
-        if info["of"] != n or i >= n:
-            raise UserError(f"{shard_files(index, i)['json']}: shard {i}/{info['of']}, but "
-                            f"shard {found[0]} is one of {n}: shards of one --shard I/N split only")
-    for i in range(n):
-        for path in shard_files(index, i).values():
-            if not os.path.isfile(path):
-                raise UserError(f"{path}: missing (shard {i}/{n} not built, or not copied here:"
-                                f" --build --shard {i}/{n})")
-    check_trained(index, plan)
-    for i in range(n):
-        check_shard(index, plan, infos[i])
-    return [infos[i] for i in range(n)]
-
-
-def read_shard_json(index, i):
-    path = shard_files(index, i)["json"]
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-        ok = isinstance(info, dict) and {"of", "start", "stop", "n", "config", "files",
-                                         "rows_sha256", "skipped"} <= set(info)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({one_line(e)})") from None
-    if not ok:
-        raise UserError(f"{path} is not a shard record: build the shard again")
-    return info
-
-
-def check_trained(index, plan):
-    path = os.path.join(shard_dir(index), "trained.faiss")
-    if trained_digest(read_faiss(path)) != plan["trained"]:
-        raise UserError(f"{path} is not the trained index plan.json describes: run "
-                        "--train-only again, then the shards")
-
-
-def check_shard(index, plan, info):
-    """One shard against the plan: its files, model, rows and trained quantizer."""
-    i, n, cfg, f = info["shard"], info["of"], plan["config"], shard_files(index, info["shard"])
-    for k in ("index", "embeddings", "meta"):
-        if fingerprint(f[k]) != info["files"][k]:
-            raise UserError(f"{f[k]} is not the file {f['json']} describes (another run's?): "
-                            f"build shard {i}/{n} again")
-    for k in MODEL_KEYS:
-        if info["config"].get(k) != cfg.get(k):
-            raise UserError(f"{f['index']}: made with {k} {info['config'].get(k)}, the trained "
-                            f"index with {cfg.get(k)}: shards of another model")
-    if info["rows_sha256"] != plan["rows_sha256"] or \
-            (info["start"], info["stop"]) != nets.rank_part(plan["rows"], i, n):
-        raise UserError(f"{f['index']}: made for other rows than shard {i}/{n} of the plan's "
-                        f"{plan['rows']} images")
-    ix = read_faiss(f["index"], faiss.IO_FLAG_MMAP)  # lists stay on disk: a cheap read
-    if ix.d != cfg["dim"]:
-        raise UserError(f"{f['index']}: {ix.d}-d vectors, the trained index {cfg['dim']}-d")
-    if trained_digest(ix) != plan["trained"]:
-        raise UserError(f"{f['index']}: added to another trained index (other coarse centroids "
-                        f"or PQ codebooks) than {shard_dir(index)}/trained.faiss: build it again")
-    shape = np.load(f["embeddings"], mmap_mode="r").shape
-    if ix.ntotal != info["n"] or shape != (info["n"], cfg["dim"]):
-        raise UserError(f"{f['index']}: {ix.ntotal} vectors indexed, {shape} embedded, "
-                        f"{info['n']} recorded: build shard {i}/{n} again")
 
 
 # ----------------------------------------------------------------------------- query

@@ -3306,13 +3306,13 @@ def test_retrieve_shards_merge_exactly_like_one_index(flags, tmp_path, one_faiss
     icfg, one = retrieve.index_from_vectors(xb, args)
     trained = retrieve.new_index(icfg)
     retrieve.train_index(trained, xb, args.seed)
-    retrieve.write_faiss(trained, str(tmp_path / "trained.faiss"))
+    faiss_index.write_faiss(trained, str(tmp_path / "trained.faiss"))
     paths = [str(tmp_path / f"index.shard-{i}.faiss") for i in range(3)]
     for i, path in enumerate(paths):
         lo, hi = nets.rank_part(len(xb), i, 3)
         shard = faiss.read_index(str(tmp_path / "trained.faiss"))
         retrieve.add_rows(shard, xb[lo:hi])
-        retrieve.write_faiss(shard, path)
+        faiss_index.write_faiss(shard, path)
     merged = retrieve.merge_indexes(str(tmp_path / "trained.faiss"), paths)
     retrieve.set_search_params(merged, icfg["index_params"])
     p = icfg["index_params"]
@@ -3322,7 +3322,7 @@ def test_retrieve_shards_merge_exactly_like_one_index(flags, tmp_path, one_faiss
     # PQ codes are equal bit for bit; PCA-projected full vectors may differ in the last bit,
     # since BLAS projects 3 shards and 1 whole in blocks of other sizes
     np.testing.assert_allclose(D1, D2, atol=1e-6)
-    assert retrieve.trained_digest(merged) == retrieve.trained_digest(one)
+    assert faiss_index.trained_digest(merged) == faiss_index.trained_digest(one)
 
 
 # -------------------------------------------------------------------------------------- main() runs
@@ -3700,7 +3700,7 @@ def test_retrieve_build_on_a_full_tmpfs_is_one_line_not_sigbus(demo, small_build
     ix = faiss.IndexFlatIP(64)
     ix.add(np.ones((40, 64), np.float32))  # 10 KB
     with pytest.raises(OSError) as e:
-        retrieve.write_faiss(ix, str(small_disk / "x.faiss"))
+        faiss_index.write_faiss(ix, str(small_disk / "x.faiss"))
     assert files.disk_full(e.value) and e.value.filename.startswith(str(small_disk / "x.faiss"))
     assert sorted(os.listdir(small_disk)) == ["filler", "idx"]
 
