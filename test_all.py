@@ -980,10 +980,12 @@ def test_metrics_random_baselines_monte_carlo():
 
 
 # ============================================================================
-# data: the real list formats, NGA CSVs, downloads, the resize cache, demo data
+# data: the real list formats, NGA CSVs, downloads, the resize cache, demo data; with the rooms
+# data.py builds on (files.py, fetch.py, wikiart.py, painter.py, poses.py), each subsection named
+# by its room
 
 
-# ------------------------------------------------------------------------------------------ wikiart
+# ----------------------------------------------------------------------------- wikiart (wikiart.py)
 
 
 def test_data_wikiart_real_list_formats(tmp_path, capsys):
@@ -1138,7 +1140,7 @@ def test_data_nga_missing_column(tmp_path):
                    str(tmp_path / "bad.csv"), "--out", str(tmp_path / "o")])
 
 
-# ----------------------------------------------------------------------------------------- download
+# ------------------------------------------------------------------------------ download (fetch.py)
 
 
 def test_data_download_retries_failures_and_resume(tmp_path, server, capsys):
@@ -1262,7 +1264,7 @@ def test_data_retry_after_and_iiif_size():
     assert data.resize_iiif(url, 256) == "https://api.nga.gov/iiif/x/full/!256,256/0/default.jpg"
 
 
-# ------------------------------------------------------------------------------- resize and loading
+# ----------------------------------------------------------- resize and loading (files.py, data.py)
 
 
 def test_data_resize_odd_images(tmp_path, capsys):
@@ -1341,7 +1343,7 @@ def test_data_image_dataset_skips_unreadable(tmp_path, monkeypatch):
         files.ImageDataset(["../x.jpg"], tmp_path)
 
 
-# ------------------------------------------------------------------------------------- full disks
+# ---------------------------------------------------------------------------- full disks (files.py)
 
 
 def test_data_memmaps_are_reserved_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
@@ -1412,7 +1414,7 @@ def test_data_resize_and_download_stop_on_a_full_disk(tmp_path, server, monkeypa
     assert not [f for f in os.listdir(tmp_path / "img") if f.endswith(".part")]
 
 
-# ------------------------------------------------------------------------------------- zip archives
+# -------------------------------------------------------------------------- zip archives (files.py)
 
 
 def test_data_zip_bad_crc_listed_and_same_subset_as_folder(tmp_path, capsys):
@@ -1619,7 +1621,7 @@ def test_data_hf_wikiart_bad_input_is_one_line(tmp_path, server, monkeypatch):
     assert data.row_label(0, HF_NAMES["artist"], "artist") == "" == data.row_label(None, [], "x")
 
 
-# -------------------------------------------------------------------------------------- split rules
+# ------------------------------------------------------------------------- split rules (wikiart.py)
 
 
 def test_data_split_official_test_is_the_val_lists(tmp_path, capsys):
@@ -1662,7 +1664,7 @@ def test_data_split_artist_no_painter_in_two_splits(tmp_path, capsys):
                    "--split", "artist", "--test-frac", "0.9"])
 
 
-# --------------------------------------------------------------------------------------------- demo
+# -------------------------------------------------------------------------------- demo (painter.py)
 
 
 def test_data_demo_formats(tmp_path, capsys):
@@ -1712,7 +1714,7 @@ def test_data_demo_long_tail(tmp_path, capsys):
         data.main(["demo", "--out", str(out), "--n", "5", "--tail", "100"])
 
 
-# -------------------------------------------------------------------------------------------- poses
+# --------------------------------------------------------------------------------- poses (poses.py)
 
 
 def test_data_poses_round_trip_and_the_list_form(tmp_path):
@@ -1796,7 +1798,7 @@ def test_data_demo_figures_are_painted_where_their_joints_are():
 
 
 # ============================================================================
-# nets: the one backbone loader
+# nets: the one backbone loader, JPEGs on the device, the malloc switch
 
 
 def test_nets_backbone_weights_offline_local_and_mismatch(tmp_path, monkeypatch):
@@ -2023,10 +2025,11 @@ def test_pages_draw_figures_colours_shown_limbs_only():
 
 
 # ============================================================================
-# crnn: learning, exact resume, evaluation files, prediction, bad input
+# crnn: learning, exact resume, evaluation files, prediction, bad input (crnn.py and its rooms:
+# crnn_model.py, crnn_data.py, crnn_train.py)
 
 
-# ----------------------------------------------------------------------------------------- training
+# ----------------------------------------------------------- training (crnn_train.py, crnn_data.py)
 
 
 @pytest.mark.xdist_group("trained")
@@ -3180,10 +3183,11 @@ def test_aspects_detector_runs_from_a_state_dict_path(tmp_path, monkeypatch):
 
 
 # ============================================================================
-# retrieve: FAISS indexes on seeded vectors, then CPU runs of main() on demo data
+# retrieve: FAISS indexes on seeded vectors (index.py), then CPU runs of main() on demo data
+# (retrieve.py with embed.py and retrieve_eval.py)
 
 
-# -------------------------------------------------------------------------------------- faiss layer
+# --------------------------------------------------------------------------- faiss layer (index.py)
 
 
 def test_retrieve_flat_equals_numpy_bruteforce():
