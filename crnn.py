@@ -1,7 +1,8 @@
 """CNN-RNN for painting style, artist and genre: train, evaluate, find outliers, predict.
 
-Holds the CRNN model and its training, evaluation and prediction loops. Data reading is
-data.py's, the backbone, device and precision nets.py's, pictures pages.py's; no FAISS here.
+Holds the script: its flags, --resume, --eval, outliers, --predict and --explain. The model is
+crnn_model.py's, the label table, batches and feature cache crnn_data.py's, the training loop
+crnn_train.py's; the backbone, device and precision nets.py's, pictures pages.py's; no FAISS.
 
 Shell:
     python data.py demo                                   # synthetic data in demo/

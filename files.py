@@ -1,5 +1,5 @@
 """Files and images: one-line errors, progress, safe writes, CSV and manifest reading, safe paths,
-image decoding and image sources (a folder, or a .zip read in place).
+image decoding and image sources (a folder, or a .zip read in place), the image lister.
 
 Holds no data-set rules (data.py), no model, device or torch code at import time (nets.py) and
 no drawing (pages.py): every other room reads and writes files through this one.

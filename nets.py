@@ -1,7 +1,9 @@
 """Model plumbing that crnn.py and retrieve.py share: device, precision, allocator, the one
-backbone loader, BatchNorm folding, image-to-tensor transforms, torch.distributed helpers.
+backbone loader, BatchNorm folding, image-to-tensor transforms, torch.distributed helpers and
+per-rank parts, the one batched embedding loop into a .npy, the runtime flags.
 
-Holds no data reading (data.py), no drawing (pages.py), no CNN-RNN and no FAISS code.
+Holds no file or image reading (files.py), no data sets (data.py), no drawing (pages.py), no
+CNN-RNN and no FAISS code.
 
     import nets
     device = nets.pick_device(None)                 # prints `device: cpu` once

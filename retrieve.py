@@ -1,7 +1,8 @@
 """Painting similarity search: embed a collection, index it with FAISS, query it, evaluate it.
 
-Holds the embedder, the FAISS index folder and the retrieval protocols. The backbone comes from
-nets.py, images from data.py, pictures from pages.py; the CNN-RNN stays in crnn.py.
+Holds the commands: --build and --add, torchrun parts, the sharded build's steps, --query,
+--eval, --map. The FAISS index and its folder are index.py's, the embedder embed.py's, the
+--eval protocols retrieve_eval.py's, images files.py's, pictures pages.py's.
 
 Shell:
     python data.py demo                      # synthetic paintings in demo/ (no download needed)
