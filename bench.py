@@ -673,13 +673,12 @@ def write_shards(folder, n, d, shards, tmp):
     plan = faiss_index.write_plan(folder, index, cfg, ["path"], rows, n_train)
     for i in range(shards):
         lo, hi = nets.rank_part(n, i, shards)
-        emb = os.path.join(tmp, f"shard{i}.npy")  # write_shard moves it into the folder
-        write_vectors(emb, hi - lo, d)
+        write_vectors(faiss_index.shard_files(folder, i)["embeddings"], hi - lo, d)
         info = {"shard": i, "of": shards, "start": lo, "stop": hi,
                 "rows_sha256": plan["rows_sha256"],
                 "config": {k: cfg.get(k) for k in retrieve.MODEL_KEYS}}
         with quiet():
-            faiss_index.write_shard(folder, info, emb, rows[lo:hi], [], ["path"])
+            faiss_index.write_shard(folder, info, rows[lo:hi], [], ["path"])
     return cfg["index_params"]
 
 

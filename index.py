@@ -625,15 +625,14 @@ def read_plan(index):
     return plan
 
 
-def write_shard(index_dir, info, emb, good, skipped, header):
-    """Shard info["shard"]: emb (a .npy of the vectors of the rows `good`, moved into place),
+def write_shard(index_dir, info, good, skipped, header):
+    """Shard info["shard"], its vectors (of the rows `good`) already in its embeddings file:
     their index (a copy of trained.faiss with them added) and meta rows, then the json that
-    records them. skipped: [(path, why)] of the shard's rows that are not in emb."""
+    records all three, last. skipped: [(path, why)] of the shard's rows that have no vector."""
     f, i = shard_files(index_dir, info["shard"]), info["shard"]
     index = faiss.read_index(os.path.join(shard_dir(index_dir), "trained.faiss"))
-    add_rows(index, np.load(emb, mmap_mode="r"))
+    add_rows(index, np.load(f["embeddings"], mmap_mode="r"))
     write_faiss(index, f["index"])
-    os.replace(emb, f["embeddings"])
     files.write_csv(f["meta"], header, [[r.get(c) or "" for c in header] for r in good])
     info.update(n=len(good), skipped=skipped, trained=trained_digest(index),
                 files={k: fingerprint(f[k]) for k in ("index", "embeddings", "meta")})

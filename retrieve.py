@@ -403,9 +403,8 @@ def cmd_build_shard(args, device):
     report_parts(recs)
     info = {"shard": i, "of": n, "start": lo, "stop": hi, "rows_sha256": plan["rows_sha256"],
             "config": {k: cfg.get(k) for k in MODEL_KEYS}}
-    emb = f"{shard_files(args.index, i)['embeddings']}.{os.getpid()}.tmp.npy"
-    good, skipped = join_parts(stem, rows, emb)
-    info = write_shard(args.index, info, emb, good, skipped, header)
+    good, skipped = join_parts(stem, rows, shard_files(args.index, i)["embeddings"])
+    info = write_shard(args.index, info, good, skipped, header)
     remove_parts(stem)
     print(f"shard {i}/{n}: {info['n']} images (rows {lo}..{hi - 1}) in "
           f"{shard_files(args.index, i)['index']}")
