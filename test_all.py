@@ -1346,6 +1346,29 @@ def test_data_image_dataset_skips_unreadable(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------- full disks (files.py)
 
 
+def test_files_replaced_gives_the_old_file_or_the_new(tmp_path):
+    """files.replaced, under every safe write: an error inside the block leaves the old file
+    and no temp; the end of the block puts the new one in place; a folder there is refused."""
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    with pytest.raises(KeyError), files.replaced(path) as tmp:
+        with open(tmp, "w") as f:
+            f.write("half")
+        raise KeyError("killed")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["a.txt"]
+    with files.replaced(path, durable=True) as tmp:
+        assert os.path.dirname(tmp) == str(tmp_path) and not os.path.samefile(tmp, path)
+        with open(tmp, "w") as f:
+            f.write("new")
+        assert path.read_text() == "old"  # readers see the old file until the end
+    assert path.read_text() == "new" and os.listdir(tmp_path) == ["a.txt"]
+    assert oct(path.stat().st_mode & 0o777) == oct(files.file_mode())  # not mkstemp's 0600
+    (tmp_path / "d").mkdir()
+    with pytest.raises(files.UserError, match="not a regular file"), \
+            files.replaced(tmp_path / "d"):
+        pass
+
+
 def test_data_memmaps_are_reserved_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
     """files.open_memmap allocates its file's data before anything is written through the map
     (a sparse file's page written through a map onto a full disk is a SIGBUS: no message, no
@@ -1975,6 +1998,31 @@ def test_nets_one_malloc_switch(monkeypatch):
     assert nets.malloc_tuning_wanted() == (True, "ARTEXTRACT_MALLOC_TUNING=1")
     monkeypatch.setenv("ARTEXTRACT_MALLOC_TUNING", "0")
     assert nets.malloc_tuning_wanted()[0] is False
+
+
+def test_nets_parts_join_in_rank_order_and_only_finished_ones(tmp_path, monkeypatch):
+    """nets.py's per-rank parts: a part counts once its json is written (rows without one, or
+    rows that are not its n, are not trusted); rank 0 joins them in rank order."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    stem = str(tmp_path / "x")
+    for r, n in enumerate((2, 0, 3)):  # rank 1's part is empty: more ranks than rows there
+        monkeypatch.setenv("RANK", str(r))
+        np.save(nets.part_stem(stem) + ".npy", np.full((n, 2, 2), r, np.float16))
+        assert nets.read_part(stem) is None  # rows, no record yet: not finished
+        nets.finish_part(stem, {"n": n, "rank": r})
+    assert nets.part_stem(stem, 2) == f"{stem}.part-2-of-3"
+    rec, rows = nets.read_part(stem, 2)
+    assert rec == {"n": 3, "rank": 2} and rows.shape == (3, 2, 2)
+    recs = nets.join_parts(stem, str(tmp_path / "x.npy"))
+    assert [r["rank"] for r in recs] == [0, 1, 2]
+    joined = np.load(tmp_path / "x.npy")
+    assert joined.dtype == np.float16 and joined[:, 0, 0].tolist() == [0, 0, 2, 2, 2]
+    np.save(nets.part_stem(stem, 0) + ".npy", np.zeros((1, 2, 2), np.float16))  # cut short
+    assert nets.read_part(stem, 0) is None
+    with pytest.raises(files.UserError, match="rank 0's part is missing or unreadable"):
+        nets.join_parts(stem, str(tmp_path / "y.npy"))
+    nets.remove_parts(stem)
+    assert sorted(os.listdir(tmp_path)) == ["x.npy"]
 
 
 # ============================================================================
