@@ -430,7 +430,6 @@ def build_cache(model, paths, npy, meta, key, args, device, precision, part=Fals
         f = backbone(to_device(x, device).to(dtype)).float().cpu().numpy()
         return np.clip(f, -65504, 65504)  # fp16 range
 
-    os.makedirs(os.path.dirname(npy), exist_ok=True)
     ok, failed = nets.rows_to_npy(loader, maps, len(paths), npy, np.float16, shape,
                                   f"cache {os.path.basename(npy)}", empty=None if part else
                                   f"no readable image among {len(paths)} in {args.root}")
