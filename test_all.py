@@ -11,6 +11,7 @@ import contextlib
 import csv
 import errno
 import html
+import importlib
 import io
 import itertools
 import json
@@ -1945,6 +1946,44 @@ def test_nets_device_decode_turns_images_upright(monkeypatch):
     assert nets.jpeg_orientation(six[:2] + b"\xff" + six[2:]) == 6  # a fill byte before APP1
     assert nets.jpeg_orientation(b"\xff\xd8\xff\xe1\x00\x10Exif\x00\x00MM\x00") == 1  # cut
 
+
+
+def test_a_torch_torchvision_pair_that_does_not_belong_is_one_line(demo, monkeypatch, capsys):
+    # torch 2.N goes with torchvision 0.(N + 15): real pairs from PyTorch's release table
+    for torch_v, tv in (("2.0.1", "0.15"), ("2.5.1+cpu", "0.20"), ("2.7.0", "0.22"),
+                        ("2.14.1", "0.29"), ("1.13.1", None), ("nightly", None)):
+        assert nets.torchvision_for(torch_v) == tv, torch_v
+    real = importlib.import_module
+
+    def broken(name, *a, **kw):  # what a CPU torch with a CUDA torchvision does at import
+        if name == "torchvision":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return real(name, *a, **kw)
+    monkeypatch.setattr(nets, "_TORCHVISION_OK", [])
+    monkeypatch.setattr(nets.importlib, "import_module", broken)
+    monkeypatch.setattr(nets.torch, "__version__", "2.5.1+cpu")
+    msg = retrieve_error(["--eval", "--index", str(demo / "no-index")])
+    assert "torchvision 0.20.x belongs with it" in msg and nets.CPU_INSTALL in msg, msg
+    assert "torchvision::nms" in msg
+    monkeypatch.setattr(nets.importlib, "import_module", real)
+    capsys.readouterr()
+    retrieve_error(["--eval", "--index", str(demo / "no-index")])  # imports: the index is missing
+    out = capsys.readouterr().out
+    assert "warning: torch 2.5.1+cpu with torchvision" in out and "0.20.x belongs" in out, out
+    assert nets._TORCHVISION_OK  # checked once: later commands in this process say nothing
+
+
+def test_quick_start_installs_the_cpu_build_first_as_ci_does():
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "README.md"), encoding="utf-8") as f:
+        block = f.read().split("## Quick start", 1)[1].split("```bash\n", 1)[1].split("```")[0]
+    lines = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert lines[0].startswith(nets.CPU_INSTALL + " && "), lines[0]  # word for word: no CUDA
+    readme = [c.strip() for ln in lines for c in ln.split("&&") if c.strip().startswith("pip ")]
+    with open(os.path.join(here, ".ci", "run"), encoding="utf-8") as f:
+        ci = [ln.replace("python3 -m pip install -q", "pip install") for ln in f.read().split("\n")
+              if ln.startswith("python3 -m pip")]
+    assert ci == [readme[0], readme[-1]], (ci, readme)  # CI installs as the README says
 
 # ============================================================================
 # pages: heat overlays and the HTML pieces (the pages themselves come with each script's runs)
