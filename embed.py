@@ -159,7 +159,7 @@ def model_config(args):
         if typed:
             raise UserError(f"--ckpt embeds with the checkpoint's own model and image "
                             f"size: drop {' '.join(typed)}")
-        ck_args = crnn_model.load_checkpoint(cfg["ckpt"])[1]["args"]
+        ck_args = crnn_model.read_checkpoint(cfg["ckpt"])["args"]  # loaded once, later
         cfg.update(backbone=ck_args.get("backbone"), weights=None, weights_sha256=None,
                    pool=None, grid=None, img_size=int(ck_args["img_size"]))
     if cfg["grid"] is not None and cfg["grid"] < 1 or cfg["img_size"] < 32:

@@ -10,8 +10,8 @@ Shell:
     python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg   # indexed; minus itself
     python retrieve.py --eval                # self-retrieval, copy detection, label retrieval
     python retrieve.py --eval --device cuda:1   # GPU FAISS on GPU 1 only (--all-gpus: every GPU)
-    python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg --html results.html
-    python retrieve.py --eval --html eval.html   # the table and the copy-detection failures
+    python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg --html  # INDEX/results.html
+    python retrieve.py --eval --html             # INDEX/eval.html: table, copy-detection failures
     python retrieve.py --map                 # demo/index/map.html: the collection in 2-D
     python retrieve.py --build --images nga/images --manifest nga/manifest.csv --index nga/index \\
         --index-type hnsw --pca 256
@@ -25,7 +25,8 @@ Shell:
 
 Notebook:
     import retrieve
-    D, I = retrieve.main(["--query", "demo/images/Cubism/leon-voss_cityscape-7.jpg", "-k", "5"])
+    res = retrieve.main(["--query", "demo/images/Cubism/leon-voss_cityscape-7.jpg", "-k", "5"])
+    D, I = res["D"], res["I"]          # a cell shows one line: <1 queries x 5 neighbours, ...>
 
 Offline (no ImageNet download): add `--weights none` (seeded random init) or `--weights PATH`.
 
@@ -833,10 +834,33 @@ def cmd_map(args, device):
     bad = pages.map_page(out, lines, xy, meta, nn, ns, cfg["images"])
     print(f"map: {out} ({os.path.getsize(out) / 1e6:.1f} MB, {n} paintings"
           + (f", {bad} no longer decode: grey)" if bad else ")"))
-    return xy
+    return files.Result(f"map: {out}, {n} paintings", {"path": out, "xy": xy})
 
 
 # ----------------------------------------------------------------------------- main
+
+def indexed(cfg):
+    """--build/--add/--merge-shards: the config (res["config"]) behind a one-line repr."""
+    if cfg is None or "n" not in cfg:
+        return cfg  # a torchrun rank other than 0, a --build --shard record
+    return files.Result(f"index: {cfg['n']} images, {cfg['index_type']}, {cfg['dim']}-d",
+                        {"config": cfg, "n": cfg["n"]})
+
+
+def found(DI):
+    """--query/--query-id: D, I as res["D"], res["I"] (FAISS's names), one line shown."""
+    D, I = DI
+    return files.Result(f"{len(D)} queries x {D.shape[1]} neighbours, best score "
+                        f"{D[:, 0].max():.3f}", {"D": D, "I": I})
+
+
+def evaluated(res):
+    """--eval: the protocols' figures (res["copy"]["top1"], res["labels"]), one line shown."""
+    line = f"eval of {res['n']} images: copy detection top-1 {res['copy']['top1']:.3f}" + "".join(
+        f", {c} mAP@10 {v['map@10']:.3f} (random {v['random_map@10']:.3f})"
+        for c, v in res["labels"].items())
+    return files.Result(line, res)
+
 
 def log(folder, **record):
     files.append_jsonl(os.path.join(folder, "log.jsonl"), {"time": time.time(), **record})
@@ -851,6 +875,11 @@ def check_html(args):
         return
     if args.build or args.add:
         raise UserError("--html goes with --query, --query-id, --eval or --map")
+    if not args.html:  # --html alone: the page beside the index, not in the working folder
+        name = "eval" if args.eval else "map" if args.map else "results"
+        args.html = os.path.join(args.index, f"{name}.html")
+        if not os.path.isdir(args.index):
+            return  # no index there: the command says so in its own words
     files.check_output(args.html, "--html")
 
 
@@ -918,9 +947,10 @@ def build_parser():
     q = p.add_argument_group("query and eval")
     q.add_argument("-k", type=int, default=5, help="results per query")
     q.add_argument("--sheet", help="contact sheet PNG (default: INDEX/query_sheet.png)")
-    q.add_argument("--html", metavar="PAGE", help="also write a self-contained HTML page: "
-                   "--query/--query-id the results, --eval the table and the copy-detection "
-                   "failures; --map its page (default: INDEX/map.html)")
+    q.add_argument("--html", metavar="PAGE", nargs="?", const="", help="also write a "
+                   "self-contained HTML page: --query/--query-id the results (--html alone: "
+                   "INDEX/results.html), --eval the table and the copy-detection failures "
+                   "(INDEX/eval.html); --map its page (default: INDEX/map.html)")
     q.add_argument("--eval-queries", type=int, help="copy-detection queries (default: "
                    "min(200, n))")
     r = p.add_argument_group("runtime")
@@ -951,7 +981,7 @@ def main(argv=None):
         if args.shard is not None and not args.build:
             raise UserError("--shard I/N goes with --build")
         if args.merge_shards:
-            return cmd_merge_shards(args) if nets.is_main() else None
+            return indexed(cmd_merge_shards(args)) if nets.is_main() else None
         device = nets.pick_device(args.device)
         if not (args.build or args.train_only) and not nets.is_main():
             return None  # under torchrun, --add, --query and --eval run on rank 0 alone
@@ -960,16 +990,16 @@ def main(argv=None):
         if args.train_only:
             return cmd_train_only(args, device)
         if args.build:
-            return cmd_build(args, device)
+            return indexed(cmd_build(args, device))
         if args.add:
-            return cmd_add(args, device)
+            return indexed(cmd_add(args, device))
         if args.query:
-            return cmd_query(args, device)
+            return found(cmd_query(args, device))
         if args.query_id:
-            return cmd_query_id(args, device)
+            return found(cmd_query_id(args, device))
         if args.map:
             return cmd_map(args, device)
-        return cmd_eval(args, device)
+        return evaluated(cmd_eval(args, device))
     except UserError as e:
         raise SystemExit(f"retrieve.py: error: {e}") from None
     except OSError as e:  # a full disk (no SIGBUS: memory maps are reserved), a folder not ours

@@ -479,6 +479,14 @@ def built(demo):
     return index
 
 
+def found(argv):
+    """D, I of retrieve.main(argv), a --query/--query-id: a files.Result, a dict with a one-line
+    repr (a notebook cell shows that line, not the arrays)."""
+    res = retrieve.main(argv)
+    assert isinstance(res, files.Result) and "\n" not in repr(res) and len(repr(res)) < 200
+    return res["D"], res["I"]
+
+
 def retrieve_error(argv):
     with pytest.raises(SystemExit) as e:
         retrieve.main(argv)
@@ -3321,7 +3329,7 @@ def test_retrieve_build_save_load_roundtrip(built, demo, capsys):
     assert (I[:, 0] == np.arange(10)).all()
     # a query rebuilds the same (seeded) model from config.json: the image finds itself
     img = demo / "images" / meta[7]["path"]
-    D, I = retrieve.main(["--query", str(img), "--index", str(built), "-k", "3", "--workers", "0"])
+    D, I = found(["--query", str(img), "--index", str(built), "-k", "3", "--workers", "0"])
     assert I[0, 0] == 7 and D[0, 0] > 0.99
 
 
@@ -3340,8 +3348,8 @@ def test_retrieve_query_prints_k_rows_and_sheet(built, demo, tmp_path, capsys):
 
 def test_retrieve_query_id_excludes_itself(built):
     meta = files.read_csv(os.path.join(retrieve.generation(built), "meta.csv"))
-    D, I = retrieve.main(["--query-id", meta[5]["path"], meta[6]["path"], "--index", str(built),
-                          "-k", "5", "--sheet", str(built / "qid.png")])
+    D, I = found(["--query-id", meta[5]["path"], meta[6]["path"], "--index", str(built),
+                  "-k", "5", "--sheet", str(built / "qid.png")])
     assert I.shape == (2, 5) and 5 not in I[0] and 6 not in I[1]
     xb = retrieve.open_index(built)[2]
     for row, q in enumerate((5, 6)):  # numpy brute force over the stored vectors, minus itself
@@ -3438,8 +3446,8 @@ def test_retrieve_precision_fp32_unchanged_bf16_agrees_and_recorded(demo, small_
     assert cfg16["precision"] == "bf16"
     assert (np.sum(np.asarray(xb16) * np.asarray(xb32), 1)).min() >= 0.999
     monkeypatch.undo()  # the query itself would pick fp32 on this machine: the index says bf16
-    D, I = retrieve.main(["--query", str(demo / "images" / meta[3]["path"]), "--index",
-                          str(index), "-k", "1", "--workers", "0"])
+    D, I = found(["--query", str(demo / "images" / meta[3]["path"]), "--index",
+                  str(index), "-k", "1", "--workers", "0"])
     assert I[0, 0] == 3 and D[0, 0] > 0.9999
 
 
@@ -3488,7 +3496,7 @@ def test_retrieve_hnsw_pca_build_then_query(demo, tmp_path):
     assert cfg["index_params"]["ef_search"] == 128 and cfg["index_dim"] == 32
     assert cfg["manifest"] is None and cfg["n"] == 120  # no manifest: the folder was scanned
     meta = retrieve.open_index(tmp_path / "hnsw")[1]
-    D, I = retrieve.main(["--query-id", meta[0]["path"], "--index", index, "--ef-search", "16"])
+    D, I = found(["--query-id", meta[0]["path"], "--index", index, "--ef-search", "16"])
     assert I.shape == (1, 5) and 0 not in I[0]
 
 
@@ -3515,8 +3523,8 @@ def test_retrieve_skips_bad_files_and_uses_local_weights(demo, tmp_path, capsys)
     assert [r["path"] for r in retrieve.open_index(index)[1]] == \
         ["sub/ok0.jpg", "sub/ok1.jpg", "sub/ok2.jpg"]
     assert retrieve.open_index(index)[2].shape[0] == 3
-    D, I = retrieve.main(["--query", str(root / "sub" / "ok1.jpg"), "--index", str(index),
-                          "-k", "1"])
+    D, I = found(["--query", str(root / "sub" / "ok1.jpg"), "--index", str(index),
+                  "-k", "1"])
     assert I[0, 0] == 1 and D[0, 0] > 0.99  # the model came back from the weights file
     torch.save(torchvision.models.resnet18().state_dict(), weights)  # other random weights
     assert "changed since" in retrieve_error(["--query", str(root / "sub" / "ok1.jpg"),
@@ -3783,8 +3791,8 @@ def test_retrieve_query_html_cards(built, demo, tmp_path, capsys):
     meta = retrieve.open_index(built)[1]
     imgs = [str(demo / "images" / meta[i]["path"]) for i in (3, 40)]
     page = tmp_path / "results.html"
-    D, I = retrieve.main(["--query", *imgs, "--index", str(built), "-k", "4", "--html", str(page),
-                          "--sheet", str(tmp_path / "s.png")])
+    D, I = found(["--query", *imgs, "--index", str(built), "-k", "4", "--html", str(page),
+                  "--sheet", str(tmp_path / "s.png")])
     p = check_page(page)
     text = page.read_text(encoding="utf-8")
     assert p.classes["query"] == 2 and p.classes["hit"] == 2 + 2 * 4 and p.tags["img"] == 10
@@ -3803,12 +3811,12 @@ def test_retrieve_query_id_html_unreadable_is_a_grey_card(built, demo, tmp_path,
     moved = tmp_path / "images"
     shutil.copytree(demo / "images", moved)
     meta = retrieve.open_index(built)[1]
-    D, I = retrieve.main(["--query-id", meta[5]["path"], "--index", str(built), "-k", "3",
-                          "--images", str(moved), "--sheet", str(tmp_path / "s.png")])
+    D, I = found(["--query-id", meta[5]["path"], "--index", str(built), "-k", "3",
+                  "--images", str(moved), "--sheet", str(tmp_path / "s.png")])
     (moved / meta[I[0, 1]]["path"]).write_bytes(b"no longer a jpeg")
-    page = tmp_path / "q.html"
+    page = built / "results.html"  # --html alone: beside the index, not in the working folder
     retrieve.main(["--query-id", meta[5]["path"], "--index", str(built), "-k", "3", "--images",
-                   str(moved), "--html", str(page), "--sheet", str(tmp_path / "s.png")])
+                   str(moved), "--html", "--sheet", str(tmp_path / "s.png")])
     p = check_page(page)
     assert p.classes["hit"] == 4 and p.classes["bad"] == 1
     assert "1 image(s) no longer decode" in page.read_text(encoding="utf-8")
@@ -3817,7 +3825,7 @@ def test_retrieve_query_id_html_unreadable_is_a_grey_card(built, demo, tmp_path,
 
 def test_retrieve_map_html_points_neighbours_sprites(built, capsys, one_blas_thread,
                                                     one_faiss_thread):
-    xy = retrieve.main(["--map", "--index", str(built), "-k", "4"])
+    xy = retrieve.main(["--map", "--index", str(built), "-k", "4"])["xy"]
     page = built / "map.html"
     p = check_page(page)
     (d,) = p.json
@@ -3970,7 +3978,7 @@ def test_retrieve_sharded_build_merges_into_one_index(sharded, small_builds, tmp
     assert (I1 == I2).all() and (D1 == D2).all() and (I1[:, 0] == np.arange(24)).all()
     lists = faiss.extract_index_ivf(ix).invlists
     assert sorted(lists.list_size(i) for i in range(4))[-2] > 0  # lists are really in use
-    D, I = retrieve.main(["--query-id", meta[0]["path"], "--index", str(index), "-k", "3"])
+    D, I = found(["--query-id", meta[0]["path"], "--index", str(index), "-k", "3"])
     assert I.shape == (1, 3) and 0 not in I[0]
 
 
@@ -4019,7 +4027,7 @@ def test_retrieve_offline_imagenet_is_one_line(demo, tmp_path, monkeypatch):
     assert "--weights none" in msg and "ImageNet" in msg
 
 
-def test_retrieve_ckpt_embeds_with_crnn_model(demo, tmp_path):
+def test_retrieve_ckpt_embeds_with_crnn_model(demo, tmp_path, capsys):
     """--ckpt: a (untrained) crnn.py checkpoint; dim = 2 * hidden, img size from its args."""
 
     a = {"backbone": "resnet18", "hidden": 16, "rnn": "gru", "dropout": 0.0, "img_size": 64}
@@ -4032,9 +4040,12 @@ def test_retrieve_ckpt_embeds_with_crnn_model(demo, tmp_path):
     index = str(tmp_path / "idx")
     cfg = retrieve.main(["--build", "--ckpt", str(ckpt), "--images", str(demo / "images"),
                          "--manifest", str(tmp_path / "m.csv"), "--index", index, "--workers", "0"])
+    assert repr(cfg) == "<index: 20 images, flat, 32-d>"  # a notebook cell: one line
+    assert capsys.readouterr().out.count("model: ") == 1  # the checkpoint is named once
+    cfg = cfg["config"]
     assert cfg["dim"] == 32 and cfg["img_size"] == 64 and cfg["pool"] is None
     img = str(demo / "images" / rows[4]["path"])
-    D, I = retrieve.main(["--query", img, "--index", index, "-k", "2"])
+    D, I = found(["--query", img, "--index", index, "-k", "2"])
     assert I[0, 0] == 4 and D[0, 0] > 0.99
     assert "--pool" in retrieve_error(["--query", img, "--index", index, "--pool", "avg"])
 
