@@ -30,7 +30,7 @@ from index import FORMAT, INDEX_DEFAULTS, VERSION, compact_rows
 # --query/--query-id/--add/--eval, a typed value that differs from config.json is refused.
 MODEL_DEFAULTS = {"backbone": "resnet50", "weights": "imagenet", "ckpt": None, "img_size": 224,
                   "pool": "grid", "grid": 2, "index_type": INDEX_DEFAULTS["index_type"],
-                  "pca": None}
+                  "pca": None, "center": None}
 
 
 # ----------------------------------------------------------------------------- model

@@ -315,3 +315,16 @@ def random_map_at_k(n_relevant, n_candidates, k):
     i = np.arange(1, k + 1)
     expected = ((p[:, None] + (i - 1) * q[:, None]) / i).sum(1)
     return float((expected / np.minimum(n_rel, k)).mean())
+
+
+def neighbours_kept(nn_a, nn_b):
+    """Mean share of each row's neighbours in nn_a (n, k) that are also in nn_b (n, k), order
+    within a row ignored: 1.0 = the same k neighbours for every item, about k/n = unrelated.
+    E.g. nn_a from the embeddings, nn_b from a 2-D map: the k-NN preservation of a layout
+    (Lee and Verleysen's Q_NX(k)). Ids < 0 (not found) never match."""
+    nn_a, nn_b = np.asarray(nn_a), np.asarray(nn_b)
+    if nn_a.ndim != 2 or nn_a.shape != nn_b.shape or nn_a.size == 0:
+        raise ValueError(f"nn_a and nn_b must be (n, k) of one shape, k >= 1: {nn_a.shape}, "
+                         f"{nn_b.shape}")
+    hits = sum(((nn_a == nn_b[:, [j]]) & (nn_a >= 0)).any(1) for j in range(nn_b.shape[1]))
+    return float(hits.mean() / nn_a.shape[1])

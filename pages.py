@@ -432,12 +432,14 @@ def hit_card(thumbs, root, rank, score, row):
 def results_page(path, lines, queries, root):
     """retrieve.py --query/--query-id --html: per query, the query image then its neighbours in
     rank order. queries: [(query name, what load_image reads for it, [(score, manifest row),
-    ...])]; root: the index's image folder or zip."""
+    ...]), optionally a 4th item: the query's own manifest row (an indexed painting: its labels
+    show under it)]; root: the index's image folder or zip."""
     thumbs, parts = Thumbs(), []
-    for q, (file, image, hits) in enumerate(queries, 1):
+    for q, (file, image, hits, *own) in enumerate(queries, 1):
         tag, ok = thumbs.tag(image, "query")
+        about = row_html(own[0]) if own and own[0] else f"<div>{esc(file)}</div>"
         cards = [f'<div class="card hit query{"" if ok else " bad"}"><div class="pics">{tag}'
-                 f'</div><div class="rank"><b>query {q}</b></div><div>{esc(file)}</div></div>']
+                 f'</div><div class="rank"><b>query {q}</b></div>{about}</div>']
         cards += [hit_card(thumbs, root, r, s, row) for r, (s, row) in enumerate(hits, 1)]
         parts.append(f"<h2>Query {q}: {esc(os.path.basename(file))}</h2>\n"
                      f'<div class="cards">{"".join(cards)}</div>\n')

@@ -77,7 +77,6 @@ from embed import (
 )
 from files import UserError, one_line
 from index import (
-    CHUNK,
     INDEX_DEFAULTS,
     TRAIN_MAX,
     IndexWriter,
@@ -104,8 +103,10 @@ from index import (
     write_faiss,
     write_generation,
 )
+from layout import LAYOUT_DIMS, LAYOUT_K, layout_2d
 from retrieve_eval import (
     EVAL_NOTE,
+    LABEL_COLUMNS,
     copy_failures,
     eval_copies,
     eval_labels,
@@ -171,7 +172,7 @@ def finish_build(w, emb, job, rows, args):
 def build_done(args, cfg, rows, n_skip, dt, **extra):
     log(args.index, event="build", n=len(rows), skipped=n_skip, seconds=round(dt, 2),
         img_per_s=round(len(rows) / max(dt, 1e-9), 2), config=cfg, **extra)
-    pca = f" -> pca {cfg['pca']}" if cfg["pca"] else ""
+    pca = f" -> pca {cfg['pca']}" if cfg["pca"] else ", centred" if cfg.get("center") else ""
     print(f"indexed {len(rows)} images in {args.index} ({cfg['index_type']}, {cfg['dim']}-d{pca})")
     return cfg
 
@@ -626,7 +627,14 @@ def cmd_query(args, device):
     check_k(args.k, len(xb))
     xq = embed_pils(load_model(cfg, device), ims, cfg, args, device)
     D, I = search(index, xq, args.k)
-    return report(args, cfg, meta, list(args.query), D, I)
+    return report(args, cfg, meta, list(args.query), D, I, own=indexed_rows(args.query, cfg, meta))
+
+
+def indexed_rows(paths, cfg, meta):
+    """The manifest row of each query file that is an indexed painting (its labels), else None."""
+    row = {r["path"]: r for r in meta}
+    return [row.get(os.path.relpath(p, cfg["images"]).replace(os.sep, "/"))
+            if os.path.isdir(cfg["images"]) else None for p in paths]
 
 
 def cmd_query_id(args, device):
@@ -649,24 +657,37 @@ def cmd_query_id(args, device):
     D, I = D[keep].reshape(len(ids), args.k), I[keep].reshape(len(ids), args.k)
     src = files.image_source(cfg["images"], must_exist=False)
     names = [os.path.join(cfg["images"], r) for r in rel]  # names to print, thumbnails from src
-    return report(args, cfg, meta, names, D, I, [src.thumb(r) for r in rel])
+    return report(args, cfg, meta, names, D, I, [src.thumb(r) for r in rel],
+                  [meta[i] for i in ids])
 
 
-def report(args, cfg, meta, queries, D, I, thumbs=None):
+def labels_text(row, cols):
+    """'style Cubism, genre portrait': the label columns a row has."""
+    return ", ".join(f"{c} {row[c]}" for c in cols if row.get(c))
+
+
+def report(args, cfg, meta, queries, D, I, thumbs=None, own=None):
     """Print the ranked lists, write the contact sheet; returns (D, I). thumbs: what to draw
-    for each query when not its path (an indexed image inside a zip)."""
-    for q, d_row, i_row in zip(queries, D, I, strict=True):
-        print(f"query: {q}\n  rank  score  path  [title - attribution]")
+    for each query when not its path (an indexed image inside a zip); own: each query's own
+    manifest row where it is an indexed painting (its labels are printed and shown)."""
+    cols = [c for c in LABEL_COLUMNS if c in meta[0] and c != "attribution"]
+    own = own or [None] * len(queries)
+    for q, d_row, i_row, mine in zip(queries, D, I, own, strict=True):
+        print(f"query: {q}" + (f"  [{labels_text(mine, cols)}]" if mine else "") +
+              "\n  rank  score  path  [title - attribution]" + (f"  [{', '.join(cols)}]"
+                                                                 if cols else ""))
         for rank, (score, i) in enumerate(zip(d_row, i_row, strict=True), 1):
             if i >= 0:
                 r = meta[i]
                 label = " - ".join(x for x in (r.get("title"), r.get("attribution")) if x)
-                print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}")
+                tags = labels_text(r, cols)
+                print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}"
+                      + (f"  [{tags}]" if tags else ""))
     sheet = args.sheet or os.path.join(args.index, "query_sheet.png")
     query_sheet(queries, D, I, meta, cfg["images"], sheet, thumbs)
     print(f"contact sheet: {sheet}")
     if args.html:
-        results_html(args, cfg, meta, queries, D, I, thumbs)
+        results_html(args, cfg, meta, queries, D, I, thumbs, own)
     return D, I
 
 
@@ -679,7 +700,7 @@ def index_line(folder, cfg):
                                                              else ""))
 
 
-def results_html(args, cfg, meta, queries, D, I, thumbs=None):
+def results_html(args, cfg, meta, queries, D, I, thumbs=None, own=None):
     """--html: each query, then its neighbours in rank order with every manifest column.
     thumbs: what to draw for each query when not its path (as for the contact sheet)."""
     hits = [[(float(s), meta[i]) for s, i in zip(d_row, i_row, strict=True) if i >= 0]
@@ -687,7 +708,7 @@ def results_html(args, cfg, meta, queries, D, I, thumbs=None):
     lines = [index_line(args.index, cfg), f"{args.k} neighbours per query; score: cosine "
              "similarity of the embeddings (1 = the same direction)"]
     bad = pages.results_page(args.html, lines, list(zip(queries, thumbs or queries, hits,
-                                                        strict=True)), cfg["images"])
+                                                        own, strict=True)), cfg["images"])
     print(f"html: {args.html}" + (f" ({bad} images no longer decode: grey)" if bad else ""))
 
 
@@ -740,73 +761,6 @@ def eval_html(args, cfg, meta, res, ids, keep):
 
 
 # ----------------------------------------------------------------------------- map
-
-LAYOUT_DIMS = 50  # PCA dims before the layout, as usual before t-SNE: drops the noisy tail
-LAYOUT_K = 15  # neighbours per painting in the layout's graph (UMAP's default)
-
-
-def pca_project(xb, d=LAYOUT_DIMS):
-    """(n, min(d, n - 1, dim)) float32: xb centred and projected on its top principal axes.
-    n <= dim: an SVD of the rows; else the covariance, summed CHUNK rows at a time, then eigh."""
-    n, dim = xb.shape
-    d = max(1, min(d, n - 1, dim))
-    chunks = range(0, n, CHUNK)
-    mean = sum(np.asarray(xb[i:i + CHUNK], np.float64).sum(0) for i in chunks) / n
-    if n <= dim:
-        u, s, _ = np.linalg.svd(np.asarray(xb, np.float64) - mean, full_matrices=False)
-        return (u[:, :d] * s[:d]).astype(np.float32)
-    cov = np.zeros((dim, dim))
-    for i in chunks:
-        a = np.asarray(xb[i:i + CHUNK], np.float32) - mean.astype(np.float32)
-        cov += a.T @ a  # float32 products, float64 sum: 2x faster, plenty for a picture
-    axes = np.linalg.eigh(cov)[1][:, ::-1][:, :d]  # eigh: ascending eigenvalues
-    return np.concatenate([(np.asarray(xb[i:i + CHUNK], np.float64) - mean) @ axes
-                           for i in chunks]).astype(np.float32)
-
-
-def knn_graph(z, k):
-    """(n, k) ids of each row's k nearest other rows of z (exact, squared L2)."""
-    index = faiss.IndexFlatL2(z.shape[1])
-    index.add(np.ascontiguousarray(z, np.float32))
-    _, I = index.search(np.ascontiguousarray(z, np.float32), k + 1)
-    return I[drop_self(I, np.arange(len(z)), k)].reshape(len(z), k)
-
-
-def graph_layout(nn, y, seed=0, epochs=200, draws=8, push_rate=5):
-    """Positions (n, 2) for the k-nearest-neighbour graph nn (n, k), from y (n, 2): each
-    epoch every edge pulls its two ends together and random pairs push apart, with the
-    Student-t forces of t-SNE, LargeVis and UMAP (clipped to 4, as UMAP) and a step that falls
-    linearly to 0. Each painting draws `draws` random others, weighted to stand for push_rate
-    pushes per edge (UMAP's negative sampling); steps are divided by the node's degree."""
-    rng = np.random.default_rng(seed)
-    n, k = nn.shape
-    a, b = np.repeat(np.arange(n), k), nn.ravel()
-    degree = (np.bincount(a, minlength=n) + np.bincount(b, minlength=n))[:, None]
-    for e in range(epochs):
-        d = y[a] - y[b]
-        pull = np.clip(-2 * d / (1 + (d * d).sum(1, keepdims=True)), -4, 4)
-        step = np.stack([np.bincount(a, pull[:, c], n) - np.bincount(b, pull[:, c], n)
-                         for c in (0, 1)], 1)
-        d = y[:, None, :] - y[rng.integers(0, n, (n, draws))]
-        d2 = (d * d).sum(2, keepdims=True)
-        push = np.clip(2 * d / ((0.001 + d2) * (1 + d2)), -4, 4).sum(1) * (push_rate * k / draws)
-        y = y + (1 - e / epochs) * (step + push) / degree
-    return y
-
-
-def layout_2d(xb, seed=0):
-    """(n, 2) float64 map positions: near = similar embeddings. PCA to LAYOUT_DIMS, the
-    LAYOUT_K-nearest-neighbour graph there, then graph_layout from the first two components
-    (keeps the collection's global arrangement; UMAP starts from a spectral layout the same way)."""
-    z = pca_project(xb)
-    n = len(z)
-    y = np.zeros((n, 2))
-    y[:, :min(2, z.shape[1])] = z[:, :2]
-    y = y / max(np.abs(y).max(), 1e-12) * 10  # UMAP's starting scale: +-10
-    if n < 3:
-        return y
-    return graph_layout(knn_graph(z, min(LAYOUT_K, n - 1)), y, seed)
-
 
 def cmd_map(args, device):
     """INDEX/map.html: the collection laid out by its embeddings, with each painting's -k
@@ -933,6 +887,10 @@ def build_parser():
                    + default("index_type"))
     x.add_argument("--pca", type=int, metavar="D", help="PCA-whiten to D dims, then re-normalise "
                    "(default: off)")
+    x.add_argument("--center", action=argparse.BooleanOptionalAction, help="subtract the "
+                   "collection's mean vector, then re-normalise (the mean is kept in index.faiss:"
+                   " queries and --add are centred alike); scores then spread over -1..1 "
+                   "instead of bunching near 1 (default: off; see the README for when)")
     x.add_argument("--hnsw-m", type=int, help="hnsw links per node" + default("hnsw_m"))
     x.add_argument("--ef-construction", type=int, help="hnsw build beam"
                    + default("ef_construction"))

@@ -55,6 +55,7 @@ import embed
 import fetch
 import files
 import index as faiss_index  # index.py (`index` names a FAISS index here)
+import layout
 import metrics
 import nets
 import pages
@@ -3797,13 +3798,20 @@ def test_retrieve_query_html_cards(built, demo, tmp_path, capsys):
     text = page.read_text(encoding="utf-8")
     assert p.classes["query"] == 2 and p.classes["hit"] == 2 + 2 * 4 and p.tags["img"] == 10
     assert p.classes["bad"] == 0 and "no longer decode" not in text
+    q = meta[3]  # an indexed painting as the query: its own labels, under it and in the terminal
+    cards = text.split('<div class="card hit query">')[1].split('<div class="card hit">')[0]
+    assert f"<b>{html.escape(q['title'])}</b>" in cards and f"<td>{q['style']}</td>" in cards
+    out = capsys.readouterr().out
+    assert f"query: {imgs[0]}  [style {q['style']}, genre {q['genre']}]" in out, out
+    hit = meta[I[0, 0]]
+    assert f"  [style {hit['style']}, genre {hit['genre']}]\n" in out
     at = -1
     for i, s in zip(I[1], D[1], strict=True):  # the second query's cards in rank order
         at = text.index(f"score {s:.3f}</div><div><b>{html.escape(meta[i]['title'])}</b>", at + 1)
         for col, v in meta[i].items():  # every non-empty manifest column (title: bold, above)
             assert not v or col == "title" or f'<td class="k">{col}</td><td>{html.escape(v)}' \
                 '</td>' in text
-    assert f"html: {page}" in capsys.readouterr().out
+    assert f"html: {page}" in out
 
 
 def test_retrieve_query_id_html_unreadable_is_a_grey_card(built, demo, tmp_path, capsys):
@@ -3855,11 +3863,11 @@ def test_retrieve_map_layout_keeps_clusters_apart(one_blas_thread, one_faiss_thr
     lab = rng.integers(0, 6, 300)
     x = unit(((rng.standard_normal((6, 32))[lab] + 0.6 * rng.standard_normal((300, 32)))
               @ basis.T).astype(np.float32))
-    y = retrieve.layout_2d(x, seed=0)
-    nn = retrieve.knn_graph(y.astype(np.float32), 10)
+    y = layout.layout_2d(x, seed=0)
+    nn = layout.knn_graph(y.astype(np.float32), 10)
     assert (lab[nn] == lab[:, None]).mean() > 0.95
-    np.testing.assert_array_equal(y, retrieve.layout_2d(x, seed=0))  # seeded
-    z = retrieve.pca_project(x, 50)
+    np.testing.assert_array_equal(y, layout.layout_2d(x, seed=0))  # seeded
+    z = layout.pca_project(x, 50)
     assert z.shape == (300, 50) and abs(float(z[:, 0] @ z[:, 1])) < 1e-2 * float(z[:, 0] @ z[:, 0])
 
 
