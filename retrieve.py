@@ -778,25 +778,60 @@ def cmd_map(args, device):
     keep = drop_self(I, np.arange(n), k) & (I >= 0)  # hnsw/ivfpq may find fewer than k
     nn = [I[q][keep[q]].tolist() for q in range(n)]
     ns = [D[q][keep[q]].tolist() for q in range(n)]
+    colour = colour_column(args.color_by, meta)
     t0 = time.time()
     xy = layout_2d(xb, args.seed)
     print(f"layout: {n} paintings in {time.time() - t0:.1f} s")
     out = args.html or os.path.join(args.index, "map.html")
-    lines = [index_line(args.index, cfg), f"layout: PCA to {LAYOUT_DIMS} dims, then a "
+    lines = [index_line(args.index, cfg) + f" ({os.path.basename(gen)}, "
+             f"{cfg.get('created', '')})", f"layout: PCA to {LAYOUT_DIMS} dims, then a "
              f"{LAYOUT_K}-nearest-neighbour graph drawn with attracting edges (near = similar); "
              f"click: the {k} nearest neighbours from the index"]
-    bad = pages.map_page(out, lines, xy, meta, nn, ns, cfg["images"])
+    bad = pages.map_page(out, lines, xy, meta, nn, ns, cfg["images"], colour,
+                         os.path.basename(gen))
     print(f"map: {out} ({os.path.getsize(out) / 1e6:.1f} MB, {n} paintings"
           + (f", {bad} no longer decode: grey)" if bad else ")"))
     return files.Result(f"map: {out}, {n} paintings", {"path": out, "xy": xy})
 
 
+def colour_column(flag, meta):
+    """--color-by: a column of meta.csv, or none; by default the first label column that has
+    at least two values."""
+    cols = list(meta[0])
+    if flag is None:
+        return next((c for c in LABEL_COLUMNS if c in cols and
+                     len({r[c] for r in meta if r[c]}) > 1), None)
+    if flag == "none":
+        return None
+    if flag not in cols:
+        raise UserError(f"--color-by {flag}: not a column of the index's meta.csv "
+                        f"({', '.join(cols)}, or none)")
+    return flag
+
+
+def stale_map_note(index_dir):
+    """After --build/--add: say so when INDEX/map.html draws an older generation."""
+    path = os.path.join(index_dir, "map.html")
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = re.search(r'"generation":"([^"]*)"', f.read())
+    except OSError:
+        return None
+    drawn, now = m[1] if m else "an older index", os.path.basename(generation(index_dir))
+    if drawn != now:
+        print(f"note: {path} draws {drawn}, the index is now {now}: it lacks the changes; "
+              f"run --map --index {index_dir} again")
+    return drawn != now
+
+
 # ----------------------------------------------------------------------------- main
 
-def indexed(cfg):
-    """--build/--add/--merge-shards: the config (res["config"]) behind a one-line repr."""
+def indexed(cfg, index_dir):
+    """--build/--add/--merge-shards: the config (res["config"]) behind a one-line repr; a note
+    when the index's map.html is now stale."""
     if cfg is None or "n" not in cfg:
         return cfg  # a torchrun rank other than 0, a --build --shard record
+    stale_map_note(index_dir)
     return files.Result(f"index: {cfg['n']} images, {cfg['index_type']}, {cfg['dim']}-d",
                         {"config": cfg, "n": cfg["n"]})
 
@@ -909,6 +944,9 @@ def build_parser():
                    "self-contained HTML page: --query/--query-id the results (--html alone: "
                    "INDEX/results.html), --eval the table and the copy-detection failures "
                    "(INDEX/eval.html); --map its page (default: INDEX/map.html)")
+    q.add_argument("--color-by", metavar="COLUMN", help="--map: frame each painting in the "
+                   "colour of its value in COLUMN, with a legend (default: the first of style, "
+                   "artist, genre, attribution with 2+ values; none: no colours)")
     q.add_argument("--eval-queries", type=int, help="copy-detection queries (default: "
                    "min(200, n))")
     r = p.add_argument_group("runtime")
@@ -939,7 +977,7 @@ def main(argv=None):
         if args.shard is not None and not args.build:
             raise UserError("--shard I/N goes with --build")
         if args.merge_shards:
-            return indexed(cmd_merge_shards(args)) if nets.is_main() else None
+            return indexed(cmd_merge_shards(args), args.index) if nets.is_main() else None
         device = nets.pick_device(args.device)
         if not (args.build or args.train_only) and not nets.is_main():
             return None  # under torchrun, --add, --query and --eval run on rank 0 alone
@@ -948,9 +986,9 @@ def main(argv=None):
         if args.train_only:
             return cmd_train_only(args, device)
         if args.build:
-            return indexed(cmd_build(args, device))
+            return indexed(cmd_build(args, device), args.index)
         if args.add:
-            return indexed(cmd_add(args, device))
+            return indexed(cmd_add(args, device), args.index)
         if args.query:
             return found(cmd_query(args, device))
         if args.query_id:

@@ -903,6 +903,16 @@ def test_metrics_map_at_k_equals_ap_when_k_covers_all():
     assert metrics.map_at_k(rel, n_rel, 12) == pytest.approx(np.mean(aps), abs=1e-12)
 
 
+def test_metrics_neighbours_kept_hand():
+    a = np.array([[1, 2, 3], [0, 2, 3], [4, 1, 0]])
+    b = np.array([[3, 2, 1], [2, 4, 5], [-1, -1, 0]])
+    # row 0: all 3 kept (order ignored); row 1: 1 of 3; row 2: only 0 (-1 never matches)
+    assert metrics.neighbours_kept(a, b) == pytest.approx((3 + 1 + 1) / 9)
+    assert metrics.neighbours_kept(a, a) == 1.0
+    with pytest.raises(ValueError, match="one shape"):
+        metrics.neighbours_kept(a, b[:, :2])
+
+
 def test_metrics_precision_at_k_hand():
     assert metrics.precision_at_k(RANKED, 1) == pytest.approx((1 + 0 + 0) / 3)
     assert metrics.precision_at_k(RANKED, 3) == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
@@ -3375,9 +3385,10 @@ def test_retrieve_eval_copy_detection_above_chance(built):
     assert saved["copy"] == res["copy"]
 
 
-def test_retrieve_add_equals_build_at_once(built, demo, tmp_path):
+def test_retrieve_add_equals_build_at_once(built, demo, tmp_path, capsys):
     """Build on the first 80 gallery rows, --add the rest: the same as `built` (all 120 at
-    once); fp32 (--no-amp) so that batch composition cannot change a vector."""
+    once); fp32 (--no-amp) so that batch composition cannot change a vector. The map drawn
+    before the --add is stale after it, and --add says so."""
     rows = files.read_csv(str(demo / "gallery.csv"))
     head = tmp_path / "first80.csv"
     files.write_csv(str(head), list(rows[0]), [list(r.values()) for r in rows[:80]])
@@ -3385,8 +3396,11 @@ def test_retrieve_add_equals_build_at_once(built, demo, tmp_path):
     retrieve.main(["--build", "--images", str(demo / "images"), "--manifest", str(head),
                    "--index", part, *RETRIEVE_FAST])
     assert retrieve.open_index(part)[0]["n"] == 80
+    retrieve.main(["--map", "--index", part, "-k", "2", "--color-by", "none"])
+    capsys.readouterr()
     retrieve.main(["--add", "--manifest", str(demo / "gallery.csv"), "--index", part,
                    "--workers", "0", "--no-amp"])
+    assert f"note: {part}/map.html draws gen-1, the index is now gen-2" in capsys.readouterr().out
     a, b = retrieve.open_index(part), retrieve.open_index(str(built))
     assert a[1] == b[1]  # meta rows
     np.testing.assert_allclose(a[2], b[2], atol=1e-5)
@@ -3852,6 +3866,20 @@ def test_retrieve_map_html_points_neighbours_sprites(built, capsys, one_blas_thr
     assert (sp[:, 3:] <= d["cell"]).all() and (sp[:, 3:].max(1) == d["cell"]).all()
     assert len({(x, y) for _, x, y, _, _ in sp}) == 120  # each thumbnail its own place
     assert f"map: {page}" in capsys.readouterr().out
+    # short names (the title, else the file's stem), coloured by style by default, a legend
+    assert d["names"][7] == meta[7]["title"] and d["generation"] == "gen-1"
+    assert d["colour_by"] == "style" and len(d["legend"]) == len({r["style"] for r in meta})
+    style = [d["legend"][c][0] for c in d["cat"]]
+    assert style == [r["style"] for r in meta] and p.classes["legend"] == 1
+    assert sum(d["legend_n"]) == 120 and p.classes["item"] == len(d["legend"])
+    rows = [{"path": f"a/b/p{i}.jpg", "c": "xyz"[i % 3] if i < 39 else str(i)}
+            for i in range(48)] + [{"path": "x.png", "c": ""}]
+    ids, legend = pages.colour_classes(rows, "c")  # 12 values: 10 coloured, 2 share 'other'
+    assert len(legend) == len(pages.MAP_COLOURS) + 1 and legend[-1] == ("(empty)", pages.NONE, 1)
+    assert legend[-2] == ("other (2 values)", pages.OTHER, 2) and legend[0][2] == 13
+    assert pages.short_title(rows[3]) == "p3" and ids[-1] == len(legend) - 1
+    assert "--color-by nope: not a column" in retrieve_error(["--map", "--index", str(built),
+                                                             "--color-by", "nope"])
 
 
 def test_retrieve_map_layout_keeps_clusters_apart(one_blas_thread, one_faiss_thread):
@@ -3869,6 +3897,18 @@ def test_retrieve_map_layout_keeps_clusters_apart(one_blas_thread, one_faiss_thr
     np.testing.assert_array_equal(y, layout.layout_2d(x, seed=0))  # seeded
     z = layout.pca_project(x, 50)
     assert z.shape == (300, 50) and abs(float(z[:, 0] @ z[:, 1])) < 1e-2 * float(z[:, 0] @ z[:, 0])
+
+
+def test_map_layout_keeps_more_neighbours_than_pca_on_the_demo(built, one_blas_thread,
+                                                               one_faiss_thread):
+    """The share of each painting's 15 nearest (cosine) that stay among its 15 nearest on the
+    map: the layout against the first two principal components, on the demo's vectors."""
+    xb = np.asarray(retrieve.open_index(built)[2])
+    ours = layout.map_kept(xb, layout.layout_2d(xb, seed=0))
+    pca = layout.map_kept(xb, layout.pca_project(xb, 2))
+    assert ours > pca + 0.05, (ours, pca)
+    assert layout.map_kept(xb, xb) == 1.0 and layout.map_kept(xb, np.random.default_rng(
+        0).standard_normal((len(xb), 2))) < 0.25  # random positions: about 15 / 120
 
 
 def test_retrieve_eval_html_copy_failures(built, tmp_path, capsys):
