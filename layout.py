@@ -1,18 +1,21 @@
 """The collection map's 2-D layout: PCA, a k-nearest-neighbour graph, a seeded force layout
-of that graph (near = similar), and how well a layout keeps each painting's neighbours.
-
-numpy and faiss only: no model, no index folder (index.py), no page (pages.py).
+of that graph (near = similar), how well a layout keeps each painting's neighbours, and the
+map's colour column and staleness. numpy and faiss: no model, no page (pages.py).
 
     import layout
     y = layout.layout_2d(xb, seed=0)          # (n, 2) positions for xb (n, d) unit vectors
     layout.map_kept(xb, y, k=15)              # share of the 15 nearest kept on the map
 """
 
+import os
+import re
+
 import faiss
 import numpy as np
 
 import metrics
-from index import CHUNK, drop_self
+from files import UserError
+from index import CHUNK, drop_self, generation
 
 LAYOUT_DIMS = 50  # PCA dims before the layout, as usual before t-SNE: drops the noisy tail
 LAYOUT_K = 15  # neighbours per painting in the layout's graph (UMAP's default)
@@ -90,3 +93,34 @@ def map_kept(xb, y, k=LAYOUT_K):
     random points ~k/n). bench.py and the tests compare layouts with it."""
     return metrics.neighbours_kept(knn_graph(np.asarray(xb, np.float32), k),
                                    knn_graph(np.asarray(y, np.float32), k))
+
+
+def colour_column(flag, meta, label_columns):
+    """retrieve.py --map --color-by: a column of meta.csv, or none; by default the first of
+    label_columns that has at least two values."""
+    cols = list(meta[0])
+    if flag is None:
+        return next((c for c in label_columns if c in cols and
+                     len({r[c] for r in meta if r[c]}) > 1), None)
+    if flag == "none":
+        return None
+    if flag not in cols:
+        raise UserError(f"--color-by {flag}: not a column of the index's meta.csv "
+                        f"({', '.join(cols)}, or none)")
+    return flag
+
+
+def stale_map_note(index_dir):
+    """After retrieve.py --build/--add: say so when INDEX/map.html draws an older generation
+    (pages.map_page records the one it drew); returns True when it is stale."""
+    path = os.path.join(index_dir, "map.html")
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = re.search(r'"generation":"([^"]*)"', f.read())
+    except OSError:
+        return None
+    drawn, now = m[1] if m else "an older index", os.path.basename(generation(index_dir))
+    if drawn != now:
+        print(f"note: {path} draws {drawn}, the index is now {now}: it lacks the changes; "
+              f"run --map --index {index_dir} again")
+    return drawn != now

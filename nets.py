@@ -423,8 +423,10 @@ def imagenet_state_dict(name):
         return w.get_state_dict(progress=True)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         raise UserError(f"cannot download the ImageNet weights for {name} ({one_line(e)}); "
-                        "offline, use --weights none or --weights PATH (a torchvision "
-                        "state_dict)") from None
+                        "offline, use --weights PATH (a torchvision state_dict, e.g. copied "
+                        "from another machine's ~/.cache/torch/hub/checkpoints) or --weights "
+                        "none (random: crnn.py trains from scratch; for retrieve.py a baseline "
+                        "only: search by learned style with --ckpt runs/<data>/best.pt)") from None
 
 
 def load_weights(net, name, weights):

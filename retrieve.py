@@ -28,7 +28,9 @@ Notebook:
     res = retrieve.main(["--query", "demo/images/Cubism/leon-voss_cityscape-7.jpg", "-k", "5"])
     D, I = res["D"], res["I"]          # a cell shows one line: <1 queries x 5 neighbours, ...>
 
-Offline (no ImageNet download): add `--weights none` (seeded random init) or `--weights PATH`.
+Offline (no ImageNet download): `--weights PATH` (the file copied from a machine that has it);
+for neighbours by style, a trained crnn.py checkpoint (`--ckpt runs/demo/best.pt`); `--weights
+none` (seeded random init) only as a baseline (`--center` spreads its scores, README).
 
 The index folder (--index DIR): CURRENT names the generation in use, DIR/gen-N/, which holds
 embeddings.npy ((n, dim) float32, unit rows), meta.csv (path and the manifest's columns in the
@@ -103,7 +105,7 @@ from index import (
     write_faiss,
     write_generation,
 )
-from layout import LAYOUT_DIMS, LAYOUT_K, layout_2d
+from layout import LAYOUT_DIMS, LAYOUT_K, colour_column, layout_2d, stale_map_note
 from retrieve_eval import (
     EVAL_NOTE,
     LABEL_COLUMNS,
@@ -778,7 +780,7 @@ def cmd_map(args, device):
     keep = drop_self(I, np.arange(n), k) & (I >= 0)  # hnsw/ivfpq may find fewer than k
     nn = [I[q][keep[q]].tolist() for q in range(n)]
     ns = [D[q][keep[q]].tolist() for q in range(n)]
-    colour = colour_column(args.color_by, meta)
+    colour = colour_column(args.color_by, meta, LABEL_COLUMNS)
     t0 = time.time()
     xy = layout_2d(xb, args.seed)
     print(f"layout: {n} paintings in {time.time() - t0:.1f} s")
@@ -794,36 +796,6 @@ def cmd_map(args, device):
     return files.Result(f"map: {out}, {n} paintings", {"path": out, "xy": xy})
 
 
-def colour_column(flag, meta):
-    """--color-by: a column of meta.csv, or none; by default the first label column that has
-    at least two values."""
-    cols = list(meta[0])
-    if flag is None:
-        return next((c for c in LABEL_COLUMNS if c in cols and
-                     len({r[c] for r in meta if r[c]}) > 1), None)
-    if flag == "none":
-        return None
-    if flag not in cols:
-        raise UserError(f"--color-by {flag}: not a column of the index's meta.csv "
-                        f"({', '.join(cols)}, or none)")
-    return flag
-
-
-def stale_map_note(index_dir):
-    """After --build/--add: say so when INDEX/map.html draws an older generation."""
-    path = os.path.join(index_dir, "map.html")
-    try:
-        with open(path, encoding="utf-8") as f:
-            m = re.search(r'"generation":"([^"]*)"', f.read())
-    except OSError:
-        return None
-    drawn, now = m[1] if m else "an older index", os.path.basename(generation(index_dir))
-    if drawn != now:
-        print(f"note: {path} draws {drawn}, the index is now {now}: it lacks the changes; "
-              f"run --map --index {index_dir} again")
-    return drawn != now
-
-
 # ----------------------------------------------------------------------------- main
 
 def indexed(cfg, index_dir):
@@ -832,7 +804,8 @@ def indexed(cfg, index_dir):
     if cfg is None or "n" not in cfg:
         return cfg  # a torchrun rank other than 0, a --build --shard record
     stale_map_note(index_dir)
-    return files.Result(f"index: {cfg['n']} images, {cfg['index_type']}, {cfg['dim']}-d",
+    return files.Result(f"index: {cfg['n']} images, {cfg['index_type']}, {cfg['dim']}-d"
+                        + (", centred" if cfg.get("center") else ""),
                         {"config": cfg, "n": cfg["n"]})
 
 

@@ -1805,8 +1805,9 @@ def test_nets_backbone_weights_offline_local_and_mismatch(tmp_path, monkeypatch)
         raise urllib.error.URLError("[Errno -2] Name or service not known")
     monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__,
                         "get_state_dict", offline)
-    with pytest.raises(files.UserError, match="--weights none or --weights PATH"):
+    with pytest.raises(files.UserError, match="offline, use --weights PATH") as e:
         nets.backbone("resnet18", "imagenet")
+    assert "a baseline only: search by learned style with --ckpt" in str(e.value)
     ref = torchvision.models.resnet18(num_classes=7)  # a fine-tuned head of any size is fine
     torch.save(ref.state_dict(), tmp_path / "r18.pth")
     trunk, channels = nets.backbone("resnet18", str(tmp_path / "r18.pth"))
@@ -3412,6 +3413,30 @@ def test_retrieve_add_equals_build_at_once(built, demo, tmp_path, capsys):
     assert retrieve.open_index(part)[0]["n"] == 120
 
 
+def test_retrieve_center_spreads_scores_and_queries_alike(built, demo, tmp_path):
+    """--center: the collection's mean is taken off every vector (kept in index.faiss, so
+    queries are centred the same way) before normalising; embeddings.npy keeps the raw
+    vectors. Random features bunch near 1; centred, the nearest other painting's score
+    spreads (on the 360-image demo: median 0.999 -> 0.72)."""
+    index = str(tmp_path / "centred")
+    res = retrieve.main(["--build", "--images", str(demo / "images"), "--manifest",
+                         str(demo / "gallery.csv"), "--index", index, *RETRIEVE_FAST, "--center"])
+    assert res["config"]["center"] and repr(res) == "<index: 120 images, flat, 2048-d, centred>"
+    raw, cen = retrieve.open_index(built), retrieve.open_index(index)
+    np.testing.assert_allclose(cen[2], raw[2], atol=1e-5)
+    Dr = faiss_index.search(raw[3], raw[2], 2)[0][:, 1]
+    Dc = faiss_index.search(cen[3], cen[2], 2)[0][:, 1]
+    assert np.median(Dr) > 0.9 and np.median(Dc) < np.median(Dr) - 0.1, (Dr, Dc)
+    xc = unit(np.asarray(raw[2], np.float64) - np.asarray(raw[2], np.float64).mean(0))
+    s = xc @ xc[3]  # by hand: cosine of the centred vectors
+    order = [i for i in np.argsort(-s, kind="stable") if i != 3][:3]
+    D, I = found(["--query-id", cen[1][3]["path"], "--index", index, "-k", "3"])
+    assert I[0].tolist() == order
+    np.testing.assert_allclose(D[0], s[order], atol=1e-4)
+    msg = retrieve_error(["--query-id", raw[1][3]["path"], "--index", str(built), "--center"])
+    assert "built with --center False" in msg
+
+
 def test_retrieve_build_from_zip_equals_folder(built, demo, tmp_path):
     """--images a zip read in place, scanned (no manifest): the same vectors as the folder's;
     the query sheet's thumbnails come out of the zip."""
@@ -4113,9 +4138,11 @@ def test_bench_row_ratio_points_to_better():
     assert bench.row("s", "x", 1.0, 2.0, "ms", recall_at_5=0.5)["recall_at_5"] == 0.5
 
 
-def test_bench_tiny_writes_valid_json(tmp_path):
+def test_bench_tiny_writes_valid_json(tmp_path, capsys):
     out = tmp_path / "b.json"
     assert bench.main(["--tiny", "--out", str(out), "--tmp", str(tmp_path)]) == 0
+    table = capsys.readouterr().out.split("\nsection ")[1]
+    assert "not measured at this size" in table and " NO" not in table  # targets: real sizes
     res = json.loads(out.read_text())
     assert res["machine"]["tiny"] is True and res["machine"]["cores"] >= 1
     rows = res["rows"]
@@ -4124,10 +4151,7 @@ def test_bench_tiny_writes_valid_json(tmp_path):
         assert ROW_KEYS <= set(r), r
         for k in ("naive", "ours", "ratio"):
             assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (k, r)
-        if r["target"] is None:
-            assert r["met"] is None
-        else:
-            assert r["met"] == (r["ratio"] >= r["target"])
+        assert r["met"] is None  # not judged at --tiny sizes
     search = {r["name"]: r for r in rows if r["section"] == "search"}
     assert search["n=2k faiss flat (exact)"]["recall_at_5"] == 1.0  # exact search is exact
     memory = next(r for r in rows if r["section"] == "memory")
