@@ -801,7 +801,7 @@ def cmd_map(args, device):
 def indexed(cfg, index_dir):
     """--build/--add/--merge-shards: the config (res["config"]) behind a one-line repr; a note
     when the index's map.html is now stale."""
-    if cfg is None or "n" not in cfg:
+    if cfg is None or "index_type" not in cfg:
         return cfg  # a torchrun rank other than 0, a --build --shard record
     stale_map_note(index_dir)
     return files.Result(f"index: {cfg['n']} images, {cfg['index_type']}, {cfg['dim']}-d"

@@ -4249,6 +4249,10 @@ def test_colab_notebook_runs_on_the_cpu(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert "device: cpu" in text and "no GPU: Runtime > Change runtime type" in text
     assert re.search(r"precision: \w+ weights, training: ", text)
-    for page in ("runs/demo/report.html", "results.html", "demo/index/map.html"):
+    for page in ("runs/demo/report.html", "demo/index/results.html", "demo/index/map.html"):
         check_page(tmp_path / page)
+    assert not (tmp_path / "results.html").exists()  # beside the index, not in the clone's root
+    shown = [o["data"]["text/plain"] for c in nb.cells if "retrieve.main" in c.source
+             for o in c.outputs if "text/plain" in o.get("data", {})]
+    assert shown and all("\n" not in t and len(t) < 200 for t in shown), shown  # one line
     assert sum("text/html" in o.get("data", {}) for o in outputs) == 3  # shown inline
