@@ -122,8 +122,8 @@ def check_same_model(args, cfg):
     """Refuse typed flags that differ from how the index was built, and changed weight files."""
     for key in MODEL_DEFAULTS:
         val, was = getattr(args, key), cfg.get(key)
-        if val is None or val == was:
-            continue
+        if val is None or val == was or key == "center" and not val and not was:
+            continue  # an index from before --center is not centred
         if key in ("weights", "ckpt") and os.path.isfile(val) and \
                 file_sha256(val) == cfg.get(f"{key}_sha256"):
             continue  # the same file under another name
