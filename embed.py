@@ -30,7 +30,7 @@ from index import FORMAT, INDEX_DEFAULTS, VERSION, compact_rows
 # --query/--query-id/--add/--eval, a typed value that differs from config.json is refused.
 MODEL_DEFAULTS = {"backbone": "resnet50", "weights": "imagenet", "ckpt": None, "img_size": 224,
                   "pool": "grid", "grid": 2, "index_type": INDEX_DEFAULTS["index_type"],
-                  "pca": None}
+                  "pca": None, "center": None}
 
 
 # ----------------------------------------------------------------------------- model
@@ -114,8 +114,8 @@ def check_same_model(args, cfg):
     """Refuse typed flags that differ from how the index was built, and changed weight files."""
     for key in MODEL_DEFAULTS:
         val, was = getattr(args, key), cfg.get(key)
-        if val is None or val == was:
-            continue
+        if val is None or val == was or key == "center" and not val and not was:
+            continue  # an index from before --center is not centred
         if key in ("weights", "ckpt") and os.path.isfile(val) and \
                 files.file_sha256(val) == cfg.get(f"{key}_sha256"):
             continue  # the same file under another name
@@ -151,7 +151,7 @@ def model_config(args):
         if typed:
             raise UserError(f"--ckpt embeds with the checkpoint's own model and image "
                             f"size: drop {' '.join(typed)}")
-        ck_args = crnn_model.load_checkpoint(cfg["ckpt"])[1]["args"]
+        ck_args = crnn_model.read_checkpoint(cfg["ckpt"])["args"]  # loaded once, later
         cfg.update(backbone=ck_args.get("backbone"), weights=None, weights_sha256=None,
                    pool=None, grid=None, img_size=int(ck_args["img_size"]))
     if cfg["grid"] is not None and cfg["grid"] < 1 or cfg["img_size"] < 32:

@@ -59,6 +59,18 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
 # broken deflate stream, cut short) of saying "cannot read this image": every loader catches these
 
 
+class Result(dict):
+    """What a script's main([...]) returns: a dict of named fields (res["D"], res["config"]),
+    shown as one line in a notebook cell, not as config dicts, score arrays or coordinates."""
+
+    def __init__(self, line, fields):
+        super().__init__(fields)
+        self.line = line
+
+    def __repr__(self):
+        return f"<{self.line}>"
+
+
 def one_line(e):
     """The first line of an exception's text, at most 200 characters (for one-line errors)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

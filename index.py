@@ -102,7 +102,8 @@ def index_from_vectors(xb, args):
     kind = args.index_type or INDEX_DEFAULTS["index_type"]
     d = check_pca(args.pca, dim, n)
     icfg = {"metric": "inner_product", "dim": dim, "index_type": kind, "pca": args.pca,
-            "index_dim": d, "index_params": index_params(kind, d, n, args)}
+            "index_dim": d, "index_params": index_params(kind, d, n, args),
+            "center": bool(getattr(args, "center", None)) and not args.pca}  # pca centres too
     return icfg, fill_index(new_index(icfg), xb, args.seed)
 
 
@@ -118,10 +119,11 @@ def new_index(cfg):
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, p["nlist"], ip)
     else:
         index = faiss.IndexFlatIP(d)
-    if cfg["pca"]:  # inside the saved index, so queries get the same transform for free
-        index = faiss.IndexPreTransform(index)
+    if cfg["pca"] or cfg.get("center"):  # inside the saved index: queries, --add and
+        index = faiss.IndexPreTransform(index)  # --eval get the same transform for free
         index.prepend_transform(faiss.NormalizationTransform(d, 2.0))  # back on the sphere
-        index.prepend_transform(faiss.PCAMatrix(cfg["dim"], d, -0.5))  # -0.5: whitening
+        index.prepend_transform(faiss.PCAMatrix(cfg["dim"], d, -0.5) if cfg["pca"] else
+                                faiss.CenteringTransform(d))  # -0.5: whitening; the mean
     set_search_params(index, p)
     return index
 

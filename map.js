@@ -13,6 +13,7 @@
   var view = {s: 1, x: 0, y: 0}, W = 0, H = 0, dpr = window.devicePixelRatio || 1;
   var low = D.rows.map(function (r) { return r.map(function (v) { return v.toLowerCase(); }); });
   var any = low.map(function (r) { return r.join("\n"); });
+  var frame = D.cat ? D.cat.map(function (c) { return D.legend[c][1]; }) : null;
   // Each sheet is copied once onto a canvas: drawing from an <img> let the browser drop and
   // re-decode the 4096 px JPEGs over and over (0.5-1.7 s frames at 5,000-20,000 paintings).
   // Small thumbnails come from a half-resolution copy: fewer source pixels per draw call
@@ -65,13 +66,18 @@
       var b = rect(i, px);
       if (b[0] > W || b[1] > H || b[0] + b[2] < 0 || b[1] + b[3] < 0) continue;
       var k = 5 * i, im = sheets[sp[k]];
-      if (px < 10 || !im) {  // far out (or loading): a square of the painting's mean colour
-        ctx.fillStyle = D.colour[i]; ctx.fillRect(b[0], b[1], b[2], b[3]);
+      if (px < 10 || !im) {  // far out (or loading): a square of its class or mean colour
+        ctx.fillStyle = frame ? frame[i] : D.colour[i]; ctx.fillRect(b[0], b[1], b[2], b[3]);
+        continue;
       } else if (px < D.cell / 2) {
         ctx.drawImage(halves[sp[k]], sp[k + 1] / 2, sp[k + 2] / 2, sp[k + 3] / 2, sp[k + 4] / 2,
                       b[0], b[1], b[2], b[3]);
       } else {
         ctx.drawImage(im, sp[k + 1], sp[k + 2], sp[k + 3], sp[k + 4], b[0], b[1], b[2], b[3]);
+      }
+      if (frame) {  // --color-by: the thumbnail framed in its class's colour
+        ctx.strokeStyle = frame[i]; ctx.lineWidth = Math.max(1.5, px / 16);
+        ctx.strokeRect(b[0], b[1], b[2], b[3]);
       }
     }
     ctx.globalAlpha = 1;
@@ -127,7 +133,7 @@
       redraw(); return;
     }
     side.appendChild(thumb(i, 200));
-    side.appendChild(el("div", "title", D.rows[i][D.label]));
+    side.appendChild(el("div", "title", D.names[i]));
     var t = el("table");
     D.cols.forEach(function (c, j) { if (D.rows[i][j]) field(t, c, D.rows[i][j]); });
     if (D.links && D.links[i]) field(t, "nga.gov", D.links[i]);
@@ -137,7 +143,7 @@
       var row = el("div", "nb");
       row.appendChild(thumb(j, 56));
       row.appendChild(el("span", null, (r + 1) + ". " + D.ns[i][r].toFixed(3) + "  " +
-                         D.rows[j][D.label]));
+                         D.names[j]));
       row.onclick = function () { select(j, true); };
       side.appendChild(row);
     });
@@ -181,7 +187,7 @@
     cv.style.cursor = i < 0 ? "grab" : "pointer";
     if (i < 0) { tip.style.display = "none"; return; }
     var by = D.by >= 0 ? D.rows[i][D.by] : "";
-    tip.textContent = D.rows[i][D.label] + (by ? " \u2014 " + by : "");
+    tip.textContent = D.names[i] + (by ? " \u2014 " + by : "");
     tip.style.left = Math.min(p[0] + 14, W - 200) + "px"; tip.style.top = (p[1] + 14) + "px";
     tip.style.display = "block";
   });
@@ -198,6 +204,12 @@
   root.querySelector(".zin").onclick = function () { zoom(1.5, W / 2, H / 2); };
   root.querySelector(".zout").onclick = function () { zoom(1 / 1.5, W / 2, H / 2); };
   root.querySelector(".reset").onclick = reset;
+  root.querySelectorAll(".legend .item").forEach(function (it) {  // a class: only it
+    it.onclick = function () {
+      var v = it.getAttribute("data-v"), on = box.value !== v;
+      pick.value = on ? D.colour_col : -1; box.value = on ? v : ""; filter();
+    };
+  });
   box.addEventListener("input", filter);
   pick.addEventListener("change", filter);
   window.addEventListener("resize", function () { fit(); redraw(); });

@@ -242,18 +242,6 @@ def retrieval_metrics(I, gt, ks=(1, 5)):
     return out
 
 
-def knn_recall(I, I_true, k):
-    """Mean over queries of |first k of I & first k of I_true| / k: how much of the exact k
-    nearest neighbours (I_true) an approximate search (I) found. Ids as from index.search
-    ((nq, >=k) ints; a -1 in I finds nothing)."""
-    I, I_true = np.asarray(I), np.asarray(I_true)
-    _check_k(k)
-    if I.ndim != 2 or I_true.shape[0] != len(I) or min(I.shape[1], I_true.shape[1]) < k:
-        raise ValueError(f"I {I.shape} and I_true {I_true.shape} need (nq, >={k}) each")
-    return float(np.mean([len(set(a[:k].tolist()) & set(b[:k].tolist()) - {-1}) / k
-                          for a, b in zip(I, I_true, strict=True)]))
-
-
 def _sum_precision_at_hits(rel):
     """Sum over the last axis of P@i * rel_i, the numerator of average precision."""
     ranks = np.arange(1, rel.shape[-1] + 1)
@@ -327,3 +315,16 @@ def random_map_at_k(n_relevant, n_candidates, k):
     i = np.arange(1, k + 1)
     expected = ((p[:, None] + (i - 1) * q[:, None]) / i).sum(1)
     return float((expected / np.minimum(n_rel, k)).mean())
+
+
+def neighbours_kept(nn_a, nn_b):
+    """Mean share of each row's neighbours in nn_a (n, k) that are also in nn_b (n, k), order
+    within a row ignored: 1.0 = the same k neighbours for every item, about k/n = unrelated.
+    E.g. nn_a from the embeddings, nn_b from a 2-D map: the k-NN preservation of a layout
+    (Lee and Verleysen's Q_NX(k)). Ids < 0 (not found) never match."""
+    nn_a, nn_b = np.asarray(nn_a), np.asarray(nn_b)
+    if nn_a.ndim != 2 or nn_a.shape != nn_b.shape or nn_a.size == 0:
+        raise ValueError(f"nn_a and nn_b must be (n, k) of one shape, k >= 1: {nn_a.shape}, "
+                         f"{nn_b.shape}")
+    hits = sum(((nn_a == nn_b[:, [j]]) & (nn_a >= 0)).any(1) for j in range(nn_b.shape[1]))
+    return float(hits.mean() / nn_a.shape[1])

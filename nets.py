@@ -15,6 +15,8 @@ import argparse
 import contextlib
 import datetime
 import functools
+import importlib
+import importlib.metadata
 import json
 import os
 import sys
@@ -41,7 +43,9 @@ def pick_device(flag=None):
     traceback at the first tensor); else cuda, then mps, then cpu. Prints the choice once.
     cuda:N also becomes torch's current GPU: what opens a context without naming a device
     (the DataLoader's pin-memory thread, cuDNN and FAISS handles) would otherwise open one on
-    GPU 0 as well, holding memory there. (Under torchrun init_distributed sets cuda:LOCAL_RANK.)"""
+    GPU 0 as well, holding memory there. (Under torchrun init_distributed sets cuda:LOCAL_RANK.)
+    First, once: the torch/torchvision pair (check_torchvision), every command's start-up."""
+    check_torchvision()
     if flag:
         device = check_device(flag)
         if device.type == "cuda" and device.index is not None and world() == 1:
@@ -54,6 +58,53 @@ def pick_device(flag=None):
         device = torch.device("cpu")
     print(f"device: {device}")
     return device
+
+
+# torch 2.N is built with torchvision 0.(N + 15): 2.0-0.15, 2.5-0.20, 2.7-0.22, 2.14-0.29
+# (the PyTorch wiki's "PyTorch Versions" table). Another pair, easy to get by installing one of
+# them from PyTorch's CPU index and the other from PyPI, fails inside torchvision's import.
+CPU_INSTALL = "pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+
+
+def torchvision_for(torch_version):
+    """'0.N' of the torchvision that belongs with torch_version ('2.5.1+cpu' -> '0.20'); None
+    for a torch before 2.0 or a version that does not parse."""
+    try:
+        major, minor = (int(v) for v in torch_version.split("+")[0].split(".")[:2])
+    except ValueError:
+        return None
+    return f"0.{minor + 15}" if major == 2 else None
+
+
+def pair_line(torch_version, tv_version, why):
+    """One line: the pair found, the pair that belongs together, the command that installs it."""
+    want = torchvision_for(torch_version)
+    pair = f"torchvision {want}.x belongs with it" if want else "install the pair together"
+    return (f"torch {torch_version} with torchvision {tv_version} ({why}): {pair}; install "
+            f"both at once: {CPU_INSTALL} (CPU), or pip install torch torchvision (CUDA)")
+
+
+_TORCHVISION_OK = []  # checked once per process
+
+
+def check_torchvision():
+    """Import torchvision once; a pair that does not belong together is one UserError line (a
+    mismatch otherwise ends every command in a 20-line `operator torchvision::nms does not
+    exist` traceback), or one warning line when it still imports."""
+    if _TORCHVISION_OK:
+        return
+    tv = "not installed"
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        tv = importlib.metadata.version("torchvision")
+    try:
+        importlib.import_module("torchvision")
+    except (ImportError, RuntimeError, OSError, AttributeError) as e:
+        raise UserError(pair_line(torch.__version__, tv, f"torchvision fails to import: "
+                                  f"{one_line(e)[:80]}")) from None
+    want = torchvision_for(torch.__version__)
+    if want and not tv.startswith(want + "."):
+        print("warning: " + pair_line(torch.__version__, tv, "not built for each other"))
+    _TORCHVISION_OK.append(True)
 
 
 def check_device(flag):
@@ -477,8 +528,10 @@ def imagenet_state_dict(name):
         return w.get_state_dict(progress=True)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         raise UserError(f"cannot download the ImageNet weights for {name} ({one_line(e)}); "
-                        "offline, use --weights none or --weights PATH (a torchvision "
-                        "state_dict)") from None
+                        "offline, use --weights PATH (a torchvision state_dict, e.g. copied "
+                        "from another machine's ~/.cache/torch/hub/checkpoints) or --weights "
+                        "none (random: crnn.py trains from scratch; for retrieve.py a baseline "
+                        "only: search by learned style with --ckpt runs/<data>/best.pt)") from None
 
 
 def load_weights(net, name, weights):

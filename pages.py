@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+from collections import Counter
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
@@ -432,12 +433,14 @@ def hit_card(thumbs, root, rank, score, row):
 def results_page(path, lines, queries, root):
     """retrieve.py --query/--query-id --html: per query, the query image then its neighbours in
     rank order. queries: [(query name, what load_image reads for it, [(score, manifest row),
-    ...])]; root: the index's image folder or zip."""
+    ...]), optionally a 4th item: the query's own manifest row (an indexed painting: its labels
+    show under it)]; root: the index's image folder or zip."""
     thumbs, parts = Thumbs(), []
-    for q, (file, image, hits) in enumerate(queries, 1):
+    for q, (file, image, hits, *own) in enumerate(queries, 1):
         tag, ok = thumbs.tag(image, "query")
+        about = row_html(own[0]) if own and own[0] else f"<div>{esc(file)}</div>"
         cards = [f'<div class="card hit query{"" if ok else " bad"}"><div class="pics">{tag}'
-                 f'</div><div class="rank"><b>query {q}</b></div><div>{esc(file)}</div></div>']
+                 f'</div><div class="rank"><b>query {q}</b></div>{about}</div>']
         cards += [hit_card(thumbs, root, r, s, row) for r, (s, row) in enumerate(hits, 1)]
         parts.append(f"<h2>Query {q}: {esc(os.path.basename(file))}</h2>\n"
                      f'<div class="cards">{"".join(cards)}</div>\n')
@@ -532,9 +535,46 @@ def script_json(obj):
     return json.dumps(obj, separators=(",", ":")).replace("</", "<\\/").replace("<!--", "<\\!--")
 
 
-def map_data(xy, rows, nn, ns, root):
+MAP_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+               "#17becf", "#bcbd22", "#393b79", "#7f7f7f")  # Tableau-like: apart on a grey map
+OTHER, NONE = "#b0b0b0", "#dddddd"
+
+
+def short_title(row):
+    """A painting's name on the map: its title, else its file name without folder or suffix."""
+    return row.get("title") or os.path.splitext(os.path.basename(row["path"]))[0]
+
+
+def colour_classes(rows, column):
+    """(per-row colour index, legend [(value, colour, count)]): the most common values of column
+    get MAP_COLOURS, the rest share 'other' (grey), an empty value 'none' (light grey)."""
+    values = [r.get(column) or "" for r in rows]
+    counts = Counter(v for v in values if v)
+    top = [v for v, _ in counts.most_common(len(MAP_COLOURS))]
+    if len(counts) > len(top):  # more values than colours: the rest share one
+        top = top[:-1]
+    legend = [(v, MAP_COLOURS[j], counts[v]) for j, v in enumerate(top)]
+    at = {v: j for j, v in enumerate(top)}
+    rest = sum(c for v, c in counts.items() if v not in at)
+    if rest:
+        legend.append((f"other ({len(counts) - len(top)} values)", OTHER, rest))
+    if values.count(""):
+        legend.append(("(empty)", NONE, values.count("")))
+    ids = [at.get(v, len(top)) if v else len(legend) - 1 for v in values]
+    return ids, legend
+
+
+def legend_html(column, legend):
+    items = "".join(f'<span class="item" data-v="{esc(v)}"><i style="background:{c}"></i>'
+                    f'{esc(v)} <span class="k">{n}</span></span>' for v, c, n in legend)
+    return f'<div class="legend"><b>{esc(column)}:</b> {items}</div>'
+
+
+def map_data(xy, rows, nn, ns, root, color_by=None, generation=None):
     """The map's JSON: positions scaled into 0..1000 (aspect kept), sprites, every manifest
-    column, neighbours and their scores, and nga.gov pages where known. Returns (dict, bad)."""
+    column, short names, neighbours and their scores, nga.gov pages where known, the colour
+    class of each painting (color_by: a column) and the index generation drawn. Returns
+    (dict, bad)."""
     n, cell = len(rows), map_cell(len(rows))
     sheets, sp, colours, bad = sprite_sheets(root, [r["path"] for r in rows], cell)
     xy = np.asarray(xy, np.float64)
@@ -545,19 +585,32 @@ def map_data(xy, rows, nn, ns, root):
     return {"n": n, "cell": cell, "tw": min(80.0, 900 / math.sqrt(n)),
             "xy": np.round(xy, 1).ravel().tolist(), "sp": sp.ravel().tolist(),
             "colour": colours, "cols": cols, "rows": [[r.get(c) or "" for c in cols] for r in rows],
-            "label": cols.index("title") if "title" in cols else cols.index("path"),
             "by": next((cols.index(c) for c in ("attribution", "artist") if c in cols), -1),
             "nn": [[int(j) for j in r] for r in nn], "ns": [[round(float(s), 3) for s in r]
                                                             for r in ns],
-            "links": links if any(links) else None, "sheets": sheets}, bad
+            "links": links if any(links) else None, "sheets": sheets,
+            "names": [short_title(r) for r in rows], "generation": generation,
+            **colour_data(rows, color_by, cols)}, bad
 
 
-def map_page(path, lines, xy, rows, nn, ns, root):
+def colour_data(rows, column, cols):
+    if not column:
+        return {"cat": None, "legend": None, "colour_col": -1}
+    ids, legend = colour_classes(rows, column)
+    return {"cat": ids, "legend": [[v, c] for v, c, _ in legend], "colour_col": cols.index(column),
+            "legend_n": [n for *_, n in legend], "colour_by": column}
+
+
+def map_page(path, lines, xy, rows, nn, ns, root, color_by=None, generation=None):
     """retrieve.py --map: the collection on a canvas at the 2-D positions xy (n, 2); rows: the
     manifest rows; nn (n, k) neighbour ids best first, ns their scores; root: the images'
-    folder or zip.
+    folder or zip; color_by: a column whose values frame the thumbnails, with a legend;
+    generation: the index generation drawn (retrieve.py tells a stale map by it).
     Returns the number of images that no longer decode (grey)."""
-    d, bad = map_data(xy, rows, nn, ns, root)
+    d, bad = map_data(xy, rows, nn, ns, root, color_by, generation)
+    legend = legend_html(color_by, [(v, c, k) for (v, c), k in zip(d["legend"], d["legend_n"],
+                                                                   strict=True)]) \
+        if color_by else ""
     blob = script_json(d)
     uid = "ae-map-" + hashlib.sha1(blob.encode("utf-8", "surrogatepass")).hexdigest()[:10]
     options = "".join(f'<option value="{j}">{esc(c)}</option>' for j, c in enumerate(d["cols"]))
@@ -567,7 +620,7 @@ def map_page(path, lines, xy, rows, nn, ns, root):
             'aria-label="filter"><span class="count"></span><button class="zin">+</button>'
             '<button class="zout">&minus;</button><button class="reset">reset</button>'
             '<span class="help">drag to pan, wheel or +/&minus; to zoom, click a painting for '
-            'its nearest neighbours</span></div><div class="mapwrap"><div class="stage">'
+            f'its nearest neighbours</span></div>{legend}<div class="mapwrap"><div class="stage">'
             '<canvas></canvas><div class="tip"></div></div><div class="side"></div></div>'
             f'<script type="application/json" class="data">{blob}</script>'
             f'<script>\n{asset("map.js").replace("__ID__", uid)}</script></div>')

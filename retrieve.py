@@ -11,8 +11,8 @@ Shell:
     python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg   # indexed; minus itself
     python retrieve.py --eval                # self-retrieval, copy detection, label retrieval
     python retrieve.py --eval --device cuda:1   # GPU FAISS on GPU 1 only (--all-gpus: every GPU)
-    python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg --html results.html
-    python retrieve.py --eval --html eval.html   # the table and the copy-detection failures
+    python retrieve.py --query-id Cubism/leon-voss_cityscape-7.jpg --html  # INDEX/results.html
+    python retrieve.py --eval --html             # INDEX/eval.html: table, copy-detection failures
     python retrieve.py --map                 # demo/index/map.html: the collection in 2-D
     python retrieve.py --build --images nga/images --manifest nga/manifest.csv --index nga/index \\
         --index-type hnsw --pca 256
@@ -26,9 +26,12 @@ Shell:
 
 Notebook:
     import retrieve
-    D, I = retrieve.main(["--query", "demo/images/Cubism/leon-voss_cityscape-7.jpg", "-k", "5"])
+    res = retrieve.main(["--query", "demo/images/Cubism/leon-voss_cityscape-7.jpg", "-k", "5"])
+    D, I = res["D"], res["I"]          # a cell shows one line: <1 queries x 5 neighbours, ...>
 
-Offline (no ImageNet download): add `--weights none` (seeded random init) or `--weights PATH`.
+Offline (no ImageNet download): `--weights PATH` (the file copied from a machine that has it);
+for neighbours by style, a trained crnn.py checkpoint (`--ckpt runs/demo/best.pt`); `--weights
+none` (seeded random init) only as a baseline (`--center` spreads its scores, README).
 
 The index folder (--index DIR): CURRENT names the generation in use, DIR/gen-N/, which holds
 embeddings.npy ((n, dim) float32, unit rows), meta.csv (path and the manifest's columns in the
@@ -57,7 +60,6 @@ import shutil
 import time
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 from torch import nn
 
@@ -77,7 +79,6 @@ from embed import (
 )
 from files import UserError
 from index import (
-    CHUNK,
     INDEX_DEFAULTS,
     TRAIN_MAX,
     IndexWriter,
@@ -104,8 +105,10 @@ from index import (
     write_plan,
     write_shard,
 )
+from layout import LAYOUT_DIMS, LAYOUT_K, colour_column, layout_2d, stale_map_note
 from retrieve_eval import (
     EVAL_NOTE,
+    LABEL_COLUMNS,
     copy_failures,
     eval_copies,
     eval_labels,
@@ -171,7 +174,7 @@ def finish_build(w, emb, job, rows, args):
 def build_done(args, cfg, rows, n_skip, dt, **extra):
     log(args.index, event="build", n=len(rows), skipped=n_skip, seconds=round(dt, 2),
         img_per_s=round(len(rows) / max(dt, 1e-9), 2), config=cfg, **extra)
-    pca = f" -> pca {cfg['pca']}" if cfg["pca"] else ""
+    pca = f" -> pca {cfg['pca']}" if cfg["pca"] else ", centred" if cfg.get("center") else ""
     print(f"indexed {len(rows)} images in {args.index} ({cfg['index_type']}, {cfg['dim']}-d{pca})")
     return cfg
 
@@ -469,7 +472,14 @@ def cmd_query(args, device):
     check_k(args.k, len(xb))
     xq = embed_pils(load_model(cfg, device), ims, cfg, args, device)
     D, I = search(index, xq, args.k)
-    return report(args, cfg, meta, list(args.query), D, I)
+    return report(args, cfg, meta, list(args.query), D, I, own=indexed_rows(args.query, cfg, meta))
+
+
+def indexed_rows(paths, cfg, meta):
+    """The manifest row of each query file that is an indexed painting (its labels), else None."""
+    row = {r["path"]: r for r in meta}
+    return [row.get(os.path.relpath(p, cfg["images"]).replace(os.sep, "/"))
+            if os.path.isdir(cfg["images"]) else None for p in paths]
 
 
 def cmd_query_id(args, device):
@@ -492,24 +502,37 @@ def cmd_query_id(args, device):
     D, I = D[keep].reshape(len(ids), args.k), I[keep].reshape(len(ids), args.k)
     src = files.image_source(cfg["images"], must_exist=False)
     names = [os.path.join(cfg["images"], r) for r in rel]  # names to print, thumbnails from src
-    return report(args, cfg, meta, names, D, I, [src.thumb(r) for r in rel])
+    return report(args, cfg, meta, names, D, I, [src.thumb(r) for r in rel],
+                  [meta[i] for i in ids])
 
 
-def report(args, cfg, meta, queries, D, I, thumbs=None):
+def labels_text(row, cols):
+    """'style Cubism, genre portrait': the label columns a row has."""
+    return ", ".join(f"{c} {row[c]}" for c in cols if row.get(c))
+
+
+def report(args, cfg, meta, queries, D, I, thumbs=None, own=None):
     """Print the ranked lists, write the contact sheet; returns (D, I). thumbs: what to draw
-    for each query when not its path (an indexed image inside a zip)."""
-    for q, d_row, i_row in zip(queries, D, I, strict=True):
-        print(f"query: {q}\n  rank  score  path  [title - attribution]")
+    for each query when not its path (an indexed image inside a zip); own: each query's own
+    manifest row where it is an indexed painting (its labels are printed and shown)."""
+    cols = [c for c in LABEL_COLUMNS if c in meta[0] and c != "attribution"]
+    own = own or [None] * len(queries)
+    for q, d_row, i_row, mine in zip(queries, D, I, own, strict=True):
+        print(f"query: {q}" + (f"  [{labels_text(mine, cols)}]" if mine else "") +
+              "\n  rank  score  path  [title - attribution]" + (f"  [{', '.join(cols)}]"
+                                                                 if cols else ""))
         for rank, (score, i) in enumerate(zip(d_row, i_row, strict=True), 1):
             if i >= 0:
                 r = meta[i]
                 label = " - ".join(x for x in (r.get("title"), r.get("attribution")) if x)
-                print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}")
+                tags = labels_text(r, cols)
+                print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}"
+                      + (f"  [{tags}]" if tags else ""))
     sheet = args.sheet or os.path.join(args.index, "query_sheet.png")
     query_sheet(queries, D, I, meta, cfg["images"], sheet, thumbs)
     print(f"contact sheet: {sheet}")
     if args.html:
-        results_html(args, cfg, meta, queries, D, I, thumbs)
+        results_html(args, cfg, meta, queries, D, I, thumbs, own)
     return D, I
 
 
@@ -522,7 +545,7 @@ def index_line(folder, cfg):
                                                              else ""))
 
 
-def results_html(args, cfg, meta, queries, D, I, thumbs=None):
+def results_html(args, cfg, meta, queries, D, I, thumbs=None, own=None):
     """--html: each query, then its neighbours in rank order with every manifest column.
     thumbs: what to draw for each query when not its path (as for the contact sheet)."""
     hits = [[(float(s), meta[i]) for s, i in zip(d_row, i_row, strict=True) if i >= 0]
@@ -530,7 +553,7 @@ def results_html(args, cfg, meta, queries, D, I, thumbs=None):
     lines = [index_line(args.index, cfg), f"{args.k} neighbours per query; score: cosine "
              "similarity of the embeddings (1 = the same direction)"]
     bad = pages.results_page(args.html, lines, list(zip(queries, thumbs or queries, hits,
-                                                        strict=True)), cfg["images"])
+                                                        own, strict=True)), cfg["images"])
     print(f"html: {args.html}" + (f" ({bad} images no longer decode: grey)" if bad else ""))
 
 
@@ -584,73 +607,6 @@ def eval_html(args, cfg, meta, res, ids, keep):
 
 # ----------------------------------------------------------------------------- map
 
-LAYOUT_DIMS = 50  # PCA dims before the layout, as usual before t-SNE: drops the noisy tail
-LAYOUT_K = 15  # neighbours per painting in the layout's graph (UMAP's default)
-
-
-def pca_project(xb, d=LAYOUT_DIMS):
-    """(n, min(d, n - 1, dim)) float32: xb centred and projected on its top principal axes.
-    n <= dim: an SVD of the rows; else the covariance, summed CHUNK rows at a time, then eigh."""
-    n, dim = xb.shape
-    d = max(1, min(d, n - 1, dim))
-    chunks = range(0, n, CHUNK)
-    mean = sum(np.asarray(xb[i:i + CHUNK], np.float64).sum(0) for i in chunks) / n
-    if n <= dim:
-        u, s, _ = np.linalg.svd(np.asarray(xb, np.float64) - mean, full_matrices=False)
-        return (u[:, :d] * s[:d]).astype(np.float32)
-    cov = np.zeros((dim, dim))
-    for i in chunks:
-        a = np.asarray(xb[i:i + CHUNK], np.float32) - mean.astype(np.float32)
-        cov += a.T @ a  # float32 products, float64 sum: 2x faster, plenty for a picture
-    axes = np.linalg.eigh(cov)[1][:, ::-1][:, :d]  # eigh: ascending eigenvalues
-    return np.concatenate([(np.asarray(xb[i:i + CHUNK], np.float64) - mean) @ axes
-                           for i in chunks]).astype(np.float32)
-
-
-def knn_graph(z, k):
-    """(n, k) ids of each row's k nearest other rows of z (exact, squared L2)."""
-    index = faiss.IndexFlatL2(z.shape[1])
-    index.add(np.ascontiguousarray(z, np.float32))
-    _, I = index.search(np.ascontiguousarray(z, np.float32), k + 1)
-    return I[drop_self(I, np.arange(len(z)), k)].reshape(len(z), k)
-
-
-def graph_layout(nn, y, seed=0, epochs=200, draws=8, push_rate=5):
-    """Positions (n, 2) for the k-nearest-neighbour graph nn (n, k), from y (n, 2): each
-    epoch every edge pulls its two ends together and random pairs push apart, with the
-    Student-t forces of t-SNE, LargeVis and UMAP (clipped to 4, as UMAP) and a step that falls
-    linearly to 0. Each painting draws `draws` random others, weighted to stand for push_rate
-    pushes per edge (UMAP's negative sampling); steps are divided by the node's degree."""
-    rng = np.random.default_rng(seed)
-    n, k = nn.shape
-    a, b = np.repeat(np.arange(n), k), nn.ravel()
-    degree = (np.bincount(a, minlength=n) + np.bincount(b, minlength=n))[:, None]
-    for e in range(epochs):
-        d = y[a] - y[b]
-        pull = np.clip(-2 * d / (1 + (d * d).sum(1, keepdims=True)), -4, 4)
-        step = np.stack([np.bincount(a, pull[:, c], n) - np.bincount(b, pull[:, c], n)
-                         for c in (0, 1)], 1)
-        d = y[:, None, :] - y[rng.integers(0, n, (n, draws))]
-        d2 = (d * d).sum(2, keepdims=True)
-        push = np.clip(2 * d / ((0.001 + d2) * (1 + d2)), -4, 4).sum(1) * (push_rate * k / draws)
-        y = y + (1 - e / epochs) * (step + push) / degree
-    return y
-
-
-def layout_2d(xb, seed=0):
-    """(n, 2) float64 map positions: near = similar embeddings. PCA to LAYOUT_DIMS, the
-    LAYOUT_K-nearest-neighbour graph there, then graph_layout from the first two components
-    (keeps the collection's global arrangement; UMAP starts from a spectral layout the same way)."""
-    z = pca_project(xb)
-    n = len(z)
-    y = np.zeros((n, 2))
-    y[:, :min(2, z.shape[1])] = z[:, :2]
-    y = y / max(np.abs(y).max(), 1e-12) * 10  # UMAP's starting scale: +-10
-    if n < 3:
-        return y
-    return graph_layout(knn_graph(z, min(LAYOUT_K, n - 1)), y, seed)
-
-
 def cmd_map(args, device):
     """INDEX/map.html: the collection laid out by its embeddings, with each painting's -k
     nearest neighbours from the index (precomputed here: the page runs no search)."""
@@ -667,20 +623,49 @@ def cmd_map(args, device):
     keep = drop_self(I, np.arange(n), k) & (I >= 0)  # hnsw/ivfpq may find fewer than k
     nn = [I[q][keep[q]].tolist() for q in range(n)]
     ns = [D[q][keep[q]].tolist() for q in range(n)]
+    colour = colour_column(args.color_by, meta, LABEL_COLUMNS)
     t0 = time.time()
     xy = layout_2d(xb, args.seed)
     print(f"layout: {n} paintings in {time.time() - t0:.1f} s")
     out = args.html or os.path.join(args.index, "map.html")
-    lines = [index_line(args.index, cfg), f"layout: PCA to {LAYOUT_DIMS} dims, then a "
+    lines = [index_line(args.index, cfg) + f" ({os.path.basename(gen)}, "
+             f"{cfg.get('created', '')})", f"layout: PCA to {LAYOUT_DIMS} dims, then a "
              f"{LAYOUT_K}-nearest-neighbour graph drawn with attracting edges (near = similar); "
              f"click: the {k} nearest neighbours from the index"]
-    bad = pages.map_page(out, lines, xy, meta, nn, ns, cfg["images"])
+    bad = pages.map_page(out, lines, xy, meta, nn, ns, cfg["images"], colour,
+                         os.path.basename(gen))
     print(f"map: {out} ({os.path.getsize(out) / 1e6:.1f} MB, {n} paintings"
           + (f", {bad} no longer decode: grey)" if bad else ")"))
-    return xy
+    return files.Result(f"map: {out}, {n} paintings", {"path": out, "xy": xy})
 
 
 # ----------------------------------------------------------------------------- main
+
+def indexed(cfg, index_dir):
+    """--build/--add/--merge-shards: the config (res["config"]) behind a one-line repr; a note
+    when the index's map.html is now stale."""
+    if cfg is None or "index_type" not in cfg:
+        return cfg  # a torchrun rank other than 0, a --build --shard record
+    stale_map_note(index_dir)
+    return files.Result(f"index: {cfg['n']} images, {cfg['index_type']}, {cfg['dim']}-d"
+                        + (", centred" if cfg.get("center") else ""),
+                        {"config": cfg, "n": cfg["n"]})
+
+
+def found(DI):
+    """--query/--query-id: D, I as res["D"], res["I"] (FAISS's names), one line shown."""
+    D, I = DI
+    return files.Result(f"{len(D)} queries x {D.shape[1]} neighbours, best score "
+                        f"{D[:, 0].max():.3f}", {"D": D, "I": I})
+
+
+def evaluated(res):
+    """--eval: the protocols' figures (res["copy"]["top1"], res["labels"]), one line shown."""
+    line = f"eval of {res['n']} images: copy detection top-1 {res['copy']['top1']:.3f}" + "".join(
+        f", {c} mAP@10 {v['map@10']:.3f} (random {v['random_map@10']:.3f})"
+        for c, v in res["labels"].items())
+    return files.Result(line, res)
+
 
 def log(folder, **record):
     files.append_jsonl(os.path.join(folder, "log.jsonl"), {"time": time.time(), **record})
@@ -695,6 +680,11 @@ def check_html(args):
         return
     if args.build or args.add:
         raise UserError("--html goes with --query, --query-id, --eval or --map")
+    if not args.html:  # --html alone: the page beside the index, not in the working folder
+        name = "eval" if args.eval else "map" if args.map else "results"
+        args.html = os.path.join(args.index, f"{name}.html")
+        if not os.path.isdir(args.index):
+            return  # no index there: the command says so in its own words
     files.check_output(args.html, "--html")
 
 
@@ -749,6 +739,10 @@ def build_parser():
                    + default("index_type"))
     x.add_argument("--pca", type=int, metavar="D", help="PCA-whiten to D dims, then re-normalise "
                    "(default: off)")
+    x.add_argument("--center", action=argparse.BooleanOptionalAction, help="subtract the "
+                   "collection's mean vector, then re-normalise (the mean is kept in index.faiss:"
+                   " queries and --add are centred alike); scores then spread over -1..1 "
+                   "instead of bunching near 1 (default: off; see the README for when)")
     x.add_argument("--hnsw-m", type=int, help="hnsw links per node" + default("hnsw_m"))
     x.add_argument("--ef-construction", type=int, help="hnsw build beam"
                    + default("ef_construction"))
@@ -763,9 +757,13 @@ def build_parser():
     q = p.add_argument_group("query and eval")
     q.add_argument("-k", type=int, default=5, help="results per query")
     q.add_argument("--sheet", help="contact sheet PNG (default: INDEX/query_sheet.png)")
-    q.add_argument("--html", metavar="PAGE", help="also write a self-contained HTML page: "
-                   "--query/--query-id the results, --eval the table and the copy-detection "
-                   "failures; --map its page (default: INDEX/map.html)")
+    q.add_argument("--html", metavar="PAGE", nargs="?", const="", help="also write a "
+                   "self-contained HTML page: --query/--query-id the results (--html alone: "
+                   "INDEX/results.html), --eval the table and the copy-detection failures "
+                   "(INDEX/eval.html); --map its page (default: INDEX/map.html)")
+    q.add_argument("--color-by", metavar="COLUMN", help="--map: frame each painting in the "
+                   "colour of its value in COLUMN, with a legend (default: the first of style, "
+                   "artist, genre, attribution with 2+ values; none: no colours)")
     q.add_argument("--eval-queries", type=int, help="copy-detection queries (default: "
                    "min(200, n))")
     r = nets.add_runtime_flags(p, "--build: embed with bf16 weights on CPUs with fast bf16 "
@@ -792,7 +790,7 @@ def main(argv=None):
         if args.shard is not None and not args.build:
             raise UserError("--shard I/N goes with --build")
         if args.merge_shards:
-            return cmd_merge_shards(args) if nets.is_main() else None
+            return indexed(cmd_merge_shards(args), args.index) if nets.is_main() else None
         device = nets.pick_device(args.device)
         if not (args.build or args.train_only) and not nets.is_main():
             return None  # under torchrun, --add, --query and --eval run on rank 0 alone
@@ -801,16 +799,16 @@ def main(argv=None):
         if args.train_only:
             return cmd_train_only(args, device)
         if args.build:
-            return cmd_build(args, device)
+            return indexed(cmd_build(args, device), args.index)
         if args.add:
-            return cmd_add(args, device)
+            return indexed(cmd_add(args, device), args.index)
         if args.query:
-            return cmd_query(args, device)
+            return found(cmd_query(args, device))
         if args.query_id:
-            return cmd_query_id(args, device)
+            return found(cmd_query_id(args, device))
         if args.map:
             return cmd_map(args, device)
-        return cmd_eval(args, device)
+        return evaluated(cmd_eval(args, device))
     except UserError as e:
         raise SystemExit(f"retrieve.py: error: {e}") from None
     except OSError as e:  # a full disk (no SIGBUS: memory maps are reserved), a folder not ours
