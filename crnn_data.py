@@ -61,12 +61,13 @@ def class_lists(rows, tasks, path):
 def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=False):
     """Rows of a manifest with a split column; labels checked against the class lists."""
     rows = split_hygiene(files.read_manifest(manifest, ("path", "split")), manifest, drop_leaks)
-    have = [t for t in wikiart.TASKS if any(r.get(t) for r in rows)]
+    known = dict.fromkeys([*wikiart.TASKS, *read_class_file(classes_path)])  # data.py folder/csv
+    have = [t for t in known if any(r.get(t) for r in rows)]
     tasks = have if tasks is None else tasks
     missing = [t for t in tasks if t not in have]
     if missing:
-        raise UserError(f"{manifest}: no {missing[0]} labels (tasks with labels here: "
-                        f"{', '.join(have) or 'none'})")
+        raise UserError(f"--tasks {','.join(tasks)!r}: {manifest} has no {missing[0]} labels "
+                        f"(tasks with labels here: {', '.join(have) or 'none'})")
     if not tasks:
         raise UserError(f"{manifest}: no label column with labels (expected style, artist or "
                         f"genre; header: {','.join(rows[0])})")
@@ -114,9 +115,9 @@ def train_tasks(text):
     if not text:
         return None
     tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in wikiart.TASKS]
-    if unknown or not tasks:
-        raise UserError(f"--tasks {text!r}: expected a comma list of {', '.join(wikiart.TASKS)}")
+    if not tasks:  # names are checked against the manifest's label columns (read_table)
+        raise UserError(f"--tasks {text!r}: expected a comma list of label columns, e.g. "
+                        f"{','.join(wikiart.TASKS)}")
     return list(dict.fromkeys(tasks))
 
 

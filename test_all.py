@@ -1693,6 +1693,88 @@ def test_data_demo_long_tail(tmp_path, capsys):
         data.main(["demo", "--out", str(out), "--n", "5", "--tail", "100"])
 
 
+# ------------------------------------------------------------------------ your own paintings
+
+
+def paintings_tree(demo, root, levels=2):
+    """The demo's images rearranged as a user's folder: root/<style>[/<artist>]/x.jpg."""
+    for r in files.read_csv(demo / "manifest.csv"):
+        parts = [r["style"], r["artist"] or "unknown"][:levels]
+        os.makedirs(root.joinpath(*parts), exist_ok=True)
+        shutil.copy(demo / "images" / r["path"], root.joinpath(*parts))
+    return root
+
+
+def test_data_folder_labels_from_folder_names(demo, tmp_path, capsys):
+    pics = paintings_tree(demo, tmp_path / "paintings")
+    (pics / "Cubism" / "unknown" / "broken.jpg").write_bytes(jpeg_bytes()[:100])
+    (pics / "Cubism" / "notes.txt").write_text("not a painting")
+    shutil.copy(next((pics / "Cubism").rglob("*.jpg")), pics / "loose.jpg")  # no style folder
+    out = tmp_path / "mine"
+    assert data.main(["folder", "--images", str(pics), "--levels", "style,artist", "--out",
+                      str(out), "--split", "artist"]) == 0
+    log = capsys.readouterr().out
+    assert "left out 1 images less than 2 folder(s) deep" in log and "1 files that are not" in log
+    assert [r["reason"] for r in files.read_csv(out / "unusable.csv")] == ["corrupt"]
+    rows = files.read_csv(out / "manifest.csv")
+    assert list(rows[0]) == ["path", "style", "artist", "split"] and len(rows) == 120
+    assert all(r["path"].split("/")[:2] == [r["style"], r["artist"]] for r in rows)
+    by = {s: {r["artist"] for r in rows if r["split"] == s} for s in ("train", "dev", "test")}
+    assert all(by.values()) and not (by["train"] & by["test"]) and not (by["train"] & by["dev"])
+    assert f"--data {out / 'manifest.csv'} --root {pics}" in log
+    table = crnn_data.read_table(str(out / "manifest.csv"), str(out / "classes.json"))
+    assert table.tasks == ["style", "artist"] and (table.y >= 0).all()
+    # ImageFolder's one level: deeper folders do not label; random: stratified test and dev
+    data.main(["folder", "--images", str(pics), "--out", str(out), "--test-frac", "0.25"])
+    rows = files.read_csv(out / "manifest.csv")
+    assert list(rows[0]) == ["path", "style", "split"] and len(rows) == 120
+    for style in {r["style"] for r in rows}:
+        mine = Counter(r["split"] for r in rows if r["style"] == style)
+        assert mine["test"] >= 3 and mine["dev"] >= 1 and mine["train"] > mine["test"]
+    with pytest.raises(SystemExit, match="--split group:museum: no museum column"):
+        data.main(["folder", "--images", str(pics), "--out", str(out), "--split", "group:museum"])
+    with pytest.raises(SystemExit, match="no images 1 folder"):
+        data.main(["folder", "--images", str(pics / "Cubism" / "unknown"), "--out", str(out)])
+
+
+def test_data_csv_any_paths_and_labels(demo, tmp_path, capsys):
+    gallery = files.read_csv(demo / "gallery.csv")
+    rows = [[str(demo / "images" / r["path"]), r["style"], r["attribution"], f"m{i % 5}"]
+            for i, r in enumerate(gallery)]
+    rows.append([rows[0][0], "Cubism", rows[0][2], "m0"])  # listed twice, another style
+    files.write_csv(tmp_path / "labels.csv", ["file", "style", "painter", "museum"], rows)
+    with pytest.raises(SystemExit, match=r"no column path, split.*data\.py csv --csv"):
+        crnn.main(["--train", "--data", str(tmp_path / "labels.csv"), *CRNN_FAST])
+    out = tmp_path / "mine"
+    data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
+               "--label-cols", "style,painter", "--out", str(out), "--split", "group:museum",
+               "--min-per-class", "1"])
+    log = capsys.readouterr().out
+    assert f"image root: {demo / 'images'}" in log and "style 1" in log  # absolute paths
+    got = files.read_csv(out / "manifest.csv")
+    assert list(got[0]) == ["path", "style", "painter", "split"] and len(got) == 119
+    assert {r["path"] for r in got} == {r["path"] for r in gallery} - {gallery[0]["path"]}
+    museum = {os.path.relpath(r[0], demo / "images"): r[3] for r in rows}
+    splits = {}
+    for r in got:
+        splits.setdefault(museum[r["path"]], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits.values()) and len(splits) == 5
+    table = crnn_data.read_table(str(out / "manifest.csv"), str(out / "classes.json"),
+                                 crnn_data.train_tasks("style,painter"))
+    assert table.tasks == ["style", "painter"] and len(table.classes["painter"]) == 6
+    # --min-per-class per column: the first drops images, the others leave labels empty
+    data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
+               "--label-cols", "style,painter", "--out", str(out), "--min-per-class", "19"])
+    got = files.read_csv(out / "manifest.csv")
+    kept = Counter(r["style"] for r in got)
+    assert min(kept.values()) >= 19 and len(kept) < 6
+    n = Counter(r["painter"] for r in got if r["painter"])
+    assert n and min(n.values()) >= 19 and any(not r["painter"] for r in got)
+    with pytest.raises(SystemExit, match="--label-cols 'style,split'"):
+        data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
+                   "--label-cols", "style,split", "--out", str(out)])
+
+
 # -------------------------------------------------------------------------------------------- poses
 
 
