@@ -72,10 +72,11 @@ def cmd_folder(args):
     source = files.image_source(args.images)
     labels = folder_labels(source, levels, args.out)
     if not labels:
-        raise UserError(f"no images {len(levels)} folder(s) deep or more in {args.images} (expected "
+        raise UserError(f"no images {len(levels)} folder(s) deep or more in {args.images} "
+                        f"(expected "
                         f"{args.images}/<{'>/<'.join(levels)}>/image.jpg; --levels names the "
                         "folders)")
-    groups = {p: {k: v for k, v in lab.items()} for p, lab in labels.items()}
+    groups = {p: dict(lab) for p, lab in labels.items()}  # before thin_labels empties some
     return write_manifest(args, labels, levels, source, groups)
 
 
