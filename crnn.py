@@ -196,20 +196,21 @@ def resume_flags(args, typed):
 
 
 def check_out(args):
-    """Refuses to train over another run's checkpoint in --out (other data or model flags)
-    unless --overwrite; the same run again may start over."""
+    """Refuses to train over a run already in --out (another run, or the same flags again: a
+    shorter run would replace a better best.pt) unless --overwrite; --resume continues it."""
     path = os.path.join(args.out, "last.pt")
     if args.overwrite or not os.path.isfile(path):
         return
     try:
-        was = read_checkpoint(path)["args"]
-    except UserError:
-        was = {}
+        ckpt = read_checkpoint(path)
+        was, done = ckpt["args"], f" ({ckpt['epoch']} epochs, best mean F1 {ckpt['best']:.4f})"
+    except (UserError, KeyError):
+        was, done = {}, ""
     diff = [f"--{k.replace('_', '-')} {was.get(k)}" for k in RUN_FLAGS
             if not same_flag(k, getattr(args, k), was.get(k))]
-    if diff:
-        raise UserError(f"{args.out} holds another run ({' '.join(diff)}): pass another --out, "
-                        "--resume to continue that one, or --overwrite to replace it")
+    what = f"another run ({' '.join(diff)})" if diff else f"a run with these flags{done}"
+    raise UserError(f"{args.out} holds {what}: pass another --out, --resume to continue it, or "
+                    "--overwrite to replace it")
 
 
 def check_numbers(args):

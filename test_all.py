@@ -2327,7 +2327,10 @@ def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
     assert out.count("cache: wrote") == 2
     feats = np.load(tmp_path / "cache" / "train.npy", mmap_mode="r")
     assert feats.dtype == np.float16 and feats.shape[1:] == (512, 2, 2)  # 64 px / 32
-    crnn.main(args)
+    msg = crnn_error(capsys, args)  # the same flags again would replace a better best.pt
+    assert f"{tmp_path} holds a run with these flags (1 epochs, best mean F1 " in msg
+    assert "--resume to continue it, or --overwrite to replace it" in msg
+    crnn.main([*args, "--overwrite"])
     assert capsys.readouterr().out.count("cache: reusing") == 2
     crnn.main([*args, "--img-size", "96", "--overwrite"])  # another key: rebuilt, 3x3 maps
     assert capsys.readouterr().out.count("cache: wrote") == 2
