@@ -58,8 +58,9 @@ def class_lists(rows, tasks, path):
             for t in tasks}
 
 
-def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=False):
-    """Rows of a manifest with a split column; labels checked against the class lists."""
+def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=False, whose=None):
+    """Rows of a manifest with a split column; labels checked against the class lists (of
+    `whose`, named in the error: a checkpoint's, for --eval)."""
     rows = split_hygiene(files.read_manifest(manifest, ("path", "split")), manifest, drop_leaks)
     known = dict.fromkeys([*wikiart.TASKS, *read_class_file(classes_path)])  # data.py folder/csv
     have = [t for t in known if any(r.get(t) for r in rows)]
@@ -79,7 +80,8 @@ def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=Fals
             if r.get(t):
                 if r[t] not in index[t]:
                     raise UserError(f"{manifest} line {i + 2}: {t} {r[t]!r} is not in the "
-                                    f"class list ({len(classes[t])} {t} classes)")
+                                    f"class list ({len(classes[t])} {t} classes"
+                                    + (f" of {whose})" if whose else ")"))
                 y[i, j] = index[t][r[t]]
     return Table([r["path"] for r in rows], np.array([r["split"] for r in rows]), tasks,
                  classes, y)

@@ -607,7 +607,8 @@ def cmd_train(args, device, ckpt=None):
     table = read_table(args.data, args.classes, train_tasks(args.tasks),
                        drop_leaks=args.drop_leaks)
     if ckpt and ckpt["classes"] != table.classes:
-        raise UserError(f"--resume: {args.out} was trained on other class lists than {args.data}")
+        raise UserError(f"--resume: {os.path.join(args.out, 'last.pt')} was trained on other "
+                        f"class lists than {args.data}")
     table = check_images(table, args)
     sel = announce_splits(table, args.data)
     seed_all(args.seed)

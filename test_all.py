@@ -2322,9 +2322,14 @@ def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, 
 def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
     args = ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, "--freeze-backbone",
             "--epochs", "1", "--out", str(tmp_path)]
-    crnn.main(args)
+    state = crnn.main(args)
     out = capsys.readouterr().out
     assert out.count("cache: wrote") == 2
+    assert state["epoch"] == 1 and repr(state) == (f"<crnn.py: best val mean macro-F1 "
+                                                   f"{state['best']:.4f} after 1 epochs: "
+                                                   f"{tmp_path / 'best.pt'}>")
+    assert f"next: python crnn.py --eval --ckpt {tmp_path / 'best.pt'} " in out
+    assert f"python retrieve.py --build --ckpt {tmp_path / 'best.pt'} --images " in out
     feats = np.load(tmp_path / "cache" / "train.npy", mmap_mode="r")
     assert feats.dtype == np.float16 and feats.shape[1:] == (512, 2, 2)  # 64 px / 32
     msg = crnn_error(capsys, args)  # the same flags again would replace a better best.pt
@@ -2680,6 +2685,37 @@ def test_crnn_inference_in_bf16_agrees_with_fp32(trained, demo):
 
 
 @pytest.mark.xdist_group("trained")
+def test_crnn_eval_and_predict_follow_data_to_its_run(trained, demo, tmp_path, monkeypatch,
+                                                      capsys):
+    """Without --ckpt, --data M means runs/<M's folder>/best.pt (where --train M wrote it), not
+    the demo's model; a label the checkpoint lacks names the checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    rows = files.read_csv(demo / "manifest.csv")
+    os.makedirs("mine")
+    files.write_csv("mine/manifest.csv", list(rows[0]), [list(r.values()) for r in rows])
+    os.makedirs("runs/mine")
+    shutil.copy(trained / "best.pt", "runs/mine/best.pt")
+    res = crnn.main(["--eval", "--data", "mine/manifest.csv", "--root", str(demo / "images"),
+                     "--workers", "0"])
+    assert res["style"]["accuracy"] > 0.3 and len(repr(res)) < 200
+    assert (tmp_path / "runs" / "mine" / "report.txt").read_text().startswith(
+        f"checkpoint: {os.path.join('runs', 'mine', 'best.pt')}\n")
+    crnn.main(["--predict", str(demo / "images" / rows[0]["path"]), "--data", "mine/manifest.csv"])
+    assert os.path.isfile("runs/mine/predict/predictions.csv")
+    msg = crnn_error(capsys, ["--eval", "--data", str(demo / "manifest.csv")])
+    assert "checkpoint not found: runs/demo/best.pt (train it with `python crnn.py --train " \
+           f"--data {demo / 'manifest.csv'}`, or pass --ckpt)" in msg
+    rows[0]["artist"] = "juan-gris"
+    files.write_csv("mine/manifest.csv", list(rows[0]), [list(r.values()) for r in rows])
+    msg = crnn_error(capsys, ["--eval", "--data", "mine/manifest.csv"])
+    assert "artist 'juan-gris' is not in the class list (6 artist classes of checkpoint " \
+           f"{os.path.join('runs', 'mine', 'best.pt')}, trained on {demo / 'manifest.csv'})" in msg
+    capsys.readouterr()
+    msg = crnn_error(capsys, ["--predict", "missing.jpg", "--data", "mine/manifest.csv"])
+    assert msg.endswith("not found: missing.jpg") and "model:" not in capsys.readouterr().out
+
+
+@pytest.mark.xdist_group("trained")
 def test_crnn_eval_uses_the_checkpoints_classes(trained, demo, tmp_path):
     """A classes.json beside the manifest that differs from the checkpoint's (another subset's)
     is not consulted: the checkpoint's own lists label the rows."""
@@ -2712,7 +2748,14 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
         assert out.count(f"  {t}: ") == 1
     results = crnn.main(["--predict", str(folder), *ckpt])
     assert list(results) == [str(folder / "sub" / "a.jpg")]
+    assert re.fullmatch(r"<crnn\.py: 1 images classified: \S+predictions\.csv>", repr(results))
     out = capsys.readouterr().out  # each reason counted as what it is (b.png is no 'not image')
+    listed = files.read_csv(trained / "predict" / "predictions.csv")  # not --eval's own
+    assert f"wrote {trained / 'predict' / 'predictions.csv'} (1 images, top 3" in out
+    assert [r["path"] for r in listed] == [str(folder / "sub" / "a.jpg")]
+    for t, top in results[str(folder / "sub" / "a.jpg")].items():
+        assert [(listed[0][f"{t}_top{i}"], float(listed[0][f"{t}_p{i}"])) for i in (1, 2, 3)] \
+            == [(c, pytest.approx(q, abs=1e-4)) for c, q in top]
     assert f"skipped (cannot decode (cannot identify image file '{folder / 'b.png'}'" in out
     assert out.rstrip().endswith("1 images classified, 1 files skipped (not image files by their "
                                  "extension), 1 unreadable (why: above)"), out[-300:]
