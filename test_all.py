@@ -2094,6 +2094,10 @@ def test_crnn_learns_demo_above_chance(trained):
     assert val["mean_f1"] > 0.35  # mean macro-F1 over 3 tasks: chance ~0.2
     assert set(ckpt["classes"]) == {"style", "artist", "genre"}
     assert model.embed(torch.randn(2, 3, 64, 64)).shape == (2, 512)  # 2 x --hidden 256
+    # best.pt without AdamW's two moments (2x the model): only last.pt, which --resume reads
+    last = torch.load(trained / "last.pt", weights_only=True)
+    assert "optimizer" not in ckpt and "scheduler" not in ckpt and last["optimizer"]["state"]
+    assert os.path.getsize(trained / "best.pt") < 0.4 * os.path.getsize(trained / "last.pt")
 
 
 # A child python that runs crnn.main(argv[2:]) and SIGKILLs itself (as `kill -9`: no handler,
