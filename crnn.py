@@ -316,7 +316,8 @@ def report_text(res, args, n_val, skipped, notes=()):
              f"images, {skipped} unreadable and skipped)", *notes, ""]
     for t, r in res.items():
         rep = r["report"]
-        lines += [f"== {t}: {rep['n']} labelled {args.split} images ==", metrics.format_report(rep),
+        lines += [f"== {t}: {rep['n']} labelled {args.split} images ==",
+                  metrics.format_report(rep, note=False),
                   f"accuracy {rep['accuracy']:.4f}  top-3 accuracy {r['top3']:.4f}",
                   *baseline_text(r["baselines"], rep["n"])]
         for what in ("precision", "recall"):
@@ -324,7 +325,7 @@ def report_text(res, args, n_val, skipped, notes=()):
                 lines.append(f"undefined {what} (n/a, counted as 0 in macro/weighted): "
                              + ", ".join(rep[f"undefined_{what}"]))
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + [metrics.NA_NOTE])
 
 
 def write_eval(out, res, table, idx, probs, text):

@@ -179,15 +179,15 @@ def announce_splits(table, manifest):
     print(f"selecting best.pt on {sel}" + ("" if sel == "dev" else
           f" ({manifest} has no dev split; --eval reports on test, or on this val if there is "
           "no test, where the scores are optimistic)") + ": the best mean over tasks of "
-          "macro-F1, each averaged over all the task's classes (" +
+          "macro-F1, each averaged over the task's classes in the split or predicted (" +
           ", ".join(f"{t} {len(table.classes[t])}" for t in table.tasks) + ")")
     for j, t in enumerate(table.tasks):
         there = set(table.y[table.split == sel, j].tolist())
         absent = [c for i, c in enumerate(table.classes[t]) if i not in there]
         if absent:
             k = len(table.classes[t])
-            print(f"  {t}: no {sel} image of {', '.join(absent)}: F1 0 in that mean (the "
-                  f"{t} macro-F1 is at most {(k - len(absent)) / k:.2f})")
+            print(f"  {t}: no {sel} image of {', '.join(absent)} ({len(absent)} of {k}): "
+                  "left out of that macro-F1 unless predicted (then F1 0)")
     for s in sorted(set(table.split.tolist()) - {"train"}):
         warn_unseen(table, s)
     warn_small(table)

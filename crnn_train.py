@@ -554,7 +554,7 @@ def epoch_line(rec, epochs, mark):
             f"{', '.join(parts)} | "
             f"mean f1 {val['mean_f1']:.4f}{mark} | {rec['time_s']:.1f} s, train "
             f"{rec['img_per_s']:.1f} img/s, lr {rec['lr']:.2e} | skipped {rec['skipped']} "
-            f"train + {rec['skipped_val']} val")
+            f"train + {rec['skipped_val']} {rec['split']}")
 
 
 def list_skipped(feeds, table, out, failed):

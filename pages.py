@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import data
 import files
+import metrics
 import poses
 
 THUMB = 160  # px, the longer side of a thumbnail on a contact sheet
@@ -316,14 +317,14 @@ def metrics_table(rep, top3, base=None):
             f"</td><td>{num(c['f1'])}</td><td>{c['support']}</td></tr>" for c in rep["per_class"]]
     rows.append(f'<tr class="sum"><td>accuracy</td><td></td><td></td><td>{num(rep["accuracy"])}'
                 f'</td><td>{rep["n"]}</td></tr>')
-    for avg in ("macro", "weighted", "micro"):
+    for avg in ("macro", "weighted"):  # micro avg = accuracy for single-label classes
         a = rep[avg]
         rows.append(f"<tr><td>{avg} avg</td><td>{num(a['precision'])}</td><td>{num(a['recall'])}"
                     f"</td><td>{num(a['f1'])}</td><td>{rep['n']}</td></tr>")
     rows.append(f"<tr><td>top-3 accuracy</td><td></td><td></td><td>{num(top3)}</td><td></td></tr>")
     notes = [f"undefined {w} (n/a, counted as 0 in macro/weighted): "
              + ", ".join(rep[f"undefined_{w}"]) for w in ("precision", "recall")
-             if rep[f"undefined_{w}"]]
+             if rep[f"undefined_{w}"]] + [metrics.absent_line(rep) if rep.get("absent") else ""]
     return (f'<div><table class="num"><tr>{th}</tr>{"".join(rows)}</table>'
             f'{meta_lines(notes)}{baseline_table(rep, base) if base else ""}</div>')
 

@@ -625,9 +625,10 @@ def test_metrics_classification_report_hand():
     assert [c["support"] for c in rep["per_class"]] == [3, 2, 1, 0, 0]
     assert [c["predicted"] for c in rep["per_class"]] == [2, 3, 0, 1, 0]
     assert rep["accuracy"] == pytest.approx(2 / 6)
-    # macro over all 5 classes, undefined as 0: p (1/2 + 1/3) / 5 = 1/6, r same,
-    # f1 (2/5 + 2/5) / 5 = 4/25
-    assert rep["macro"] == pytest.approx({"precision": 1 / 6, "recall": 1 / 6, "f1": 4 / 25})
+    # macro over the 4 classes in y_true or y_pred (e is in neither: left out, as sklearn
+    # without labels), undefined as 0: p (1/2 + 1/3) / 4 = 5/24, r same, f1 (2/5 + 2/5) / 4
+    assert rep["macro"] == pytest.approx({"precision": 5 / 24, "recall": 5 / 24, "f1": 1 / 5})
+    assert rep["absent"] == ["e"]
     # weighted by support 3,2,1,0,0 over 6: p (3/2 + 2/3 + 0) / 6 = 13/36,
     # r (1 + 1 + 0) / 6 = 1/3, f1 (6/5 + 4/5 + 0) / 6 = 1/3
     assert rep["weighted"] == pytest.approx({"precision": 13 / 36, "recall": 1 / 3, "f1": 1 / 3})
@@ -660,12 +661,15 @@ def test_metrics_format_report_hand():
     assert rows["d"] == ["0.000", "n/a", "0.000", "0"]
     assert rows["e"] == ["n/a", "n/a", "n/a", "0"]
     assert rows["accuracy"] == ["0.333", "6"]
-    assert rows["macro"] == ["avg", "0.167", "0.167", "0.160", "6"]
+    assert rows["macro"] == ["avg", "0.208", "0.208", "0.200", "6"]
     assert rows["weighted"] == ["avg", "0.361", "0.333", "0.333", "6"]  # 13/36 = 0.3611
-    assert rows["micro"] == ["avg", "0.333", "0.333", "0.333", "6"]
+    assert "micro" not in rows  # single-label: micro avg = accuracy, a row saying it twice
+    assert "left out of macro avg (no image here, never predicted): e; it averages the 4 of 5 " \
+        "classes in the truth or the predictions" in text
     assert "n/a" in text.splitlines()[-1] and "0" in text.splitlines()[-1]
+    assert "n/a = undefined" not in metrics.format_report(rep, note=False)
     # fixed width: header, class rows and average rows all end in the same column
-    table = [line for line in text.splitlines()[:-1] if line.strip()]
+    table = [line for line in text.splitlines()[:-3] if line.strip()]
     assert len({len(line) for line in table}) == 1
     assert "0.50 " in metrics.format_report(rep, digits=2)
 
@@ -694,9 +698,10 @@ def test_metrics_classification_matches_sklearn(seed):
         for key, ref in (("precision", p), ("recall", r), ("f1", f1)):
             assert (row[key] or 0.0) == pytest.approx(ref[c], abs=1e-12, rel=0)
         assert row["support"] == support[c]
-    for avg in ("macro", "weighted", "micro"):
+    for avg in ("macro", "weighted", "micro"):  # macro: sklearn's labels, those seen (not 6)
         ref = skm.precision_recall_fscore_support(
-            y_true, y_pred, labels=labels, average=avg, zero_division=0
+            y_true, y_pred, labels=None if avg == "macro" else labels, average=avg,
+            zero_division=0
         )[:3]
         got = (rep[avg]["precision"], rep[avg]["recall"], rep[avg]["f1"])
         assert got == pytest.approx(ref, abs=1e-12, rel=0)
@@ -756,7 +761,10 @@ def test_metrics_uniform_baseline_exact_by_enumeration(y, k):
             for p in itertools.product(range(k), repeat=len(y))]
     u = metrics.uniform_scores(y, k)
     assert u["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in reps]), abs=1e-12)
-    assert u["macro_f1"] == pytest.approx(np.mean([r["macro"]["f1"] for r in reps]), abs=1e-12)
+    there = [c for c in range(k) if c in y]  # uniform's macro: the classes in y_true
+    assert u["macro_f1"] == pytest.approx(np.mean([np.mean([r["per_class"][c]["f1"] or 0.0
+                                                            for c in there]) for r in reps]),
+                                          abs=1e-12)
     assert u["weighted_f1"] == pytest.approx(np.mean([r["weighted"]["f1"] for r in reps]),
                                              abs=1e-12)
 
@@ -2306,7 +2314,8 @@ def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, 
     # what training says at its start: the small classes by name, what selection averages
     small = sorted((n, c) for c, n in n_train.items() if n < wikiart.SMALL_CLASS)
     assert "warning: style: " in log and f"{small[0][1]} ({small[0][0]})" in log
-    assert "each averaged over all the task's classes (style 6, artist 6, genre 4)" in log
+    assert "each averaged over the task's classes in the split or predicted (style 6, artist 6, " \
+        "genre 4)" in log
     assert "val baselines (macro-F1): style majority class " in log
     # a checkpoint from before train counts and the new --balance names still resumes and
     # evaluates; --eval then takes the majority class from the manifest's train rows
@@ -2781,7 +2790,7 @@ def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path
     crnn.main(["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo_zip), *CRNN_FAST,
                "--freeze-backbone", "--epochs", "2", "--tasks", "style,genre", "--out", str(out)])
     log = capsys.readouterr().out
-    assert "selecting best.pt on dev" in log
+    assert "selecting best.pt on dev" in log and "skipped 0 train + 0 dev" in log
     assert f"warning: genre: test classes never seen in train (always scored wrong): {rare}" in log
     assert sorted(os.listdir(out / "cache")) == ["dev.json", "dev.npy", "train.json", "train.npy"]
     assert [json.loads(ln)["split"] for ln in open(out / "log.jsonl")] == ["dev", "dev"]
@@ -2791,6 +2800,7 @@ def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path
     n_test = sum(1 for r in rows if r[4] == "test")
     report = (out / "report.txt").read_text()
     assert f"(test split, {n_test} images, 0 unreadable" in report and rare in report
+    assert report.count("n/a = undefined") == 1 and "micro avg" not in report  # = accuracy
     assert "selected on" not in report
     assert {r["path"] for r in files.read_csv(out / "predictions.csv")} == \
         {r[0] for r in rows if r[4] == "test"}
