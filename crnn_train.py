@@ -33,6 +33,7 @@ from crnn_data import (
     class_counts,
     epoch_seed,
     image_loader,
+    learnable_tasks,
     read_table,
     seed_all,
     selection_split,
@@ -611,6 +612,7 @@ def cmd_train(args, device, ckpt=None):
     """Trains into args.out; ckpt: last.pt to continue (--resume), its flags already in args."""
     table = read_table(args.data, args.classes, train_tasks(args.tasks),
                        drop_leaks=args.drop_leaks)
+    table = learnable_tasks(table, args.tasks)
     if ckpt and ckpt["classes"] != table.classes:
         raise UserError(f"--resume: {os.path.join(args.out, 'last.pt')} was trained on other "
                         f"class lists than {args.data}")

@@ -358,6 +358,23 @@ def confusion_grid(cm, names):
             "its pair</p></div>")
 
 
+GRID_MAX = 30  # classes: past this report.html lists the top confusions instead of the grid
+
+
+def top_confusions(cm, names, n=20):
+    """The n largest off-diagonal counts as a list, for a task with too many classes for a grid
+    (186 artists: a 186 x 186 table off the page): true -> predicted, count, share of the row."""
+    cm = np.asarray(cm)
+    off = cm * (1 - np.eye(len(names), dtype=cm.dtype))
+    order = np.argsort(-off, axis=None, kind="stable")[:n]
+    items = [f"<li>true <b>{esc(names[i])}</b> \u2192 predicted <b>{esc(names[j])}</b>: "
+             f"{cm[i, j]} of {cm[i].sum()} ({cm[i, j] / max(cm[i].sum(), 1):.0%})</li>"
+             for i, j in zip(*np.unravel_index(order, cm.shape), strict=True) if cm[i, j]]
+    return (f'<div><p class="axis">{len(names)} classes, too many for a grid: the '
+            f"{len(items)} most frequent confusions (the full matrix is in the confusion CSV)"
+            f'</p><ol class="confusions">{"".join(items)}</ol></div>')
+
+
 def outlier_card(rank, o):
     """One misclassified painting: what the model saw, its attention, labels and the score."""
     if o.get("seen") is None:  # the file no longer decodes: a grey square, counted by the caller
@@ -394,7 +411,9 @@ def eval_page(path, lines, results, outliers, asked):
     for t, r in results.items():
         body += f'<h2>{esc(t)}: {r["report"]["n"]} labelled images</h2>\n<div class="row">'
         body += metrics_table(r["report"], r["top3"], r.get("baselines"))
-        body += confusion_grid(r["confusion"], [c["name"] for c in r["report"]["per_class"]])
+        names = [c["name"] for c in r["report"]["per_class"]]
+        body += (confusion_grid if len(names) <= GRID_MAX else top_confusions)(r["confusion"],
+                                                                             names)
         body += "</div>\n"
         mine = [outlier_card(i, o) for i, o in enumerate(outliers, 1) if o["task"] == t]
         if asked:

@@ -2067,6 +2067,29 @@ def test_pages_rows_are_escaped_and_nga_rows_link_to_nga(tmp_path):
     assert pages.script_json({"t": "</script><!--"}) == '{"t":"<\\/script><\\!--"}'
 
 
+def test_pages_many_classes_list_the_top_confusions(tmp_path):
+    """Past pages.GRID_MAX classes report.html lists the largest confusions, not a K x K grid
+    (186 artists: 4.4 MB, off the page)."""
+    k, rng = 40, np.random.default_rng(0)
+    y = rng.integers(0, k, 400)
+    pred = np.where(rng.random(400) < 0.9, y, (y + 1) % k)
+    pred[y == 3] = 7  # the largest confusion: every true 3 called 7
+    names = [f"artist_{i}" for i in range(k)]
+    res = {"artist": {"report": metrics.classification_report(y, pred, k, names), "top3": 0.5,
+                      "confusion": metrics.confusion_matrix(y, pred, k)}}
+    pages.eval_page(str(tmp_path / "r.html"), ["x"], res, [], 0)
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'class="cm"' not in text and text.count("<li>true ") == 20
+    n3 = int((y == 3).sum())
+    first = text.split('<ol class="confusions">')[1].split("</li>")[0]
+    assert first == f"<li>true <b>artist_3</b> \u2192 predicted <b>artist_7</b>: {n3} of {n3} " \
+        "(100%)"
+    res["artist"]["confusion"] = res["artist"]["confusion"][:6, :6]
+    res["artist"]["report"]["per_class"] = res["artist"]["report"]["per_class"][:6]
+    pages.eval_page(str(tmp_path / "r.html"), ["x"], res, [], 0)
+    assert 'class="cm"' in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
 def test_pages_draw_figures_colours_shown_limbs_only():
     im = Image.new("RGB", (100, 80), (128, 128, 128))
     k = np.zeros((17, 3))
@@ -2360,6 +2383,26 @@ def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("does not load") == 2 and out.count("cache: wrote") == 2
     assert not [f for f in os.listdir(tmp_path / "cache") if ".tmp" in f]
+
+
+def test_crnn_thin_tasks_left_out_unless_asked(demo, tmp_path, capsys):
+    """A task with a median under 5 train images per class (here 60 'artists' of 2 images) is
+    left out of training by default, with the line that says how to keep it."""
+    rows = files.read_csv(demo / "manifest.csv")
+    for i, r in enumerate(rows):
+        r["artist"] = f"painter_{i // 2}"
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
+    args = ["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo / "images"),
+            *CRNN_FAST, "--freeze-backbone", "--epochs", "1", "--out", str(tmp_path / "run")]
+    crnn.main(args)
+    log = capsys.readouterr().out
+    assert re.search(r"left out artist: a median of [12](\.5)? train images per class over its 60 "
+                     r"classes, under 5: too few to learn \(--tasks style,genre,artist keeps "
+                     r"it\)", log), log
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["tasks"] == \
+        ["style", "genre"]
+    table = crnn_data.read_table(str(tmp_path / "m.csv"), str(tmp_path / "none.json"))
+    assert crnn_data.learnable_tasks(table, "style,artist") is table  # typed: kept
 
 
 def test_crnn_patience_stops_early(demo, tmp_path, capsys):
