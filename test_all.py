@@ -4315,3 +4315,55 @@ def test_colab_notebook_runs_on_the_cpu(tmp_path, monkeypatch):
     for page in ("runs/demo/report.html", "results.html", "demo/index/map.html"):
         check_page(tmp_path / page)
     assert sum("text/html" in o.get("data", {}) for o in outputs) == 3  # shown inline
+
+
+# ============================================================================
+# README.md: the quick start and "Your own paintings" run as written, at the smallest settings
+
+
+# Appended to each README command (argparse keeps a flag's last value): the tests' settings.
+README_TINY = {("data.py", "demo"): ["--n", "48"],
+               ("crnn.py", "--train"): [*CRNN_FAST, "--epochs", "1"],
+               ("crnn.py", "--eval"): ["--workers", "0"],
+               ("crnn.py", "--predict"): ["--workers", "0"],
+               ("retrieve.py", "--build"): RETRIEVE_FAST,
+               ("retrieve.py", "--eval"): ["--workers", "0", "--eval-queries", "8"]}
+
+
+def readme_commands(section):
+    """The commands of a README section's ```bash blocks: continuation lines joined, `&&`
+    chains split, comments, installs and the test run left out."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", body, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for cmd in line.split(" && "):
+                cmd = cmd.strip()
+                if cmd.startswith("python ") and not cmd.startswith("python -m pytest"):
+                    out.append(cmd)
+    return out
+
+
+def run_readme_command(cmd, cwd):
+    """One README line: bash expands it (quotes, $(...), # comments) into argv, then the
+    script's main runs here, in-process, with README_TINY's flags after the README's."""
+    argv = subprocess.run(["bash", "-c", f'printf "%s\\0" {cmd}'], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.split("\0")[:-1]
+    assert argv[0] == "python", cmd
+    script, args = argv[1], argv[2:]
+    tiny = next((v for (s, flag), v in README_TINY.items() if s == script and flag in args), [])
+    main = {"data.py": data.main, "crnn.py": crnn.main, "retrieve.py": retrieve.main}[script]
+    main([*args, *tiny])
+
+
+def test_readme_quick_start_and_own_paintings_run_as_written(tmp_path, monkeypatch, capsys):
+    quick, own = readme_commands("Quick start"), readme_commands("Your own paintings")
+    assert any("crnn.py --train" in c for c in quick) and any("--eval" in c for c in quick)
+    assert any("data.py folder" in c for c in own) and any("--predict" in c for c in own)
+    monkeypatch.chdir(tmp_path)
+    for cmd in quick + own:
+        run_readme_command(cmd, tmp_path)
+    out = capsys.readouterr().out
+    assert os.path.isfile("runs/demo/report.html") and os.path.isfile("runs/mine/report.html")
+    assert "predictions.csv" in out and files.read_csv("mine/manifest.csv")
