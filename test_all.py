@@ -1911,7 +1911,8 @@ def test_nets_autocast_and_cudnn_flags(monkeypatch, demo, tmp_path):
     assert isinstance(nets.autocast(torch.device("cpu"), torch.bfloat16), torch.autocast)
     seen = []
     monkeypatch.setattr(crnn, "cmd_train", lambda *a: seen.append(
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)))
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic))
+        or {"epoch": 0, "best": 0.0, "selected_on": "val"})
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     crnn.main(["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST,
@@ -2533,7 +2534,7 @@ def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeyp
     args = ["--train", "--data", str(tmp_path / "m81.csv"), "--root", str(demo / "images"),
             "--classes", str(demo / "classes.json"), *CRNN_FAST, "--freeze-backbone", "--dropout",
             "0", "--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--seed", "1",
-            "--device", "cpu"]
+            "--device", "cpu", "--tasks", "style,artist,genre"]  # typed: the thin artist stays
     one, two = tmp_path / "one", tmp_path / "two"
     crnn.main([*args, "--out", str(one)])
     kill_in_epoch(monkeypatch, 2)
@@ -2695,12 +2696,13 @@ def test_crnn_guard_and_baselines_on_a_hand_made_split(trained, demo, tmp_path, 
     page = (tmp_path / "e" / "report.html").read_text(encoding="utf-8")
     assert f'<p class="warn">{html.escape(line)}' in page
     # test = a b b c, majority (of train: a a a b) a: accuracy 1/4, F1_a = 2*1 / (4 + 1) = 0.4,
-    # macro over the 6 classes 0.4 / 6, weighted 0.4 / 4; uniform: metrics' exact expectation
+    # macro over the 3 classes in the truth or the calls (a, b, c) 0.4 / 3, weighted 0.4 / 4;
+    # uniform: metrics' exact expectation
     assert m["baselines"]["majority"] == pytest.approx({"class": 0, "name": a, "accuracy": 0.25,
-                                                        "macro_f1": 0.4 / 6, "weighted_f1": 0.1})
+                                                        "macro_f1": 0.4 / 3, "weighted_f1": 0.1})
     assert m["baselines"]["uniform"] == pytest.approx(metrics.uniform_scores([0, 1, 1, 2], 6))
     assert m["baselines"]["uniform"]["accuracy"] == pytest.approx(1 / 6)
-    for v in ("0.250", f"{0.4 / 6:.3f}", "0.100", f"{m['baselines']['uniform']['macro_f1']:.3f}"):
+    for v in ("0.250", f"{0.4 / 3:.3f}", "0.100", f"{m['baselines']['uniform']['macro_f1']:.3f}"):
         assert f"<td>{v}</td>" in page
     assert check_page(tmp_path / "e" / "report.html").tags["table"] >= 3
 
@@ -3020,7 +3022,7 @@ def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     msg = crnn_error(capsys, ["--eval", "--ckpt", best, "--data", str(demo / "manifest.csv"),
                                   "--classes", str(tmp_path / "classes.json"), "--out",
                                   str(tmp_path)])
-    assert "style classes differ from the checkpoint" in msg
+    assert f"style classes differ from those of checkpoint {best} (6 vs 6)" in msg
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "other.pt")
     msg = crnn_error(capsys, ["--eval", "--ckpt", str(tmp_path / "other.pt")])
     assert "not a crnn.py checkpoint" in msg
