@@ -1745,6 +1745,21 @@ def test_data_folder_labels_from_folder_names(demo, tmp_path, capsys):
         data.main(["folder", "--images", str(pics / "Cubism" / "unknown"), "--out", str(out)])
 
 
+def test_data_folder_on_a_long_tail(demo_tail, tmp_path, capsys):
+    """The long-tailed demo's folders (72, 29, 11, 4, 2, 2 images per style): the styles under
+    --min-per-class are dropped by name, every style kept has a test and a dev image."""
+    data.main(["folder", "--images", str(demo_tail / "images"), "--out", str(tmp_path / "m")])
+    log = capsys.readouterr().out
+    sizes = Counter(p.split("/")[0] for p in painter.scan_files(demo_tail / "images"))
+    small = [c for c, n in sizes.items() if n < wikiart.SMALL_CLASS]
+    assert len(small) == 3 and all(f"dropped class {c}: {sizes[c]} usable images" in log
+                                   for c in small)
+    rows = files.read_csv(tmp_path / "m" / "manifest.csv")
+    assert len(rows) == sum(n for n in sizes.values() if n >= wikiart.SMALL_CLASS)
+    for c in set(sizes) - set(small):
+        assert {r["split"] for r in rows if r["style"] == c} == {"train", "dev", "test"}
+
+
 def test_data_csv_any_paths_and_labels(demo, tmp_path, capsys):
     gallery = files.read_csv(demo / "gallery.csv")
     rows = [[str(demo / "images" / r["path"]), r["style"], r["attribution"], f"m{i % 5}"]
