@@ -7,7 +7,8 @@ Shell:
     python data.py demo                                   # synthetic data in demo/
     python crnn.py --train --weights none                 # demo/manifest.csv -> runs/demo/
     python crnn.py --eval --outliers 20                   # runs/demo/best.pt on the test split
-    python crnn.py --predict painting.jpg more_paintings/ -k 3
+    python crnn.py --predict painting.jpg more_paintings/ -k 3   # runs/demo/predict/predictions.csv
+    python crnn.py --eval --data mine/manifest.csv        # runs/mine/best.pt: where --train put it
     python crnn.py --predict painting.jpg --explain        # runs/demo/explain/painting_<task>.png
     python crnn.py --train --data subset/manifest.csv --root wikiart --out runs/r50 \
         --freeze-backbone
@@ -34,7 +35,8 @@ reports on `test` (else `val`; --split picks), so the reported figures are not t
 checkpoint was chosen on. --root may be a folder or a .zip read in place (files.image_source).
 
 Files (OUT = --out, default runs/<the manifest's folder>): log.jsonl (one JSON object per epoch),
-last.pt every epoch and best.pt (best mean macro-F1 over tasks on dev/val), skipped.csv (images
+last.pt every epoch and best.pt (best mean macro-F1 over tasks on dev/val; the model without the
+optimizer state, which only --resume needs, from last.pt), skipped.csv (images
 that did not decode, with why), cache/ (--freeze-backbone features). --eval writes report.txt,
 report.html (the same tables, confusion grids and outlier cards with attention maps: one file),
 metrics.json, predictions.csv, confusion_<task>.csv/.png and, with --outliers N, outliers.csv and
