@@ -13,6 +13,8 @@ Shell:
     python data.py download --manifest nga/manifest.csv --root nga/images --size 512
     python data.py resize --manifest subset/manifest.csv --root wikiart.zip --out cache256
     python data.py hf-wikiart --out hf --shards 0-3       # Hugging Face parquet shards, resized
+    python data.py folder --images paintings --out mine   # your own: paintings/<style>/x.jpg
+    python data.py csv --csv labels.csv --path-col file --label-cols style,artist --out mine
 
 Notebook:
     import data; data.main(["demo", "--out", "demo"])
@@ -37,6 +39,7 @@ from PIL import Image
 import fetch
 import files
 import painter
+import userdata
 import wikiart
 from files import UserError, one_line
 
@@ -674,6 +677,7 @@ def build_parser():
     r.set_defaults(func=cmd_resize)
 
     add_hf_parser(sub)
+    userdata.add_parsers(sub)  # folder, csv: your own paintings
 
     m = sub.add_parser("demo", help="small SYNTHETIC dataset in the real formats",
                        formatter_class=files.Help)

@@ -635,9 +635,10 @@ def test_metrics_classification_report_hand():
     assert [c["support"] for c in rep["per_class"]] == [3, 2, 1, 0, 0]
     assert [c["predicted"] for c in rep["per_class"]] == [2, 3, 0, 1, 0]
     assert rep["accuracy"] == pytest.approx(2 / 6)
-    # macro over all 5 classes, undefined as 0: p (1/2 + 1/3) / 5 = 1/6, r same,
-    # f1 (2/5 + 2/5) / 5 = 4/25
-    assert rep["macro"] == pytest.approx({"precision": 1 / 6, "recall": 1 / 6, "f1": 4 / 25})
+    # macro over the 4 classes in y_true or y_pred (e is in neither: left out, as sklearn
+    # without labels), undefined as 0: p (1/2 + 1/3) / 4 = 5/24, r same, f1 (2/5 + 2/5) / 4
+    assert rep["macro"] == pytest.approx({"precision": 5 / 24, "recall": 5 / 24, "f1": 1 / 5})
+    assert rep["absent"] == ["e"]
     # weighted by support 3,2,1,0,0 over 6: p (3/2 + 2/3 + 0) / 6 = 13/36,
     # r (1 + 1 + 0) / 6 = 1/3, f1 (6/5 + 4/5 + 0) / 6 = 1/3
     assert rep["weighted"] == pytest.approx({"precision": 13 / 36, "recall": 1 / 3, "f1": 1 / 3})
@@ -670,12 +671,15 @@ def test_metrics_format_report_hand():
     assert rows["d"] == ["0.000", "n/a", "0.000", "0"]
     assert rows["e"] == ["n/a", "n/a", "n/a", "0"]
     assert rows["accuracy"] == ["0.333", "6"]
-    assert rows["macro"] == ["avg", "0.167", "0.167", "0.160", "6"]
+    assert rows["macro"] == ["avg", "0.208", "0.208", "0.200", "6"]
     assert rows["weighted"] == ["avg", "0.361", "0.333", "0.333", "6"]  # 13/36 = 0.3611
-    assert rows["micro"] == ["avg", "0.333", "0.333", "0.333", "6"]
+    assert "micro" not in rows  # single-label: micro avg = accuracy, a row saying it twice
+    assert "left out of macro avg (no image here, never predicted): e; it averages the 4 of 5 " \
+        "classes in the truth or the predictions" in text
     assert "n/a" in text.splitlines()[-1] and "0" in text.splitlines()[-1]
+    assert "n/a = undefined" not in metrics.format_report(rep, note=False)
     # fixed width: header, class rows and average rows all end in the same column
-    table = [line for line in text.splitlines()[:-1] if line.strip()]
+    table = [line for line in text.splitlines()[:-3] if line.strip()]
     assert len({len(line) for line in table}) == 1
     assert "0.50 " in metrics.format_report(rep, digits=2)
 
@@ -704,9 +708,10 @@ def test_metrics_classification_matches_sklearn(seed):
         for key, ref in (("precision", p), ("recall", r), ("f1", f1)):
             assert (row[key] or 0.0) == pytest.approx(ref[c], abs=1e-12, rel=0)
         assert row["support"] == support[c]
-    for avg in ("macro", "weighted", "micro"):
+    for avg in ("macro", "weighted", "micro"):  # macro: sklearn's labels, those seen (not 6)
         ref = skm.precision_recall_fscore_support(
-            y_true, y_pred, labels=labels, average=avg, zero_division=0
+            y_true, y_pred, labels=None if avg == "macro" else labels, average=avg,
+            zero_division=0
         )[:3]
         got = (rep[avg]["precision"], rep[avg]["recall"], rep[avg]["f1"])
         assert got == pytest.approx(ref, abs=1e-12, rel=0)
@@ -766,7 +771,10 @@ def test_metrics_uniform_baseline_exact_by_enumeration(y, k):
             for p in itertools.product(range(k), repeat=len(y))]
     u = metrics.uniform_scores(y, k)
     assert u["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in reps]), abs=1e-12)
-    assert u["macro_f1"] == pytest.approx(np.mean([r["macro"]["f1"] for r in reps]), abs=1e-12)
+    there = [c for c in range(k) if c in y]  # uniform's macro: the classes in y_true
+    assert u["macro_f1"] == pytest.approx(np.mean([np.mean([r["per_class"][c]["f1"] or 0.0
+                                                            for c in there]) for r in reps]),
+                                          abs=1e-12)
     assert u["weighted_f1"] == pytest.approx(np.mean([r["weighted"]["f1"] for r in reps]),
                                              abs=1e-12)
 
@@ -1713,6 +1721,103 @@ def test_data_demo_long_tail(tmp_path, capsys):
         data.main(["demo", "--out", str(out), "--n", "5", "--tail", "100"])
 
 
+# ------------------------------------------------------------------------ your own paintings
+
+
+def paintings_tree(demo, root, levels=2):
+    """The demo's images rearranged as a user's folder: root/<style>[/<artist>]/x.jpg."""
+    for r in files.read_csv(demo / "manifest.csv"):
+        parts = [r["style"], r["artist"] or "unknown"][:levels]
+        os.makedirs(root.joinpath(*parts), exist_ok=True)
+        shutil.copy(demo / "images" / r["path"], root.joinpath(*parts))
+    return root
+
+
+def test_data_folder_labels_from_folder_names(demo, tmp_path, capsys):
+    pics = paintings_tree(demo, tmp_path / "paintings")
+    (pics / "Cubism" / "unknown" / "broken.jpg").write_bytes(jpeg_bytes()[:100])
+    (pics / "Cubism" / "notes.txt").write_text("not a painting")
+    shutil.copy(next((pics / "Cubism").rglob("*.jpg")), pics / "loose.jpg")  # no style folder
+    out = tmp_path / "mine"
+    assert data.main(["folder", "--images", str(pics), "--levels", "style,artist", "--out",
+                      str(out), "--split", "artist"]) == 0
+    log = capsys.readouterr().out
+    assert "left out 1 images less than 2 folder(s) deep" in log and "1 files that are not" in log
+    assert [r["reason"] for r in files.read_csv(out / "unusable.csv")] == ["corrupt"]
+    rows = files.read_csv(out / "manifest.csv")
+    assert list(rows[0]) == ["path", "style", "artist", "split"] and len(rows) == 120
+    assert all(r["path"].split("/")[:2] == [r["style"], r["artist"]] for r in rows)
+    by = {s: {r["artist"] for r in rows if r["split"] == s} for s in ("train", "dev", "test")}
+    assert all(by.values()) and not (by["train"] & by["test"]) and not (by["train"] & by["dev"])
+    assert f"--data {out / 'manifest.csv'} --root {pics}" in log
+    table = crnn_data.read_table(str(out / "manifest.csv"), str(out / "classes.json"))
+    assert table.tasks == ["style", "artist"] and (table.y >= 0).all()
+    # ImageFolder's one level: deeper folders do not label; random: stratified test and dev
+    data.main(["folder", "--images", str(pics), "--out", str(out), "--test-frac", "0.25"])
+    rows = files.read_csv(out / "manifest.csv")
+    assert list(rows[0]) == ["path", "style", "split"] and len(rows) == 120
+    for style in {r["style"] for r in rows}:
+        mine = Counter(r["split"] for r in rows if r["style"] == style)
+        assert mine["test"] >= 3 and mine["dev"] >= 1 and mine["train"] > mine["test"]
+    with pytest.raises(SystemExit, match="--split group:museum: no museum column"):
+        data.main(["folder", "--images", str(pics), "--out", str(out), "--split", "group:museum"])
+    with pytest.raises(SystemExit, match="no images 1 folder"):
+        data.main(["folder", "--images", str(pics / "Cubism" / "unknown"), "--out", str(out)])
+
+
+def test_data_folder_on_a_long_tail(demo_tail, tmp_path, capsys):
+    """The long-tailed demo's folders (72, 29, 11, 4, 2, 2 images per style): the styles under
+    --min-per-class are dropped by name, every style kept has a test and a dev image."""
+    data.main(["folder", "--images", str(demo_tail / "images"), "--out", str(tmp_path / "m")])
+    log = capsys.readouterr().out
+    sizes = Counter(p.split("/")[0] for p in painter.scan_files(demo_tail / "images"))
+    small = [c for c, n in sizes.items() if n < wikiart.SMALL_CLASS]
+    assert len(small) == 3 and all(f"dropped class {c}: {sizes[c]} usable images" in log
+                                   for c in small)
+    rows = files.read_csv(tmp_path / "m" / "manifest.csv")
+    assert len(rows) == sum(n for n in sizes.values() if n >= wikiart.SMALL_CLASS)
+    for c in set(sizes) - set(small):
+        assert {r["split"] for r in rows if r["style"] == c} == {"train", "dev", "test"}
+
+
+def test_data_csv_any_paths_and_labels(demo, tmp_path, capsys):
+    gallery = files.read_csv(demo / "gallery.csv")
+    rows = [[str(demo / "images" / r["path"]), r["style"], r["attribution"], f"m{i % 5}"]
+            for i, r in enumerate(gallery)]
+    rows.append([rows[0][0], "Cubism", rows[0][2], "m0"])  # listed twice, another style
+    files.write_csv(tmp_path / "labels.csv", ["file", "style", "painter", "museum"], rows)
+    with pytest.raises(SystemExit, match=r"no column path, split.*data\.py csv --csv"):
+        crnn.main(["--train", "--data", str(tmp_path / "labels.csv"), *CRNN_FAST])
+    out = tmp_path / "mine"
+    data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
+               "--label-cols", "style,painter", "--out", str(out), "--split", "group:museum",
+               "--min-per-class", "1"])
+    log = capsys.readouterr().out
+    assert f"image root: {demo / 'images'}" in log and "style 1" in log  # absolute paths
+    got = files.read_csv(out / "manifest.csv")
+    assert list(got[0]) == ["path", "style", "painter", "split"] and len(got) == 119
+    assert {r["path"] for r in got} == {r["path"] for r in gallery} - {gallery[0]["path"]}
+    museum = {os.path.relpath(r[0], demo / "images"): r[3] for r in rows}
+    splits = {}
+    for r in got:
+        splits.setdefault(museum[r["path"]], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits.values()) and len(splits) == 5
+    table = crnn_data.read_table(str(out / "manifest.csv"), str(out / "classes.json"),
+                                 crnn_data.train_tasks("style,painter"))
+    assert table.tasks == ["style", "painter"] and len(table.classes["painter"]) == 6
+    # --min-per-class per column: the first drops images, the others leave labels empty
+    data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
+               "--label-cols", "style,painter", "--out", str(out), "--min-per-class", "19"])
+    got = files.read_csv(out / "manifest.csv")
+    kept = Counter(r["style"] for r in got)
+    assert min(kept.values()) >= 19 and len(kept) < 6
+    n = Counter(r["painter"] for r in got if r["painter"])
+    assert n and min(n.values()) >= 19 and any(not r["painter"] for r in got)
+    with pytest.raises(SystemExit, match="--label-cols 'style,split'"):
+        data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
+                   "--label-cols", "style,split", "--out", str(out)])
+
+
 # -------------------------------------------------------------------------------------------- poses
 
 
@@ -1842,7 +1947,8 @@ def test_nets_autocast_and_cudnn_flags(monkeypatch, demo, tmp_path):
     assert isinstance(nets.autocast(torch.device("cpu"), torch.bfloat16), torch.autocast)
     seen = []
     monkeypatch.setattr(crnn, "cmd_train", lambda *a: seen.append(
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)))
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic))
+        or {"epoch": 0, "best": 0.0, "selected_on": "val"})
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     crnn.main(["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST,
@@ -2036,6 +2142,29 @@ def test_pages_rows_are_escaped_and_nga_rows_link_to_nga(tmp_path):
     assert pages.script_json({"t": "</script><!--"}) == '{"t":"<\\/script><\\!--"}'
 
 
+def test_pages_many_classes_list_the_top_confusions(tmp_path):
+    """Past pages.GRID_MAX classes report.html lists the largest confusions, not a K x K grid
+    (186 artists: 4.4 MB, off the page)."""
+    k, rng = 40, np.random.default_rng(0)
+    y = rng.integers(0, k, 400)
+    pred = np.where(rng.random(400) < 0.9, y, (y + 1) % k)
+    pred[y == 3] = 7  # the largest confusion: every true 3 called 7
+    names = [f"artist_{i}" for i in range(k)]
+    res = {"artist": {"report": metrics.classification_report(y, pred, k, names), "top3": 0.5,
+                      "confusion": metrics.confusion_matrix(y, pred, k)}}
+    pages.eval_page(str(tmp_path / "r.html"), ["x"], res, [], 0)
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'class="cm"' not in text and text.count("<li>true ") == 20
+    n3 = int((y == 3).sum())
+    first = text.split('<ol class="confusions">')[1].split("</li>")[0]
+    assert first == f"<li>true <b>artist_3</b> \u2192 predicted <b>artist_7</b>: {n3} of {n3} " \
+        "(100%)"
+    res["artist"]["confusion"] = res["artist"]["confusion"][:6, :6]
+    res["artist"]["report"]["per_class"] = res["artist"]["report"]["per_class"][:6]
+    pages.eval_page(str(tmp_path / "r.html"), ["x"], res, [], 0)
+    assert 'class="cm"' in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
 def test_pages_draw_figures_colours_shown_limbs_only():
     im = Image.new("RGB", (100, 80), (128, 128, 128))
     k = np.zeros((17, 3))
@@ -2071,6 +2200,10 @@ def test_crnn_learns_demo_above_chance(trained):
     assert val["mean_f1"] > 0.35  # mean macro-F1 over 3 tasks: chance ~0.2
     assert set(ckpt["classes"]) == {"style", "artist", "genre"}
     assert model.embed(torch.randn(2, 3, 64, 64)).shape == (2, 512)  # 2 x --hidden 256
+    # best.pt without AdamW's two moments (2x the model): only last.pt, which --resume reads
+    last = torch.load(trained / "last.pt", weights_only=True)
+    assert "optimizer" not in ckpt and "scheduler" not in ckpt and last["optimizer"]["state"]
+    assert os.path.getsize(trained / "best.pt") < 0.4 * os.path.getsize(trained / "last.pt")
 
 
 # A child python that runs crnn.main(argv[2:]) and SIGKILLs itself (as `kill -9`: no handler,
@@ -2279,7 +2412,8 @@ def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, 
     # what training says at its start: the small classes by name, what selection averages
     small = sorted((n, c) for c, n in n_train.items() if n < wikiart.SMALL_CLASS)
     assert "warning: style: " in log and f"{small[0][1]} ({small[0][0]})" in log
-    assert "each averaged over all the task's classes (style 6, artist 6, genre 4)" in log
+    assert "each averaged over the task's classes in the split or predicted (style 6, artist 6, " \
+        "genre 4)" in log
     assert "val baselines (macro-F1): style majority class " in log
     # a checkpoint from before train counts and the new --balance names still resumes and
     # evaluates; --eval then takes the majority class from the manifest's train rows
@@ -2299,12 +2433,20 @@ def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, 
 def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
     args = ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, "--freeze-backbone",
             "--epochs", "1", "--out", str(tmp_path)]
-    crnn.main(args)
+    state = crnn.main(args)
     out = capsys.readouterr().out
     assert out.count("cache: wrote") == 2
+    assert state["epoch"] == 1 and repr(state) == (f"<crnn.py: best val mean macro-F1 "
+                                                   f"{state['best']:.4f} after 1 epochs: "
+                                                   f"{tmp_path / 'best.pt'}>")
+    assert f"next: python crnn.py --eval --ckpt {tmp_path / 'best.pt'} " in out
+    assert f"python retrieve.py --build --ckpt {tmp_path / 'best.pt'} --images " in out
     feats = np.load(tmp_path / "cache" / "train.npy", mmap_mode="r")
     assert feats.dtype == np.float16 and feats.shape[1:] == (512, 2, 2)  # 64 px / 32
-    crnn.main(args)
+    msg = crnn_error(capsys, args)  # the same flags again would replace a better best.pt
+    assert f"{tmp_path} holds a run with these flags (1 epochs, best mean F1 " in msg
+    assert "--resume to continue it, or --overwrite to replace it" in msg
+    crnn.main([*args, "--overwrite"])
     assert capsys.readouterr().out.count("cache: reusing") == 2
     crnn.main([*args, "--img-size", "96", "--overwrite"])  # another key: rebuilt, 3x3 maps
     assert capsys.readouterr().out.count("cache: wrote") == 2
@@ -2316,6 +2458,26 @@ def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("does not load") == 2 and out.count("cache: wrote") == 2
     assert not [f for f in os.listdir(tmp_path / "cache") if ".tmp" in f]
+
+
+def test_crnn_thin_tasks_left_out_unless_asked(demo, tmp_path, capsys):
+    """A task with a median under 5 train images per class (here 60 'artists' of 2 images) is
+    left out of training by default, with the line that says how to keep it."""
+    rows = files.read_csv(demo / "manifest.csv")
+    for i, r in enumerate(rows):
+        r["artist"] = f"painter_{i // 2}"
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
+    args = ["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo / "images"),
+            *CRNN_FAST, "--freeze-backbone", "--epochs", "1", "--out", str(tmp_path / "run")]
+    crnn.main(args)
+    log = capsys.readouterr().out
+    assert re.search(r"left out artist: a median of [12](\.5)? train images per class over its 60 "
+                     r"classes, under 5: too few to learn \(--tasks style,genre,artist keeps "
+                     r"it\)", log), log
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["tasks"] == \
+        ["style", "genre"]
+    table = crnn_data.read_table(str(tmp_path / "m.csv"), str(tmp_path / "none.json"))
+    assert crnn_data.learnable_tasks(table, "style,artist") is table  # typed: kept
 
 
 def test_crnn_patience_stops_early(demo, tmp_path, capsys):
@@ -2446,7 +2608,7 @@ def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeyp
     args = ["--train", "--data", str(tmp_path / "m81.csv"), "--root", str(demo / "images"),
             "--classes", str(demo / "classes.json"), *CRNN_FAST, "--freeze-backbone", "--dropout",
             "0", "--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--seed", "1",
-            "--device", "cpu"]
+            "--device", "cpu", "--tasks", "style,artist,genre"]  # typed: the thin artist stays
     one, two = tmp_path / "one", tmp_path / "two"
     crnn.main([*args, "--out", str(one)])
     kill_in_epoch(monkeypatch, 2)
@@ -2608,12 +2770,13 @@ def test_crnn_guard_and_baselines_on_a_hand_made_split(trained, demo, tmp_path, 
     page = (tmp_path / "e" / "report.html").read_text(encoding="utf-8")
     assert f'<p class="warn">{html.escape(line)}' in page
     # test = a b b c, majority (of train: a a a b) a: accuracy 1/4, F1_a = 2*1 / (4 + 1) = 0.4,
-    # macro over the 6 classes 0.4 / 6, weighted 0.4 / 4; uniform: metrics' exact expectation
+    # macro over the 3 classes in the truth or the calls (a, b, c) 0.4 / 3, weighted 0.4 / 4;
+    # uniform: metrics' exact expectation
     assert m["baselines"]["majority"] == pytest.approx({"class": 0, "name": a, "accuracy": 0.25,
-                                                        "macro_f1": 0.4 / 6, "weighted_f1": 0.1})
+                                                        "macro_f1": 0.4 / 3, "weighted_f1": 0.1})
     assert m["baselines"]["uniform"] == pytest.approx(metrics.uniform_scores([0, 1, 1, 2], 6))
     assert m["baselines"]["uniform"]["accuracy"] == pytest.approx(1 / 6)
-    for v in ("0.250", f"{0.4 / 6:.3f}", "0.100", f"{m['baselines']['uniform']['macro_f1']:.3f}"):
+    for v in ("0.250", f"{0.4 / 3:.3f}", "0.100", f"{m['baselines']['uniform']['macro_f1']:.3f}"):
         assert f"<td>{v}</td>" in page
     assert check_page(tmp_path / "e" / "report.html").tags["table"] >= 3
 
@@ -2654,6 +2817,37 @@ def test_crnn_inference_in_bf16_agrees_with_fp32(trained, demo):
 
 
 @pytest.mark.xdist_group("trained")
+def test_crnn_eval_and_predict_follow_data_to_its_run(trained, demo, tmp_path, monkeypatch,
+                                                      capsys):
+    """Without --ckpt, --data M means runs/<M's folder>/best.pt (where --train M wrote it), not
+    the demo's model; a label the checkpoint lacks names the checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    rows = files.read_csv(demo / "manifest.csv")
+    os.makedirs("mine")
+    files.write_csv("mine/manifest.csv", list(rows[0]), [list(r.values()) for r in rows])
+    os.makedirs("runs/mine")
+    shutil.copy(trained / "best.pt", "runs/mine/best.pt")
+    res = crnn.main(["--eval", "--data", "mine/manifest.csv", "--root", str(demo / "images"),
+                     "--workers", "0"])
+    assert res["style"]["accuracy"] > 0.3 and len(repr(res)) < 200
+    assert (tmp_path / "runs" / "mine" / "report.txt").read_text().startswith(
+        f"checkpoint: {os.path.join('runs', 'mine', 'best.pt')}\n")
+    crnn.main(["--predict", str(demo / "images" / rows[0]["path"]), "--data", "mine/manifest.csv"])
+    assert os.path.isfile("runs/mine/predict/predictions.csv")
+    msg = crnn_error(capsys, ["--eval", "--data", str(demo / "manifest.csv")])
+    assert "checkpoint not found: runs/demo/best.pt (train it with `python crnn.py --train " \
+           f"--data {demo / 'manifest.csv'}`, or pass --ckpt)" in msg
+    rows[0]["artist"] = "juan-gris"
+    files.write_csv("mine/manifest.csv", list(rows[0]), [list(r.values()) for r in rows])
+    msg = crnn_error(capsys, ["--eval", "--data", "mine/manifest.csv"])
+    assert "artist 'juan-gris' is not in the class list (6 artist classes of checkpoint " \
+           f"{os.path.join('runs', 'mine', 'best.pt')}, trained on {demo / 'manifest.csv'})" in msg
+    capsys.readouterr()
+    msg = crnn_error(capsys, ["--predict", "missing.jpg", "--data", "mine/manifest.csv"])
+    assert msg.endswith("not found: missing.jpg") and "model:" not in capsys.readouterr().out
+
+
+@pytest.mark.xdist_group("trained")
 def test_crnn_eval_uses_the_checkpoints_classes(trained, demo, tmp_path):
     """A classes.json beside the manifest that differs from the checkpoint's (another subset's)
     is not consulted: the checkpoint's own lists label the rows."""
@@ -2686,7 +2880,14 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
         assert out.count(f"  {t}: ") == 1
     results = crnn.main(["--predict", str(folder), *ckpt])
     assert list(results) == [str(folder / "sub" / "a.jpg")]
+    assert re.fullmatch(r"<crnn\.py: 1 images classified: \S+predictions\.csv>", repr(results))
     out = capsys.readouterr().out  # each reason counted as what it is (b.png is no 'not image')
+    listed = files.read_csv(trained / "predict" / "predictions.csv")  # not --eval's own
+    assert f"wrote {trained / 'predict' / 'predictions.csv'} (1 images, top 3" in out
+    assert [r["path"] for r in listed] == [str(folder / "sub" / "a.jpg")]
+    for t, top in results[str(folder / "sub" / "a.jpg")].items():
+        assert [(listed[0][f"{t}_top{i}"], float(listed[0][f"{t}_p{i}"])) for i in (1, 2, 3)] \
+            == [(c, pytest.approx(q, abs=1e-4)) for c, q in top]
     assert f"skipped (cannot decode (cannot identify image file '{folder / 'b.png'}'" in out
     assert out.rstrip().endswith("1 images classified, 1 files skipped (not image files by their "
                                  "extension), 1 unreadable (why: above)"), out[-300:]
@@ -2708,7 +2909,7 @@ def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path
     crnn.main(["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo_zip), *CRNN_FAST,
                "--freeze-backbone", "--epochs", "2", "--tasks", "style,genre", "--out", str(out)])
     log = capsys.readouterr().out
-    assert "selecting best.pt on dev" in log
+    assert "selecting best.pt on dev" in log and "skipped 0 train + 0 dev" in log
     assert f"warning: genre: test classes never seen in train (always scored wrong): {rare}" in log
     assert sorted(os.listdir(out / "cache")) == ["dev.json", "dev.npy", "train.json", "train.npy"]
     assert [json.loads(ln)["split"] for ln in open(out / "log.jsonl")] == ["dev", "dev"]
@@ -2718,6 +2919,7 @@ def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path
     n_test = sum(1 for r in rows if r[4] == "test")
     report = (out / "report.txt").read_text()
     assert f"(test split, {n_test} images, 0 unreadable" in report and rare in report
+    assert report.count("n/a = undefined") == 1 and "micro avg" not in report  # = accuracy
     assert "selected on" not in report
     assert {r["path"] for r in files.read_csv(out / "predictions.csv")} == \
         {r[0] for r in rows if r[4] == "test"}
@@ -2894,7 +3096,7 @@ def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     msg = crnn_error(capsys, ["--eval", "--ckpt", best, "--data", str(demo / "manifest.csv"),
                                   "--classes", str(tmp_path / "classes.json"), "--out",
                                   str(tmp_path)])
-    assert "style classes differ from the checkpoint" in msg
+    assert f"style classes differ from those of checkpoint {best} (6 vs 6)" in msg
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "other.pt")
     msg = crnn_error(capsys, ["--eval", "--ckpt", str(tmp_path / "other.pt")])
     assert "not a crnn.py checkpoint" in msg
@@ -4256,3 +4458,55 @@ def test_colab_notebook_runs_on_the_cpu(tmp_path, monkeypatch):
              for o in c.outputs if "text/plain" in o.get("data", {})]
     assert shown and all("\n" not in t and len(t) < 200 for t in shown), shown  # one line
     assert sum("text/html" in o.get("data", {}) for o in outputs) == 3  # shown inline
+
+
+# ============================================================================
+# README.md: the quick start and "Your own paintings" run as written, at the smallest settings
+
+
+# Appended to each README command (argparse keeps a flag's last value): the tests' settings.
+README_TINY = {("data.py", "demo"): ["--n", "48"],
+               ("crnn.py", "--train"): [*CRNN_FAST, "--epochs", "1"],
+               ("crnn.py", "--eval"): ["--workers", "0"],
+               ("crnn.py", "--predict"): ["--workers", "0"],
+               ("retrieve.py", "--build"): RETRIEVE_FAST,
+               ("retrieve.py", "--eval"): ["--workers", "0", "--eval-queries", "8"]}
+
+
+def readme_commands(section):
+    """The commands of a README section's ```bash blocks: continuation lines joined, `&&`
+    chains split, comments, installs and the test run left out."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", body, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for cmd in line.split(" && "):
+                cmd = cmd.strip()
+                if cmd.startswith("python ") and not cmd.startswith("python -m pytest"):
+                    out.append(cmd)
+    return out
+
+
+def run_readme_command(cmd, cwd):
+    """One README line: bash expands it (quotes, $(...), # comments) into argv, then the
+    script's main runs here, in-process, with README_TINY's flags after the README's."""
+    argv = subprocess.run(["bash", "-c", f'printf "%s\\0" {cmd}'], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.split("\0")[:-1]
+    assert argv[0] == "python", cmd
+    script, args = argv[1], argv[2:]
+    tiny = next((v for (s, flag), v in README_TINY.items() if s == script and flag in args), [])
+    main = {"data.py": data.main, "crnn.py": crnn.main, "retrieve.py": retrieve.main}[script]
+    main([*args, *tiny])
+
+
+def test_readme_quick_start_and_own_paintings_run_as_written(tmp_path, monkeypatch, capsys):
+    quick, own = readme_commands("Quick start"), readme_commands("Your own paintings")
+    assert any("crnn.py --train" in c for c in quick) and any("--eval" in c for c in quick)
+    assert any("data.py folder" in c for c in own) and any("--predict" in c for c in own)
+    monkeypatch.chdir(tmp_path)
+    for cmd in quick + own:
+        run_readme_command(cmd, tmp_path)
+    out = capsys.readouterr().out
+    assert os.path.isfile("runs/demo/report.html") and os.path.isfile("runs/mine/report.html")
+    assert "predictions.csv" in out and files.read_csv("mine/manifest.csv")
