@@ -61,6 +61,7 @@ import numpy as np
 from torch import nn
 
 import files
+import filters
 import metrics
 import nets
 import pages
@@ -593,15 +594,20 @@ def check_shard(index, plan, info):
 
 # ----------------------------------------------------------------------------- query
 
-def open_for_search(args, device):
-    """Index folder checked against the typed flags, with search-time overrides applied."""
+def open_for_search(args, device, subset=False):
+    """Index folder checked against the typed flags, with search-time overrides applied and
+    --where's rows alone searched (subset: --eval, --map: as a collection of their own)."""
     cfg, meta, xb, index = open_index(args.index)
     check_same_model(args, cfg)
     cfg["images"] = args.images or cfg["images"]  # the images may have moved since the build
     p = dict(cfg["index_params"])
     p.update({k: v for k, v in (("ef_search", args.ef_search), ("nprobe", args.nprobe)) if v})
     set_search_params(index, p)
-    return cfg, meta, xb, to_search_device(index, cfg, device, args.all_gpus)
+    index = to_search_device(index, cfg, device, args.all_gpus)
+    keep = filters.where_rows(meta, args.where)
+    if subset:
+        return (cfg, *filters.restrict(meta, xb, index, keep))
+    return cfg, meta, xb, index if keep is None else filters.Filtered(index, xb, keep)
 
 
 def check_k(k, n):
@@ -622,7 +628,7 @@ def load_query(path, size):
 def cmd_query(args, device):
     cfg, meta, xb, index = open_for_search(args, device)
     ims = [load_query(p, cfg["img_size"]) for p in args.query]
-    check_k(args.k, len(xb))
+    check_k(args.k, index.ntotal)
     xq = embed_pils(load_model(cfg, device), ims, cfg, args, device)
     D, I = search(index, xq, args.k)
     return report(args, cfg, meta, list(args.query), D, I)
@@ -641,7 +647,7 @@ def cmd_query_id(args, device):
         if r not in row:
             raise UserError(f"not in the index: {p} (paths as in meta.csv, e.g. "
                             f"{meta[0]['path']})")
-    check_k(args.k, len(xb) - 1)
+    check_k(args.k, index.ntotal - 1)
     ids = np.array([row[r] for r in rel])
     D, I = search(index, xb[ids], args.k + 1)
     keep = drop_self(I, ids, args.k)
@@ -704,7 +710,7 @@ def query_sheet(queries, D, I, meta, root, path, thumbs=None):
 # ----------------------------------------------------------------------------- evaluation
 
 def cmd_eval(args, device):
-    cfg, meta, xb, index = open_for_search(args, device)
+    cfg, meta, xb, index = open_for_search(args, device, subset=True)
     n = len(xb)
     if n < 11:
         raise UserError(f"--eval needs >= 11 indexed images (the query and 10 neighbours); "
@@ -815,7 +821,7 @@ def cmd_map(args, device):
     if os.path.isfile(os.path.join(gen, "config.json")) and not os.path.isfile(emb):
         raise UserError(f"--map lays out the stored embeddings and {emb} is missing: rebuild "
                         "the index with --build")
-    cfg, meta, xb, index = open_for_search(args, device)
+    cfg, meta, xb, index = open_for_search(args, device, subset=True)
     n, k = len(xb), min(args.k, len(xb) - 1)
     if k < 1:
         raise UserError(f"--map needs at least 2 indexed images; {args.index} has {n}")
@@ -917,6 +923,10 @@ def build_parser():
                    + default("nprobe"))
     q = p.add_argument_group("query and eval")
     q.add_argument("-k", type=int, default=5, help="results per query")
+    q.add_argument("--where", action="append", metavar="FILTER", help="--query, --query-id, "
+                   "--eval, --map: only rows of meta.csv that pass, e.g. 'style=Baroque', "
+                   "'year<1700', 'artist=rembrandt|vermeer' (= != < <= > >=; numbers as "
+                   "numbers; repeat: all must hold)")
     q.add_argument("--sheet", help="contact sheet PNG (default: INDEX/query_sheet.png)")
     q.add_argument("--html", metavar="PAGE", help="also write a self-contained HTML page: "
                    "--query/--query-id the results, --eval the table and the copy-detection "
@@ -948,6 +958,8 @@ def main(argv=None):
     nets.tune_malloc()
     try:
         check_html(args)
+        if args.where and not (args.query or args.query_id or args.eval or args.map):
+            raise UserError("--where goes with --query, --query-id, --eval or --map")
         if args.shard is not None and not args.build:
             raise UserError("--shard I/N goes with --build")
         if args.merge_shards:

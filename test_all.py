@@ -53,6 +53,7 @@ import data
 import embed
 import fetch
 import files
+import filters
 import index as faiss_index  # index.py (`index` names a FAISS index here)
 import metrics
 import nets
@@ -3265,6 +3266,99 @@ def test_retrieve_shards_merge_exactly_like_one_index(flags, tmp_path, one_faiss
     # since BLAS projects 3 shards and 1 whole in blocks of other sizes
     np.testing.assert_allclose(D1, D2, atol=1e-6)
     assert retrieve.trained_digest(merged) == retrieve.trained_digest(one)
+
+
+# -------------------------------------------------------------------------------------- --where
+
+WHERE_META = [{"path": f"{i}.jpg", "style": s, "year": y, "artist": a}
+              for i, (s, y, a) in enumerate([("Baroque", "1650", "Rembrandt"),
+                                            ("baroque", "c. 1690", "Vermeer"),
+                                            ("Rococo", "1720", "Watteau"),
+                                            ("Baroque", "", "Rubens"),
+                                            ("Impressionism", "1874", "Monet")])]
+
+
+def test_where_rows_numbers_text_alternatives_and_errors(capsys):
+    rows = lambda *w: filters.where_rows(WHERE_META, list(w)).tolist()  # noqa: E731
+    assert rows("style=Baroque") == [0, 1, 3]  # text: any case
+    assert rows("year<1700") == [0, 1]  # 'c. 1690' reads as 1690; an empty cell has no number
+    assert rows("year>=1720") == [2, 4] and rows("year!=1650") == [1, 2, 3, 4]
+    assert rows("artist=rembrandt|VERMEER|nobody") == [0, 1]
+    assert rows("style=Baroque", "year<1700", "artist!=vermeer") == [0]
+    assert rows(" style = Rococo|Impressionism ") == [2, 4]
+    assert filters.where_rows(WHERE_META, None) is None
+    with pytest.raises(files.UserError, match=r"no column 'yaer' in meta.csv \(columns: path, "
+                       "style, year, artist\\)"):
+        rows("yaer<1700")
+    with pytest.raises(files.UserError, match=r"keeps none of the 5 rows \(style=Baroque keeps "
+                       r"3; year>1800 keeps 1; together 0\)"):
+        rows("style=Baroque", "year>1800")
+    for bad in ("style", "=Baroque", "year<>1700x"[:0] or "year"):
+        with pytest.raises(files.UserError, match="expected COLUMN OP VALUE"):
+            rows(bad)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-flat", "pca"])
+@pytest.mark.parametrize("share", [0.03, 0.6])
+def test_where_filtered_search_equals_bruteforce_over_kept_rows(kind, share, monkeypatch,
+                                                                one_faiss_thread):
+    """Both ways: the exact one over the kept rows, and FAISS with an IDSelector (EXACT_MAX 0);
+    ids, then scores, as numpy over the kept rows in the index's own space."""
+    xb, xq = clustered(2000, 32, 1), clustered(20, 32, 2)
+    flags = ["--pca", "16"] if kind == "pca" else ["--index-type", kind, "--ef-search", "2000",
+                                                  "--nlist", "16", "--nprobe", "16"]
+    _, index = retrieve.index_from_vectors(xb, index_args(*flags))
+    keep = np.sort(np.random.default_rng(3).choice(2000, int(2000 * share), replace=False))
+    zb, zq = filters.transformed(index, xb), filters.transformed(index, xq)
+    S = zq @ zb[keep].T
+    want = keep[np.argsort(-S, 1, kind="stable")[:, :10]]
+    for exact_max in (filters.EXACT_MAX, 0):
+        monkeypatch.setattr(filters, "EXACT_MAX", exact_max)
+        D, I = filters.Filtered(index, xb, keep).search(xq, 10)
+        assert (I == want).all(), (kind, share, exact_max)
+        np.testing.assert_allclose(D, np.take_along_axis(zq @ zb.T, I, 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-flat"])
+def test_where_returns_k_hits_whenever_k_rows_match(kind, monkeypatch):
+    """7 kept rows spread over the collection, k 7: an ivf probing 1 list of 16 (or a graph
+    search with a beam of 8) finds only some of them; the short queries are answered again
+    exactly, so all 7 come back, and a subset counts from 0."""
+    monkeypatch.setattr(filters, "EXACT_MAX", 0)
+    xb, xq = clustered(2000, 32, 1), clustered(20, 32, 2)
+    _, index = retrieve.index_from_vectors(xb, index_args(
+        "--index-type", kind, "--nlist", "16", "--nprobe", "1", "--ef-search", "8"))
+    keep = np.arange(5, 2000, 285)
+    assert len(keep) == 7
+    D, I = filters.Filtered(index, xb, keep).search(xq, 7)
+    assert (np.sort(I, 1) == keep).all() and np.isfinite(D).all()
+    _, P = filters.Filtered(index, xb, keep, positions=True).search(xq, 7)
+    assert (keep[P] == I).all()
+
+
+def test_where_on_query_id_eval_and_map(built, tmp_path, capsys):
+    args = ["--index", str(built), "--workers", "0"]
+    meta = files.read_csv(built / "gen-1" / "meta.csv") if (built / "gen-1").is_dir() else \
+        faiss_index.open_index(str(built))[1]
+    cubism = [r["path"] for r in meta if r["style"] == "Cubism"]
+    q = meta[0]["path"]
+    D, I = retrieve.main(["--query-id", q, "-k", "5", "--where", "style=Cubism", *args])
+    assert I.shape == (1, 5) and all(meta[i]["style"] == "Cubism" for i in I[0])
+    assert q not in [meta[i]["path"] for i in I[0]]
+    assert f"where: {len(cubism)} of {len(meta)} rows kept" in capsys.readouterr().out
+    years = sorted(int(r["displaydate"]) for r in meta)
+    mid = years[len(years) // 2]
+    res = retrieve.main(["--eval", "--eval-queries", "8", "--where", f"displaydate<{mid}",
+                         *args])
+    assert res["n"] == sum(y < mid for y in years)
+    xy = retrieve.main(["--map", "--html", str(tmp_path / "m.html"), "--where",
+                        "style=Cubism", *args])
+    assert len(xy) == len(cubism)
+    msg = retrieve_error(["--query-id", q, "--where", "colour=red", *args])
+    assert "no column 'colour' in meta.csv (columns: path," in msg
+    assert "keeps none of the" in retrieve_error(["--query-id", q, "--where", "style=Baroque",
+                                                  *args])
+    assert "--where goes with" in retrieve_error(["--build", "--where", "style=Cubism", *args])
 
 
 # -------------------------------------------------------------------------------------- main() runs
