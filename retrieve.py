@@ -60,6 +60,7 @@ import faiss
 import numpy as np
 from torch import nn
 
+import by
 import files
 import filters
 import metrics
@@ -130,7 +131,7 @@ def cmd_build(args, device):
         emb = os.path.join(w.dir, "embeddings.npy")
         rows, n_skip, dt = embed_collection(job.model, job.rows, job.root, job.cfg, args, device,
                                             emb)
-        finish_build(w, emb, job, rows, args)
+        finish_build(w, emb, job, rows, args, device)
     return build_done(args, job.cfg, rows, n_skip, dt)
 
 
@@ -159,8 +160,9 @@ def build_job(args, device):
     return BuildJob(root, manifest, header, rows, cfg, model)
 
 
-def finish_build(w, emb, job, rows, args):
+def finish_build(w, emb, job, rows, args, device):
     """Index the vectors in emb (rows: the rows that decoded), write and commit generation w."""
+    by.build_aspects(w.dir, job.root, rows, job.cfg, args, device)  # --aspects: their files
     icfg, index = index_from_vectors(np.load(emb, mmap_mode="r"), args)
     job.cfg.update(icfg, images=job.root, manifest=job.manifest, seed=args.seed,
                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -180,6 +182,7 @@ def cmd_add(args, device):
     """Embed only the paths not yet in meta.csv; a new generation holds the old rows and them."""
     with IndexWriter(args.index) as w:  # locked before reading: no other writer in between
         cfg, meta, xb, index = open_index(args.index)
+        old_gen = generation(args.index)
         check_same_model(args, cfg)
         root = same_root(args.images, cfg, meta)
         moved, cfg["images"] = root != cfg["images"], root
@@ -192,6 +195,7 @@ def cmd_add(args, device):
         if not new:
             if moved:  # nothing to embed, but the next --add and --eval must find them there
                 copy_rows(os.path.join(w.dir, "embeddings.npy"), [(xb.filename, len(xb))])
+                by.copy_aspects(old_gen, w.dir, cfg)
                 write_generation(w.dir, index, list(meta[0]), meta, cfg)
                 w.commit()
             return cfg
@@ -202,6 +206,7 @@ def cmd_add(args, device):
         copy_rows(emb, [(xb.filename, len(xb)), (part, len(new))])
         os.remove(part)
         add_rows(index, np.load(emb, mmap_mode="r"), start=len(xb))  # trained transforms kept
+        by.add_aspects(old_gen, w.dir, cfg, new, root, args, device)
         header = list(dict.fromkeys(list(meta[0]) + header))  # old columns, then any new ones
         write_generation(w.dir, index, header, meta + new, cfg)
         w.commit()
@@ -348,7 +353,7 @@ def build_across_ranks(job, args, device):
         files.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
         if not rows:
             raise UserError(f"none of the {len(job.rows)} images under {job.root} could be read")
-        finish_build(w, emb, job, rows, args)
+        finish_build(w, emb, job, rows, args, device)
     remove_slices(folder)  # its vectors are in the generation now
     print(f"embedded {len(rows)} images on {nets.world()} processes in {dt:.1f} s "
           f"({len(rows) / max(dt, 1e-9):.1f} img/s)" + (
@@ -630,6 +635,10 @@ def cmd_query(args, device):
     ims = [load_query(p, cfg["img_size"]) for p in args.query]
     check_k(args.k, index.ntotal)
     xq = embed_pils(load_model(cfg, device), ims, cfg, args, device)
+    if not by.content_only(args.by):
+        D, I, why = by.search_by(args, cfg, xb, index, [(p, x, None) for p, x in
+                                                        zip(args.query, xq, strict=True)], device)
+        return report(args, cfg, meta, list(args.query), D, I, why=why)
     D, I = search(index, xq, args.k)
     return report(args, cfg, meta, list(args.query), D, I)
 
@@ -649,24 +658,30 @@ def cmd_query_id(args, device):
                             f"{meta[0]['path']})")
     check_k(args.k, index.ntotal - 1)
     ids = np.array([row[r] for r in rel])
+    src = files.image_source(cfg["images"], must_exist=False)
+    names = [os.path.join(cfg["images"], r) for r in rel]  # names to print, thumbnails from src
+    if not by.content_only(args.by):
+        D, I, why = by.search_by(args, cfg, xb, index, [(n, None, i) for n, i in
+                                                        zip(names, ids, strict=True)], device)
+        return report(args, cfg, meta, names, D, I, [src.thumb(r) for r in rel], why)
     D, I = search(index, xb[ids], args.k + 1)
     keep = drop_self(I, ids, args.k)
     D, I = D[keep].reshape(len(ids), args.k), I[keep].reshape(len(ids), args.k)
-    src = files.image_source(cfg["images"], must_exist=False)
-    names = [os.path.join(cfg["images"], r) for r in rel]  # names to print, thumbnails from src
     return report(args, cfg, meta, names, D, I, [src.thumb(r) for r in rel])
 
 
-def report(args, cfg, meta, queries, D, I, thumbs=None):
+def report(args, cfg, meta, queries, D, I, thumbs=None, why=None):
     """Print the ranked lists, write the contact sheet; returns (D, I). thumbs: what to draw
-    for each query when not its path (an indexed image inside a zip)."""
-    for q, d_row, i_row in zip(queries, D, I, strict=True):
+    for each query when not its path (an indexed image inside a zip); why: --by's aspect
+    scores per hit."""
+    for n, (q, d_row, i_row) in enumerate(zip(queries, D, I, strict=True)):
         print(f"query: {q}\n  rank  score  path  [title - attribution]")
         for rank, (score, i) in enumerate(zip(d_row, i_row, strict=True), 1):
             if i >= 0:
                 r = meta[i]
                 label = " - ".join(x for x in (r.get("title"), r.get("attribution")) if x)
-                print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}")
+                print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}"
+                      + (f"\n        by {by.why_line(why[n][rank - 1], args.by)}" if why else ""))
     sheet = args.sheet or os.path.join(args.index, "query_sheet.png")
     query_sheet(queries, D, I, meta, cfg["images"], sheet, thumbs)
     print(f"contact sheet: {sheet}")
@@ -927,12 +942,25 @@ def build_parser():
                    "--eval, --map: only rows of meta.csv that pass, e.g. 'style=Baroque', "
                    "'year<1700', 'artist=rembrandt|vermeer' (= != < <= > >=; numbers as "
                    "numbers; repeat: all must hold)")
+    q.add_argument("--by", default="content", metavar="ASPECTS", help="--query/--query-id: "
+                   f"rank by {', '.join(by.ASPECTS)}, or weighted, e.g. pose=1,light=0.3 (the "
+                   "index must hold them: --build --aspects)")
+    q.add_argument("--mirror", action="store_true", help="--by pose/face: a mirrored figure "
+                   "matches too")
     q.add_argument("--sheet", help="contact sheet PNG (default: INDEX/query_sheet.png)")
     q.add_argument("--html", metavar="PAGE", help="also write a self-contained HTML page: "
                    "--query/--query-id the results, --eval the table and the copy-detection "
                    "failures; --map its page (default: INDEX/map.html)")
     q.add_argument("--eval-queries", type=int, help="copy-detection queries (default: "
                    "min(200, n))")
+    a = p.add_argument_group("aspects (pose, face, light, layout)")
+    a.add_argument("--aspects", help="--build: what to index besides content, of "
+                   f"{','.join(by.ASPECTS)}; pose and face run a keypoint detector on every "
+                   f"image unless --poses gives the figures (default: {by.DEFAULT_ASPECTS})")
+    a.add_argument("--poses", metavar="FILE", help="COCO keypoint JSON of the images' figures "
+                   "(paths relative to --images): pose and face without the detector")
+    a.add_argument("--pose-weights", help="the detector's weights: coco (downloaded once), "
+                   "none (random init: tests), or a state_dict PATH (default: coco)")
     r = p.add_argument_group("runtime")
     r.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     r.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -960,6 +988,9 @@ def main(argv=None):
         check_html(args)
         if args.where and not (args.query or args.query_id or args.eval or args.map):
             raise UserError("--where goes with --query, --query-id, --eval or --map")
+        if (args.shard is not None or args.train_only) and args.aspects not in (None, "content"):
+            raise UserError("--aspects beyond content: a whole --build (sharded builds index "
+                            "content only)")
         if args.shard is not None and not args.build:
             raise UserError("--shard I/N goes with --build")
         if args.merge_shards:
