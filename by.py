@@ -150,7 +150,7 @@ def compute(rows, root, names, source, args, device):
     light, layout = np.zeros((n, aspects.LIGHT_DIM), np.float32), \
         np.zeros((n, aspects.LAYOUT_DIM), np.float32)
     sizes, figs = np.zeros((n, 2), np.int32), [[] for _ in range(n)]
-    kind, what, _ = source or (None, None, None)
+    kind, what, rec = source or (None, None, None)
     detector = kind == "detector"
     ds = AspectImages([r["path"] for r in rows], root, what.transform.min_size[0]
                       if detector else None)
@@ -162,7 +162,8 @@ def compute(rows, root, names, source, args, device):
         for (lf, lv, wh, _), i in good:
             light[i], layout[i], sizes[i] = lf, lv, wh
         if detector and good:
-            found = aspects.detect(what, [b[0][3] for b in good], device)
+            found = aspects.detect(what, [b[0][3] for b in good], device, args.batch_size,
+                                   rec["threshold"], rec["most"])
             for ((*_, px), i), f in zip(good, found, strict=True):
                 figs[i] = scaled(f, sizes[i][0] / px.shape[1])
         prog.update(len(batch))

@@ -45,6 +45,7 @@ from PIL import Image, ImageOps
 
 import aspects
 import bench
+import by
 import crnn
 import crnn_data
 import crnn_model
@@ -3948,6 +3949,166 @@ def test_retrieve_html_bad_input(built, tmp_path):
     shutil.copytree(built, bare)
     os.remove(os.path.join(retrieve.generation(bare), "embeddings.npy"))
     assert "embeddings.npy is missing" in retrieve_error(["--map", "--index", str(bare)])
+
+
+# ------------------------------------------------------------------------ aspects: --aspects, --by
+
+ALL_ASPECTS = ["--aspects", "content,layout,light,pose,face"]
+
+
+@pytest.fixture(scope="module")
+def demo_figs(tmp_path_factory):
+    """48 demo paintings with stick figures (data.py demo --figures) and their poses.json."""
+    out = tmp_path_factory.mktemp("shared") / "demo-figs"
+    data.main(["demo", "--figures", "--out", str(out), "--n", "48"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def built_figs(demo_figs):
+    index = demo_figs / "index"
+    retrieve.main(["--build", "--images", str(demo_figs / "images"), "--manifest",
+                   str(demo_figs / "gallery.csv"), "--index", str(index), *RETRIEVE_FAST,
+                   *ALL_ASPECTS, "--poses", str(demo_figs / "poses.json")])
+    return index
+
+
+def stored(index, name):
+    return np.load(os.path.join(faiss_index.generation(str(index)), name))
+
+
+def test_demo_figures_leave_the_paintings_without_figures_as_they_were(demo_figs, tmp_path):
+    plain = tmp_path / "plain"
+    data.main(["demo", "--out", str(plain), "--n", "48"])
+    figs = poses.read_poses(demo_figs / "poses.json")
+    assert len(figs) == 48 and 10 < sum(map(len, figs.values())) < 96
+    for rel, fs in figs.items():
+        same = (plain / "images" / rel).read_bytes() == (demo_figs / "images" / rel).read_bytes()
+        assert same == (not fs), rel
+    assert (plain / "manifest.csv").read_bytes() == (demo_figs / "manifest.csv").read_bytes()
+
+
+def test_retrieve_aspects_stored_fingerprinted_and_kept_by_add(demo_figs, built_figs,
+                                                               tmp_path):
+    cfg = retrieve.open_index(built_figs)[0]
+    assert cfg["aspects"] == ["content", "layout", "light", "pose", "face"]
+    assert cfg["figures"]["source"] == "poses" and set(cfg["aspect_files"]) == {
+        "sizes.npy", "layout.npy", "light.npy", "faces.npy", "poses.faiss", *by.FIGURE_FILES}
+    figs = poses.read_poses(demo_figs / "poses.json")
+    meta = retrieve.open_index(built_figs)[1]
+    want = [f["keypoints"] for r in meta for f in figs[r["path"]]]
+    K, start = stored(built_figs, "figures.npy"), stored(built_figs, "figure_start.npy")
+    assert cfg["figures"]["n"] == len(K) == len(want) and np.allclose(K, want)
+    assert [start[i + 1] - start[i] for i in range(48)] == [len(figs[r["path"]]) for r in meta]
+    assert (stored(built_figs, "sizes.npy") == 160).any(1).all()  # the painter's shorter side
+    part = tmp_path / "part"
+    rows = files.read_csv(demo_figs / "gallery.csv")
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows[:30]])
+    base = ["--images", str(demo_figs / "images"), "--index", str(part), *RETRIEVE_FAST]
+    retrieve.main(["--build", "--manifest", str(tmp_path / "m.csv"), *base, *ALL_ASPECTS,
+                   "--poses", str(demo_figs / "poses.json")])
+    msg = retrieve_error(["--add", "--manifest", str(demo_figs / "gallery.csv"), *base,
+                          "--aspects", "content"])
+    assert "built with --aspects content,layout,light,pose,face: --add keeps them" in msg
+    retrieve.main(["--add", "--manifest", str(demo_figs / "gallery.csv"), *base])
+    for name in retrieve.open_index(built_figs)[0]["aspect_files"]:
+        if name.endswith(".npy"):
+            np.testing.assert_allclose(stored(part, name), stored(built_figs, name), atol=1e-6,
+                                       err_msg=name)
+
+
+def mirrored_query(demo_figs, tmp_path, rel, scale=0.7):
+    """The painting rel flipped left-right and shrunk, with its figures' poses file."""
+    im = ImageOps.mirror(Image.open(demo_figs / "images" / rel).convert("RGB"))
+    im = im.resize((round(im.width * scale), round(im.height * scale)))
+    path = tmp_path / "q.jpg"
+    im.save(path, quality=90)
+    fs = []
+    for f in poses.read_poses(demo_figs / "poses.json")[rel]:
+        k = aspects.mirrored(f["keypoints"])
+        k[:, 0] += im.width / scale - 1
+        k[:, :2] *= scale
+        fs.append({"box": np.zeros(4), "keypoints": k, "score": 1.0})
+    poses.write_poses(tmp_path / "q.json", {"q.jpg": fs})
+    return path, tmp_path / "q.json"
+
+
+def test_retrieve_by_pose_finds_the_mirrored_source_first(demo_figs, built_figs, tmp_path,
+                                                         capsys):
+    """Each painting with figures, flipped and shrunk to 70%, --by pose --mirror: the source
+    comes first (verification recovers the mirrored similarity transform)."""
+    meta = retrieve.open_index(built_figs)[1]
+    figs = poses.read_poses(demo_figs / "poses.json")
+    sources = [r["path"] for r in meta if figs[r["path"]]][:6]
+    for rel in sources:
+        q, qp = mirrored_query(demo_figs, tmp_path, rel)
+        D, I = retrieve.main(["--query", str(q), "--index", str(built_figs), "--by", "pose",
+                              "--mirror", "--poses", str(qp), "-k", "3", "--workers", "0"])
+        assert meta[I[0, 0]]["path"] == rel and D[0, 0] > 0.9, rel
+    assert re.search(r"  1  (0\.9|1\.0)\d\d  .*\n        by pose (0\.9|1\.0)",
+                     capsys.readouterr().out)
+
+
+def test_retrieve_by_aspects_scores_where_and_what_the_index_lacks(built, built_figs, capsys):
+    meta = retrieve.open_index(built_figs)[1]
+    q = meta[3]["path"]
+    args = ["--index", str(built_figs), "--workers", "0", "-k", "5"]
+    D, I = retrieve.main(["--query-id", q, "--by", "light", *args])
+    L = aspects.light_vector(stored(built_figs, "light.npy"))
+    s = L @ L[3]
+    s[3] = -np.inf
+    assert (I[0] == np.argsort(-s, kind="stable")[:5]).all()
+    np.testing.assert_allclose(D[0], s[I[0]], atol=1e-5)
+    D, I = retrieve.main(["--query-id", q, "--by", "layout=1,light=0.5", "--where",
+                          "genre=portrait", *args])
+    assert all(meta[i]["genre"] == "portrait" for i in I[0] if i >= 0) and 3 not in I[0]
+    out = capsys.readouterr().out
+    assert "by layout 0." in out and " x0.5" in out
+    msg = retrieve_error(["--query-id", retrieve.open_index(built)[1][0]["path"], "--index",
+                          str(built), "--by", "pose"])
+    assert "has no pose aspect (built with --aspects content,layout,light): rebuild" in msg
+    assert "unknown aspect 'colour'" in retrieve_error(["--query-id", q, "--by", "colour",
+                                                        *args])
+
+
+def test_retrieve_detector_build_stores_what_it_finds_and_a_crash_keeps_the_old(
+        demo, tmp_path, monkeypatch, capsys):
+    """--pose-weights none (random init) at 64 px with every box let through: whatever it
+    finds is stored, the detector recorded; a crash in the next pose build's detector pass
+    leaves the old generation answering as before."""
+    monkeypatch.setattr(aspects, "DETECT_SIZE", 64)
+    monkeypatch.setattr(aspects, "DETECT_THRESHOLD", 0.0)
+    rows = files.read_csv(demo / "gallery.csv")[:6]
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
+    argv = ["--build", "--images", str(demo / "images"), "--manifest", str(tmp_path / "m.csv"),
+            "--index", str(tmp_path / "i"), *RETRIEVE_FAST, "--aspects", "content,pose",
+            "--pose-weights", "none", "--batch-size", "3"]
+    retrieve.main(argv)
+    cfg = retrieve.open_index(tmp_path / "i")[0]
+    assert cfg["figures"]["source"] == "detector" and cfg["figures"]["weights"] == "none"
+    K = stored(tmp_path / "i", "figures.npy")
+    assert cfg["figures"]["n"] == len(K) > 0 and "aspects (pose detector): 6/6" in \
+        capsys.readouterr().out
+    sizes = stored(tmp_path / "i", "sizes.npy")
+    img = stored(tmp_path / "i", "figure_image.npy")
+    assert (K[..., 0] <= sizes[img, 0][:, None] + 2).all()  # the original's pixels (160 px
+    assert K[..., 0].max() > 140  # wide): the detector saw 128 px, keypoints were scaled back
+    old = answers(tmp_path / "i"), K
+    calls = []
+
+    def dies(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    real = aspects.detect
+    monkeypatch.setattr(aspects, "detect", dies)
+    with pytest.raises(KeyboardInterrupt):
+        retrieve.main([*argv, "--seed", "1"])
+    got = answers(tmp_path / "i")
+    assert all(np.array_equal(a, b) for a, b in zip(got, old[0], strict=True))
+    assert np.array_equal(stored(tmp_path / "i", "figures.npy"), old[1])
+    assert retrieve.open_index(tmp_path / "i")[0] == cfg
 
 
 # ----------------------------------------------------------------------------- torchrun and shards
