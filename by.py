@@ -27,6 +27,7 @@ its weights, or the --poses file).
 """
 
 import hashlib
+import io
 import math
 import os
 import shutil
@@ -38,6 +39,7 @@ from PIL import Image
 
 import aspects
 import files
+import pages
 import poses
 from files import UserError
 from index import fingerprint, generation, write_index_file
@@ -525,13 +527,80 @@ def search_by(args, cfg, xb, index, queries, device):
     for name, xq, row in queries:
         q = stored_query(store, xb, row, name) if row is not None else \
             image_query(name, xq, weights, store, args, device)
-        d, i, w = rank(store, q, weights, args.k, keep, ctx)
-        D.append(d), I.append(i), why.append(w)
+        d, i, parts = rank(store, q, weights, args.k, keep, ctx)
+        D.append(d), I.append(i)
+        size = store.arrays["sizes.npy"][row] if row is not None else upright_size(name)
+        why.append({"by": args.by, "figures": q.figures, "size": size, "hits": [
+            {"scores": p, "figures": figures_or_none(store, r),
+             "size": store.arrays["sizes.npy"][r]} for p, r in zip(parts, i, strict=False)]})
     return np.stack(D), np.stack(I), why
 
 
-def why_line(parts, by_text):
-    """'pose 0.91 x1 + light 0.72 x0.3': the aspect scores behind a hit's rank."""
+def figures_or_none(store, row):
+    return store.figures_of(row) if "figures.npy" in store.arrays else np.zeros((0, 17, 3))
+
+
+def why_line(parts, by_text, short=False):
+    """'pose 0.91 x1 + light 0.72 x0.3' (short: 'pose .91 light .72'): the aspect scores
+    behind a hit's rank."""
     weights = parse_by(by_text)
+    if short:
+        return " ".join(f"{a} {parts[a]:.2f}".replace("0.", ".") for a in weights)
     return " + ".join(f"{a} {parts[a]:.2f}" + (f" x{w:g}" if len(weights) > 1 else "")
                       for a, w in weights.items())
+
+
+BY_NOTE = {"content": "content: cosine of the embeddings", "layout": "layout: cosine of the "
+           "4x4 colour-mass and edge layout", "light": "light: cosine of the tonal descriptor "
+           "(where light and dark sit, direction, key, contrast, warmth)", "pose": "pose: the "
+           "share of the query's joints one similarity transform carries onto the painting's "
+           "figures (1 = all on)", "face": "face: how alike the figures' head turn (yaw) and "
+           "tilt are (1 = the same)"}
+
+
+def score_note(by_text):
+    """A line for a page: what the score is under --by."""
+    weights = parse_by(by_text)
+    head = "score: " + (" + ".join(f"{w:g} {a}" for a, w in weights.items()) + " over "
+                        f"{sum(abs(w) for w in weights.values()):g}; " if len(weights) > 1
+                        else "")
+    return head + "; ".join(BY_NOTE[a] for a in weights)
+
+
+def sketch(file, info):
+    """What load_image reads for a thumbnail of file with info's figures drawn over it (the
+    file itself when there are none, or it does not decode)."""
+    if info is None or not len(info["figures"]):
+        return file
+    try:
+        im = files.load_image(file, 2 * pages.THUMB)
+    except files.DECODE_ERRORS:
+        return file
+    im = pages.draw_figures(im, info["figures"], im.width / max(int(info["size"][0]), 1))
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    buf.seek(0)
+    return buf
+
+
+def sheet_rows(rows, why):
+    """query_sheet's rows with --by's figures drawn and each hit's aspect scores as line 2."""
+    out = []
+    for cells, w in zip(rows, why, strict=True):
+        (image, line1, line2), hits = cells[0], cells[1:]
+        out.append([(sketch(image, w), line1, line2)] + [
+            (sketch(im, h), l1, why_line(h["scores"], w["by"], short=True))
+            for (im, l1, _), h in zip(hits, w["hits"], strict=True)])
+    return out
+
+
+def page_hits(hits, why, root, queries, thumbs):
+    """results_page's hits as (score, row, {image with figures drawn, why}), the queries'
+    thumbnails with theirs, and the line saying what the score is."""
+    src = files.image_source(root, must_exist=False)
+    hits = [[(s, row, {"image": sketch(src.thumb(row["path"]), h),
+                       "why": "by " + why_line(h["scores"], w["by"])})
+             for (s, row), h in zip(hh, w["hits"], strict=True)]
+            for hh, w in zip(hits, why, strict=True)]
+    thumbs = [sketch(t, w) for t, w in zip(thumbs or queries, why, strict=True)]
+    return hits, thumbs, score_note(why[0]["by"]) if why else ""

@@ -681,12 +681,13 @@ def report(args, cfg, meta, queries, D, I, thumbs=None, why=None):
                 r = meta[i]
                 label = " - ".join(x for x in (r.get("title"), r.get("attribution")) if x)
                 print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}"
-                      + (f"\n        by {by.why_line(why[n][rank - 1], args.by)}" if why else ""))
+                      + (f"\n        by {by.why_line(why[n]['hits'][rank - 1]['scores'], args.by)}"
+                         if why else ""))
     sheet = args.sheet or os.path.join(args.index, "query_sheet.png")
-    query_sheet(queries, D, I, meta, cfg["images"], sheet, thumbs)
+    query_sheet(queries, D, I, meta, cfg["images"], sheet, thumbs, why)
     print(f"contact sheet: {sheet}")
     if args.html:
-        results_html(args, cfg, meta, queries, D, I, thumbs)
+        results_html(args, cfg, meta, queries, D, I, thumbs, why)
     return D, I
 
 
@@ -699,27 +700,31 @@ def index_line(folder, cfg):
                                                              else ""))
 
 
-def results_html(args, cfg, meta, queries, D, I, thumbs=None):
+def results_html(args, cfg, meta, queries, D, I, thumbs=None, why=None):
     """--html: each query, then its neighbours in rank order with every manifest column.
-    thumbs: what to draw for each query when not its path (as for the contact sheet)."""
+    thumbs: what to draw for each query when not its path (as for the contact sheet); why:
+    --by's per hit (aspect scores, figures drawn)."""
     hits = [[(float(s), meta[i]) for s, i in zip(d_row, i_row, strict=True) if i >= 0]
             for d_row, i_row in zip(D, I, strict=True)]
     lines = [index_line(args.index, cfg), f"{args.k} neighbours per query; score: cosine "
              "similarity of the embeddings (1 = the same direction)"]
+    if why:
+        hits, thumbs, lines[1] = by.page_hits(hits, why, cfg["images"], queries, thumbs)
     bad = pages.results_page(args.html, lines, list(zip(queries, thumbs or queries, hits,
                                                         strict=True)), cfg["images"])
     print(f"html: {args.html}" + (f" ({bad} images no longer decode: grey)" if bad else ""))
 
 
-def query_sheet(queries, D, I, meta, root, path, thumbs=None):
-    """One row per query: the query (framed), then its top k with rank, score and title."""
+def query_sheet(queries, D, I, meta, root, path, thumbs=None, why=None):
+    """One row per query: the query (framed), then its top k with rank, score and title (--by:
+    the aspect scores, and the figures drawn)."""
     rows, src = [], files.image_source(root, must_exist=False)  # a folder or a zip
     for n, (q, d_row, i_row) in enumerate(zip(queries, D, I, strict=True)):
         rows.append([(thumbs[n] if thumbs else q, "query", os.path.basename(q))] + [
             (src.thumb(meta[i]["path"]), f"{rank}. {s:.3f}",
              meta[i].get("title") or os.path.basename(meta[i]["path"]))
             for rank, (s, i) in enumerate(zip(d_row, i_row, strict=True), 1) if i >= 0])
-    pages.contact_sheet(rows, path, frame_first=True)
+    pages.contact_sheet(by.sheet_rows(rows, why) if why else rows, path, frame_first=True)
 
 
 # ----------------------------------------------------------------------------- evaluation

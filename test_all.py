@@ -4071,6 +4071,30 @@ def test_retrieve_by_aspects_scores_where_and_what_the_index_lacks(built, built_
                                                         *args])
 
 
+def test_retrieve_by_pages_draw_the_figures_and_say_why(demo_figs, built_figs, tmp_path):
+    meta = retrieve.open_index(built_figs)[1]
+    figs = poses.read_poses(demo_figs / "poses.json")
+    q = next(r["path"] for r in meta if figs[r["path"]])
+    retrieve.main(["--query-id", q, "--index", str(built_figs), "--by", "pose=1,light=0.3",
+                   "-k", "4", "--workers", "0", "--html", str(tmp_path / "r.html"), "--sheet",
+                   str(tmp_path / "s.png")])
+    p = check_page(tmp_path / "r.html")
+    assert p.classes["why"] == 4
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "score: 1 pose + 0.3 light over 1.3; pose: the share of the query" in text
+    assert re.search(r'class="why">by pose \d\.\d\d x1 \+ light -?\d\.\d\d x0\.3<', text)
+    i = meta.index(next(r for r in meta if r["path"] == q))
+    info = {"figures": np.array([f["keypoints"] for f in figs[q]]),
+            "size": stored(built_figs, "sizes.npy")[i]}
+    plain = pages.thumbnail(str(demo_figs / "images" / q))
+    drawn = pages.thumbnail(by.sketch(str(demo_figs / "images" / q), info))
+    a, b = np.asarray(plain, np.int16), np.asarray(drawn, np.int16)
+    assert a.shape == b.shape and (np.abs(a - b).sum(2) > 60).mean() > 0.01  # skeletons drawn
+    assert by.sketch("x.jpg", {"figures": np.zeros((0, 17, 3)), "size": (1, 1)}) == "x.jpg"
+    sheet = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
+    assert (sheet == pages.FIGURE_COLOURS[0]).all(2).sum() > 20  # on the sheet too
+
+
 def test_retrieve_detector_build_stores_what_it_finds_and_a_crash_keeps_the_old(
         demo, tmp_path, monkeypatch, capsys):
     """--pose-weights none (random init) at 64 px with every box let through: whatever it
