@@ -110,6 +110,7 @@ from retrieve_eval import (
     copy_failures,
     eval_copies,
     eval_labels,
+    eval_pose,
     eval_table,
     format_eval,
 )
@@ -740,9 +741,11 @@ def cmd_eval(args, device):
     _, I = search(index, xb[ids], 11)
     res = {"n": n, "self": {"queries": len(ids), **metrics.retrieval_metrics(I[:, :10], ids)}}
     cids = np.sort(rng.choice(n, size=min(n, args.eval_queries or 200), replace=False))
-    keep = {} if args.html else None
-    res["copy"] = eval_copies(load_model(cfg, device), index, meta, cfg, args, device, cids,
-                              keep)
+    keep, model = ({} if args.html else None), load_model(cfg, device)
+    res["copy"] = eval_copies(model, index, meta, cfg, args, device, cids, keep)
+    if "pose" in by.parse_by(args.by):  # figures transformed must find their painting
+        res["pose"] = eval_pose(by.open_aspects(args.index, cfg, ["pose"]), model, index, meta,
+                                cfg, args, device)
     res["labels"] = eval_labels(meta, I[drop_self(I, ids, 10)].reshape(len(ids), 10), ids, n)
     print(format_eval(res))
     files.atomic_write(os.path.join(args.index, "eval.json"),

@@ -62,6 +62,7 @@ import pages
 import painter
 import poses
 import retrieve
+import retrieve_eval
 import wikiart
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -4093,6 +4094,29 @@ def test_retrieve_by_pages_draw_the_figures_and_say_why(demo_figs, built_figs, t
     assert by.sketch("x.jpg", {"figures": np.zeros((0, 17, 3)), "size": (1, 1)}) == "x.jpg"
     sheet = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
     assert (sheet == pages.FIGURE_COLOURS[0]).all(2).sum() > 20  # on the sheet too
+
+
+def test_retrieve_eval_by_pose_beats_random_and_content(demo_figs, built_figs, capsys):
+    """Transformed figures find their painting: --by pose far above random; the table has the
+    three rows; the transform carries the figures with the picture (each joint lands on its
+    own painted colour in the turned, scaled, maybe mirrored image)."""
+    res = retrieve.main(["--eval", "--by", "pose", "--index", str(built_figs), "--workers",
+                         "0", "--eval-queries", "12"])
+    p = res["pose"]
+    assert p["queries"] == 12 and p["pose"]["top1"] >= 0.75 and p["pose"]["mrr"] >= 0.8
+    assert p["pose"]["top1"] > 5 * p["random"]["top1"] and p["random"]["top1"] == 1 / 48
+    out = capsys.readouterr().out
+    assert re.search(r"pose: by pose +12 +\d\.\d{3}", out) and "pose: by content" in out
+    figs = poses.read_poses(demo_figs / "poses.json")
+    rel, fs = next((r, f) for r, f in figs.items() if len(f) == 1)
+    im = Image.open(demo_figs / "images" / rel).convert("RGB")
+    K = np.array([f["keypoints"] for f in fs], np.float64)
+    torso = K[0, [5, 6, 11, 12], :2].mean(0)
+    before = np.asarray(im)[int(torso[1]), int(torso[0])]
+    for seed in range(4):
+        im2, K2 = retrieve_eval.transformed_painting(im, K, np.random.default_rng(seed))
+        x, y = K2[0, [5, 6, 11, 12], :2].mean(0)  # jitter moves joints, not the torso centre
+        assert np.abs(np.asarray(im2)[int(y), int(x)].astype(int) - before).max() < 60, seed
 
 
 def test_retrieve_detector_build_stores_what_it_finds_and_a_crash_keeps_the_old(
