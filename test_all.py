@@ -4324,7 +4324,7 @@ def test_bench_tiny_writes_valid_json(tmp_path):
     res = json.loads(out.read_text())
     assert res["machine"]["tiny"] is True and res["machine"]["cores"] >= 1
     rows = res["rows"]
-    assert {r["section"] for r in rows} == {"load", "search", "memory"}
+    assert {r["section"] for r in rows} == {"load", "search", "memory", "aspects"}
     for r in rows:
         assert ROW_KEYS <= set(r), r
         for k in ("naive", "ours", "ratio"):
@@ -4337,6 +4337,8 @@ def test_bench_tiny_writes_valid_json(tmp_path):
     assert search["n=2k faiss flat (exact)"]["recall_at_5"] == 1.0  # exact search is exact
     memory = next(r for r in rows if r["section"] == "memory")
     assert memory["unit"] == "MB" and memory["naive"] > memory["vectors_mb"]
+    figure = next(r for r in rows if r["name"].startswith("figure search, 2k figures"))
+    assert figure["recall_at_100"] == 1.0  # a flat figure index below POSE_IVF_FROM: exact
 
 
 def test_bench_unknown_section_is_one_line_error():
