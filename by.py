@@ -28,6 +28,7 @@ its weights, or the --poses file).
 
 import hashlib
 import io
+import json
 import math
 import os
 import shutil
@@ -218,16 +219,17 @@ def pose_index(K):
     return index
 
 
-def write_aspects(gen, arrays, names, cfg, figures=None):
+def write_aspects(gen, arrays, names, cfg, figures=None, figure_index=True):
     """The aspect files into generation folder gen (before config.json, written last by
     index.write_generation, names them: a crash leaves the old generation whole)."""
     for name, a in arrays.items():
         with files.writing(os.path.join(gen, name)):
             np.save(os.path.join(gen, name), a)
-    if "pose" in names:
+    if "pose" in names and figure_index:
         write_index_file(pose_index(arrays["figures.npy"]), os.path.join(gen, "poses.faiss"))
     cfg["aspects"] = names
-    cfg["aspect_files"] = {f: fingerprint(os.path.join(gen, f)) for f in aspect_files(names)}
+    cfg["aspect_files"] = {f: fingerprint(os.path.join(gen, f)) for f in aspect_files(names)
+                           if f in arrays or f == "poses.faiss" and figure_index}
     if figures is not None:
         cfg["figures"] = {**figures, "n": int(len(arrays.get("figures.npy", ())))}
 
@@ -264,23 +266,81 @@ def add_aspects(old_gen, gen, cfg, new_rows, root, args, device):
     source = figure_source(args, cfg.get("figures")) if set(names) & \
         set(FIGURE_ASPECTS) else None
     new = compute(new_rows, root, names, source, args, device) if new_rows else \
-        {k: v[:0] for k, v in old.items()}
-    joined = {k: np.concatenate([old[k], new[k]]) for k in old if k not in
-              ("figure_image.npy", "figure_start.npy")}
-    if "figures.npy" in old:
-        n_old = len(old["sizes.npy"])
-        joined["figure_image.npy"] = np.concatenate([old["figure_image.npy"],
-                                                     new["figure_image.npy"] + n_old])
-        joined["figure_start.npy"] = np.concatenate([old["figure_start.npy"],
-                                                     new["figure_start.npy"][1:] +
-                                                     old["figure_start.npy"][-1]])
-    write_aspects(gen, joined, names, cfg, source[2] if source else None)
+        {k: v[:0] if k != "figure_start.npy" else v[:1] * 0 for k, v in old.items()}
+    write_aspects(gen, join_arrays([old, new]), names, cfg, source[2] if source else None)
+
+
+def join_arrays(parts):
+    """One collection's aspect arrays from consecutive parts' (rows, then figures, in order)."""
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]
+           if k not in ("figure_image.npy", "figure_start.npy")}
+    if "figures.npy" in parts[0]:
+        rows = np.cumsum([0] + [len(p["sizes.npy"]) for p in parts])
+        figs = np.cumsum([0] + [int(p["figure_start.npy"][-1]) for p in parts])
+        out["figure_image.npy"] = np.concatenate([p["figure_image.npy"] + r
+                                                  for p, r in zip(parts, rows, strict=False)])
+        out["figure_start.npy"] = np.concatenate([[0]] + [p["figure_start.npy"][1:] + f for p, f
+                                                          in zip(parts, figs, strict=False)])
+    return out
+
+
+# A sharded build (retrieve.py --train-only, --build --shard I/N, --merge-shards): the plan
+# records the aspects; each shard computes its rows' into INDEX/shards/aspects.shard-I/ (a
+# temp folder renamed into place before the shard's json marks it done); the merge joins them.
+
+def shard_aspects_dir(shards, i):
+    return os.path.join(shards, f"aspects.shard-{i}")
+
+
+def build_shard_aspects(shards, i, root, rows, cfg, args, device):
+    """--build --shard I/N: the plan's aspects of this shard's rows (those that embedded)."""
+    names = index_aspects(cfg)
+    if args.aspects and parse_aspects(args.aspects) != names:
+        raise UserError(f"the trained index's plan has --aspects {','.join(names)}: drop "
+                        "--aspects (or --train-only again)")
+    if names == ["content"]:
+        return
+    dst = shard_aspects_dir(shards, i)
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    source = figure_source(args) if set(names) & set(FIGURE_ASPECTS) else None
+    rec = {}
+    write_aspects(tmp, compute(rows, root, names, source, args, device), names, rec,
+                  source[2] if source else None, figure_index=False)
+    files.atomic_write(os.path.join(tmp, "aspects.json"), json.dumps(rec) + "\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+def merge_shard_aspects(gen, shards, n, cfg):
+    """--merge-shards: the shards' aspects, in shard order, into generation gen."""
+    names = index_aspects(cfg)
+    if names == ["content"]:
+        return
+    parts, recs = [], []
+    for i in range(n):
+        d = shard_aspects_dir(shards, i)
+        try:
+            with open(os.path.join(d, "aspects.json"), encoding="utf-8") as f:
+                recs.append(json.load(f))
+        except (OSError, ValueError):
+            raise UserError(f"{d}: missing or unreadable (the plan has --aspects "
+                            f"{','.join(names)}): build shard {i}/{n} again") from None
+        parts.append({k: np.asarray(v) for k, v in load_arrays(d, recs[-1], names).items()})
+    figures = [{k: v for k, v in (r.get("figures") or {}).items() if k != "n"} for r in recs]
+    if any(f != figures[0] for f in figures):
+        raise UserError(f"the shards' figures come from different sources ({figures[0]} and "
+                        f"{next(f for f in figures if f != figures[0])}): build them alike")
+    write_aspects(gen, join_arrays(parts), names, cfg, figures[0] or None)
 
 
 def load_arrays(gen, cfg, names):
     """{file: array} of the .npy aspect files for names, fingerprints checked."""
     out = {}
     for f in aspect_files(names):
+        if f not in cfg.get("aspect_files", {}) and f == "poses.faiss":
+            continue  # a shard's: the merge builds the figure index
         path = os.path.join(gen, f)
         if not os.path.isfile(path) or fingerprint(path) != cfg.get("aspect_files", {}).get(f):
             raise UserError(f"{path} is missing or not the file config.json describes: "
@@ -386,16 +446,17 @@ def image_query(path, xq, weights, store, args, device):
 
 
 def query_figures(path, cfg, args, device):
-    if args.poses:
-        table = poses.read_poses(args.poses)
+    """The query image's figures (m, 17, 3) in its own pixels: from --poses (or the poses file
+    the index was built from) by its path under the index's images or its file name, else from
+    the detector (--pose-weights, or the index's)."""
+    kind, what, rec = figure_source(args, None if args.pose_weights else cfg.get("figures"))
+    if kind == "poses":
         rel = os.path.relpath(path, cfg["images"]).replace(os.sep, "/")
-        hits = table.get(rel) or next((v for k, v in table.items()
-                                       if os.path.basename(k) == os.path.basename(path)), [])
+        hits = what.get(rel) or next((v for k, v in what.items()
+                                      if os.path.basename(k) == os.path.basename(path)), [])
         return np.array([f["keypoints"] for f in hits]).reshape(-1, 17, 3)
-    kind, model, rec = figure_source(args, (cfg.get("figures") or {}) if not args.pose_weights
-                                     else None)
     im = files.load_image(path, rec["min_size"])
-    found = aspects.detect(model, [im], device, threshold=rec["threshold"], most=rec["most"])[0]
+    found = aspects.detect(what, [im], device, threshold=rec["threshold"], most=rec["most"])[0]
     found = scaled(found, upright_size(path)[0] / im.width)
     return np.array([f["keypoints"] for f in found]).reshape(-1, 17, 3)
 

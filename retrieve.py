@@ -412,7 +412,8 @@ def cmd_train_only(args, device):
                    index_params=index_params(kind, dim, len(xb), args))
     index = new_index(job.cfg)
     train_index(index, xb, args.seed)  # the sample as a 1-process --build would draw it
-    job.cfg.update(images=job.root, manifest=job.manifest, seed=args.seed)
+    job.cfg.update(images=job.root, manifest=job.manifest, seed=args.seed,
+                   aspects=by.parse_aspects(args.aspects or by.DEFAULT_ASPECTS))
     plan = write_plan(args.index, index, job.cfg, job.header, job.rows, len(good))
     remove_slices(folder)
     print(f"trained {kind} on {len(good)} of {len(job.rows)} images "
@@ -475,6 +476,7 @@ def cmd_build_shard(args, device):
             "config": {k: cfg.get(k) for k in MODEL_KEYS}}
     emb = f"{shard_files(args.index, i)['embeddings']}.{os.getpid()}.tmp.npy"
     good, skipped = join_slices(folder, recs, rows, emb, cfg["dim"])
+    by.build_shard_aspects(shard_dir(args.index), i, root, good, cfg, args, device)
     info = write_shard(args.index, info, emb, good, skipped, header)
     remove_slices(folder)
     print(f"shard {i}/{n}: {info['n']} images (rows {lo}..{hi - 1}) in "
@@ -515,6 +517,7 @@ def cmd_merge_shards(args):
                               [f["index"] for f in shard_paths])
         cfg = {**plan["config"], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "merged_shards": len(shards)}
+        by.merge_shard_aspects(w.dir, shard_dir(args.index), len(shards), cfg)
         write_generation(w.dir, index, plan["header"], None, cfg)
         w.commit()
     skipped = [tuple(x) for s in shards for x in s["skipped"]]
@@ -996,9 +999,6 @@ def main(argv=None):
         check_html(args)
         if args.where and not (args.query or args.query_id or args.eval or args.map):
             raise UserError("--where goes with --query, --query-id, --eval or --map")
-        if (args.shard is not None or args.train_only) and args.aspects not in (None, "content"):
-            raise UserError("--aspects beyond content: a whole --build (sharded builds index "
-                            "content only)")
         if args.shard is not None and not args.build:
             raise UserError("--shard I/N goes with --build")
         if args.merge_shards:

@@ -4046,6 +4046,9 @@ def test_retrieve_by_pose_finds_the_mirrored_source_first(demo_figs, built_figs,
         D, I = retrieve.main(["--query", str(q), "--index", str(built_figs), "--by", "pose",
                               "--mirror", "--poses", str(qp), "-k", "3", "--workers", "0"])
         assert meta[I[0, 0]]["path"] == rel and D[0, 0] > 0.9, rel
+    D, I = retrieve.main(["--query", str(demo_figs / "images" / rel), "--index", str(built_figs),
+                          "--by", "pose", "-k", "1", "--workers", "0"])  # the index's poses file
+    assert meta[I[0, 0]]["path"] == rel and D[0, 0] > 0.99
     assert re.search(r"  1  (0\.9|1\.0)\d\d  .*\n        by pose (0\.9|1\.0)",
                      capsys.readouterr().out)
 
@@ -4215,6 +4218,10 @@ def sharded(demo, small_builds):
     return index
 
 
+def ref_folder(small_builds):
+    return small_builds[1][0]
+
+
 @pytest.mark.xdist_group("sharded")
 def test_retrieve_sharded_build_merges_into_one_index(sharded, small_builds, tmp_path):
     index = tmp_path / "idx"
@@ -4236,6 +4243,10 @@ def test_retrieve_sharded_build_merges_into_one_index(sharded, small_builds, tmp
     assert sorted(lists.list_size(i) for i in range(4))[-2] > 0  # lists are really in use
     D, I = retrieve.main(["--query-id", meta[0]["path"], "--index", str(index), "-k", "3"])
     assert I.shape == (1, 3) and 0 not in I[0]
+    assert cfg["aspects"] == ["content", "layout", "light"]  # the default, through the plan
+    for name in ("sizes.npy", "layout.npy", "light.npy"):  # each shard's, joined in order
+        np.testing.assert_allclose(stored(index, name), stored(ref_folder(small_builds), name),
+                                   atol=1e-6, err_msg=name)
 
 
 @pytest.mark.xdist_group("sharded")
