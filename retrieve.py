@@ -108,6 +108,7 @@ from index import (
 from retrieve_eval import (
     EVAL_NOTE,
     copy_failures,
+    eval_aspect_copies,
     eval_copies,
     eval_labels,
     eval_pose,
@@ -749,6 +750,10 @@ def cmd_eval(args, device):
     if "pose" in by.parse_by(args.by):  # figures transformed must find their painting
         res["pose"] = eval_pose(by.open_aspects(args.index, cfg, ["pose"]), model, index, meta,
                                 cfg, args, device)
+    plain = [a for a in by.parse_by(args.by) if a in ("light", "layout")]
+    if plain and not args.where:  # the copies found by light or layout alone
+        res["aspect_copies"] = eval_aspect_copies(by.open_aspects(args.index, cfg, plain), meta,
+                                                  cfg, args, plain, cids)
     res["labels"] = eval_labels(meta, I[drop_self(I, ids, 10)].reshape(len(ids), 10), ids, n)
     print(format_eval(res))
     files.atomic_write(os.path.join(args.index, "eval.json"),

@@ -133,6 +133,7 @@ def eval_table(res):
     rows += [(f"label: {c} ({v['classes']} cl.)", v) for c, v in res["labels"].items()]
     rows += [(f"pose: by {a}", res["pose"][a]) for a in ("pose", "content", "random")] \
         if "pose" in res else []
+    rows += [(f"copy detection by {a}", v) for a, v in res.get("aspect_copies", {}).items()]
 
     def cell(v):
         return "-" if v is None else str(v) if isinstance(v, int) else f"{v:.3f}"
@@ -217,3 +218,19 @@ def eval_pose(store, model, index, meta, cfg, args, device):
             "pose": {"queries": m, **metrics.retrieval_metrics(I_pose, ids, ks=(1, 5))},
             "content": {"queries": m, **metrics.retrieval_metrics(I_content, ids, ks=(1, 5))},
             "random": {"queries": m, "top1": 1 / n, "recall@5": min(5, n) / n, "mrr": mrr}}
+
+
+def eval_aspect_copies(store, meta, cfg, args, names, ids):
+    """Per model-free aspect (light, layout): the copy-detection copies (copy_of, the same seed)
+    searched by that aspect alone, computed on the copy: does it still find its painting?"""
+    rng, found = np.random.default_rng(args.seed), {a: [] for a in names}
+    for j in ids:
+        small = by.thumb_of(copy_of(original(cfg, meta[j]["path"]), rng))
+        q = by.Query(meta[j]["path"], None, aspects.light_features(small),
+                     aspects.layout_vector(small))
+        for a in names:
+            s = (by.light_scores if a == "light" else by.layout_scores)(store, q)
+            found[a].append(np.argsort(-s, kind="stable")[:10])
+    return {a: {"queries": len(ids), **metrics.retrieval_metrics(np.array(I), np.asarray(ids),
+                                                                  ks=(1, 5))}
+            for a, I in found.items()}

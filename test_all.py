@@ -4103,13 +4103,15 @@ def test_retrieve_eval_by_pose_beats_random_and_content(demo_figs, built_figs, c
     """Transformed figures find their painting: --by pose far above random; the table has the
     three rows; the transform carries the figures with the picture (each joint lands on its
     own painted colour in the turned, scaled, maybe mirrored image)."""
-    res = retrieve.main(["--eval", "--by", "pose", "--index", str(built_figs), "--workers",
-                         "0", "--eval-queries", "12"])
-    p = res["pose"]
+    res = retrieve.main(["--eval", "--by", "pose=1,light=1", "--index", str(built_figs),
+                         "--workers", "0", "--eval-queries", "12"])
+    p, light = res["pose"], res["aspect_copies"]["light"]
+    assert light["queries"] == 12 and light["top1"] > 0.3  # copies found by light alone (1/48)
     assert p["queries"] == 12 and p["pose"]["top1"] >= 0.75 and p["pose"]["mrr"] >= 0.8
     assert p["pose"]["top1"] > 5 * p["random"]["top1"] and p["random"]["top1"] == 1 / 48
     out = capsys.readouterr().out
     assert re.search(r"pose: by pose +12 +\d\.\d{3}", out) and "pose: by content" in out
+    assert re.search(r"copy detection by light +12 +\d\.\d{3}", out)
     figs = poses.read_poses(demo_figs / "poses.json")
     rel, fs = next((r, f) for r, f in figs.items() if len(f) == 1)
     im = Image.open(demo_figs / "images" / rel).convert("RGB")
