@@ -108,10 +108,9 @@ from index import (
 from retrieve_eval import (
     EVAL_NOTE,
     copy_failures,
-    eval_aspect_copies,
+    eval_by,
     eval_copies,
     eval_labels,
-    eval_pose,
     eval_table,
     format_eval,
 )
@@ -747,13 +746,7 @@ def cmd_eval(args, device):
     cids = np.sort(rng.choice(n, size=min(n, args.eval_queries or 200), replace=False))
     keep, model = ({} if args.html else None), load_model(cfg, device)
     res["copy"] = eval_copies(model, index, meta, cfg, args, device, cids, keep)
-    if "pose" in by.parse_by(args.by):  # figures transformed must find their painting
-        res["pose"] = eval_pose(by.open_aspects(args.index, cfg, ["pose"]), model, index, meta,
-                                cfg, args, device)
-    plain = [a for a in by.parse_by(args.by) if a in ("light", "layout")]
-    if plain and not args.where:  # the copies found by light or layout alone
-        res["aspect_copies"] = eval_aspect_copies(by.open_aspects(args.index, cfg, plain), meta,
-                                                  cfg, args, plain, cids)
+    res.update(eval_by(model, index, meta, cfg, args, device, cids))  # --by pose, light, layout
     res["labels"] = eval_labels(meta, I[drop_self(I, ids, 10)].reshape(len(ids), 10), ids, n)
     print(format_eval(res))
     files.atomic_write(os.path.join(args.index, "eval.json"),

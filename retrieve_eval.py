@@ -234,3 +234,16 @@ def eval_aspect_copies(store, meta, cfg, args, names, ids):
     return {a: {"queries": len(ids), **metrics.retrieval_metrics(np.array(I), np.asarray(ids),
                                                                   ks=(1, 5))}
             for a, I in found.items()}
+
+
+def eval_by(model, index, meta, cfg, args, device, cids):
+    """--eval --by: the pose protocol (pose), the copies searched by light or layout alone."""
+    weights, res = by.parse_by(args.by), {}
+    if "pose" in weights:  # figures transformed must find their painting
+        res["pose"] = eval_pose(by.open_aspects(args.index, cfg, ["pose"]), model, index, meta,
+                                cfg, args, device)
+    plain = [a for a in weights if a in ("light", "layout")]
+    if plain and not args.where:
+        res["aspect_copies"] = eval_aspect_copies(by.open_aspects(args.index, cfg, plain), meta,
+                                                  cfg, args, plain, cids)
+    return res
