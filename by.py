@@ -26,7 +26,6 @@ config.json records them: "aspects", "aspect_files" (fingerprints), "figures" (t
 its weights, or the --poses file).
 """
 
-import hashlib
 import io
 import json
 import math
@@ -42,6 +41,7 @@ import aspects
 import files
 import pages
 import poses
+from embed import file_sha256
 from files import UserError
 from index import fingerprint, generation, write_index_file
 
@@ -136,14 +136,6 @@ def figure_source(args, cfg_figures=None):
         "weights_sha256": file_sha256(weights) if os.path.isfile(weights) else None,
         "min_size": size, "threshold": aspects.DETECT_THRESHOLD, "most": aspects.MAX_FIGURES,
         "seed": rec.get("seed", args.seed)}
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def compute(rows, root, names, source, args, device):
