@@ -444,24 +444,28 @@ def row_html(row, skip=("title",)):
     return f"{title}<table>{cells}</table>{link}"
 
 
-def hit_card(thumbs, root, rank, score, row):
-    tag, ok = thumbs.tag(image_file(root, row["path"]), row.get("title", ""))
+def hit_card(thumbs, root, rank, score, row, extra=None):
+    """extra (retrieve --by): {"image": what to draw instead (figures over it), "why": a line}."""
+    extra = extra or {}
+    tag, ok = thumbs.tag(extra.get("image") or image_file(root, row["path"]),
+                         row.get("title", ""))
+    why = f'<div class="why">{esc(extra["why"])}</div>' if extra.get("why") else ""
     return (f'<div class="card hit{"" if ok else " bad"}"><div class="pics">{tag}</div>'
-            f'<div class="rank"><b>{rank}.</b> score {score:.3f}</div>{row_html(row)}</div>')
+            f'<div class="rank"><b>{rank}.</b> score {score:.3f}</div>{why}{row_html(row)}</div>')
 
 
 def results_page(path, lines, queries, root):
     """retrieve.py --query/--query-id --html: per query, the query image then its neighbours in
-    rank order. queries: [(query name, what load_image reads for it, [(score, manifest row),
-    ...]), optionally a 4th item: the query's own manifest row (an indexed painting: its labels
-    show under it)]; root: the index's image folder or zip."""
+    rank order. queries: [(query name, what load_image reads for it, [(score, manifest row[,
+    hit_card's extra]), ...]), optionally a 4th item: the query's own manifest row (an indexed
+    painting: its labels show under it)]; root: the index's image folder or zip."""
     thumbs, parts = Thumbs(), []
     for q, (file, image, hits, *own) in enumerate(queries, 1):
         tag, ok = thumbs.tag(image, "query")
         about = row_html(own[0]) if own and own[0] else f"<div>{esc(file)}</div>"
         cards = [f'<div class="card hit query{"" if ok else " bad"}"><div class="pics">{tag}'
                  f'</div><div class="rank"><b>query {q}</b></div>{about}</div>']
-        cards += [hit_card(thumbs, root, r, s, row) for r, (s, row) in enumerate(hits, 1)]
+        cards += [hit_card(thumbs, root, r, *hit) for r, hit in enumerate(hits, 1)]
         parts.append(f"<h2>Query {q}: {esc(os.path.basename(file))}</h2>\n"
                      f'<div class="cards">{"".join(cards)}</div>\n')
     body = meta_lines(lines) + unreadable_note(thumbs.bad) + "".join(parts)

@@ -46,6 +46,7 @@ from PIL import Image, ImageOps
 
 import aspects
 import bench
+import by
 import crnn
 import crnn_data
 import crnn_model
@@ -54,6 +55,7 @@ import data
 import embed
 import fetch
 import files
+import filters
 import index as faiss_index  # index.py (`index` names a FAISS index here)
 import layout
 import metrics
@@ -62,6 +64,7 @@ import pages
 import painter
 import poses
 import retrieve
+import retrieve_eval
 import wikiart
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -3528,6 +3531,99 @@ def test_retrieve_shards_merge_exactly_like_one_index(flags, tmp_path, one_faiss
     assert retrieve.trained_digest(merged) == retrieve.trained_digest(one)
 
 
+# -------------------------------------------------------------------------------------- --where
+
+WHERE_META = [{"path": f"{i}.jpg", "style": s, "year": y, "artist": a}
+              for i, (s, y, a) in enumerate([("Baroque", "1650", "Rembrandt"),
+                                            ("baroque", "c. 1690", "Vermeer"),
+                                            ("Rococo", "1720", "Watteau"),
+                                            ("Baroque", "", "Rubens"),
+                                            ("Impressionism", "1874", "Monet")])]
+
+
+def test_where_rows_numbers_text_alternatives_and_errors(capsys):
+    rows = lambda *w: filters.where_rows(WHERE_META, list(w)).tolist()  # noqa: E731
+    assert rows("style=Baroque") == [0, 1, 3]  # text: any case
+    assert rows("year<1700") == [0, 1]  # 'c. 1690' reads as 1690; an empty cell has no number
+    assert rows("year>=1720") == [2, 4] and rows("year!=1650") == [1, 2, 3, 4]
+    assert rows("artist=rembrandt|VERMEER|nobody") == [0, 1]
+    assert rows("style=Baroque", "year<1700", "artist!=vermeer") == [0]
+    assert rows(" style = Rococo|Impressionism ") == [2, 4]
+    assert filters.where_rows(WHERE_META, None) is None
+    with pytest.raises(files.UserError, match=r"no column 'yaer' in meta.csv \(columns: path, "
+                       "style, year, artist\\)"):
+        rows("yaer<1700")
+    with pytest.raises(files.UserError, match=r"keeps none of the 5 rows \(style=Baroque keeps "
+                       r"3; year>1800 keeps 1; together 0\)"):
+        rows("style=Baroque", "year>1800")
+    for bad in ("style", "=Baroque", "year<>1700x"[:0] or "year"):
+        with pytest.raises(files.UserError, match="expected COLUMN OP VALUE"):
+            rows(bad)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-flat", "pca"])
+@pytest.mark.parametrize("share", [0.03, 0.6])
+def test_where_filtered_search_equals_bruteforce_over_kept_rows(kind, share, monkeypatch,
+                                                                one_faiss_thread):
+    """Both ways: the exact one over the kept rows, and FAISS with an IDSelector (EXACT_MAX 0);
+    ids, then scores, as numpy over the kept rows in the index's own space."""
+    xb, xq = clustered(2000, 32, 1), clustered(20, 32, 2)
+    flags = ["--pca", "16"] if kind == "pca" else ["--index-type", kind, "--ef-search", "2000",
+                                                  "--nlist", "16", "--nprobe", "16"]
+    _, index = retrieve.index_from_vectors(xb, index_args(*flags))
+    keep = np.sort(np.random.default_rng(3).choice(2000, int(2000 * share), replace=False))
+    zb, zq = filters.transformed(index, xb), filters.transformed(index, xq)
+    S = zq @ zb[keep].T
+    want = keep[np.argsort(-S, 1, kind="stable")[:, :10]]
+    for exact_max in (filters.EXACT_MAX, 0):
+        monkeypatch.setattr(filters, "EXACT_MAX", exact_max)
+        D, I = filters.Filtered(index, xb, keep).search(xq, 10)
+        assert (I == want).all(), (kind, share, exact_max)
+        np.testing.assert_allclose(D, np.take_along_axis(zq @ zb.T, I, 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-flat"])
+def test_where_returns_k_hits_whenever_k_rows_match(kind, monkeypatch):
+    """7 kept rows spread over the collection, k 7: an ivf probing 1 list of 16 (or a graph
+    search with a beam of 8) finds only some of them; the short queries are answered again
+    exactly, so all 7 come back, and a subset counts from 0."""
+    monkeypatch.setattr(filters, "EXACT_MAX", 0)
+    xb, xq = clustered(2000, 32, 1), clustered(20, 32, 2)
+    _, index = retrieve.index_from_vectors(xb, index_args(
+        "--index-type", kind, "--nlist", "16", "--nprobe", "1", "--ef-search", "8"))
+    keep = np.arange(5, 2000, 285)
+    assert len(keep) == 7
+    D, I = filters.Filtered(index, xb, keep).search(xq, 7)
+    assert (np.sort(I, 1) == keep).all() and np.isfinite(D).all()
+    _, P = filters.Filtered(index, xb, keep, positions=True).search(xq, 7)
+    assert (keep[P] == I).all()
+
+
+def test_where_on_query_id_eval_and_map(built, tmp_path, capsys):
+    args = ["--index", str(built), "--workers", "0"]
+    meta = files.read_csv(built / "gen-1" / "meta.csv") if (built / "gen-1").is_dir() else \
+        faiss_index.open_index(str(built))[1]
+    cubism = [r["path"] for r in meta if r["style"] == "Cubism"]
+    q = meta[0]["path"]
+    D, I = retrieve.main(["--query-id", q, "-k", "5", "--where", "style=Cubism", *args])
+    assert I.shape == (1, 5) and all(meta[i]["style"] == "Cubism" for i in I[0])
+    assert q not in [meta[i]["path"] for i in I[0]]
+    assert f"where: {len(cubism)} of {len(meta)} rows kept" in capsys.readouterr().out
+    years = sorted(int(r["displaydate"]) for r in meta)
+    mid = years[len(years) // 2]
+    res = retrieve.main(["--eval", "--eval-queries", "8", "--where", f"displaydate<{mid}",
+                         *args])
+    assert res["n"] == sum(y < mid for y in years)
+    xy = retrieve.main(["--map", "--html", str(tmp_path / "m.html"), "--where",
+                        "style=Cubism", *args])
+    assert len(xy) == len(cubism)
+    msg = retrieve_error(["--query-id", q, "--where", "colour=red", *args])
+    assert "no column 'colour' in meta.csv (columns: path," in msg
+    assert "keeps none of the" in retrieve_error(["--query-id", q, "--where", "style=Baroque",
+                                                  *args])
+    assert "--where goes with" in retrieve_error(["--build", "--where", "style=Cubism", *args])
+
+
 # -------------------------------------------------------------------------------------- main() runs
 
 
@@ -4014,11 +4110,11 @@ def test_retrieve_old_layout_opens_and_moves_into_a_generation(demo, small_build
     gen = retrieve.generation(index)
     for f in faiss_index.FILES:
         os.replace(os.path.join(gen, f), index / f)
-    os.rmdir(gen)
+    shutil.rmtree(gen)  # and the aspects' files: a version-1 index had none
     os.remove(index / "CURRENT")
     cfg = json.loads((index / "config.json").read_text())
     cfg["version"] = 1
-    del cfg["files"]
+    del cfg["files"], cfg["aspects"], cfg["aspect_files"]
     (index / "config.json").write_text(json.dumps(cfg))
     assert all(np.array_equal(a, b) for a, b in
                zip(answers(index), answers(folders[0]), strict=True))
@@ -4178,6 +4274,218 @@ def test_retrieve_html_bad_input(built, tmp_path):
     assert "embeddings.npy is missing" in retrieve_error(["--map", "--index", str(bare)])
 
 
+# ------------------------------------------------------------------------ aspects: --aspects, --by
+
+ALL_ASPECTS = ["--aspects", "content,layout,light,pose,face"]
+
+
+@pytest.fixture(scope="module")
+def demo_figs(tmp_path_factory):
+    """48 demo paintings with stick figures (data.py demo --figures) and their poses.json."""
+    out = tmp_path_factory.mktemp("shared") / "demo-figs"
+    data.main(["demo", "--figures", "--out", str(out), "--n", "48"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def built_figs(demo_figs):
+    index = demo_figs / "index"
+    retrieve.main(["--build", "--images", str(demo_figs / "images"), "--manifest",
+                   str(demo_figs / "gallery.csv"), "--index", str(index), *RETRIEVE_FAST,
+                   *ALL_ASPECTS, "--poses", str(demo_figs / "poses.json")])
+    return index
+
+
+def stored(index, name):
+    return np.load(os.path.join(faiss_index.generation(str(index)), name))
+
+
+def test_demo_figures_leave_the_paintings_without_figures_as_they_were(demo_figs, tmp_path):
+    plain = tmp_path / "plain"
+    data.main(["demo", "--out", str(plain), "--n", "48"])
+    figs = poses.read_poses(demo_figs / "poses.json")
+    assert len(figs) == 48 and 10 < sum(map(len, figs.values())) < 96
+    for rel, fs in figs.items():
+        same = (plain / "images" / rel).read_bytes() == (demo_figs / "images" / rel).read_bytes()
+        assert same == (not fs), rel
+    assert (plain / "manifest.csv").read_bytes() == (demo_figs / "manifest.csv").read_bytes()
+
+
+def test_retrieve_aspects_stored_fingerprinted_and_kept_by_add(demo_figs, built_figs,
+                                                               tmp_path):
+    cfg = retrieve.open_index(built_figs)[0]
+    assert cfg["aspects"] == ["content", "layout", "light", "pose", "face"]
+    assert cfg["figures"]["source"] == "poses" and set(cfg["aspect_files"]) == {
+        "sizes.npy", "layout.npy", "light.npy", "faces.npy", "poses.faiss", *by.FIGURE_FILES}
+    figs = poses.read_poses(demo_figs / "poses.json")
+    meta = retrieve.open_index(built_figs)[1]
+    want = [f["keypoints"] for r in meta for f in figs[r["path"]]]
+    K, start = stored(built_figs, "figures.npy"), stored(built_figs, "figure_start.npy")
+    assert cfg["figures"]["n"] == len(K) == len(want) and np.allclose(K, want)
+    assert [start[i + 1] - start[i] for i in range(48)] == [len(figs[r["path"]]) for r in meta]
+    assert (stored(built_figs, "sizes.npy") == 160).any(1).all()  # the painter's shorter side
+    part = tmp_path / "part"
+    rows = files.read_csv(demo_figs / "gallery.csv")
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows[:30]])
+    base = ["--images", str(demo_figs / "images"), "--index", str(part), *RETRIEVE_FAST]
+    retrieve.main(["--build", "--manifest", str(tmp_path / "m.csv"), *base, *ALL_ASPECTS,
+                   "--poses", str(demo_figs / "poses.json")])
+    msg = retrieve_error(["--add", "--manifest", str(demo_figs / "gallery.csv"), *base,
+                          "--aspects", "content"])
+    assert "built with --aspects content,layout,light,pose,face: --add keeps them" in msg
+    retrieve.main(["--add", "--manifest", str(demo_figs / "gallery.csv"), *base])
+    for name in retrieve.open_index(built_figs)[0]["aspect_files"]:
+        if name.endswith(".npy"):
+            np.testing.assert_allclose(stored(part, name), stored(built_figs, name), atol=1e-6,
+                                       err_msg=name)
+
+
+def mirrored_query(demo_figs, tmp_path, rel, scale=0.7):
+    """The painting rel flipped left-right and shrunk, with its figures' poses file."""
+    im = ImageOps.mirror(Image.open(demo_figs / "images" / rel).convert("RGB"))
+    im = im.resize((round(im.width * scale), round(im.height * scale)))
+    path = tmp_path / "q.jpg"
+    im.save(path, quality=90)
+    fs = []
+    for f in poses.read_poses(demo_figs / "poses.json")[rel]:
+        k = aspects.mirrored(f["keypoints"])
+        k[:, 0] += im.width / scale - 1
+        k[:, :2] *= scale
+        fs.append({"box": np.zeros(4), "keypoints": k, "score": 1.0})
+    poses.write_poses(tmp_path / "q.json", {"q.jpg": fs})
+    return path, tmp_path / "q.json"
+
+
+def test_retrieve_by_pose_finds_the_mirrored_source_first(demo_figs, built_figs, tmp_path,
+                                                         capsys):
+    """Each painting with figures, flipped and shrunk to 70%, --by pose --mirror: the source
+    comes first (verification recovers the mirrored similarity transform)."""
+    meta = retrieve.open_index(built_figs)[1]
+    figs = poses.read_poses(demo_figs / "poses.json")
+    sources = [r["path"] for r in meta if figs[r["path"]]][:6]
+    for rel in sources:
+        q, qp = mirrored_query(demo_figs, tmp_path, rel)
+        D, I = retrieve.main(["--query", str(q), "--index", str(built_figs), "--by", "pose",
+                              "--mirror", "--poses", str(qp), "-k", "3", "--workers", "0"])
+        assert meta[I[0, 0]]["path"] == rel and D[0, 0] > 0.9, rel
+    D, I = retrieve.main(["--query", str(demo_figs / "images" / rel), "--index", str(built_figs),
+                          "--by", "pose", "-k", "1", "--workers", "0"])  # the index's poses file
+    assert meta[I[0, 0]]["path"] == rel and D[0, 0] > 0.99
+    assert re.search(r"  1  (0\.9|1\.0)\d\d  .*\n        by pose (0\.9|1\.0)",
+                     capsys.readouterr().out)
+
+
+def test_retrieve_by_aspects_scores_where_and_what_the_index_lacks(built, built_figs, capsys):
+    meta = retrieve.open_index(built_figs)[1]
+    q = meta[3]["path"]
+    args = ["--index", str(built_figs), "--workers", "0", "-k", "5"]
+    D, I = retrieve.main(["--query-id", q, "--by", "light", *args])
+    L = aspects.light_vector(stored(built_figs, "light.npy"))
+    s = L @ L[3]
+    s[3] = -np.inf
+    assert (I[0] == np.argsort(-s, kind="stable")[:5]).all()
+    np.testing.assert_allclose(D[0], s[I[0]], atol=1e-5)
+    D, I = retrieve.main(["--query-id", q, "--by", "layout=1,light=0.5", "--where",
+                          "genre=portrait", *args])
+    assert all(meta[i]["genre"] == "portrait" for i in I[0] if i >= 0) and 3 not in I[0]
+    out = capsys.readouterr().out
+    assert "by layout 0." in out and " x0.5" in out
+    msg = retrieve_error(["--query-id", retrieve.open_index(built)[1][0]["path"], "--index",
+                          str(built), "--by", "pose"])
+    assert "has no pose aspect (built with --aspects content,layout,light): rebuild" in msg
+    assert "unknown aspect 'colour'" in retrieve_error(["--query-id", q, "--by", "colour",
+                                                        *args])
+
+
+def test_retrieve_by_pages_draw_the_figures_and_say_why(demo_figs, built_figs, tmp_path):
+    meta = retrieve.open_index(built_figs)[1]
+    figs = poses.read_poses(demo_figs / "poses.json")
+    q = next(r["path"] for r in meta if figs[r["path"]])
+    retrieve.main(["--query-id", q, "--index", str(built_figs), "--by", "pose=1,light=0.3",
+                   "-k", "4", "--workers", "0", "--html", str(tmp_path / "r.html"), "--sheet",
+                   str(tmp_path / "s.png")])
+    p = check_page(tmp_path / "r.html")
+    assert p.classes["why"] == 4
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "score: 1 pose + 0.3 light over 1.3; pose: the share of the query" in text
+    assert re.search(r'class="why">by pose \d\.\d\d x1 \+ light -?\d\.\d\d x0\.3<', text)
+    i = meta.index(next(r for r in meta if r["path"] == q))
+    info = {"figures": np.array([f["keypoints"] for f in figs[q]]),
+            "size": stored(built_figs, "sizes.npy")[i]}
+    plain = pages.thumbnail(str(demo_figs / "images" / q))
+    drawn = pages.thumbnail(by.sketch(str(demo_figs / "images" / q), info))
+    a, b = np.asarray(plain, np.int16), np.asarray(drawn, np.int16)
+    assert a.shape == b.shape and (np.abs(a - b).sum(2) > 60).mean() > 0.01  # skeletons drawn
+    assert by.sketch("x.jpg", {"figures": np.zeros((0, 17, 3)), "size": (1, 1)}) == "x.jpg"
+    sheet = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
+    assert (sheet == pages.FIGURE_COLOURS[0]).all(2).sum() > 20  # on the sheet too
+
+
+def test_retrieve_eval_by_pose_beats_random_and_content(demo_figs, built_figs, capsys):
+    """Transformed figures find their painting: --by pose far above random; the table has the
+    three rows; the transform carries the figures with the picture (each joint lands on its
+    own painted colour in the turned, scaled, maybe mirrored image)."""
+    res = retrieve.main(["--eval", "--by", "pose=1,light=1", "--index", str(built_figs),
+                         "--workers", "0", "--eval-queries", "12"])
+    p, light = res["pose"], res["aspect_copies"]["light"]
+    assert light["queries"] == 12 and light["top1"] > 0.3  # copies found by light alone (1/48)
+    assert p["queries"] == 12 and p["pose"]["top1"] >= 0.75 and p["pose"]["mrr"] >= 0.8
+    assert p["pose"]["top1"] > 5 * p["random"]["top1"] and p["random"]["top1"] == 1 / 48
+    out = capsys.readouterr().out
+    assert re.search(r"pose: by pose +12 +\d\.\d{3}", out) and "pose: by content" in out
+    assert re.search(r"copy detection by light +12 +\d\.\d{3}", out)
+    figs = poses.read_poses(demo_figs / "poses.json")
+    rel, fs = next((r, f) for r, f in figs.items() if len(f) == 1)
+    im = Image.open(demo_figs / "images" / rel).convert("RGB")
+    K = np.array([f["keypoints"] for f in fs], np.float64)
+    torso = K[0, [5, 6, 11, 12], :2].mean(0)
+    before = np.asarray(im)[int(torso[1]), int(torso[0])]
+    for seed in range(4):
+        im2, K2 = retrieve_eval.transformed_painting(im, K, np.random.default_rng(seed))
+        x, y = K2[0, [5, 6, 11, 12], :2].mean(0)  # jitter moves joints, not the torso centre
+        assert np.abs(np.asarray(im2)[int(y), int(x)].astype(int) - before).max() < 60, seed
+
+
+def test_retrieve_detector_build_stores_what_it_finds_and_a_crash_keeps_the_old(
+        demo, tmp_path, monkeypatch, capsys):
+    """--pose-weights none (random init) at 64 px with every box let through: whatever it
+    finds is stored, the detector recorded; a crash in the next pose build's detector pass
+    leaves the old generation answering as before."""
+    monkeypatch.setattr(aspects, "DETECT_SIZE", 64)
+    monkeypatch.setattr(aspects, "DETECT_THRESHOLD", 0.0)
+    rows = files.read_csv(demo / "gallery.csv")[:6]
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
+    argv = ["--build", "--images", str(demo / "images"), "--manifest", str(tmp_path / "m.csv"),
+            "--index", str(tmp_path / "i"), *RETRIEVE_FAST, "--aspects", "content,pose",
+            "--pose-weights", "none", "--batch-size", "3"]
+    retrieve.main(argv)
+    cfg = retrieve.open_index(tmp_path / "i")[0]
+    assert cfg["figures"]["source"] == "detector" and cfg["figures"]["weights"] == "none"
+    K = stored(tmp_path / "i", "figures.npy")
+    assert cfg["figures"]["n"] == len(K) > 0 and "aspects (pose detector): 6/6" in \
+        capsys.readouterr().out
+    sizes = stored(tmp_path / "i", "sizes.npy")
+    img = stored(tmp_path / "i", "figure_image.npy")
+    assert (K[..., 0] <= sizes[img, 0][:, None] + 2).all()  # the original's pixels (160 px
+    assert K[..., 0].max() > 140  # wide): the detector saw 128 px, keypoints were scaled back
+    old = answers(tmp_path / "i"), K
+    calls = []
+
+    def dies(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    real = aspects.detect
+    monkeypatch.setattr(aspects, "detect", dies)
+    with pytest.raises(KeyboardInterrupt):
+        retrieve.main([*argv, "--seed", "1"])
+    got = answers(tmp_path / "i")
+    assert all(np.array_equal(a, b) for a, b in zip(got, old[0], strict=True))
+    assert np.array_equal(stored(tmp_path / "i", "figures.npy"), old[1])
+    assert retrieve.open_index(tmp_path / "i")[0] == cfg
+
+
 # ----------------------------------------------------------------------------- torchrun and shards
 
 
@@ -4234,6 +4542,10 @@ def sharded(demo, small_builds):
     return index
 
 
+def ref_folder(small_builds):
+    return small_builds[1][0]
+
+
 @pytest.mark.xdist_group("sharded")
 def test_retrieve_sharded_build_merges_into_one_index(sharded, small_builds, tmp_path):
     index = tmp_path / "idx"
@@ -4255,6 +4567,10 @@ def test_retrieve_sharded_build_merges_into_one_index(sharded, small_builds, tmp
     assert sorted(lists.list_size(i) for i in range(4))[-2] > 0  # lists are really in use
     D, I = found(["--query-id", meta[0]["path"], "--index", str(index), "-k", "3"])
     assert I.shape == (1, 3) and 0 not in I[0]
+    assert cfg["aspects"] == ["content", "layout", "light"]  # the default, through the plan
+    for name in ("sizes.npy", "layout.npy", "light.npy"):  # each shard's, joined in order
+        np.testing.assert_allclose(stored(index, name), stored(ref_folder(small_builds), name),
+                                   atol=1e-6, err_msg=name)
 
 
 @pytest.mark.xdist_group("sharded")
@@ -4348,7 +4664,7 @@ def test_bench_tiny_writes_valid_json(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["machine"]["tiny"] is True and res["machine"]["cores"] >= 1
     rows = res["rows"]
-    assert {r["section"] for r in rows} == {"load", "search", "memory"}
+    assert {r["section"] for r in rows} == {"load", "search", "memory", "aspects"}
     for r in rows:
         assert ROW_KEYS <= set(r), r
         for k in ("naive", "ours", "ratio"):
@@ -4358,6 +4674,8 @@ def test_bench_tiny_writes_valid_json(tmp_path, capsys):
     assert search["n=2k faiss flat (exact)"]["recall_at_5"] == 1.0  # exact search is exact
     memory = next(r for r in rows if r["section"] == "memory")
     assert memory["unit"] == "MB" and memory["naive"] > memory["vectors_mb"]
+    figure = next(r for r in rows if r["name"].startswith("figure search, 2k figures"))
+    assert figure["recall_at_100"] == 1.0  # a flat figure index below POSE_IVF_FROM: exact
 
 
 def test_bench_unknown_section_is_one_line_error():
