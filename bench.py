@@ -9,6 +9,7 @@ Shell:
     python bench.py --only load,search --out bench.json   # load embed train search memory
     python bench.py --only processes,merge               # torchrun build, sharded-index merge
     python bench.py --only layout            # the map's layout against PCA and sklearn t-SNE
+    python bench.py --only aspects          # figure search, verification, --where
     python bench.py --tiny                  # seconds: a smoke test, numbers mean little
 
 Notebook:
@@ -42,10 +43,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+import aspects
+import by
 import crnn
 import data
 import embed
 import files
+import filters
 import index as faiss_index  # index.py (`index` names a FAISS index here)
 import layout
 import metrics
@@ -762,12 +766,54 @@ def bench_layout(args, tmp):
     return rows
 
 
+# ----------------------------------------------------------------------------- 8. aspects
+
+def demo_figures(n, seed=0):
+    """n painter figures and the image of each (about 2 to an image)."""
+    rng = np.random.default_rng(seed)
+    return np.stack([painter.demo_pose(rng) for _ in range(n)]), np.sort(rng.integers(0, n // 2,
+                                                                                    n))
+
+
+def bench_aspects(args, tmp):
+    """Figure search (FAISS part, one query figure = 10 rows: 5 turns x mirror), verification of
+    100 candidates, --where at 1% selectivity against the unfiltered search."""
+    n, nq, d = by_mode(args, (2_000, 5, 256), (100_000, 20, 512), (100_000, 50, 2048))
+    K, img = demo_figures(n)
+    xq = [aspects.query_rows(K[i], mirror=True) for i in range(nq)]
+    flat, ours = faiss.IndexFlatIP(aspects.POSE_DIM), by.pose_index(K)
+    flat.add(aspects.pose_vectors(K))
+    t_flat, t_ours = (timed(lambda ix=ix: [ix.search(q, by.POSE_K) for q in xq], 2) / nq * 1e3
+                      for ix in (flat, ours))
+    r = np.mean([len(np.intersect1d(a, b)) / 100 for q in xq  # recall@100 per query row
+                 for a, b in zip(flat.search(q, 100)[1], ours.search(q, 100)[1], strict=True)])
+    rows = [row("aspects", f"figure search, {n // 1000}k figures ({type(ours).__name__})",
+                t_flat, t_ours, "ms", 1.0, False, f"per query figure; recall@100 of flat "
+                f"{r:.3f}; target: <= 1 ms", recall_at_100=r)]
+    cands = [K[img == i] for i in range(100)]
+    t_one = timed(lambda: [aspects.verify(K[:2], [c], True) for c in cands], 2) * 1e3
+    t_all = timed(lambda: aspects.verify(K[:2], cands, True), 2) * 1e3
+    rows.append(row("aspects", "verify 100 candidates (2 query figures, mirror)", t_one, t_all,
+                    "ms", None, False, "naive: one candidate per call; target: <= 20 ms"))
+    xb = synthetic_embeddings(n, d, seed=1)
+    index, _ = our_index(xb, ["--index-type", "flat"])
+    keep = np.sort(np.random.default_rng(0).choice(n, n // 100, replace=False))
+    q = synthetic_embeddings(nq, d, seed=2)
+    t_plain = timed(lambda: [index.search(x[None], 5) for x in q], 2) / nq * 1e3
+    t_where = timed(lambda: [filters.Filtered(index, xb, keep).search(x[None], 5) for x in q],
+                    2) / nq * 1e3
+    rows.append(row("aspects", f"--where 1% of {n // 1000}k x {d} (flat)", t_plain, t_where,
+                    "ms", 0.83, False, "naive: the unfiltered search; target: no slower "
+                    "than it + 20%"))
+    return rows
+
+
 # ----------------------------------------------------------------------------- command line
 
 SECTIONS = {"load": bench_loading, "embed": bench_embedding, "train": bench_training,
             "search": bench_search, "memory": bench_memory, "processes": bench_build_processes,
-            "merge": bench_merge, "layout": bench_layout}
-TINY_SECTIONS = "load,search,memory"  # --tiny: seconds, for tests; the numbers mean little
+            "merge": bench_merge, "layout": bench_layout, "aspects": bench_aspects}
+TINY_SECTIONS = "load,search,memory,aspects"  # --tiny: seconds, for tests; the numbers mean little
 
 
 def machine(device):

@@ -8,7 +8,8 @@ Shell:
     python data.py demo                                   # synthetic data in demo/
     python crnn.py --train --weights none                 # demo/manifest.csv -> runs/demo/
     python crnn.py --eval --outliers 20                   # runs/demo/best.pt on the test split
-    python crnn.py --predict painting.jpg more_paintings/ -k 3
+    python crnn.py --predict painting.jpg more_paintings/ -k 3   # runs/demo/predict/predictions.csv
+    python crnn.py --eval --data mine/manifest.csv        # runs/mine/best.pt: where --train put it
     python crnn.py --predict painting.jpg --explain        # runs/demo/explain/painting_<task>.png
     python crnn.py --train --data subset/manifest.csv --root wikiart --out runs/r50 \
         --freeze-backbone
@@ -35,7 +36,8 @@ reports on `test` (else `val`; --split picks), so the reported figures are not t
 checkpoint was chosen on. --root may be a folder or a .zip read in place (files.image_source).
 
 Files (OUT = --out, default runs/<the manifest's folder>): log.jsonl (one JSON object per epoch),
-last.pt every epoch and best.pt (best mean macro-F1 over tasks on dev/val), skipped.csv (images
+last.pt every epoch and best.pt (best mean macro-F1 over tasks on dev/val; the model without the
+optimizer state, which only --resume needs, from last.pt), skipped.csv (images
 that did not decode, with why), cache/ (--freeze-backbone features). --eval writes report.txt,
 report.html (the same tables, confusion grids and outlier cards with attention maps: one file),
 metrics.json, predictions.csv, confusion_<task>.csv/.png and, with --outliers N, outliers.csv and
@@ -122,9 +124,21 @@ def resolve_data(args, ckpt_args=None):
         if not ckpt_args and not os.path.isfile(args.data):
             raise UserError(f"manifest not found: {args.data} (make the demo data with "
                             "`python data.py demo`, or pass --data)")
+    elif ckpt_args and args.root is None and same_flag("data", args.data, ckpt_args["data"]):
+        args.root = ckpt_args["root"]  # the manifest it was trained on: its --root too
     base = os.path.dirname(args.data)
     args.root = args.root or os.path.join(base, "images")
     args.classes = args.classes or os.path.join(base, "classes.json")
+
+
+def default_ckpt(args):
+    """--eval/--predict without --ckpt: best.pt of the run training on --data writes (runs/
+    <the manifest's folder>), runs/demo/best.pt without --data. Names how to make it."""
+    path = os.path.join(default_out(args.data or DEFAULT_DATA), "best.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path} (train it with `python crnn.py --train"
+                        f"{' --data ' + args.data if args.data else ''}`, or pass --ckpt)")
+    return path
 
 
 def default_out(manifest):
@@ -197,20 +211,21 @@ def resume_flags(args, typed):
 
 
 def check_out(args):
-    """Refuses to train over another run's checkpoint in --out (other data or model flags)
-    unless --overwrite; the same run again may start over."""
+    """Refuses to train over a run already in --out (another run, or the same flags again: a
+    shorter run would replace a better best.pt) unless --overwrite; --resume continues it."""
     path = os.path.join(args.out, "last.pt")
     if args.overwrite or not os.path.isfile(path):
         return
     try:
-        was = read_checkpoint(path)["args"]
-    except UserError:
-        was = {}
+        ckpt = read_checkpoint(path)
+        was, done = ckpt["args"], f" ({ckpt['epoch']} epochs, best mean F1 {ckpt['best']:.4f})"
+    except (UserError, KeyError):
+        was, done = {}, ""
     diff = [f"--{k.replace('_', '-')} {was.get(k)}" for k in RUN_FLAGS
             if not same_flag(k, getattr(args, k), was.get(k))]
-    if diff:
-        raise UserError(f"{args.out} holds another run ({' '.join(diff)}): pass another --out, "
-                        "--resume to continue that one, or --overwrite to replace it")
+    what = f"another run ({' '.join(diff)})" if diff else f"a run with these flags{done}"
+    raise UserError(f"{args.out} holds {what}: pass another --out, --resume to continue it, or "
+                    "--overwrite to replace it")
 
 
 def check_numbers(args):
@@ -234,15 +249,16 @@ def read_eval_table(args, ckpt, typed_classes):
     rows = files.read_manifest(args.data, ("path", "split"))
     tasks = [t for t in ckpt["tasks"] if any(r.get(t) for r in rows)]
     if not tasks:
-        raise UserError(f"{args.data}: no labels for the checkpoint's tasks "
-                        f"({', '.join(ckpt['tasks'])})")
+        raise UserError(f"{args.data}: no labels for the tasks of checkpoint {args.ckpt} "
+                        f"({', '.join(ckpt['tasks'])}): another --ckpt or --data?")
     listed = read_class_file(typed_classes) if typed_classes else {}
     for t in tasks:
         if t in listed and listed[t] != ckpt["classes"][t]:
-            raise UserError(f"{args.classes}: the {t} classes differ from the checkpoint's "
-                            f"({len(listed[t])} vs {len(ckpt['classes'][t])}); evaluate on the "
-                            "manifest it was trained for")
-    return read_table(args.data, args.classes, tasks, ckpt["classes"], args.drop_leaks)
+            raise UserError(f"{args.classes}: the {t} classes differ from those of checkpoint "
+                            f"{args.ckpt} ({len(listed[t])} vs {len(ckpt['classes'][t])}); "
+                            "evaluate on the manifest it was trained for")
+    return read_table(args.data, args.classes, tasks, ckpt["classes"], args.drop_leaks,
+                      whose=f"checkpoint {args.ckpt}, trained on {ckpt['args'].get('data')}")
 
 
 def task_result(y, probs, names, majority):
@@ -303,7 +319,8 @@ def report_text(res, args, n_val, skipped, notes=()):
              f"images, {skipped} unreadable and skipped)", *notes, ""]
     for t, r in res.items():
         rep = r["report"]
-        lines += [f"== {t}: {rep['n']} labelled {args.split} images ==", metrics.format_report(rep),
+        lines += [f"== {t}: {rep['n']} labelled {args.split} images ==",
+                  metrics.format_report(rep, note=False),
                   f"accuracy {rep['accuracy']:.4f}  top-3 accuracy {r['top3']:.4f}",
                   *baseline_text(r["baselines"], rep["n"])]
         for what in ("precision", "recall"):
@@ -311,7 +328,7 @@ def report_text(res, args, n_val, skipped, notes=()):
                 lines.append(f"undefined {what} (n/a, counted as 0 in macro/weighted): "
                              + ", ".join(rep[f"undefined_{what}"]))
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + [metrics.NA_NOTE])
 
 
 def write_eval(out, res, table, idx, probs, text):
@@ -389,7 +406,11 @@ def cmd_eval(args, device):
     eval_html(model, found, res, text, args, ckpt, device, out)
     print(f"wrote report.txt, report.html, metrics.json, predictions.csv, "
           f"confusion_<task>.csv/.png to {out}")
-    return {t: {"accuracy": r["report"]["accuracy"], "top3": r["top3"]} for t, r in res.items()}
+    return Result({t: {"accuracy": r["report"]["accuracy"], "top3": r["top3"]}
+                   for t, r in res.items()},
+                  f"{args.split}: " + ", ".join(f"{t} accuracy {r['report']['accuracy']:.3f}"
+                                                for t, r in res.items())
+                  + f"; {os.path.join(out, 'report.txt')}")
 
 
 def write_outliers(table, idx, probs, args, out):
@@ -574,10 +595,57 @@ def cmd_predict(args, device):
                 print(f"  {t}: " + ", ".join(f"{c} {q:.3f}" for c, q in top))
             if f in shown:
                 print(f"  explained: {', '.join(shown[f])}")
+    csv_path = write_predictions(results, ckpt, args)
     print(f"{len(results)} images classified" + (f", {skipped} files skipped (not image "
           f"files by their extension)" if skipped else "") + (
               f", {unreadable} unreadable (why: above)" if unreadable else ""))
-    return results
+    return Result(results, f"{len(results)} images classified: {csv_path}")
+
+
+def write_predictions(results, ckpt, args):
+    """OUT/predict/predictions.csv (OUT: --out, else the checkpoint's folder; --eval's own
+    predictions.csv stays beside it): per image its path and, per task, the top-k classes and
+    their probabilities. Returns its path."""
+    path = os.path.join(args.out or os.path.dirname(os.path.abspath(args.ckpt)), "predict",
+                        "predictions.csv")
+    k = {t: min(args.k, len(ckpt["classes"][t])) for t in ckpt["tasks"]}
+    header = ["path"] + [f"{t}_{what}{i}" for t in k for i in range(1, k[t] + 1)
+                         for what in ("top", "p")]  # style_top1, style_p1, style_top2, ...
+    rows = [[f] + [x for t in k for c, q in tops[t] for x in (c, f"{q:.4f}")]
+            for f, tops in results.items()]
+    files.write_csv(path, header, rows)
+    print(f"wrote {path} ({len(rows)} images, top {args.k} per task with probabilities)")
+    return path
+
+
+# ----------------------------------------------------------------------------- what main gives
+
+class Result(dict):
+    """What main returns: a dict (result["epoch"], result["style"], result[path]) whose repr in
+    a notebook cell is one line, not the scores of every image."""
+
+    def __init__(self, items, summary):
+        super().__init__(items)
+        self.summary = summary
+
+    def __repr__(self):
+        return f"<crnn.py: {self.summary}>"
+
+
+def next_commands(args):
+    """Training's last lines: the evaluation, prediction and search commands for this run."""
+    if not nets.is_main():
+        return
+    best = os.path.join(args.out, "best.pt")
+    data = "" if os.path.abspath(args.data) == os.path.abspath(DEFAULT_DATA) else \
+        f" --data {args.data}"
+    which = data if os.path.abspath(args.out) == os.path.abspath(default_out(args.data)) \
+        else f" --ckpt {best}"
+    print(f"next: python crnn.py --eval{which}                  # scores on the test split\n"
+          f"      python crnn.py --predict IMAGE_OR_FOLDER{which}  # predictions.csv\n"
+          f"      python retrieve.py --build --ckpt {best} --images {args.root} --manifest "
+          f"{args.data} --index {os.path.join(args.out, 'index')}   # then --query IMAGE "
+          f"--index {os.path.join(args.out, 'index')}: paintings of a similar style")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -597,8 +665,8 @@ def build_parser():
                    "the sorted labels of the manifest)")
     p.add_argument("--out", help="output folder (default: runs/<the manifest's folder>, "
                    "runs/demo for the demo; --eval: the checkpoint's)")
-    p.add_argument("--ckpt", default=os.path.join(default_out(DEFAULT_DATA), "best.pt"),
-                   help="checkpoint for --eval/--predict")
+    p.add_argument("--ckpt", help="checkpoint for --eval/--predict (default: runs/<--data's "
+                   "folder>/best.pt, where --train writes it; runs/demo/best.pt without --data)")
     p.add_argument("--tasks", help="with --train: a subset of the manifest's tasks, e.g. "
                    "style,genre (default: every task with labels)")
     m = p.add_argument_group("model")
@@ -690,6 +758,10 @@ def main(argv=None):
             raise UserError("--explain goes with --predict")
         if not args.train and not nets.is_main():
             return None  # under torchrun, --eval and --predict run on rank 0 alone
+        if args.predict:
+            collect_images(args.predict)  # a missing file is named before the model loads
+        if not args.train:
+            args.ckpt = args.ckpt or default_ckpt(args)
         if args.eval:
             return cmd_eval(args, device)
         if args.predict:
@@ -702,7 +774,10 @@ def main(argv=None):
         # under torchrun: rank 0 joins the feature cache (minutes for all of WikiArt) while
         # the others wait, past nccl's default 10 min
         with nets.deterministic_cudnn():
-            return cmd_train(args, nets.init_distributed(device, hours=2), ckpt)
+            state = cmd_train(args, nets.init_distributed(device, hours=2), ckpt)
+        next_commands(args)
+        return Result(state, f"best {state['selected_on']} mean macro-F1 {state['best']:.4f} "
+                      f"after {state['epoch']} epochs: {os.path.join(args.out, 'best.pt')}")
     except UserError as e:
         raise SystemExit(f"crnn.py: error: {e}") from None
     except OSError as e:  # a full disk (no SIGBUS: memory maps are reserved), a folder not ours

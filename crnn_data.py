@@ -58,15 +58,17 @@ def class_lists(rows, tasks, path):
             for t in tasks}
 
 
-def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=False):
-    """Rows of a manifest with a split column; labels checked against the class lists."""
+def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=False, whose=None):
+    """Rows of a manifest with a split column; labels checked against the class lists (of
+    `whose`, named in the error: a checkpoint's, for --eval)."""
     rows = split_hygiene(files.read_manifest(manifest, ("path", "split")), manifest, drop_leaks)
-    have = [t for t in wikiart.TASKS if any(r.get(t) for r in rows)]
+    known = dict.fromkeys([*wikiart.TASKS, *read_class_file(classes_path)])  # data.py folder/csv
+    have = [t for t in known if any(r.get(t) for r in rows)]
     tasks = have if tasks is None else tasks
     missing = [t for t in tasks if t not in have]
     if missing:
-        raise UserError(f"{manifest}: no {missing[0]} labels (tasks with labels here: "
-                        f"{', '.join(have) or 'none'})")
+        raise UserError(f"--tasks {','.join(tasks)!r}: {manifest} has no {missing[0]} labels "
+                        f"(tasks with labels here: {', '.join(have) or 'none'})")
     if not tasks:
         raise UserError(f"{manifest}: no label column with labels (expected style, artist or "
                         f"genre; header: {','.join(rows[0])})")
@@ -78,7 +80,8 @@ def read_table(manifest, classes_path, tasks=None, classes=None, drop_leaks=Fals
             if r.get(t):
                 if r[t] not in index[t]:
                     raise UserError(f"{manifest} line {i + 2}: {t} {r[t]!r} is not in the "
-                                    f"class list ({len(classes[t])} {t} classes)")
+                                    f"class list ({len(classes[t])} {t} classes"
+                                    + (f" of {whose})" if whose else ")"))
                 y[i, j] = index[t][r[t]]
     return Table([r["path"] for r in rows], np.array([r["split"] for r in rows]), tasks,
                  classes, y)
@@ -114,9 +117,9 @@ def train_tasks(text):
     if not text:
         return None
     tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in wikiart.TASKS]
-    if unknown or not tasks:
-        raise UserError(f"--tasks {text!r}: expected a comma list of {', '.join(wikiart.TASKS)}")
+    if not tasks:  # names are checked against the manifest's label columns (read_table)
+        raise UserError(f"--tasks {text!r}: expected a comma list of label columns, e.g. "
+                        f"{','.join(wikiart.TASKS)}")
     return list(dict.fromkeys(tasks))
 
 
@@ -176,15 +179,15 @@ def announce_splits(table, manifest):
     print(f"selecting best.pt on {sel}" + ("" if sel == "dev" else
           f" ({manifest} has no dev split; --eval reports on test, or on this val if there is "
           "no test, where the scores are optimistic)") + ": the best mean over tasks of "
-          "macro-F1, each averaged over all the task's classes (" +
+          "macro-F1, each averaged over the task's classes in the split or predicted (" +
           ", ".join(f"{t} {len(table.classes[t])}" for t in table.tasks) + ")")
     for j, t in enumerate(table.tasks):
         there = set(table.y[table.split == sel, j].tolist())
         absent = [c for i, c in enumerate(table.classes[t]) if i not in there]
         if absent:
             k = len(table.classes[t])
-            print(f"  {t}: no {sel} image of {', '.join(absent)}: F1 0 in that mean (the "
-                  f"{t} macro-F1 is at most {(k - len(absent)) / k:.2f})")
+            print(f"  {t}: no {sel} image of {', '.join(absent)} ({len(absent)} of {k}): "
+                  "left out of that macro-F1 unless predicted (then F1 0)")
     for s in sorted(set(table.split.tolist()) - {"train"}):
         warn_unseen(table, s)
     warn_small(table)
@@ -203,6 +206,28 @@ def warn_small(table):
                   f"{', '.join(small)}; kept, trained on and "
                   "counted in macro-F1 like any class (data.py leaves such classes out of a "
                   f"subset unless --min-per-class is under {wikiart.SMALL_CLASS})")
+
+
+def learnable_tasks(table, typed):
+    """The table without the tasks too thin to learn when --tasks is not typed: a median under
+    wikiart.SMALL_CLASS train images per class (186 artists over 433 images learn nothing, and
+    their macro-F1, noise, would be half of the mean that chooses best.pt). One line each says
+    why and how to keep it; the task with the most per class always stays."""
+    if typed:
+        return table
+    tr = table.y[table.split == "train"]
+    med = {t: float(np.median(class_counts(tr[:, j], len(table.classes[t]))))
+           for j, t in enumerate(table.tasks)}
+    keep = [t for t in table.tasks if med[t] >= wikiart.SMALL_CLASS] or \
+        [max(table.tasks, key=med.get)]
+    for t in table.tasks:
+        if t not in keep:
+            print(f"left out {t}: a median of {med[t]:g} train images per class over its "
+                  f"{len(table.classes[t])} classes, under {wikiart.SMALL_CLASS}: too few to "
+                  f"learn (--tasks {','.join([*keep, t])} keeps it)")
+    idx = [table.tasks.index(t) for t in keep]
+    return Table(table.paths, table.split, keep, {t: table.classes[t] for t in keep},
+                 table.y[:, idx])
 
 
 def class_counts(y, n):

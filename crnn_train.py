@@ -33,6 +33,7 @@ from crnn_data import (
     class_counts,
     epoch_seed,
     image_loader,
+    learnable_tasks,
     read_table,
     seed_all,
     selection_split,
@@ -362,18 +363,23 @@ def train_counts(table):
             for j, t in enumerate(table.tasks)}
 
 
+RESUME_STATE = ("optimizer", "scheduler", "scaler")  # last.pt only: --resume reads last.pt
+
+
 def save_checkpoint(fit, out, state, table, args, is_best):
-    """last.pt every epoch (and best.pt when improved): temp file + rename, never half."""
+    """last.pt every epoch (and best.pt when improved): temp file + rename, never half. best.pt
+    leaves out the optimizer's state (AdamW's two moments: twice the model's size)."""
     ckpt = {"arch": ARCH, "model": fit.model.state_dict(), "optimizer": fit.opt.state_dict(),
             "scheduler": fit.sched.state_dict(), "args": plain_args(args),
             "scaler": fit.scaler.state_dict() if fit.scaler is not None else None,
             "classes": table.classes, "tasks": table.tasks, "train_counts": train_counts(table),
             **state}
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    files.atomic_write(os.path.join(out, "last.pt"), buf.getvalue(), "wb")
-    if is_best:
-        files.atomic_write(os.path.join(out, "best.pt"), buf.getvalue(), "wb")
+    for name, keep in (("last.pt", ckpt), ("best.pt", None)):
+        if keep is None and not is_best:
+            continue
+        buf = io.BytesIO()
+        torch.save(keep or {k: v for k, v in ckpt.items() if k not in RESUME_STATE}, buf)
+        files.atomic_write(os.path.join(out, name), buf.getvalue(), "wb")
 
 
 def restore(fit, ckpt):
@@ -594,8 +600,10 @@ def cmd_train(args, device, ckpt=None):
     """Trains into args.out; ckpt: last.pt to continue (--resume), its flags already in args."""
     table = read_table(args.data, args.classes, train_tasks(args.tasks),
                        drop_leaks=args.drop_leaks)
+    table = learnable_tasks(table, args.tasks)
     if ckpt and ckpt["classes"] != table.classes:
-        raise UserError(f"--resume: {args.out} was trained on other class lists than {args.data}")
+        raise UserError(f"--resume: {os.path.join(args.out, 'last.pt')} was trained on other "
+                        f"class lists than {args.data}")
     table = check_images(table, args)
     sel = announce_splits(table, args.data)
     seed_all(args.seed)

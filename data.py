@@ -6,6 +6,7 @@ Holds no plumbing (files.py), no WikiArt list or split rule (wikiart.py), no HTT
 
 Shell:
     python data.py demo                                   # synthetic offline data in demo/
+    python data.py demo --figures --out demo-figures      # + stick figures, their poses.json
     python data.py wikiart --lists wikiart_csv --out subset --per-class 100 --min-per-class 50
     python data.py wikiart --lists wikiart_csv --out subset --images wikiart.zip   # what decodes
     python data.py wikiart --lists wikiart_csv --out subset --split artist   # unseen painters
@@ -13,6 +14,8 @@ Shell:
     python data.py download --manifest nga/manifest.csv --root nga/images --size 512
     python data.py resize --manifest subset/manifest.csv --root wikiart.zip --out cache256
     python data.py hf-wikiart --out hf --shards 0-3       # Hugging Face parquet shards, resized
+    python data.py folder --images paintings --out mine   # your own: paintings/<style>/x.jpg
+    python data.py csv --csv labels.csv --path-col file --label-cols style,artist --out mine
 
 Notebook:
     import data; data.main(["demo", "--out", "demo"])
@@ -36,6 +39,8 @@ from PIL import Image
 import fetch
 import files
 import painter
+import poses
+import userdata
 import wikiart
 from files import UserError, one_line
 
@@ -516,6 +521,9 @@ def cmd_demo(args):
     hands = painter.demo_artists(rng)
     items, prog, reused = [], files.Progress(args.n, "demo", every=5.0), 0
     tail = painter.demo_tail_styles(args.n, args.tail, rng) if args.tail else None
+    # figures draw from a stream of their own: the paintings' stream, and every painting
+    # without figures, stay as without --figures
+    fig_rng, figures = np.random.default_rng([args.seed, 25]) if args.figures else None, {}
     for i in range(args.n):
         a, st = painter.demo_pick(i, hands, tail, rng)
         hand = hands[a]
@@ -524,8 +532,10 @@ def cmd_demo(args):
         path = f"{style}/{hand['slug']}_{genre.replace('_', '-')}-{i}.jpg"
         # painted every time, so that the random stream (and all that follows) never depends
         # on which files a previous run left: the same command gives the same data
-        reused += painter.write_if_changed(os.path.join(args.out, "images", path),
-                                           painter.demo_painting(style, genre, hand, rng))
+        im = painter.demo_painting(style, genre, hand, rng)
+        if fig_rng is not None:
+            figures[path] = painter.demo_figures(im, fig_rng)
+        reused += painter.write_if_changed(os.path.join(args.out, "images", path), im)
         split = lambda: "val" if rng.random() < 0.25 else "train"  # noqa: E731
         s = split()
         items.append({"path": path, "style": st, "shown": g,
@@ -545,6 +555,8 @@ def cmd_demo(args):
            "--seed", str(args.seed)]
     cmd_wikiart(build_parser().parse_args(sub))
     painter.write_demo_gallery(args.out, items)
+    if fig_rng is not None:  # COCO keypoints: retrieve.py --build --aspects ...,pose --poses
+        poses.write_poses(os.path.join(args.out, "poses.json"), figures)
     if reused:
         print(f"{reused} of the {args.n} images were already in {args.out} with the same bytes "
               "(kept as they were)")
@@ -666,6 +678,7 @@ def build_parser():
     r.set_defaults(func=cmd_resize)
 
     add_hf_parser(sub)
+    userdata.add_parsers(sub)  # folder, csv: your own paintings
 
     m = sub.add_parser("demo", help="small SYNTHETIC dataset in the real formats",
                        formatter_class=files.Help)
@@ -676,6 +689,9 @@ def build_parser():
                    help="a long tail: style class sizes fall geometrically, largest : smallest "
                    "= RATIO (100: 218, 87, 34, 14, 5, 2 of 360), same painter and label noise")
     m.add_argument("--seed", type=int, default=0, help="the same seed gives the same data")
+    m.add_argument("--figures", action="store_true", help="paint 0-2 stick figures on each "
+                   "painting (poses from a few families, mirrored, scaled, limbs hidden) and "
+                   "write their keypoints to poses.json (COCO): the pose and face search offline")
     m.set_defaults(func=cmd_demo)
     return p
 

@@ -234,7 +234,13 @@ def read_csv(path, required=(), what="CSV"):
 
 
 def read_manifest(path, required=("path",)):
-    rows = read_csv(path, required, what="manifest")
+    try:
+        rows = read_csv(path, required, what="manifest")
+    except UserError as e:  # any CSV of paths and labels: data.py csv adds the split
+        if "split" not in required or "no column" not in str(e):
+            raise
+        raise UserError(f"{e}; `python data.py csv --csv {path} --path-col path --label-cols "
+                        "style --out DIR` writes a manifest with one") from None
     if not rows:
         raise UserError(f"manifest is empty: {path}")
     return rows

@@ -12,9 +12,11 @@ ranking or calls); imports nothing of the project and no torch.
 Zero-division rule (sklearn zero_division=0, FAISS counts_to_PR): a ratio with denominator 0
 is undefined: precision of a class never predicted, recall of a class with no true samples,
 F1 = 2tp / (predicted + support) when both. Per class the report gives None there; every
-average and scalar result counts it as 0. Averages run over all n_classes labels, so a class
-absent from y_true and never predicted enters the macro average as 0, exactly as sklearn's
-precision_recall_fscore_support(labels=range(n_classes), zero_division=0). One exception:
+average and scalar result counts it as 0. The macro average runs over the classes present in
+y_true or y_pred, as sklearn's precision_recall_fscore_support(zero_division=0) without
+labels: a class in neither (no image of it in the split, never predicted) says nothing about
+the model and is left out (the report names it), so a small split of a many-class task is not
+scored near 0 for the classes it lacks; weighted and micro do not depend on it. One exception:
 (random_)map_at_k leave queries with no relevant item out of the mean (0.0 if none has one).
 Bad shapes, dtypes or labels raise ValueError.
 """
@@ -105,6 +107,7 @@ def classification_report(y_true, y_pred, n_classes, names=None):
         raise ValueError(f"got {len(names)} names for {n_classes} classes")
     tp, predicted, support = np.diag(cm), cm.sum(0), cm.sum(1)
     p, r, f1 = _prf(tp, predicted, support)
+    seen = (predicted + support) > 0  # the macro average's classes (module docstring)
     per_class = [
         {"name": names[c], "precision": float(p[c]) if predicted[c] else None,
          "recall": float(r[c]) if support[c] else None,
@@ -115,17 +118,33 @@ def classification_report(y_true, y_pred, n_classes, names=None):
     return {
         "per_class": per_class,
         "accuracy": float(tp.sum() / n),
-        "macro": _avg(p.mean(), r.mean(), f1.mean()),
+        "macro": _avg(p[seen].mean(), r[seen].mean(), f1[seen].mean()),
         "weighted": _avg(*(np.average(x, weights=support) for x in (p, r, f1))),
         "micro": _avg(*_prf(tp.sum(), predicted.sum(), support.sum())),
         "undefined_precision": [names[c] for c in range(n_classes) if predicted[c] == 0],
         "undefined_recall": [names[c] for c in range(n_classes) if support[c] == 0],
+        "absent": [names[c] for c in range(n_classes) if not seen[c]],  # not in macro
         "n": n,
     }
 
 
-def format_report(report, digits=3):
-    """Fixed-width text table laid out like sklearn's classification_report; n/a = undefined."""
+NA_NOTE = ("n/a = undefined: precision of a class never predicted, recall of a class with no "
+           "true samples; counted as 0 in macro and weighted avg (sklearn zero_division=0).")
+
+
+def absent_line(report):
+    """The line naming the classes the macro average leaves out, or None."""
+    gone, k = report["absent"], len(report["per_class"])
+    if not gone:
+        return None
+    return (f"left out of macro avg (no image here, never predicted): {', '.join(gone)}; it "
+            f"averages the {k - len(gone)} of {k} classes in the truth or the predictions")
+
+
+def format_report(report, digits=3, note=True):
+    """Fixed-width text table laid out like sklearn's classification_report (its micro avg,
+    equal to accuracy for single-label classes, left out); n/a = undefined, explained in a last
+    line unless note=False (a caller with several tables says NA_NOTE once)."""
     width = max(len("weighted avg"), *(len(c["name"]) for c in report["per_class"]))
 
     def num(x):
@@ -140,30 +159,27 @@ def format_report(report, digits=3):
         lines.append(row(c["name"], *cells))
     n = str(report["n"])
     lines += ["", row("accuracy", "", "", num(report["accuracy"]), n)]
-    for avg in ("macro", "weighted", "micro"):
+    for avg in ("macro", "weighted"):
         a = report[avg]
         lines.append(row(f"{avg} avg", num(a["precision"]), num(a["recall"]), num(a["f1"]), n))
-    lines += ["", "n/a = undefined: precision of a class never predicted, recall of a class "
-              "with no true samples; counted as 0 in macro and weighted avg (sklearn "
-              "zero_division=0)."]
-    return "\n".join(lines)
+    if absent_line(report):
+        lines += ["", absent_line(report)]
+    return "\n".join(lines + (["", NA_NOTE] if note else []))
 
 
 # --- classification baselines ---
 # What a classifier has to beat, on the split it is scored on. majority: every image called
 # the most frequent class of the TRAIN labels (ties: the lower index), scored like any
 # prediction. uniform: every image called one of the n_classes at random, each with
-# probability 1 / n_classes, independently: the exact expected scores. Both average over all
-# n_classes labels with the zero-division rule above.
+# probability 1 / n_classes, independently: the exact expected scores. majority's macro
+# average runs over the classes in y_true or called (the report's rule); uniform's over the
+# classes in y_true (a class absent from them scores F1 0 whether or not a random call names
+# it; all classes present, the two rules agree).
 
 def majority_class(y_train, n_classes):
     """The most frequent label of y_train, the lower index on a tie; None when it is empty."""
     y_train = _labels(y_train, n_classes, "y_train")
     return int(np.bincount(y_train, minlength=n_classes).argmax()) if len(y_train) else None
-
-
-def _scores(f1, support):
-    return {"macro_f1": float(f1.mean()), "weighted_f1": float(np.average(f1, weights=support))}
 
 
 def majority_scores(y_true, n_classes, majority):
@@ -192,7 +208,8 @@ def uniform_scores(y_true, n_classes):
     m, pmf = m[pmf > 0], pmf[pmf > 0]  # the rest underflowed: a few hundred m stay at n 25k
     s = np.bincount(y_true, minlength=n_classes)[:, None]  # (K, 1) true rows per class
     f1 = (pmf * _div(2 * m * s, n * (m + s))).sum(1)
-    return {"accuracy": 1 / n_classes, **_scores(f1, s[:, 0])}
+    return {"accuracy": 1 / n_classes, "macro_f1": float(f1[s[:, 0] > 0].mean()),
+            "weighted_f1": float(np.average(f1, weights=s[:, 0]))}
 
 
 def baselines(y_true, n_classes, majority):

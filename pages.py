@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import data
 import files
+import metrics
 import poses
 
 THUMB = 160  # px, the longer side of a thumbnail on a contact sheet
@@ -317,14 +318,14 @@ def metrics_table(rep, top3, base=None):
             f"</td><td>{num(c['f1'])}</td><td>{c['support']}</td></tr>" for c in rep["per_class"]]
     rows.append(f'<tr class="sum"><td>accuracy</td><td></td><td></td><td>{num(rep["accuracy"])}'
                 f'</td><td>{rep["n"]}</td></tr>')
-    for avg in ("macro", "weighted", "micro"):
+    for avg in ("macro", "weighted"):  # micro avg = accuracy for single-label classes
         a = rep[avg]
         rows.append(f"<tr><td>{avg} avg</td><td>{num(a['precision'])}</td><td>{num(a['recall'])}"
                     f"</td><td>{num(a['f1'])}</td><td>{rep['n']}</td></tr>")
     rows.append(f"<tr><td>top-3 accuracy</td><td></td><td></td><td>{num(top3)}</td><td></td></tr>")
     notes = [f"undefined {w} (n/a, counted as 0 in macro/weighted): "
              + ", ".join(rep[f"undefined_{w}"]) for w in ("precision", "recall")
-             if rep[f"undefined_{w}"]]
+             if rep[f"undefined_{w}"]] + [metrics.absent_line(rep) if rep.get("absent") else ""]
     return (f'<div><table class="num"><tr>{th}</tr>{"".join(rows)}</table>'
             f'{meta_lines(notes)}{baseline_table(rep, base) if base else ""}</div>')
 
@@ -356,6 +357,23 @@ def confusion_grid(cm, names):
     return (f'<div><table class="cm">{head}{"".join(rows)}</table><p class="axis">rows: true '
             "class, columns: predicted; colour: share of the row (recall); hover a cell for "
             "its pair</p></div>")
+
+
+GRID_MAX = 30  # classes: past this report.html lists the top confusions instead of the grid
+
+
+def top_confusions(cm, names, n=20):
+    """The n largest off-diagonal counts as a list, for a task with too many classes for a grid
+    (186 artists: a 186 x 186 table off the page): true -> predicted, count, share of the row."""
+    cm = np.asarray(cm)
+    off = cm * (1 - np.eye(len(names), dtype=cm.dtype))
+    order = np.argsort(-off, axis=None, kind="stable")[:n]
+    items = [f"<li>true <b>{esc(names[i])}</b> \u2192 predicted <b>{esc(names[j])}</b>: "
+             f"{cm[i, j]} of {cm[i].sum()} ({cm[i, j] / max(cm[i].sum(), 1):.0%})</li>"
+             for i, j in zip(*np.unravel_index(order, cm.shape), strict=True) if cm[i, j]]
+    return (f'<div><p class="axis">{len(names)} classes, too many for a grid: the '
+            f"{len(items)} most frequent confusions (the full matrix is in the confusion CSV)"
+            f'</p><ol class="confusions">{"".join(items)}</ol></div>')
 
 
 def outlier_card(rank, o):
@@ -394,7 +412,9 @@ def eval_page(path, lines, results, outliers, asked):
     for t, r in results.items():
         body += f'<h2>{esc(t)}: {r["report"]["n"]} labelled images</h2>\n<div class="row">'
         body += metrics_table(r["report"], r["top3"], r.get("baselines"))
-        body += confusion_grid(r["confusion"], [c["name"] for c in r["report"]["per_class"]])
+        names = [c["name"] for c in r["report"]["per_class"]]
+        body += (confusion_grid if len(names) <= GRID_MAX else top_confusions)(r["confusion"],
+                                                                             names)
         body += "</div>\n"
         mine = [outlier_card(i, o) for i, o in enumerate(outliers, 1) if o["task"] == t]
         if asked:
@@ -424,24 +444,28 @@ def row_html(row, skip=("title",)):
     return f"{title}<table>{cells}</table>{link}"
 
 
-def hit_card(thumbs, root, rank, score, row):
-    tag, ok = thumbs.tag(image_file(root, row["path"]), row.get("title", ""))
+def hit_card(thumbs, root, rank, score, row, extra=None):
+    """extra (retrieve --by): {"image": what to draw instead (figures over it), "why": a line}."""
+    extra = extra or {}
+    tag, ok = thumbs.tag(extra.get("image") or image_file(root, row["path"]),
+                         row.get("title", ""))
+    why = f'<div class="why">{esc(extra["why"])}</div>' if extra.get("why") else ""
     return (f'<div class="card hit{"" if ok else " bad"}"><div class="pics">{tag}</div>'
-            f'<div class="rank"><b>{rank}.</b> score {score:.3f}</div>{row_html(row)}</div>')
+            f'<div class="rank"><b>{rank}.</b> score {score:.3f}</div>{why}{row_html(row)}</div>')
 
 
 def results_page(path, lines, queries, root):
     """retrieve.py --query/--query-id --html: per query, the query image then its neighbours in
-    rank order. queries: [(query name, what load_image reads for it, [(score, manifest row),
-    ...]), optionally a 4th item: the query's own manifest row (an indexed painting: its labels
-    show under it)]; root: the index's image folder or zip."""
+    rank order. queries: [(query name, what load_image reads for it, [(score, manifest row[,
+    hit_card's extra]), ...]), optionally a 4th item: the query's own manifest row (an indexed
+    painting: its labels show under it)]; root: the index's image folder or zip."""
     thumbs, parts = Thumbs(), []
     for q, (file, image, hits, *own) in enumerate(queries, 1):
         tag, ok = thumbs.tag(image, "query")
         about = row_html(own[0]) if own and own[0] else f"<div>{esc(file)}</div>"
         cards = [f'<div class="card hit query{"" if ok else " bad"}"><div class="pics">{tag}'
                  f'</div><div class="rank"><b>query {q}</b></div>{about}</div>']
-        cards += [hit_card(thumbs, root, r, s, row) for r, (s, row) in enumerate(hits, 1)]
+        cards += [hit_card(thumbs, root, r, *hit) for r, hit in enumerate(hits, 1)]
         parts.append(f"<h2>Query {q}: {esc(os.path.basename(file))}</h2>\n"
                      f'<div class="cards">{"".join(cards)}</div>\n')
     body = meta_lines(lines) + unreadable_note(thumbs.bad) + "".join(parts)

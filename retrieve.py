@@ -63,7 +63,9 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+import by
 import files
+import filters
 import metrics
 import nets
 import pages
@@ -110,6 +112,7 @@ from retrieve_eval import (
     EVAL_NOTE,
     LABEL_COLUMNS,
     copy_failures,
+    eval_by,
     eval_copies,
     eval_labels,
     eval_table,
@@ -133,7 +136,7 @@ def cmd_build(args, device):
         emb = os.path.join(w.dir, "embeddings.npy")
         rows, n_skip, dt = embed_collection(job.model, job.rows, job.root, job.cfg, args, device,
                                             emb)
-        finish_build(w, emb, job, rows, args)
+        finish_build(w, emb, job, rows, args, device)
     return build_done(args, job.cfg, rows, n_skip, dt)
 
 
@@ -162,8 +165,9 @@ def build_job(args, device):
     return BuildJob(root, manifest, header, rows, cfg, model)
 
 
-def finish_build(w, emb, job, rows, args):
+def finish_build(w, emb, job, rows, args, device):
     """Index the vectors in emb (rows: the rows that decoded), write and commit generation w."""
+    by.build_aspects(w.dir, job.root, rows, job.cfg, args, device)  # --aspects: their files
     icfg, index = index_from_vectors(np.load(emb, mmap_mode="r"), args)
     job.cfg.update(icfg, images=job.root, manifest=job.manifest, seed=args.seed,
                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -183,6 +187,7 @@ def cmd_add(args, device):
     """Embed only the paths not yet in meta.csv; a new generation holds the old rows and them."""
     with IndexWriter(args.index) as w:  # locked before reading: no other writer in between
         cfg, meta, xb, index = open_index(args.index)
+        old_gen = generation(args.index)
         check_same_model(args, cfg)
         root = same_root(args.images, cfg, meta)
         moved, cfg["images"] = root != cfg["images"], root
@@ -195,6 +200,7 @@ def cmd_add(args, device):
         if not new:
             if moved:  # nothing to embed, but the next --add and --eval must find them there
                 files.copy_rows(os.path.join(w.dir, "embeddings.npy"), [(xb.filename, len(xb))])
+                by.copy_aspects(old_gen, w.dir, cfg)
                 write_generation(w.dir, index, list(meta[0]), meta, cfg)
                 w.commit()
             return cfg
@@ -205,6 +211,7 @@ def cmd_add(args, device):
         files.copy_rows(emb, [(xb.filename, len(xb)), (part, len(new))])
         os.remove(part)
         add_rows(index, np.load(emb, mmap_mode="r"), start=len(xb))  # trained transforms kept
+        by.add_aspects(old_gen, w.dir, cfg, new, root, args, device)
         header = list(dict.fromkeys(list(meta[0]) + header))  # old columns, then any new ones
         write_generation(w.dir, index, header, meta + new, cfg)
         w.commit()
@@ -319,7 +326,7 @@ def build_across_ranks(job, args, device):
         files.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
         if not rows:
             raise UserError(f"none of the {len(job.rows)} images under {job.root} could be read")
-        finish_build(w, emb, job, rows, args)
+        finish_build(w, emb, job, rows, args, device)
     remove_parts(stem)  # its vectors are in the generation now
     print(f"embedded {len(rows)} images on {nets.world()} processes in {dt:.1f} s "
           f"({len(rows) / max(dt, 1e-9):.1f} img/s)" + (
@@ -377,7 +384,8 @@ def cmd_train_only(args, device):
                    index_params=index_params(kind, dim, len(xb), args))
     index = new_index(job.cfg)
     train_index(index, xb, args.seed)  # the sample as a 1-process --build would draw it
-    job.cfg.update(images=job.root, manifest=job.manifest, seed=args.seed)
+    job.cfg.update(images=job.root, manifest=job.manifest, seed=args.seed,
+                   aspects=by.parse_aspects(args.aspects or by.DEFAULT_ASPECTS))
     plan = write_plan(args.index, index, job.cfg, job.header, job.rows, len(good))
     remove_parts(stem)
     print(f"trained {kind} on {len(good)} of {len(job.rows)} images "
@@ -407,6 +415,7 @@ def cmd_build_shard(args, device):
     info = {"shard": i, "of": n, "start": lo, "stop": hi, "rows_sha256": plan["rows_sha256"],
             "config": {k: cfg.get(k) for k in MODEL_KEYS}}
     good, skipped = join_parts(stem, rows, shard_files(args.index, i)["embeddings"])
+    by.build_shard_aspects(shard_dir(args.index), i, root, good, cfg, args, device)
     info = write_shard(args.index, info, good, skipped, header)
     remove_parts(stem)
     print(f"shard {i}/{n}: {info['n']} images (rows {lo}..{hi - 1}) in "
@@ -428,6 +437,7 @@ def cmd_merge_shards(args):
                               [f["index"] for f in shard_paths])
         cfg = {**plan["config"], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
                "merged_shards": len(shards)}
+        by.merge_shard_aspects(w.dir, shard_dir(args.index), len(shards), cfg)
         write_generation(w.dir, index, plan["header"], None, cfg)
         w.commit()
     skipped = [tuple(x) for s in shards for x in s["skipped"]]
@@ -440,15 +450,20 @@ def cmd_merge_shards(args):
 
 # ----------------------------------------------------------------------------- query
 
-def open_for_search(args, device):
-    """Index folder checked against the typed flags, with search-time overrides applied."""
+def open_for_search(args, device, subset=False):
+    """Index folder checked against the typed flags, with search-time overrides applied and
+    --where's rows alone searched (subset: --eval, --map: as a collection of their own)."""
     cfg, meta, xb, index = open_index(args.index)
     check_same_model(args, cfg)
     cfg["images"] = args.images or cfg["images"]  # the images may have moved since the build
     p = dict(cfg["index_params"])
     p.update({k: v for k, v in (("ef_search", args.ef_search), ("nprobe", args.nprobe)) if v})
     set_search_params(index, p)
-    return cfg, meta, xb, to_search_device(index, cfg, device, args.all_gpus)
+    index = to_search_device(index, cfg, device, args.all_gpus)
+    keep = filters.where_rows(meta, args.where)
+    if subset:
+        return (cfg, *filters.restrict(meta, xb, index, keep))
+    return cfg, meta, xb, index if keep is None else filters.Filtered(index, xb, keep)
 
 
 def check_k(k, n):
@@ -469,8 +484,13 @@ def load_query(path, size):
 def cmd_query(args, device):
     cfg, meta, xb, index = open_for_search(args, device)
     ims = [load_query(p, cfg["img_size"]) for p in args.query]
-    check_k(args.k, len(xb))
+    check_k(args.k, index.ntotal)
     xq = embed_pils(load_model(cfg, device), ims, cfg, args, device)
+    if not by.content_only(args.by):
+        D, I, why = by.search_by(args, cfg, xb, index, [(p, x, None) for p, x in
+                                                        zip(args.query, xq, strict=True)], device)
+        return report(args, cfg, meta, list(args.query), D, I, why=why,
+                      own=indexed_rows(args.query, cfg, meta))
     D, I = search(index, xq, args.k)
     return report(args, cfg, meta, list(args.query), D, I, own=indexed_rows(args.query, cfg, meta))
 
@@ -495,15 +515,20 @@ def cmd_query_id(args, device):
         if r not in row:
             raise UserError(f"not in the index: {p} (paths as in meta.csv, e.g. "
                             f"{meta[0]['path']})")
-    check_k(args.k, len(xb) - 1)
+    check_k(args.k, index.ntotal - 1)
     ids = np.array([row[r] for r in rel])
+    src = files.image_source(cfg["images"], must_exist=False)
+    names = [os.path.join(cfg["images"], r) for r in rel]  # names to print, thumbnails from src
+    if not by.content_only(args.by):
+        D, I, why = by.search_by(args, cfg, xb, index, [(n, None, i) for n, i in
+                                                        zip(names, ids, strict=True)], device)
+        return report(args, cfg, meta, names, D, I, [src.thumb(r) for r in rel], why,
+                      [meta[i] for i in ids])
     D, I = search(index, xb[ids], args.k + 1)
     keep = drop_self(I, ids, args.k)
     D, I = D[keep].reshape(len(ids), args.k), I[keep].reshape(len(ids), args.k)
-    src = files.image_source(cfg["images"], must_exist=False)
-    names = [os.path.join(cfg["images"], r) for r in rel]  # names to print, thumbnails from src
     return report(args, cfg, meta, names, D, I, [src.thumb(r) for r in rel],
-                  [meta[i] for i in ids])
+                  own=[meta[i] for i in ids])
 
 
 def labels_text(row, cols):
@@ -511,13 +536,14 @@ def labels_text(row, cols):
     return ", ".join(f"{c} {row[c]}" for c in cols if row.get(c))
 
 
-def report(args, cfg, meta, queries, D, I, thumbs=None, own=None):
+def report(args, cfg, meta, queries, D, I, thumbs=None, why=None, own=None):
     """Print the ranked lists, write the contact sheet; returns (D, I). thumbs: what to draw
-    for each query when not its path (an indexed image inside a zip); own: each query's own
-    manifest row where it is an indexed painting (its labels are printed and shown)."""
+    for each query when not its path (an indexed image inside a zip); why: --by's aspect
+    scores per hit; own: each query's own manifest row where it is an indexed painting (its
+    labels are printed and shown)."""
     cols = [c for c in LABEL_COLUMNS if c in meta[0] and c != "attribution"]
     own = own or [None] * len(queries)
-    for q, d_row, i_row, mine in zip(queries, D, I, own, strict=True):
+    for n, (q, d_row, i_row, mine) in enumerate(zip(queries, D, I, own, strict=True)):
         print(f"query: {q}" + (f"  [{labels_text(mine, cols)}]" if mine else "") +
               "\n  rank  score  path  [title - attribution]" + (f"  [{', '.join(cols)}]"
                                                                  if cols else ""))
@@ -527,12 +553,14 @@ def report(args, cfg, meta, queries, D, I, thumbs=None, own=None):
                 label = " - ".join(x for x in (r.get("title"), r.get("attribution")) if x)
                 tags = labels_text(r, cols)
                 print(f"  {rank:>4}  {score:.3f}  {r['path']}{'  ' + label if label else ''}"
-                      + (f"  [{tags}]" if tags else ""))
+                      + (f"  [{tags}]" if tags else "")
+                      + (f"\n        by {by.why_line(why[n]['hits'][rank - 1]['scores'], args.by)}"
+                         if why else ""))
     sheet = args.sheet or os.path.join(args.index, "query_sheet.png")
-    query_sheet(queries, D, I, meta, cfg["images"], sheet, thumbs)
+    query_sheet(queries, D, I, meta, cfg["images"], sheet, thumbs, why)
     print(f"contact sheet: {sheet}")
     if args.html:
-        results_html(args, cfg, meta, queries, D, I, thumbs, own)
+        results_html(args, cfg, meta, queries, D, I, thumbs, why, own)
     return D, I
 
 
@@ -545,33 +573,38 @@ def index_line(folder, cfg):
                                                              else ""))
 
 
-def results_html(args, cfg, meta, queries, D, I, thumbs=None, own=None):
+def results_html(args, cfg, meta, queries, D, I, thumbs=None, why=None, own=None):
     """--html: each query, then its neighbours in rank order with every manifest column.
-    thumbs: what to draw for each query when not its path (as for the contact sheet)."""
+    thumbs: what to draw for each query when not its path (as for the contact sheet); why:
+    --by's per hit (aspect scores, figures drawn)."""
     hits = [[(float(s), meta[i]) for s, i in zip(d_row, i_row, strict=True) if i >= 0]
             for d_row, i_row in zip(D, I, strict=True)]
     lines = [index_line(args.index, cfg), f"{args.k} neighbours per query; score: cosine "
              "similarity of the embeddings (1 = the same direction)"]
+    if why:
+        hits, thumbs, lines[1] = by.page_hits(hits, why, cfg["images"], queries, thumbs)
+    own = own or [None] * len(queries)
     bad = pages.results_page(args.html, lines, list(zip(queries, thumbs or queries, hits,
                                                         own, strict=True)), cfg["images"])
     print(f"html: {args.html}" + (f" ({bad} images no longer decode: grey)" if bad else ""))
 
 
-def query_sheet(queries, D, I, meta, root, path, thumbs=None):
-    """One row per query: the query (framed), then its top k with rank, score and title."""
+def query_sheet(queries, D, I, meta, root, path, thumbs=None, why=None):
+    """One row per query: the query (framed), then its top k with rank, score and title (--by:
+    the aspect scores, and the figures drawn)."""
     rows, src = [], files.image_source(root, must_exist=False)  # a folder or a zip
     for n, (q, d_row, i_row) in enumerate(zip(queries, D, I, strict=True)):
         rows.append([(thumbs[n] if thumbs else q, "query", os.path.basename(q))] + [
             (src.thumb(meta[i]["path"]), f"{rank}. {s:.3f}",
              meta[i].get("title") or os.path.basename(meta[i]["path"]))
             for rank, (s, i) in enumerate(zip(d_row, i_row, strict=True), 1) if i >= 0])
-    pages.contact_sheet(rows, path, frame_first=True)
+    pages.contact_sheet(by.sheet_rows(rows, why) if why else rows, path, frame_first=True)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 def cmd_eval(args, device):
-    cfg, meta, xb, index = open_for_search(args, device)
+    cfg, meta, xb, index = open_for_search(args, device, subset=True)
     n = len(xb)
     if n < 11:
         raise UserError(f"--eval needs >= 11 indexed images (the query and 10 neighbours); "
@@ -581,9 +614,9 @@ def cmd_eval(args, device):
     _, I = search(index, xb[ids], 11)
     res = {"n": n, "self": {"queries": len(ids), **metrics.retrieval_metrics(I[:, :10], ids)}}
     cids = np.sort(rng.choice(n, size=min(n, args.eval_queries or 200), replace=False))
-    keep = {} if args.html else None
-    res["copy"] = eval_copies(load_model(cfg, device), index, meta, cfg, args, device, cids,
-                              keep)
+    keep, model = ({} if args.html else None), load_model(cfg, device)
+    res["copy"] = eval_copies(model, index, meta, cfg, args, device, cids, keep)
+    res.update(eval_by(model, index, meta, cfg, args, device, cids))  # --by pose, light, layout
     res["labels"] = eval_labels(meta, I[drop_self(I, ids, 10)].reshape(len(ids), 10), ids, n)
     print(format_eval(res))
     files.atomic_write(os.path.join(args.index, "eval.json"),
@@ -615,7 +648,7 @@ def cmd_map(args, device):
     if os.path.isfile(os.path.join(gen, "config.json")) and not os.path.isfile(emb):
         raise UserError(f"--map lays out the stored embeddings and {emb} is missing: rebuild "
                         "the index with --build")
-    cfg, meta, xb, index = open_for_search(args, device)
+    cfg, meta, xb, index = open_for_search(args, device, subset=True)
     n, k = len(xb), min(args.k, len(xb) - 1)
     if k < 1:
         raise UserError(f"--map needs at least 2 indexed images; {args.index} has {n}")
@@ -756,6 +789,15 @@ def build_parser():
                    + default("nprobe"))
     q = p.add_argument_group("query and eval")
     q.add_argument("-k", type=int, default=5, help="results per query")
+    q.add_argument("--where", action="append", metavar="FILTER", help="--query, --query-id, "
+                   "--eval, --map: only rows of meta.csv that pass, e.g. 'style=Baroque', "
+                   "'year<1700', 'artist=rembrandt|vermeer' (= != < <= > >=; numbers as "
+                   "numbers; repeat: all must hold)")
+    q.add_argument("--by", default="content", metavar="ASPECTS", help="--query/--query-id: "
+                   f"rank by {', '.join(by.ASPECTS)}, or weighted, e.g. pose=1,light=0.3 (the "
+                   "index must hold them: --build --aspects)")
+    q.add_argument("--mirror", action="store_true", help="--by pose/face: a mirrored figure "
+                   "matches too")
     q.add_argument("--sheet", help="contact sheet PNG (default: INDEX/query_sheet.png)")
     q.add_argument("--html", metavar="PAGE", nargs="?", const="", help="also write a "
                    "self-contained HTML page: --query/--query-id the results (--html alone: "
@@ -766,6 +808,14 @@ def build_parser():
                    "artist, genre, attribution with 2+ values; none: no colours)")
     q.add_argument("--eval-queries", type=int, help="copy-detection queries (default: "
                    "min(200, n))")
+    a = p.add_argument_group("aspects (pose, face, light, layout)")
+    a.add_argument("--aspects", help="--build: what to index besides content, of "
+                   f"{','.join(by.ASPECTS)}; pose and face run a keypoint detector on every "
+                   f"image unless --poses gives the figures (default: {by.DEFAULT_ASPECTS})")
+    a.add_argument("--poses", metavar="FILE", help="COCO keypoint JSON of the images' figures "
+                   "(paths relative to --images): pose and face without the detector")
+    a.add_argument("--pose-weights", help="the detector's weights: coco (downloaded once), "
+                   "none (random init: tests), or a state_dict PATH (default: coco)")
     r = nets.add_runtime_flags(p, "--build: embed with bf16 weights on CPUs with fast bf16 "
                                "(AMX, Zen 4) and CUDA sm >= 8.0, fp16 on older GPUs (T4); "
                                "--no-amp: fp32. The index records it: queries, --add and "
@@ -787,6 +837,8 @@ def main(argv=None):
     nets.tune_malloc()
     try:
         check_html(args)
+        if args.where and not (args.query or args.query_id or args.eval or args.map):
+            raise UserError("--where goes with --query, --query-id, --eval or --map")
         if args.shard is not None and not args.build:
             raise UserError("--shard I/N goes with --build")
         if args.merge_shards:

@@ -15,8 +15,10 @@ import math
 import os
 
 import numpy as np
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
+import aspects
+import by
 import files
 import metrics
 import pages
@@ -118,6 +120,9 @@ def copy_failures(meta, ids, keep):
 EVAL_NOTE = ("{n} images indexed. * a sanity check only: 1.0 for any injective embedding "
              "searched exactly (ivfpq's compressed codes score lower).\n"
              "rnd = expected under a random ranking of the same candidates.")
+POSE_NOTE = ("pose: {q} paintings with figures, each mirrored (half), turned <= 20 deg, scaled "
+             "0.5-2x, joints jittered and 0-3 dropped, must find their source among all {n}; "
+             "MRR over the top {depth}; by content: the same transformed pictures' embeddings.")
 
 
 def eval_table(res):
@@ -126,6 +131,9 @@ def eval_table(res):
     head = ("queries", "Top-1", "R@5", "MRR@10", "mAP@10", "P@5", "rnd mAP", "rnd P@5")
     rows = [("self-retrieval *", res["self"]), ("copy detection", res["copy"])]
     rows += [(f"label: {c} ({v['classes']} cl.)", v) for c, v in res["labels"].items()]
+    rows += [(f"pose: by {a}", res["pose"][a]) for a in ("pose", "content", "random")] \
+        if "pose" in res else []
+    rows += [(f"copy detection by {a}", v) for a, v in res.get("aspect_copies", {}).items()]
 
     def cell(v):
         return "-" if v is None else str(v) if isinstance(v, int) else f"{v:.3f}"
@@ -139,4 +147,103 @@ def format_eval(res):
     lines = [f"{'protocol':<{w}}" + "".join(f"{h:>8}" for h in head)]
     lines += [f"{name:<{w}}" + "".join(f"{c:>8}" for c in cells) for name, cells in rows]
     lines.append(EVAL_NOTE.format(n=res["n"]))
+    if "pose" in res:
+        lines.append(POSE_NOTE.format(q=res["pose"]["queries"], n=res["n"],
+                                      depth=res["pose"]["depth"]))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- --eval --by pose
+# Each painting with figures, transformed as a whole (mirrored half the time, turned up to
+# POSE_TURN degrees, scaled POSE_SCALE), its figures carried along, then jittered (POSE_JITTER of
+# each figure's size) and 0-3 of their joints dropped: the new picture must find its source
+# among all indexed ones, --by pose (its figures; mirrors allowed) against --by content (its
+# pixels) on the same queries, and a random ranking.
+POSE_TURN, POSE_SCALE, POSE_JITTER, POSE_DROP = 20.0, (0.5, 2.0), 0.025, 3
+
+
+def transformed_painting(im, K, rng):
+    """(the image, its figures (m, 17, 3) in the new image's pixels) under one seeded similarity
+    transform; the figures' joints also jittered and some dropped."""
+    K = np.array(K, np.float64)
+    if rng.random() < 0.5:
+        im, K = ImageOps.mirror(im), aspects.mirrored(K)
+        K[..., 0] += im.width - 1
+    deg = rng.uniform(-POSE_TURN, POSE_TURN)
+    out = im.rotate(deg, Image.BILINEAR, expand=True)  # counter-clockwise as seen
+    t, c = math.radians(deg), ((im.width - 1) / 2, (im.height - 1) / 2)
+    dx, dy = K[..., 0] - c[0], K[..., 1] - c[1]
+    K[..., 0] = (out.width - 1) / 2 + dx * math.cos(t) + dy * math.sin(t)
+    K[..., 1] = (out.height - 1) / 2 - dx * math.sin(t) + dy * math.cos(t)
+    s = rng.uniform(*POSE_SCALE)
+    out = out.resize((max(16, round(out.width * s)), max(16, round(out.height * s))),
+                     Image.BILINEAR)
+    K[..., :2] *= s
+    there = K[..., 2] >= aspects.MIN_CONF
+    size = aspects.body_size(K, there)
+    K[..., :2] += rng.normal(0, 1, K[..., :2].shape) * POSE_JITTER * size[:, None, None]
+    for f in K:  # views: dropped in place, never below 4 joints (aspects.MIN_SHARED)
+        shown = np.flatnonzero(f[:, 2] >= aspects.MIN_CONF)
+        drop = min(int(rng.integers(0, POSE_DROP + 1)), max(len(shown) - 4, 0))
+        f[rng.choice(shown, drop, replace=False), 2] = 0
+    return out, K
+
+
+def eval_pose(store, model, index, meta, cfg, args, device):
+    """The pose protocol above: {queries, pose, content, random}, each with top1, recall@5 and
+    mrr (over the top by.VERIFY_TOP)."""
+    if args.where:
+        raise UserError("--eval --by pose searches the whole index: drop --where")
+    has = np.flatnonzero(np.diff(store.arrays["figure_start.npy"]) > 0)
+    if not len(has):
+        raise UserError(f"--eval --by pose: no painting in {args.index} has figures")
+    rng = np.random.default_rng([args.seed, 25])
+    ids = np.sort(rng.choice(has, min(len(has), args.eval_queries or 200), replace=False))
+    depth, n = min(by.VERIFY_TOP, len(meta)), len(meta)
+    ctx = {"index": index, "xb": None, "mirror": True}
+    I_pose, I_content = np.full((len(ids), depth), -1), np.full((len(ids), depth), -1)
+    prog = files.Progress(len(ids), "pose eval")
+    for q, j in enumerate(ids):
+        im = original(cfg, meta[j]["path"])  # decoded smaller: the figures scaled to it
+        (w, h), K = store.arrays["sizes.npy"][j], store.figures_of(j).astype(np.float64)
+        K[..., 0], K[..., 1] = K[..., 0] * im.width / w, K[..., 1] * im.height / h
+        im2, K2 = transformed_painting(im, K, rng)
+        I_pose[q] = by.rank(store, by.Query(meta[j]["path"], None, figures=K2), {"pose": 1.0},
+                            depth, None, ctx)[1]
+        I_content[q] = search(index, embed_pils(model, [im2], cfg, args, device), depth)[1][0]
+        prog.update(1)
+    mrr = sum(1 / r for r in range(1, depth + 1)) / n
+    m = len(ids)
+    return {"queries": m, "depth": depth,
+            "pose": {"queries": m, **metrics.retrieval_metrics(I_pose, ids, ks=(1, 5))},
+            "content": {"queries": m, **metrics.retrieval_metrics(I_content, ids, ks=(1, 5))},
+            "random": {"queries": m, "top1": 1 / n, "recall@5": min(5, n) / n, "mrr": mrr}}
+
+
+def eval_aspect_copies(store, meta, cfg, args, names, ids):
+    """Per model-free aspect (light, layout): the copy-detection copies (copy_of, the same seed)
+    searched by that aspect alone, computed on the copy: does it still find its painting?"""
+    rng, found = np.random.default_rng(args.seed), {a: [] for a in names}
+    for j in ids:
+        small = by.thumb_of(copy_of(original(cfg, meta[j]["path"]), rng))
+        q = by.Query(meta[j]["path"], None, aspects.light_features(small),
+                     aspects.layout_vector(small))
+        for a in names:
+            s = (by.light_scores if a == "light" else by.layout_scores)(store, q)
+            found[a].append(np.argsort(-s, kind="stable")[:10])
+    return {a: {"queries": len(ids), **metrics.retrieval_metrics(np.array(I), np.asarray(ids),
+                                                                  ks=(1, 5))}
+            for a, I in found.items()}
+
+
+def eval_by(model, index, meta, cfg, args, device, cids):
+    """--eval --by: the pose protocol (pose), the copies searched by light or layout alone."""
+    weights, res = by.parse_by(args.by), {}
+    if "pose" in weights:  # figures transformed must find their painting
+        res["pose"] = eval_pose(by.open_aspects(args.index, cfg, ["pose"]), model, index, meta,
+                                cfg, args, device)
+    plain = [a for a in weights if a in ("light", "layout")]
+    if plain and not args.where:
+        res["aspect_copies"] = eval_aspect_copies(by.open_aspects(args.index, cfg, plain), meta,
+                                                  cfg, args, plain, cids)
+    return res

@@ -46,6 +46,7 @@ from PIL import Image, ImageOps
 
 import aspects
 import bench
+import by
 import crnn
 import crnn_data
 import crnn_model
@@ -54,6 +55,7 @@ import data
 import embed
 import fetch
 import files
+import filters
 import index as faiss_index  # index.py (`index` names a FAISS index here)
 import layout
 import metrics
@@ -62,6 +64,7 @@ import pages
 import painter
 import poses
 import retrieve
+import retrieve_eval
 import wikiart
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -635,9 +638,10 @@ def test_metrics_classification_report_hand():
     assert [c["support"] for c in rep["per_class"]] == [3, 2, 1, 0, 0]
     assert [c["predicted"] for c in rep["per_class"]] == [2, 3, 0, 1, 0]
     assert rep["accuracy"] == pytest.approx(2 / 6)
-    # macro over all 5 classes, undefined as 0: p (1/2 + 1/3) / 5 = 1/6, r same,
-    # f1 (2/5 + 2/5) / 5 = 4/25
-    assert rep["macro"] == pytest.approx({"precision": 1 / 6, "recall": 1 / 6, "f1": 4 / 25})
+    # macro over the 4 classes in y_true or y_pred (e is in neither: left out, as sklearn
+    # without labels), undefined as 0: p (1/2 + 1/3) / 4 = 5/24, r same, f1 (2/5 + 2/5) / 4
+    assert rep["macro"] == pytest.approx({"precision": 5 / 24, "recall": 5 / 24, "f1": 1 / 5})
+    assert rep["absent"] == ["e"]
     # weighted by support 3,2,1,0,0 over 6: p (3/2 + 2/3 + 0) / 6 = 13/36,
     # r (1 + 1 + 0) / 6 = 1/3, f1 (6/5 + 4/5 + 0) / 6 = 1/3
     assert rep["weighted"] == pytest.approx({"precision": 13 / 36, "recall": 1 / 3, "f1": 1 / 3})
@@ -670,14 +674,17 @@ def test_metrics_format_report_hand():
     assert rows["d"] == ["0.000", "n/a", "0.000", "0"]
     assert rows["e"] == ["n/a", "n/a", "n/a", "0"]
     assert rows["accuracy"] == ["0.333", "6"]
-    assert rows["macro"] == ["avg", "0.167", "0.167", "0.160", "6"]
+    assert rows["macro"] == ["avg", "0.208", "0.208", "0.200", "6"]
     assert rows["weighted"] == ["avg", "0.361", "0.333", "0.333", "6"]  # 13/36 = 0.3611
-    assert rows["micro"] == ["avg", "0.333", "0.333", "0.333", "6"]
+    assert "micro" not in rows  # single-label: micro avg = accuracy, a row saying it twice
+    assert "left out of macro avg (no image here, never predicted): e; it averages the 4 of 5 " \
+        "classes in the truth or the predictions" in text
     assert text.splitlines()[-1] == ("n/a = undefined: precision of a class never predicted, "
                                      "recall of a class with no true samples; counted as 0 in "
                                      "macro and weighted avg (sklearn zero_division=0).")
+    assert "n/a = undefined" not in metrics.format_report(rep, note=False)
     # fixed width: header, class rows and average rows all end in the same column
-    table = [line for line in text.splitlines()[:-1] if line.strip()]
+    table = [line for line in text.splitlines()[:-3] if line.strip()]
     assert len({len(line) for line in table}) == 1
     assert "0.50 " in metrics.format_report(rep, digits=2)
 
@@ -706,9 +713,10 @@ def test_metrics_classification_matches_sklearn(seed):
         for key, ref in (("precision", p), ("recall", r), ("f1", f1)):
             assert (row[key] or 0.0) == pytest.approx(ref[c], abs=1e-12, rel=0)
         assert row["support"] == support[c]
-    for avg in ("macro", "weighted", "micro"):
+    for avg in ("macro", "weighted", "micro"):  # macro: sklearn's labels, those seen (not 6)
         ref = skm.precision_recall_fscore_support(
-            y_true, y_pred, labels=labels, average=avg, zero_division=0
+            y_true, y_pred, labels=None if avg == "macro" else labels, average=avg,
+            zero_division=0
         )[:3]
         got = (rep[avg]["precision"], rep[avg]["recall"], rep[avg]["f1"])
         assert got == pytest.approx(ref, abs=1e-12, rel=0)
@@ -768,7 +776,10 @@ def test_metrics_uniform_baseline_exact_by_enumeration(y, k):
             for p in itertools.product(range(k), repeat=len(y))]
     u = metrics.uniform_scores(y, k)
     assert u["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in reps]), abs=1e-12)
-    assert u["macro_f1"] == pytest.approx(np.mean([r["macro"]["f1"] for r in reps]), abs=1e-12)
+    there = [c for c in range(k) if c in y]  # uniform's macro: the classes in y_true
+    assert u["macro_f1"] == pytest.approx(np.mean([np.mean([r["per_class"][c]["f1"] or 0.0
+                                                            for c in there]) for r in reps]),
+                                          abs=1e-12)
     assert u["weighted_f1"] == pytest.approx(np.mean([r["weighted"]["f1"] for r in reps]),
                                              abs=1e-12)
 
@@ -1745,6 +1756,103 @@ def test_data_demo_long_tail(tmp_path, capsys):
         data.main(["demo", "--out", str(out), "--n", "5", "--tail", "100"])
 
 
+# ----------------------------------------------------------------- your own paintings (userdata.py)
+
+
+def paintings_tree(demo, root, levels=2):
+    """The demo's images rearranged as a user's folder: root/<style>[/<artist>]/x.jpg."""
+    for r in files.read_csv(demo / "manifest.csv"):
+        parts = [r["style"], r["artist"] or "unknown"][:levels]
+        os.makedirs(root.joinpath(*parts), exist_ok=True)
+        shutil.copy(demo / "images" / r["path"], root.joinpath(*parts))
+    return root
+
+
+def test_data_folder_labels_from_folder_names(demo, tmp_path, capsys):
+    pics = paintings_tree(demo, tmp_path / "paintings")
+    (pics / "Cubism" / "unknown" / "broken.jpg").write_bytes(jpeg_bytes()[:100])
+    (pics / "Cubism" / "notes.txt").write_text("not a painting")
+    shutil.copy(next((pics / "Cubism").rglob("*.jpg")), pics / "loose.jpg")  # no style folder
+    out = tmp_path / "mine"
+    assert data.main(["folder", "--images", str(pics), "--levels", "style,artist", "--out",
+                      str(out), "--split", "artist"]) == 0
+    log = capsys.readouterr().out
+    assert "left out 1 images less than 2 folder(s) deep" in log and "1 files that are not" in log
+    assert [r["reason"] for r in files.read_csv(out / "unusable.csv")] == ["corrupt"]
+    rows = files.read_csv(out / "manifest.csv")
+    assert list(rows[0]) == ["path", "style", "artist", "split"] and len(rows) == 120
+    assert all(r["path"].split("/")[:2] == [r["style"], r["artist"]] for r in rows)
+    by = {s: {r["artist"] for r in rows if r["split"] == s} for s in ("train", "dev", "test")}
+    assert all(by.values()) and not (by["train"] & by["test"]) and not (by["train"] & by["dev"])
+    assert f"--data {out / 'manifest.csv'} --root {pics}" in log
+    table = crnn_data.read_table(str(out / "manifest.csv"), str(out / "classes.json"))
+    assert table.tasks == ["style", "artist"] and (table.y >= 0).all()
+    # ImageFolder's one level: deeper folders do not label; random: stratified test and dev
+    data.main(["folder", "--images", str(pics), "--out", str(out), "--test-frac", "0.25"])
+    rows = files.read_csv(out / "manifest.csv")
+    assert list(rows[0]) == ["path", "style", "split"] and len(rows) == 120
+    for style in {r["style"] for r in rows}:
+        mine = Counter(r["split"] for r in rows if r["style"] == style)
+        assert mine["test"] >= 3 and mine["dev"] >= 1 and mine["train"] > mine["test"]
+    with pytest.raises(SystemExit, match="--split group:museum: no museum column"):
+        data.main(["folder", "--images", str(pics), "--out", str(out), "--split", "group:museum"])
+    with pytest.raises(SystemExit, match="no images 1 folder"):
+        data.main(["folder", "--images", str(pics / "Cubism" / "unknown"), "--out", str(out)])
+
+
+def test_data_folder_on_a_long_tail(demo_tail, tmp_path, capsys):
+    """The long-tailed demo's folders (72, 29, 11, 4, 2, 2 images per style): the styles under
+    --min-per-class are dropped by name, every style kept has a test and a dev image."""
+    data.main(["folder", "--images", str(demo_tail / "images"), "--out", str(tmp_path / "m")])
+    log = capsys.readouterr().out
+    sizes = Counter(p.split("/")[0] for p in painter.scan_files(demo_tail / "images"))
+    small = [c for c, n in sizes.items() if n < wikiart.SMALL_CLASS]
+    assert len(small) == 3 and all(f"dropped class {c}: {sizes[c]} usable images" in log
+                                   for c in small)
+    rows = files.read_csv(tmp_path / "m" / "manifest.csv")
+    assert len(rows) == sum(n for n in sizes.values() if n >= wikiart.SMALL_CLASS)
+    for c in set(sizes) - set(small):
+        assert {r["split"] for r in rows if r["style"] == c} == {"train", "dev", "test"}
+
+
+def test_data_csv_any_paths_and_labels(demo, tmp_path, capsys):
+    gallery = files.read_csv(demo / "gallery.csv")
+    rows = [[str(demo / "images" / r["path"]), r["style"], r["attribution"], f"m{i % 5}"]
+            for i, r in enumerate(gallery)]
+    rows.append([rows[0][0], "Cubism", rows[0][2], "m0"])  # listed twice, another style
+    files.write_csv(tmp_path / "labels.csv", ["file", "style", "painter", "museum"], rows)
+    with pytest.raises(SystemExit, match=r"no column path, split.*data\.py csv --csv"):
+        crnn.main(["--train", "--data", str(tmp_path / "labels.csv"), *CRNN_FAST])
+    out = tmp_path / "mine"
+    data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
+               "--label-cols", "style,painter", "--out", str(out), "--split", "group:museum",
+               "--min-per-class", "1"])
+    log = capsys.readouterr().out
+    assert f"image root: {demo / 'images'}" in log and "style 1" in log  # absolute paths
+    got = files.read_csv(out / "manifest.csv")
+    assert list(got[0]) == ["path", "style", "painter", "split"] and len(got) == 119
+    assert {r["path"] for r in got} == {r["path"] for r in gallery} - {gallery[0]["path"]}
+    museum = {os.path.relpath(r[0], demo / "images"): r[3] for r in rows}
+    splits = {}
+    for r in got:
+        splits.setdefault(museum[r["path"]], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits.values()) and len(splits) == 5
+    table = crnn_data.read_table(str(out / "manifest.csv"), str(out / "classes.json"),
+                                 crnn_data.train_tasks("style,painter"))
+    assert table.tasks == ["style", "painter"] and len(table.classes["painter"]) == 6
+    # --min-per-class per column: the first drops images, the others leave labels empty
+    data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
+               "--label-cols", "style,painter", "--out", str(out), "--min-per-class", "19"])
+    got = files.read_csv(out / "manifest.csv")
+    kept = Counter(r["style"] for r in got)
+    assert min(kept.values()) >= 19 and len(kept) < 6
+    n = Counter(r["painter"] for r in got if r["painter"])
+    assert n and min(n.values()) >= 19 and any(not r["painter"] for r in got)
+    with pytest.raises(SystemExit, match="--label-cols 'style,split'"):
+        data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
+                   "--label-cols", "style,split", "--out", str(out)])
+
+
 # --------------------------------------------------------------------------------- poses (poses.py)
 
 
@@ -1874,7 +1982,8 @@ def test_nets_autocast_and_cudnn_flags(monkeypatch, demo, tmp_path):
     assert isinstance(nets.autocast(torch.device("cpu"), torch.bfloat16), torch.autocast)
     seen = []
     monkeypatch.setattr(crnn, "cmd_train", lambda *a: seen.append(
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)))
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic))
+        or {"epoch": 0, "best": 0.0, "selected_on": "val"})
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
     crnn.main(["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST,
@@ -2102,6 +2211,29 @@ def test_pages_rows_are_escaped_and_nga_rows_link_to_nga(tmp_path):
     assert pages.script_json({"t": "</script><!--"}) == '{"t":"<\\/script><\\!--"}'
 
 
+def test_pages_many_classes_list_the_top_confusions(tmp_path):
+    """Past pages.GRID_MAX classes report.html lists the largest confusions, not a K x K grid
+    (186 artists: 4.4 MB, off the page)."""
+    k, rng = 40, np.random.default_rng(0)
+    y = rng.integers(0, k, 400)
+    pred = np.where(rng.random(400) < 0.9, y, (y + 1) % k)
+    pred[y == 3] = 7  # the largest confusion: every true 3 called 7
+    names = [f"artist_{i}" for i in range(k)]
+    res = {"artist": {"report": metrics.classification_report(y, pred, k, names), "top3": 0.5,
+                      "confusion": metrics.confusion_matrix(y, pred, k)}}
+    pages.eval_page(str(tmp_path / "r.html"), ["x"], res, [], 0)
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'class="cm"' not in text and text.count("<li>true ") == 20
+    n3 = int((y == 3).sum())
+    first = text.split('<ol class="confusions">')[1].split("</li>")[0]
+    assert first == f"<li>true <b>artist_3</b> \u2192 predicted <b>artist_7</b>: {n3} of {n3} " \
+        "(100%)"
+    res["artist"]["confusion"] = res["artist"]["confusion"][:6, :6]
+    res["artist"]["report"]["per_class"] = res["artist"]["report"]["per_class"][:6]
+    pages.eval_page(str(tmp_path / "r.html"), ["x"], res, [], 0)
+    assert 'class="cm"' in (tmp_path / "r.html").read_text(encoding="utf-8")
+
+
 def test_pages_draw_figures_colours_shown_limbs_only():
     im = Image.new("RGB", (100, 80), (128, 128, 128))
     k = np.zeros((17, 3))
@@ -2138,6 +2270,10 @@ def test_crnn_learns_demo_above_chance(trained):
     assert dev["mean_f1"] > 0.35  # mean macro-F1 over 3 tasks: chance ~0.2
     assert set(ckpt["classes"]) == {"style", "artist", "genre"}
     assert model.embed(torch.randn(2, 3, 64, 64)).shape == (2, 512)  # 2 x --hidden 256
+    # best.pt without AdamW's two moments (2x the model): only last.pt, which --resume reads
+    last = torch.load(trained / "last.pt", weights_only=True)
+    assert "optimizer" not in ckpt and "scheduler" not in ckpt and last["optimizer"]["state"]
+    assert os.path.getsize(trained / "best.pt") < 0.4 * os.path.getsize(trained / "last.pt")
 
 
 # A child python that runs crnn.main(argv[2:]) and SIGKILLs itself (as `kill -9`: no handler,
@@ -2346,7 +2482,8 @@ def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, 
     # what training says at its start: the small classes by name, what selection averages
     small = sorted((n, c) for c, n in n_train.items() if n < wikiart.SMALL_CLASS)
     assert "warning: style: " in log and f"{small[0][1]} ({small[0][0]})" in log
-    assert "each averaged over all the task's classes (style 6, artist 6, genre 4)" in log
+    assert "each averaged over the task's classes in the split or predicted (style 6, artist 6, " \
+        "genre 4)" in log
     assert "val baselines (macro-F1): style majority class " in log
     # a checkpoint from before train counts and the new --balance names still resumes and
     # evaluates; --eval then takes the majority class from the manifest's train rows
@@ -2366,12 +2503,20 @@ def test_crnn_long_tail_default_holds_where_inverse_weights_collapse(demo_tail, 
 def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
     args = ["--train", "--data", str(demo / "manifest.csv"), *CRNN_FAST, "--freeze-backbone",
             "--epochs", "1", "--out", str(tmp_path)]
-    crnn.main(args)
+    state = crnn.main(args)
     out = capsys.readouterr().out
     assert out.count("cache: wrote") == 2
+    assert state["epoch"] == 1 and repr(state) == (f"<crnn.py: best val mean macro-F1 "
+                                                   f"{state['best']:.4f} after 1 epochs: "
+                                                   f"{tmp_path / 'best.pt'}>")
+    assert f"next: python crnn.py --eval --ckpt {tmp_path / 'best.pt'} " in out
+    assert f"python retrieve.py --build --ckpt {tmp_path / 'best.pt'} --images " in out
     feats = np.load(tmp_path / "cache" / "train.npy", mmap_mode="r")
     assert feats.dtype == np.float16 and feats.shape[1:] == (512, 2, 2)  # 64 px / 32
-    crnn.main(args)
+    msg = crnn_error(capsys, args)  # the same flags again would replace a better best.pt
+    assert f"{tmp_path} holds a run with these flags (1 epochs, best mean F1 " in msg
+    assert "--resume to continue it, or --overwrite to replace it" in msg
+    crnn.main([*args, "--overwrite"])
     assert capsys.readouterr().out.count("cache: reusing") == 2
     crnn.main([*args, "--img-size", "96", "--overwrite"])  # another key: rebuilt, 3x3 maps
     assert capsys.readouterr().out.count("cache: wrote") == 2
@@ -2409,6 +2554,26 @@ def test_crnn_reads_old_checkpoints_val_as_dev(trained, tmp_path):
     torch.save(ckpt, tmp_path / "old.pt")
     got = crnn.load_checkpoint(str(tmp_path / "old.pt"))[1]
     assert got["dev"] == ckpt["val"] and "val" not in got
+
+
+def test_crnn_thin_tasks_left_out_unless_asked(demo, tmp_path, capsys):
+    """A task with a median under 5 train images per class (here 60 'artists' of 2 images) is
+    left out of training by default, with the line that says how to keep it."""
+    rows = files.read_csv(demo / "manifest.csv")
+    for i, r in enumerate(rows):
+        r["artist"] = f"painter_{i // 2}"
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
+    args = ["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo / "images"),
+            *CRNN_FAST, "--freeze-backbone", "--epochs", "1", "--out", str(tmp_path / "run")]
+    crnn.main(args)
+    log = capsys.readouterr().out
+    assert re.search(r"left out artist: a median of [12](\.5)? train images per class over its 60 "
+                     r"classes, under 5: too few to learn \(--tasks style,genre,artist keeps "
+                     r"it\)", log), log
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["tasks"] == \
+        ["style", "genre"]
+    table = crnn_data.read_table(str(tmp_path / "m.csv"), str(tmp_path / "none.json"))
+    assert crnn_data.learnable_tasks(table, "style,artist") is table  # typed: kept
 
 
 def test_crnn_patience_stops_early(demo, tmp_path, capsys):
@@ -2539,7 +2704,7 @@ def test_crnn_torchrun_resumes_on_two_processes_like_one(demo, tmp_path, monkeyp
     args = ["--train", "--data", str(tmp_path / "m81.csv"), "--root", str(demo / "images"),
             "--classes", str(demo / "classes.json"), *CRNN_FAST, "--freeze-backbone", "--dropout",
             "0", "--epochs", "3", "--batch-size", "16", "--lr", "1e-3", "--seed", "1",
-            "--device", "cpu"]
+            "--device", "cpu", "--tasks", "style,artist,genre"]  # typed: the thin artist stays
     one, two = tmp_path / "one", tmp_path / "two"
     crnn.main([*args, "--out", str(one)])
     kill_in_epoch(monkeypatch, 2)
@@ -2701,12 +2866,13 @@ def test_crnn_guard_and_baselines_on_a_hand_made_split(trained, demo, tmp_path, 
     page = (tmp_path / "e" / "report.html").read_text(encoding="utf-8")
     assert f'<p class="warn">{html.escape(line)}' in page
     # test = a b b c, majority (of train: a a a b) a: accuracy 1/4, F1_a = 2*1 / (4 + 1) = 0.4,
-    # macro over the 6 classes 0.4 / 6, weighted 0.4 / 4; uniform: metrics' exact expectation
+    # macro over the 3 classes in the truth or the calls (a, b, c) 0.4 / 3, weighted 0.4 / 4;
+    # uniform: metrics' exact expectation
     assert m["baselines"]["majority"] == pytest.approx({"class": 0, "name": a, "accuracy": 0.25,
-                                                        "macro_f1": 0.4 / 6, "weighted_f1": 0.1})
+                                                        "macro_f1": 0.4 / 3, "weighted_f1": 0.1})
     assert m["baselines"]["uniform"] == pytest.approx(metrics.uniform_scores([0, 1, 1, 2], 6))
     assert m["baselines"]["uniform"]["accuracy"] == pytest.approx(1 / 6)
-    for v in ("0.250", f"{0.4 / 6:.3f}", "0.100", f"{m['baselines']['uniform']['macro_f1']:.3f}"):
+    for v in ("0.250", f"{0.4 / 3:.3f}", "0.100", f"{m['baselines']['uniform']['macro_f1']:.3f}"):
         assert f"<td>{v}</td>" in page
     assert check_page(tmp_path / "e" / "report.html").tags["table"] >= 3
 
@@ -2744,6 +2910,37 @@ def test_crnn_inference_in_bf16_agrees_with_fp32(trained, demo):
         pa, pb = a(x), b(x)
     assert cos.min() >= 0.999, cos
     assert all(torch.equal(pa[t].argmax(1), pb[t].argmax(1)) for t in pa)
+
+
+@pytest.mark.xdist_group("trained")
+def test_crnn_eval_and_predict_follow_data_to_its_run(trained, demo, tmp_path, monkeypatch,
+                                                      capsys):
+    """Without --ckpt, --data M means runs/<M's folder>/best.pt (where --train M wrote it), not
+    the demo's model; a label the checkpoint lacks names the checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    rows = files.read_csv(demo / "manifest.csv")
+    os.makedirs("mine")
+    files.write_csv("mine/manifest.csv", list(rows[0]), [list(r.values()) for r in rows])
+    os.makedirs("runs/mine")
+    shutil.copy(trained / "best.pt", "runs/mine/best.pt")
+    res = crnn.main(["--eval", "--data", "mine/manifest.csv", "--root", str(demo / "images"),
+                     "--workers", "0"])
+    assert res["style"]["accuracy"] > 0.3 and len(repr(res)) < 200
+    assert (tmp_path / "runs" / "mine" / "report.txt").read_text().startswith(
+        f"checkpoint: {os.path.join('runs', 'mine', 'best.pt')}\n")
+    crnn.main(["--predict", str(demo / "images" / rows[0]["path"]), "--data", "mine/manifest.csv"])
+    assert os.path.isfile("runs/mine/predict/predictions.csv")
+    msg = crnn_error(capsys, ["--eval", "--data", str(demo / "manifest.csv")])
+    assert "checkpoint not found: runs/demo/best.pt (train it with `python crnn.py --train " \
+           f"--data {demo / 'manifest.csv'}`, or pass --ckpt)" in msg
+    rows[0]["artist"] = "juan-gris"
+    files.write_csv("mine/manifest.csv", list(rows[0]), [list(r.values()) for r in rows])
+    msg = crnn_error(capsys, ["--eval", "--data", "mine/manifest.csv"])
+    assert "artist 'juan-gris' is not in the class list (6 artist classes of checkpoint " \
+           f"{os.path.join('runs', 'mine', 'best.pt')}, trained on {demo / 'manifest.csv'})" in msg
+    capsys.readouterr()
+    msg = crnn_error(capsys, ["--predict", "missing.jpg", "--data", "mine/manifest.csv"])
+    assert msg.endswith("not found: missing.jpg") and "model:" not in capsys.readouterr().out
 
 
 @pytest.mark.xdist_group("trained")
@@ -2787,7 +2984,14 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
         assert [q for _, q in results[str(src)][t]] == pytest.approx(p[order].tolist(), abs=1e-4)
     results = crnn.main(["--predict", str(folder), *ckpt])
     assert list(results) == [str(folder / "sub" / "a.jpg")]
+    assert re.fullmatch(r"<crnn\.py: 1 images classified: \S+predictions\.csv>", repr(results))
     out = capsys.readouterr().out  # each reason counted as what it is (b.png is no 'not image')
+    listed = files.read_csv(trained / "predict" / "predictions.csv")  # not --eval's own
+    assert f"wrote {trained / 'predict' / 'predictions.csv'} (1 images, top 3" in out
+    assert [r["path"] for r in listed] == [str(folder / "sub" / "a.jpg")]
+    for t, top in results[str(folder / "sub" / "a.jpg")].items():
+        assert [(listed[0][f"{t}_top{i}"], float(listed[0][f"{t}_p{i}"])) for i in (1, 2, 3)] \
+            == [(c, pytest.approx(q, abs=1e-4)) for c, q in top]
     assert f"skipped (cannot decode (cannot identify image file '{folder / 'b.png'}'" in out
     assert out.rstrip().endswith("1 images classified, 1 files skipped (not image files by their "
                                  "extension), 1 unreadable (why: above)"), out[-300:]
@@ -2809,7 +3013,7 @@ def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path
     crnn.main(["--train", "--data", str(tmp_path / "m.csv"), "--root", str(demo_zip), *CRNN_FAST,
                "--freeze-backbone", "--epochs", "2", "--tasks", "style,genre", "--out", str(out)])
     log = capsys.readouterr().out
-    assert "selecting best.pt on dev" in log
+    assert "selecting best.pt on dev" in log and "skipped 0 train + 0 dev" in log
     assert f"warning: genre: test classes never seen in train (always scored wrong): {rare}" in log
     assert sorted(os.listdir(out / "cache")) == ["dev.json", "dev.npy", "train.json", "train.npy"]
     assert [json.loads(ln)["split"] for ln in open(out / "log.jsonl")] == ["dev", "dev"]
@@ -2819,6 +3023,7 @@ def test_crnn_selects_on_dev_reports_on_test_from_a_zip(demo, demo_zip, tmp_path
     n_test = sum(1 for r in rows if r[4] == "test")
     report = (out / "report.txt").read_text()
     assert f"(test split, {n_test} images, 0 unreadable" in report and rare in report
+    assert report.count("n/a = undefined") == 1 and "micro avg" not in report  # = accuracy
     assert "selected on" not in report
     assert {r["path"] for r in files.read_csv(out / "predictions.csv")} == \
         {r[0] for r in rows if r[4] == "test"}
@@ -3005,7 +3210,7 @@ def test_crnn_bad_input_is_one_line(trained, demo, tmp_path, capsys):
     msg = crnn_error(capsys, ["--eval", "--ckpt", best, "--data", str(demo / "manifest.csv"),
                                   "--classes", str(tmp_path / "classes.json"), "--out",
                                   str(tmp_path)])
-    assert "style classes differ from the checkpoint" in msg
+    assert f"style classes differ from those of checkpoint {best} (6 vs 6)" in msg
     torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "other.pt")
     msg = crnn_error(capsys, ["--eval", "--ckpt", str(tmp_path / "other.pt")])
     assert "not a crnn.py checkpoint" in msg
@@ -3436,6 +3641,99 @@ def test_retrieve_shards_merge_exactly_like_one_index(flags, tmp_path, one_faiss
     # since BLAS projects 3 shards and 1 whole in blocks of other sizes
     np.testing.assert_allclose(D1, D2, atol=1e-6)
     assert faiss_index.trained_digest(merged) == faiss_index.trained_digest(one)
+
+
+# -------------------------------------------------------------------------------------- --where
+
+WHERE_META = [{"path": f"{i}.jpg", "style": s, "year": y, "artist": a}
+              for i, (s, y, a) in enumerate([("Baroque", "1650", "Rembrandt"),
+                                            ("baroque", "c. 1690", "Vermeer"),
+                                            ("Rococo", "1720", "Watteau"),
+                                            ("Baroque", "", "Rubens"),
+                                            ("Impressionism", "1874", "Monet")])]
+
+
+def test_where_rows_numbers_text_alternatives_and_errors(capsys):
+    rows = lambda *w: filters.where_rows(WHERE_META, list(w)).tolist()  # noqa: E731
+    assert rows("style=Baroque") == [0, 1, 3]  # text: any case
+    assert rows("year<1700") == [0, 1]  # 'c. 1690' reads as 1690; an empty cell has no number
+    assert rows("year>=1720") == [2, 4] and rows("year!=1650") == [1, 2, 3, 4]
+    assert rows("artist=rembrandt|VERMEER|nobody") == [0, 1]
+    assert rows("style=Baroque", "year<1700", "artist!=vermeer") == [0]
+    assert rows(" style = Rococo|Impressionism ") == [2, 4]
+    assert filters.where_rows(WHERE_META, None) is None
+    with pytest.raises(files.UserError, match=r"no column 'yaer' in meta.csv \(columns: path, "
+                       "style, year, artist\\)"):
+        rows("yaer<1700")
+    with pytest.raises(files.UserError, match=r"keeps none of the 5 rows \(style=Baroque keeps "
+                       r"3; year>1800 keeps 1; together 0\)"):
+        rows("style=Baroque", "year>1800")
+    for bad in ("style", "=Baroque", "year<>1700x"[:0] or "year"):
+        with pytest.raises(files.UserError, match="expected COLUMN OP VALUE"):
+            rows(bad)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf-flat", "pca"])
+@pytest.mark.parametrize("share", [0.03, 0.6])
+def test_where_filtered_search_equals_bruteforce_over_kept_rows(kind, share, monkeypatch,
+                                                                one_faiss_thread):
+    """Both ways: the exact one over the kept rows, and FAISS with an IDSelector (EXACT_MAX 0);
+    ids, then scores, as numpy over the kept rows in the index's own space."""
+    xb, xq = clustered(2000, 32, 1), clustered(20, 32, 2)
+    flags = ["--pca", "16"] if kind == "pca" else ["--index-type", kind, "--ef-search", "2000",
+                                                  "--nlist", "16", "--nprobe", "16"]
+    _, index = retrieve.index_from_vectors(xb, index_args(*flags))
+    keep = np.sort(np.random.default_rng(3).choice(2000, int(2000 * share), replace=False))
+    zb, zq = filters.transformed(index, xb), filters.transformed(index, xq)
+    S = zq @ zb[keep].T
+    want = keep[np.argsort(-S, 1, kind="stable")[:, :10]]
+    for exact_max in (filters.EXACT_MAX, 0):
+        monkeypatch.setattr(filters, "EXACT_MAX", exact_max)
+        D, I = filters.Filtered(index, xb, keep).search(xq, 10)
+        assert (I == want).all(), (kind, share, exact_max)
+        np.testing.assert_allclose(D, np.take_along_axis(zq @ zb.T, I, 1), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-flat"])
+def test_where_returns_k_hits_whenever_k_rows_match(kind, monkeypatch):
+    """7 kept rows spread over the collection, k 7: an ivf probing 1 list of 16 (or a graph
+    search with a beam of 8) finds only some of them; the short queries are answered again
+    exactly, so all 7 come back, and a subset counts from 0."""
+    monkeypatch.setattr(filters, "EXACT_MAX", 0)
+    xb, xq = clustered(2000, 32, 1), clustered(20, 32, 2)
+    _, index = retrieve.index_from_vectors(xb, index_args(
+        "--index-type", kind, "--nlist", "16", "--nprobe", "1", "--ef-search", "8"))
+    keep = np.arange(5, 2000, 285)
+    assert len(keep) == 7
+    D, I = filters.Filtered(index, xb, keep).search(xq, 7)
+    assert (np.sort(I, 1) == keep).all() and np.isfinite(D).all()
+    _, P = filters.Filtered(index, xb, keep, positions=True).search(xq, 7)
+    assert (keep[P] == I).all()
+
+
+def test_where_on_query_id_eval_and_map(built, tmp_path, capsys):
+    args = ["--index", str(built), "--workers", "0"]
+    meta = files.read_csv(built / "gen-1" / "meta.csv") if (built / "gen-1").is_dir() else \
+        faiss_index.open_index(str(built))[1]
+    cubism = [r["path"] for r in meta if r["style"] == "Cubism"]
+    q = meta[0]["path"]
+    D, I = retrieve.main(["--query-id", q, "-k", "5", "--where", "style=Cubism", *args])
+    assert I.shape == (1, 5) and all(meta[i]["style"] == "Cubism" for i in I[0])
+    assert q not in [meta[i]["path"] for i in I[0]]
+    assert f"where: {len(cubism)} of {len(meta)} rows kept" in capsys.readouterr().out
+    years = sorted(int(r["displaydate"]) for r in meta)
+    mid = years[len(years) // 2]
+    res = retrieve.main(["--eval", "--eval-queries", "8", "--where", f"displaydate<{mid}",
+                         *args])
+    assert res["n"] == sum(y < mid for y in years)
+    xy = retrieve.main(["--map", "--html", str(tmp_path / "m.html"), "--where",
+                        "style=Cubism", *args])
+    assert len(xy) == len(cubism)
+    msg = retrieve_error(["--query-id", q, "--where", "colour=red", *args])
+    assert "no column 'colour' in meta.csv (columns: path," in msg
+    assert "keeps none of the" in retrieve_error(["--query-id", q, "--where", "style=Baroque",
+                                                  *args])
+    assert "--where goes with" in retrieve_error(["--build", "--where", "style=Cubism", *args])
 
 
 # -------------------------------------------------------------------------------------- main() runs
@@ -3927,11 +4225,11 @@ def test_retrieve_old_layout_opens_and_moves_into_a_generation(demo, small_build
     gen = retrieve.generation(index)
     for f in faiss_index.FILES:
         os.replace(os.path.join(gen, f), index / f)
-    os.rmdir(gen)
+    shutil.rmtree(gen)  # and the aspects' files: a version-1 index had none
     os.remove(index / "CURRENT")
     cfg = json.loads((index / "config.json").read_text())
     cfg["version"] = 1
-    del cfg["files"]
+    del cfg["files"], cfg["aspects"], cfg["aspect_files"]
     (index / "config.json").write_text(json.dumps(cfg))
     assert all(np.array_equal(a, b) for a, b in
                zip(answers(index), answers(folders[0]), strict=True))
@@ -4091,6 +4389,218 @@ def test_retrieve_html_bad_input(built, tmp_path):
     assert "embeddings.npy is missing" in retrieve_error(["--map", "--index", str(bare)])
 
 
+# ------------------------------------------------------------------------ aspects: --aspects, --by
+
+ALL_ASPECTS = ["--aspects", "content,layout,light,pose,face"]
+
+
+@pytest.fixture(scope="module")
+def demo_figs(tmp_path_factory):
+    """48 demo paintings with stick figures (data.py demo --figures) and their poses.json."""
+    out = tmp_path_factory.mktemp("shared") / "demo-figs"
+    data.main(["demo", "--figures", "--out", str(out), "--n", "48"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def built_figs(demo_figs):
+    index = demo_figs / "index"
+    retrieve.main(["--build", "--images", str(demo_figs / "images"), "--manifest",
+                   str(demo_figs / "gallery.csv"), "--index", str(index), *RETRIEVE_FAST,
+                   *ALL_ASPECTS, "--poses", str(demo_figs / "poses.json")])
+    return index
+
+
+def stored(index, name):
+    return np.load(os.path.join(faiss_index.generation(str(index)), name))
+
+
+def test_demo_figures_leave_the_paintings_without_figures_as_they_were(demo_figs, tmp_path):
+    plain = tmp_path / "plain"
+    data.main(["demo", "--out", str(plain), "--n", "48"])
+    figs = poses.read_poses(demo_figs / "poses.json")
+    assert len(figs) == 48 and 10 < sum(map(len, figs.values())) < 96
+    for rel, fs in figs.items():
+        same = (plain / "images" / rel).read_bytes() == (demo_figs / "images" / rel).read_bytes()
+        assert same == (not fs), rel
+    assert (plain / "manifest.csv").read_bytes() == (demo_figs / "manifest.csv").read_bytes()
+
+
+def test_retrieve_aspects_stored_fingerprinted_and_kept_by_add(demo_figs, built_figs,
+                                                               tmp_path):
+    cfg = retrieve.open_index(built_figs)[0]
+    assert cfg["aspects"] == ["content", "layout", "light", "pose", "face"]
+    assert cfg["figures"]["source"] == "poses" and set(cfg["aspect_files"]) == {
+        "sizes.npy", "layout.npy", "light.npy", "faces.npy", "poses.faiss", *by.FIGURE_FILES}
+    figs = poses.read_poses(demo_figs / "poses.json")
+    meta = retrieve.open_index(built_figs)[1]
+    want = [f["keypoints"] for r in meta for f in figs[r["path"]]]
+    K, start = stored(built_figs, "figures.npy"), stored(built_figs, "figure_start.npy")
+    assert cfg["figures"]["n"] == len(K) == len(want) and np.allclose(K, want)
+    assert [start[i + 1] - start[i] for i in range(48)] == [len(figs[r["path"]]) for r in meta]
+    assert (stored(built_figs, "sizes.npy") == 160).any(1).all()  # the painter's shorter side
+    part = tmp_path / "part"
+    rows = files.read_csv(demo_figs / "gallery.csv")
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows[:30]])
+    base = ["--images", str(demo_figs / "images"), "--index", str(part), *RETRIEVE_FAST]
+    retrieve.main(["--build", "--manifest", str(tmp_path / "m.csv"), *base, *ALL_ASPECTS,
+                   "--poses", str(demo_figs / "poses.json")])
+    msg = retrieve_error(["--add", "--manifest", str(demo_figs / "gallery.csv"), *base,
+                          "--aspects", "content"])
+    assert "built with --aspects content,layout,light,pose,face: --add keeps them" in msg
+    retrieve.main(["--add", "--manifest", str(demo_figs / "gallery.csv"), *base])
+    for name in retrieve.open_index(built_figs)[0]["aspect_files"]:
+        if name.endswith(".npy"):
+            np.testing.assert_allclose(stored(part, name), stored(built_figs, name), atol=1e-6,
+                                       err_msg=name)
+
+
+def mirrored_query(demo_figs, tmp_path, rel, scale=0.7):
+    """The painting rel flipped left-right and shrunk, with its figures' poses file."""
+    im = ImageOps.mirror(Image.open(demo_figs / "images" / rel).convert("RGB"))
+    im = im.resize((round(im.width * scale), round(im.height * scale)))
+    path = tmp_path / "q.jpg"
+    im.save(path, quality=90)
+    fs = []
+    for f in poses.read_poses(demo_figs / "poses.json")[rel]:
+        k = aspects.mirrored(f["keypoints"])
+        k[:, 0] += im.width / scale - 1
+        k[:, :2] *= scale
+        fs.append({"box": np.zeros(4), "keypoints": k, "score": 1.0})
+    poses.write_poses(tmp_path / "q.json", {"q.jpg": fs})
+    return path, tmp_path / "q.json"
+
+
+def test_retrieve_by_pose_finds_the_mirrored_source_first(demo_figs, built_figs, tmp_path,
+                                                         capsys):
+    """Each painting with figures, flipped and shrunk to 70%, --by pose --mirror: the source
+    comes first (verification recovers the mirrored similarity transform)."""
+    meta = retrieve.open_index(built_figs)[1]
+    figs = poses.read_poses(demo_figs / "poses.json")
+    sources = [r["path"] for r in meta if figs[r["path"]]][:6]
+    for rel in sources:
+        q, qp = mirrored_query(demo_figs, tmp_path, rel)
+        D, I = retrieve.main(["--query", str(q), "--index", str(built_figs), "--by", "pose",
+                              "--mirror", "--poses", str(qp), "-k", "3", "--workers", "0"])
+        assert meta[I[0, 0]]["path"] == rel and D[0, 0] > 0.9, rel
+    D, I = retrieve.main(["--query", str(demo_figs / "images" / rel), "--index", str(built_figs),
+                          "--by", "pose", "-k", "1", "--workers", "0"])  # the index's poses file
+    assert meta[I[0, 0]]["path"] == rel and D[0, 0] > 0.99
+    assert re.search(r"  1  (0\.9|1\.0)\d\d  .*\n        by pose (0\.9|1\.0)",
+                     capsys.readouterr().out)
+
+
+def test_retrieve_by_aspects_scores_where_and_what_the_index_lacks(built, built_figs, capsys):
+    meta = retrieve.open_index(built_figs)[1]
+    q = meta[3]["path"]
+    args = ["--index", str(built_figs), "--workers", "0", "-k", "5"]
+    D, I = retrieve.main(["--query-id", q, "--by", "light", *args])
+    L = aspects.light_vector(stored(built_figs, "light.npy"))
+    s = L @ L[3]
+    s[3] = -np.inf
+    assert (I[0] == np.argsort(-s, kind="stable")[:5]).all()
+    np.testing.assert_allclose(D[0], s[I[0]], atol=1e-5)
+    D, I = retrieve.main(["--query-id", q, "--by", "layout=1,light=0.5", "--where",
+                          "genre=portrait", *args])
+    assert all(meta[i]["genre"] == "portrait" for i in I[0] if i >= 0) and 3 not in I[0]
+    out = capsys.readouterr().out
+    assert "by layout 0." in out and " x0.5" in out
+    msg = retrieve_error(["--query-id", retrieve.open_index(built)[1][0]["path"], "--index",
+                          str(built), "--by", "pose"])
+    assert "has no pose aspect (built with --aspects content,layout,light): rebuild" in msg
+    assert "unknown aspect 'colour'" in retrieve_error(["--query-id", q, "--by", "colour",
+                                                        *args])
+
+
+def test_retrieve_by_pages_draw_the_figures_and_say_why(demo_figs, built_figs, tmp_path):
+    meta = retrieve.open_index(built_figs)[1]
+    figs = poses.read_poses(demo_figs / "poses.json")
+    q = next(r["path"] for r in meta if figs[r["path"]])
+    retrieve.main(["--query-id", q, "--index", str(built_figs), "--by", "pose=1,light=0.3",
+                   "-k", "4", "--workers", "0", "--html", str(tmp_path / "r.html"), "--sheet",
+                   str(tmp_path / "s.png")])
+    p = check_page(tmp_path / "r.html")
+    assert p.classes["why"] == 4
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "score: 1 pose + 0.3 light over 1.3; pose: the share of the query" in text
+    assert re.search(r'class="why">by pose \d\.\d\d x1 \+ light -?\d\.\d\d x0\.3<', text)
+    i = meta.index(next(r for r in meta if r["path"] == q))
+    info = {"figures": np.array([f["keypoints"] for f in figs[q]]),
+            "size": stored(built_figs, "sizes.npy")[i]}
+    plain = pages.thumbnail(str(demo_figs / "images" / q))
+    drawn = pages.thumbnail(by.sketch(str(demo_figs / "images" / q), info))
+    a, b = np.asarray(plain, np.int16), np.asarray(drawn, np.int16)
+    assert a.shape == b.shape and (np.abs(a - b).sum(2) > 60).mean() > 0.01  # skeletons drawn
+    assert by.sketch("x.jpg", {"figures": np.zeros((0, 17, 3)), "size": (1, 1)}) == "x.jpg"
+    sheet = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
+    assert (sheet == pages.FIGURE_COLOURS[0]).all(2).sum() > 20  # on the sheet too
+
+
+def test_retrieve_eval_by_pose_beats_random_and_content(demo_figs, built_figs, capsys):
+    """Transformed figures find their painting: --by pose far above random; the table has the
+    three rows; the transform carries the figures with the picture (each joint lands on its
+    own painted colour in the turned, scaled, maybe mirrored image)."""
+    res = retrieve.main(["--eval", "--by", "pose=1,light=1", "--index", str(built_figs),
+                         "--workers", "0", "--eval-queries", "12"])
+    p, light = res["pose"], res["aspect_copies"]["light"]
+    assert light["queries"] == 12 and light["top1"] > 0.3  # copies found by light alone (1/48)
+    assert p["queries"] == 12 and p["pose"]["top1"] >= 0.75 and p["pose"]["mrr"] >= 0.8
+    assert p["pose"]["top1"] > 5 * p["random"]["top1"] and p["random"]["top1"] == 1 / 48
+    out = capsys.readouterr().out
+    assert re.search(r"pose: by pose +12 +\d\.\d{3}", out) and "pose: by content" in out
+    assert re.search(r"copy detection by light +12 +\d\.\d{3}", out)
+    figs = poses.read_poses(demo_figs / "poses.json")
+    rel, fs = next((r, f) for r, f in figs.items() if len(f) == 1)
+    im = Image.open(demo_figs / "images" / rel).convert("RGB")
+    K = np.array([f["keypoints"] for f in fs], np.float64)
+    torso = K[0, [5, 6, 11, 12], :2].mean(0)
+    before = np.asarray(im)[int(torso[1]), int(torso[0])]
+    for seed in range(4):
+        im2, K2 = retrieve_eval.transformed_painting(im, K, np.random.default_rng(seed))
+        x, y = K2[0, [5, 6, 11, 12], :2].mean(0)  # jitter moves joints, not the torso centre
+        assert np.abs(np.asarray(im2)[int(y), int(x)].astype(int) - before).max() < 60, seed
+
+
+def test_retrieve_detector_build_stores_what_it_finds_and_a_crash_keeps_the_old(
+        demo, tmp_path, monkeypatch, capsys):
+    """--pose-weights none (random init) at 64 px with every box let through: whatever it
+    finds is stored, the detector recorded; a crash in the next pose build's detector pass
+    leaves the old generation answering as before."""
+    monkeypatch.setattr(aspects, "DETECT_SIZE", 64)
+    monkeypatch.setattr(aspects, "DETECT_THRESHOLD", 0.0)
+    rows = files.read_csv(demo / "gallery.csv")[:6]
+    files.write_csv(tmp_path / "m.csv", list(rows[0]), [list(r.values()) for r in rows])
+    argv = ["--build", "--images", str(demo / "images"), "--manifest", str(tmp_path / "m.csv"),
+            "--index", str(tmp_path / "i"), *RETRIEVE_FAST, "--aspects", "content,pose",
+            "--pose-weights", "none", "--batch-size", "3"]
+    retrieve.main(argv)
+    cfg = retrieve.open_index(tmp_path / "i")[0]
+    assert cfg["figures"]["source"] == "detector" and cfg["figures"]["weights"] == "none"
+    K = stored(tmp_path / "i", "figures.npy")
+    assert cfg["figures"]["n"] == len(K) > 0 and "aspects (pose detector): 6/6" in \
+        capsys.readouterr().out
+    sizes = stored(tmp_path / "i", "sizes.npy")
+    img = stored(tmp_path / "i", "figure_image.npy")
+    assert (K[..., 0] <= sizes[img, 0][:, None] + 2).all()  # the original's pixels (160 px
+    assert K[..., 0].max() > 140  # wide): the detector saw 128 px, keypoints were scaled back
+    old = answers(tmp_path / "i"), K
+    calls = []
+
+    def dies(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    real = aspects.detect
+    monkeypatch.setattr(aspects, "detect", dies)
+    with pytest.raises(KeyboardInterrupt):
+        retrieve.main([*argv, "--seed", "1"])
+    got = answers(tmp_path / "i")
+    assert all(np.array_equal(a, b) for a, b in zip(got, old[0], strict=True))
+    assert np.array_equal(stored(tmp_path / "i", "figures.npy"), old[1])
+    assert retrieve.open_index(tmp_path / "i")[0] == cfg
+
+
 # ----------------------------------------------------------------------------- torchrun and shards
 
 
@@ -4148,6 +4658,10 @@ def sharded(demo, small_builds):
     return index
 
 
+def ref_folder(small_builds):
+    return small_builds[1][0]
+
+
 @pytest.mark.xdist_group("sharded")
 def test_retrieve_sharded_build_merges_into_one_index(sharded, small_builds, tmp_path):
     index = tmp_path / "idx"
@@ -4169,6 +4683,10 @@ def test_retrieve_sharded_build_merges_into_one_index(sharded, small_builds, tmp
     assert sorted(lists.list_size(i) for i in range(4))[-2] > 0  # lists are really in use
     D, I = found(["--query-id", meta[0]["path"], "--index", str(index), "-k", "3"])
     assert I.shape == (1, 3) and 0 not in I[0]
+    assert cfg["aspects"] == ["content", "layout", "light"]  # the default, through the plan
+    for name in ("sizes.npy", "layout.npy", "light.npy"):  # each shard's, joined in order
+        np.testing.assert_allclose(stored(index, name), stored(ref_folder(small_builds), name),
+                                   atol=1e-6, err_msg=name)
 
 
 @pytest.mark.xdist_group("sharded")
@@ -4262,7 +4780,7 @@ def test_bench_tiny_writes_valid_json(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["machine"]["tiny"] is True and res["machine"]["cores"] >= 1
     rows = res["rows"]
-    assert {r["section"] for r in rows} == {"load", "search", "memory"}
+    assert {r["section"] for r in rows} == {"load", "search", "memory", "aspects"}
     for r in rows:
         assert ROW_KEYS <= set(r), r
         for k in ("naive", "ours", "ratio"):
@@ -4272,6 +4790,8 @@ def test_bench_tiny_writes_valid_json(tmp_path, capsys):
     assert search["n=2k faiss flat (exact)"]["recall_at_5"] == 1.0  # exact search is exact
     memory = next(r for r in rows if r["section"] == "memory")
     assert memory["unit"] == "MB" and memory["naive"] > memory["vectors_mb"]
+    figure = next(r for r in rows if r["name"].startswith("figure search, 2k figures"))
+    assert figure["recall_at_100"] == 1.0  # a flat figure index below POSE_IVF_FROM: exact
 
 
 def test_bench_unknown_section_is_one_line_error():
@@ -4372,3 +4892,55 @@ def test_colab_notebook_runs_on_the_cpu(tmp_path, monkeypatch):
              for o in c.outputs if "text/plain" in o.get("data", {})]
     assert shown and all("\n" not in t and len(t) < 200 for t in shown), shown  # one line
     assert sum("text/html" in o.get("data", {}) for o in outputs) == 3  # shown inline
+
+
+# ============================================================================
+# README.md: the quick start and "Your own paintings" run as written, at the smallest settings
+
+
+# Appended to each README command (argparse keeps a flag's last value): the tests' settings.
+README_TINY = {("data.py", "demo"): ["--n", "48"],
+               ("crnn.py", "--train"): [*CRNN_FAST, "--epochs", "1"],
+               ("crnn.py", "--eval"): ["--workers", "0"],
+               ("crnn.py", "--predict"): ["--workers", "0"],
+               ("retrieve.py", "--build"): RETRIEVE_FAST,
+               ("retrieve.py", "--eval"): ["--workers", "0", "--eval-queries", "8"]}
+
+
+def readme_commands(section):
+    """The commands of a README section's ```bash blocks: continuation lines joined, `&&`
+    chains split, comments, installs and the test run left out."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", body, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for cmd in line.split(" && "):
+                cmd = cmd.strip()
+                if cmd.startswith("python ") and not cmd.startswith("python -m pytest"):
+                    out.append(cmd)
+    return out
+
+
+def run_readme_command(cmd, cwd):
+    """One README line: bash expands it (quotes, $(...), # comments) into argv, then the
+    script's main runs here, in-process, with README_TINY's flags after the README's."""
+    argv = subprocess.run(["bash", "-c", f'printf "%s\\0" {cmd}'], cwd=cwd, check=True,
+                          capture_output=True, text=True).stdout.split("\0")[:-1]
+    assert argv[0] == "python", cmd
+    script, args = argv[1], argv[2:]
+    tiny = next((v for (s, flag), v in README_TINY.items() if s == script and flag in args), [])
+    main = {"data.py": data.main, "crnn.py": crnn.main, "retrieve.py": retrieve.main}[script]
+    main([*args, *tiny])
+
+
+def test_readme_quick_start_and_own_paintings_run_as_written(tmp_path, monkeypatch, capsys):
+    quick, own = readme_commands("Quick start"), readme_commands("Your own paintings")
+    assert any("crnn.py --train" in c for c in quick) and any("--eval" in c for c in quick)
+    assert any("data.py folder" in c for c in own) and any("--predict" in c for c in own)
+    monkeypatch.chdir(tmp_path)
+    for cmd in quick + own:
+        run_readme_command(cmd, tmp_path)
+    out = capsys.readouterr().out
+    assert os.path.isfile("runs/demo/report.html") and os.path.isfile("runs/mine/report.html")
+    assert "predictions.csv" in out and files.read_csv("mine/manifest.csv")
