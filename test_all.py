@@ -2970,9 +2970,11 @@ def test_crnn_predict_file_and_folder(trained, demo, tmp_path, capsys):
     results = crnn.main(["--predict", str(src), *ckpt])
     out = capsys.readouterr().out
     tasks = ("style", "artist", "genre")
-    assert out.splitlines()[-5:] == [str(src)] + [  # the printed lines are the results
-        f"  {t}: " + ", ".join(f"{c} {q:.3f}" for c, q in results[str(src)][t]) for t in tasks
-    ] + ["1 images classified"]
+    lines = out.splitlines()
+    at = lines.index(str(src))  # the file's line, then its tasks': the printed lines are results
+    assert lines[at:at + 4] == [str(src)] + [
+        f"  {t}: " + ", ".join(f"{c} {q:.3f}" for c, q in results[str(src)][t]) for t in tasks]
+    assert lines[-1] == "1 images classified"
     model, ck = crnn.load_checkpoint(str(trained / "best.pt"))  # the model's own top 3, apart
     x = nets.make_transform(ck["args"]["img_size"])(files.load_image(src, ck["args"]["img_size"]))
     with torch.no_grad():
