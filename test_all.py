@@ -3719,7 +3719,7 @@ def test_where_on_query_id_eval_and_map(built, tmp_path, capsys):
         faiss_index.open_index(str(built))[1]
     cubism = [r["path"] for r in meta if r["style"] == "Cubism"]
     q = meta[0]["path"]
-    D, I = retrieve.main(["--query-id", q, "-k", "5", "--where", "style=Cubism", *args])
+    D, I = found(["--query-id", q, "-k", "5", "--where", "style=Cubism", *args])
     assert I.shape == (1, 5) and all(meta[i]["style"] == "Cubism" for i in I[0])
     assert q not in [meta[i]["path"] for i in I[0]]
     assert f"where: {len(cubism)} of {len(meta)} rows kept" in capsys.readouterr().out
@@ -3729,7 +3729,7 @@ def test_where_on_query_id_eval_and_map(built, tmp_path, capsys):
                          *args])
     assert res["n"] == sum(y < mid for y in years)
     xy = retrieve.main(["--map", "--html", str(tmp_path / "m.html"), "--where",
-                        "style=Cubism", *args])
+                        "style=Cubism", *args])["xy"]
     assert len(xy) == len(cubism)
     msg = retrieve_error(["--query-id", q, "--where", "colour=red", *args])
     assert "no column 'colour' in meta.csv (columns: path," in msg
@@ -4482,10 +4482,10 @@ def test_retrieve_by_pose_finds_the_mirrored_source_first(demo_figs, built_figs,
     sources = [r["path"] for r in meta if figs[r["path"]]][:6]
     for rel in sources:
         q, qp = mirrored_query(demo_figs, tmp_path, rel)
-        D, I = retrieve.main(["--query", str(q), "--index", str(built_figs), "--by", "pose",
+        D, I = found(["--query", str(q), "--index", str(built_figs), "--by", "pose",
                               "--mirror", "--poses", str(qp), "-k", "3", "--workers", "0"])
         assert meta[I[0, 0]]["path"] == rel and D[0, 0] > 0.9, rel
-    D, I = retrieve.main(["--query", str(demo_figs / "images" / rel), "--index", str(built_figs),
+    D, I = found(["--query", str(demo_figs / "images" / rel), "--index", str(built_figs),
                           "--by", "pose", "-k", "1", "--workers", "0"])  # the index's poses file
     assert meta[I[0, 0]]["path"] == rel and D[0, 0] > 0.99
     assert re.search(r"  1  (0\.9|1\.0)\d\d  .*\n        by pose (0\.9|1\.0)",
@@ -4496,13 +4496,13 @@ def test_retrieve_by_aspects_scores_where_and_what_the_index_lacks(built, built_
     meta = retrieve.open_index(built_figs)[1]
     q = meta[3]["path"]
     args = ["--index", str(built_figs), "--workers", "0", "-k", "5"]
-    D, I = retrieve.main(["--query-id", q, "--by", "light", *args])
+    D, I = found(["--query-id", q, "--by", "light", *args])
     L = aspects.light_vector(stored(built_figs, "light.npy"))
     s = L @ L[3]
     s[3] = -np.inf
     assert (I[0] == np.argsort(-s, kind="stable")[:5]).all()
     np.testing.assert_allclose(D[0], s[I[0]], atol=1e-5)
-    D, I = retrieve.main(["--query-id", q, "--by", "layout=1,light=0.5", "--where",
+    D, I = found(["--query-id", q, "--by", "layout=1,light=0.5", "--where",
                           "genre=portrait", *args])
     assert all(meta[i]["genre"] == "portrait" for i in I[0] if i >= 0) and 3 not in I[0]
     out = capsys.readouterr().out
