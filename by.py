@@ -376,6 +376,48 @@ def open_aspects(folder, cfg, need):
     return Store(folder, cfg, need)
 
 
+# ----------------------------------------------------------------------------- the map's colours
+# retrieve.py --map --color-by NAME: a class per painting from a stored aspect, drawn like a
+# meta.csv column (a legend, a filter). NAME: the aspect it reads.
+MAP_COLOURS = {"light": "light", "key": "light", "figures": "pose", "face": "face"}
+
+
+def map_classes(name, light=None, start=None, figures=None):
+    """One class name per image: light -> where the light comes from ('light from the upper
+    left', 'even light'); key -> 'low key' / 'middle key' / 'high key'; figures -> '0 figures',
+    '1 figure', '2 figures', '3+ figures'; face -> the first figure's face orientation
+    (aspects.face_orientation's class) or 'no face'."""
+    if name in ("light", "key"):
+        return [aspects.light_summary(f).split(", ")[0 if name == "light" else 1] for f in light]
+    counts = np.diff(start)
+    if name == "figures":
+        return [f"{c} figure" if c == 1 else f"{min(c, 3)}{'+' if c > 2 else ''} figures"
+                for c in counts]
+    first = start[:-1][counts > 0]  # each image's first figure
+    names = aspects.face_orientation(figures[first])[2] if len(first) else []
+    out, it = [], iter(names)
+    for c in counts:
+        out.append((next(it) or "no face") if c else "no face")
+    return out
+
+
+def with_map_column(folder, cfg, meta, name):
+    """meta's rows (all of the generation's or a --where subset) with a column `name` holding
+    each painting's map_classes value, for --map --color-by light|key|figures|face."""
+    need = MAP_COLOURS[name]
+    if need not in index_aspects(cfg):
+        raise UserError(f"--color-by {name}: {folder} has no {need} aspect (built with --aspects "
+                        f"{','.join(index_aspects(cfg))}): rebuild with --build --aspects "
+                        f"{','.join(index_aspects(cfg) + [need])}")
+    store = open_aspects(folder, cfg, [need])
+    a = store.arrays
+    values = map_classes(name, a.get("light.npy"), a.get("figure_start.npy"),
+                         a.get("figures.npy"))
+    rows = files.read_csv(os.path.join(store.gen, "meta.csv"))
+    of = {r["path"]: v for r, v in zip(rows, values, strict=True)}
+    return [{**r, name: of[r["path"]]} for r in meta]
+
+
 # ----------------------------------------------------------------------------- --by
 POOL = 100  # candidates each weighted aspect brings (its top POOL), all scored by every aspect
 POSE_K = 200  # figures FAISS returns per query row (10 rows per figure with turns and mirror)

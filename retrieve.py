@@ -656,6 +656,8 @@ def cmd_map(args, device):
     keep = drop_self(I, np.arange(n), k) & (I >= 0)  # hnsw/ivfpq may find fewer than k
     nn = [I[q][keep[q]].tolist() for q in range(n)]
     ns = [D[q][keep[q]].tolist() for q in range(n)]
+    if args.color_by in by.MAP_COLOURS and args.color_by not in meta[0]:
+        meta = by.with_map_column(args.index, cfg, meta, args.color_by)  # an aspect's classes
     colour = colour_column(args.color_by, meta, LABEL_COLUMNS)
     t0 = time.time()
     xy = layout_2d(xb, args.seed)
@@ -805,7 +807,9 @@ def build_parser():
                    "(INDEX/eval.html); --map its page (default: INDEX/map.html)")
     q.add_argument("--color-by", metavar="COLUMN", help="--map: frame each painting in the "
                    "colour of its value in COLUMN, with a legend (default: the first of style, "
-                   "artist, genre, attribution with 2+ values; none: no colours)")
+                   "artist, genre, attribution with 2+ values; none: no colours); or an aspect "
+                   "the index has: light (where it comes from), key (low/middle/high), figures "
+                   "(how many), face (the first figure's orientation)")
     q.add_argument("--eval-queries", type=int, help="copy-detection queries (default: "
                    "min(200, n))")
     a = p.add_argument_group("aspects (pose, face, light, layout)")

@@ -4518,6 +4518,46 @@ def test_retrieve_by_aspects_scores_where_and_what_the_index_lacks(built, built_
                                                         *args])
 
 
+def test_retrieve_map_colours_by_an_aspect(built_figs, tmp_path, one_faiss_thread):
+    """--color-by figures|key|light|face: each painting's class from the stored aspect (equal to
+    the classes worked out here from the stored arrays), with a legend; with --where too; an
+    index without the aspect is one line."""
+    args = ["--index", str(built_figs), "--workers", "0", "-k", "3"]
+    counts = np.diff(stored(built_figs, "figure_start.npy"))
+    light = stored(built_figs, "light.npy")
+    meta = retrieve.open_index(built_figs)[1]
+    want = {"figures": [f"{c} figure" if c == 1 else f"{min(c, 3)}{'+' if c > 2 else ''} "
+                        "figures" for c in counts],
+            "key": [aspects.light_summary(f).split(", ")[1] for f in light],
+            "light": [aspects.light_summary(f).split(", ")[0] for f in light]}
+    assert len(set(want["figures"])) > 1 and "0 figures" in want["figures"]
+    for name in ("figures", "key", "light", "face"):
+        page = tmp_path / f"{name}.html"
+        retrieve.main(["--map", "--html", str(page), "--color-by", name, *args])
+        (d,) = check_page(page).json
+        got = [d["legend"][c][0] for c in d["cat"]]
+        assert d["colour_by"] == name and sum(d["legend_n"]) == len(meta)
+        if name in want:
+            assert got == want[name], name
+        else:  # the first figure's orientation, 'no face' for the paintings without one
+            figs, start = stored(built_figs, "figures.npy"), stored(built_figs, "figure_start.npy")
+            first = [aspects.face_orientation(figs[s:s + 1])[2][0] if c else None
+                     for s, c in zip(start[:-1], counts, strict=True)]
+            assert got == [f or "no face" for f in first]
+            assert len(set(got) - {"no face"}) >= 2  # the demo's figures face several ways
+    page = tmp_path / "some.html"
+    keep = [i for i, r in enumerate(meta) if r["style"] == meta[0]["style"]]
+    retrieve.main(["--map", "--html", str(page), "--color-by", "figures", "--where",
+                   f"style={meta[0]['style']}", *args])
+    (d,) = check_page(page).json
+    assert [d["legend"][c][0] for c in d["cat"]] == [want["figures"][i] for i in keep]
+
+
+def test_retrieve_map_colour_by_an_aspect_the_index_lacks_is_one_line(built):
+    msg = retrieve_error(["--map", "--index", str(built), "--color-by", "figures"])
+    assert "--color-by figures:" in msg and "has no pose aspect" in msg
+
+
 def test_retrieve_by_pages_draw_the_figures_and_say_why(demo_figs, built_figs, tmp_path):
     meta = retrieve.open_index(built_figs)[1]
     figs = poses.read_poses(demo_figs / "poses.json")
