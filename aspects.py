@@ -20,12 +20,12 @@ masked out of every comparison, never read as a joint at (0, 0).
 """
 
 import math
-import os
 import urllib.error
 
 import numpy as np
 from PIL import Image
 
+import files
 from files import UserError, one_line
 from poses import KEYPOINT_FLIP
 
@@ -559,17 +559,8 @@ def coco_state_dict(flag=WEIGHTS_FLAG):
 
 
 def read_detector_state(path, flag=WEIGHTS_FLAG):
-    """A state_dict from a local file, loaded as tensors only (as nets.read_state_dict)."""
-    import torch
-    if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: file not found (or use {flag} coco|none)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # pickle, zip and torch errors share no base class
-        raise UserError(f"{flag} {path}: not a state_dict") from None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{flag} {path}: not a state_dict")
-    return state
+    """A state_dict from a local file, loaded as tensors only (files.read_state_dict)."""
+    return files.read_state_dict(path, flag, "coco|none")
 
 
 def load_detector_state(model, state, weights, flag=WEIGHTS_FLAG):

@@ -406,7 +406,7 @@ def cmd_eval(args, device):
     eval_html(model, found, res, text, args, ckpt, device, out)
     print(f"wrote report.txt, report.html, metrics.json, predictions.csv, "
           f"confusion_<task>.csv/.png to {out}")
-    return Result({t: {"accuracy": r["report"]["accuracy"], "top3": r["top3"]}
+    return result({t: {"accuracy": r["report"]["accuracy"], "top3": r["top3"]}
                    for t, r in res.items()},
                   f"{args.split}: " + ", ".join(f"{t} accuracy {r['report']['accuracy']:.3f}"
                                                 for t, r in res.items())
@@ -599,7 +599,7 @@ def cmd_predict(args, device):
     print(f"{len(results)} images classified" + (f", {skipped} files skipped (not image "
           f"files by their extension)" if skipped else "") + (
               f", {unreadable} unreadable (why: above)" if unreadable else ""))
-    return Result(results, f"{len(results)} images classified: {csv_path}")
+    return result(results, f"{len(results)} images classified: {csv_path}")
 
 
 def write_predictions(results, ckpt, args):
@@ -620,16 +620,10 @@ def write_predictions(results, ckpt, args):
 
 # ----------------------------------------------------------------------------- what main gives
 
-class Result(dict):
+def result(items, summary):
     """What main returns: a dict (result["epoch"], result["style"], result[path]) whose repr in
-    a notebook cell is one line, not the scores of every image."""
-
-    def __init__(self, items, summary):
-        super().__init__(items)
-        self.summary = summary
-
-    def __repr__(self):
-        return f"<crnn.py: {self.summary}>"
+    a notebook cell is one line, not the scores of every image (files.Result)."""
+    return files.Result(f"crnn.py: {summary}", items)
 
 
 def next_commands(args):
@@ -776,7 +770,7 @@ def main(argv=None):
         with nets.deterministic_cudnn():
             state = cmd_train(args, nets.init_distributed(device, hours=2), ckpt)
         next_commands(args)
-        return Result(state, f"best {state['selected_on']} mean macro-F1 {state['best']:.4f} "
+        return result(state, f"best {state['selected_on']} mean macro-F1 {state['best']:.4f} "
                       f"after {state['epoch']} epochs: {os.path.join(args.out, 'best.pt')}")
     except UserError as e:
         raise SystemExit(f"crnn.py: error: {e}") from None

@@ -71,6 +71,25 @@ class Result(dict):
         return f"<{self.line}>"
 
 
+def read_state_dict(path, flag, choices, why_not=None):
+    """A state_dict from a local file, loaded as tensors only (torch.load weights_only=True: a
+    file cannot run code); flag and choices name the option in the one-line errors ('--weights',
+    'imagenet|none'); why_not(state): a reason to refuse a file that loads (None: take it)."""
+    import torch  # here, not at import: files.py stays torch-free for the rooms that are
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: file not found (or use {flag} {choices})")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # pickle, zip and torch errors share no base class
+        raise UserError(f"{flag} {path}: not a state_dict") from None
+    why = why_not(state) if why_not else None
+    if why:
+        raise UserError(f"{flag} {path} {why}")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{flag} {path}: not a state_dict")
+    return state
+
+
 def one_line(e):
     """The first line of an exception's text, at most 200 characters (for one-line errors)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

@@ -505,19 +505,16 @@ def autocast(device, dtype):
 # ----------------------------------------------------------------------------- backbone
 
 def read_state_dict(path):
-    """A state_dict from a local file, loaded as tensors only (weights_only=True)."""
-    if not os.path.isfile(path):
-        raise UserError(f"--weights {path}: file not found (or use --weights imagenet|none)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # pickle, zip and torch errors share no base class
-        raise UserError(f"--weights {path}: not a state_dict") from None
+    """A backbone's state_dict from a local file (--weights PATH), tensors only."""
+    return files.read_state_dict(path, "--weights", "imagenet|none", crnn_checkpoint)
+
+
+def crnn_checkpoint(state):
+    """Why a loadable --weights file is refused: a crnn.py checkpoint (None otherwise)."""
     if isinstance(state, dict) and "model" in state and "args" in state:
-        raise UserError(f"--weights {path} is a crnn.py checkpoint, not a backbone state_dict "
-                        "(retrieve.py embeds with it as --ckpt)")
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"--weights {path}: not a state_dict")
-    return state
+        return ("is a crnn.py checkpoint, not a backbone state_dict (retrieve.py embeds with it "
+                "as --ckpt)")
+    return None
 
 
 def imagenet_state_dict(name):
