@@ -18,10 +18,11 @@ Files of a generation, beside embeddings.npy (row i = meta.csv's row i):
                                 first; figure_boxes.npy (F, 4), figure_scores.npy (F,),
                                 figure_image.npy (F,) int64 row of each, figure_start.npy (n+1,)
     faces.npy    (F, 4) f32     aspects.face_vectors
-    poses.faiss                 aspects.pose_vectors in a flat (IVF-Flat from POSE_IVF_FROM
-                                figures) inner-product index, id = figure; never HNSW: the pose
-                                score is asymmetric, a graph built from row-to-row products is
-                                meaningless for it (recall@100 0.085 measured)
+    poses.faiss                 aspects.pose_vectors, id = figure: a flat inner-product index,
+                                IVF-Flat over the rows made Euclidean from POSE_IVF_FROM figures
+                                (FigureIndex); never HNSW: the pose score is asymmetric, a graph
+                                built from row-to-row products is meaningless for it (recall@100
+                                0.085 measured; 0.57-0.74 on the Euclidean rows)
 config.json records them: "aspects", "aspect_files" (fingerprints), "figures" (the detector and
 its weights, or the --poses file).
 """
@@ -35,6 +36,7 @@ import shutil
 import faiss
 import numpy as np
 import torch
+from faiss.contrib.inspect_tools import get_invlist
 from PIL import Image
 
 import aspects
@@ -49,7 +51,7 @@ FIGURE_ASPECTS = ("pose", "face")
 DEFAULT_ASPECTS = "content,layout,light"  # the cheap ones: ~2 ms per image beside embedding
 THUMB_SIDE = 128  # px, the shorter side light and layout are computed at (rgb_array: 64 px)
 POSE_IVF_FROM = 50_000  # figures from which poses.faiss is IVF-Flat (nprobe POSE_NPROBE)
-POSE_NPROBE = 64  # IVF1024 at 100k figures: recall@100 of flat 0.985 (aspects-core notes)
+POSE_NPROBE = 32  # IVF1265 at 100k figures: recall@100 of flat 0.97 (bench.py --only aspects)
 FIGURE_FILES = ("figures.npy", "figure_boxes.npy", "figure_scores.npy", "figure_image.npy",
                 "figure_start.npy")
 
@@ -193,21 +195,57 @@ def figure_arrays(figs):
 
 
 def pose_index(K):
-    """The figure index over aspects.pose_vectors(K): flat inner product, IVF-Flat from
-    POSE_IVF_FROM figures (the score is linear in an index row, so a centroid's score is its
-    members' mean: IVF's coarse step stays meaningful)."""
+    """The FAISS figure index over aspects.pose_vectors(K), searched through FigureIndex: flat
+    inner product; from POSE_IVF_FROM figures IVF-Flat (L2) over the rows with one more column,
+    sqrt(R^2 - |x|^2), R the longest row's length."""
     xb = aspects.pose_vectors(K) if len(K) else np.zeros((0, aspects.POSE_DIM), np.float32)
     if len(xb) < POSE_IVF_FROM:
         index = faiss.IndexFlatIP(aspects.POSE_DIM)
-    else:
-        nlist = round(4 * math.sqrt(len(xb)))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(aspects.POSE_DIM), aspects.POSE_DIM,
-                                   nlist, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).choice(len(xb), min(len(xb), 100_000), replace=False)
-        index.train(xb[np.sort(sample)])
-        index.nprobe = min(POSE_NPROBE, nlist)
+        index.add(xb)
+        return index
+    sq = (xb.astype(np.float64) ** 2).sum(1)
+    xb = np.hstack([xb, np.sqrt(sq.max() - sq)[:, None]]).astype(np.float32)
+    nlist = round(4 * math.sqrt(len(xb)))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], nlist)
+    sample = np.random.default_rng(0).choice(len(xb), min(len(xb), 100_000), replace=False)
+    index.train(xb[np.sort(sample)])
     index.add(xb)
     return index
+
+
+class FigureIndex:
+    """Searches poses.faiss with aspects.query_rows: (scores, ids) as an inner-product search
+    would. The IVF form holds the rows made Euclidean (Bachrach et al. 2014, "Speeding up the
+    Xbox recommender system using a Euclidean transformation for inner-product spaces"): every
+    row has length R, a query scaled to length R with a 0 in the extra column has its nearest
+    by distance exactly its best by inner product, and the coarse step then ranks lists by the
+    distance to their centroid, where inner product would rank them by the centroid's score,
+    its members' mean, which hides the best of them (at 100k figures IVF-IP needed nprobe 64
+    for the recall this gets at 32)."""
+
+    def __init__(self, index):
+        self.index, self.radius = index, None
+        if index.d == aspects.POSE_DIM + 1:
+            index = faiss.extract_index_ivf(index)
+            index.nprobe = min(POSE_NPROBE, index.nlist)
+            lists = [i for i in range(index.nlist) if index.invlists.list_size(i)]
+            if lists:
+                _, codes = get_invlist(index.invlists, lists[0])
+                self.radius = float(np.linalg.norm(codes[0].view(np.float32).astype(np.float64)))
+
+    @property
+    def ntotal(self):
+        return self.index.ntotal
+
+    def search(self, xq, k):
+        if self.index.d == aspects.POSE_DIM:
+            return self.index.search(xq, k)
+        if self.radius is None:  # no figures
+            return np.zeros((len(xq), k), np.float32), np.full((len(xq), k), -1, np.int64)
+        length = np.maximum(np.linalg.norm(xq, axis=1, keepdims=True), 1e-12)
+        x = np.hstack([xq / length * self.radius, np.zeros((len(xq), 1))]).astype(np.float32)
+        D, I = self.index.search(x, k)
+        return (self.radius ** 2 - D / 2) * length / self.radius, I
 
 
 def write_aspects(gen, arrays, names, cfg, figures=None, figure_index=True):
@@ -362,10 +400,15 @@ class Store:
                             f"--build --aspects {','.join(have + lacking)}")
         self.gen, self.cfg, self.names = generation(folder), cfg, have
         self.arrays = load_arrays(self.gen, cfg, [a for a in need if a != "content"])
-        self.poses = faiss.read_index(os.path.join(self.gen, "poses.faiss")) \
-            if "pose" in need else None
-        if self.poses is not None and hasattr(self.poses, "nprobe"):
-            self.poses.nprobe = min(POSE_NPROBE, self.poses.nlist)
+        self.poses = self.figure_index() if "pose" in need else None
+
+    def figure_index(self):
+        index = faiss.read_index(os.path.join(self.gen, "poses.faiss"))
+        if index.d not in (aspects.POSE_DIM, aspects.POSE_DIM + 1):  # rows of an older version
+            index = pose_index(np.asarray(self.arrays["figures.npy"]))
+            print(f"figure index: rows from an older ArtExtract, rebuilt in memory from the "
+                  f"{index.ntotal} stored figures (a --build or --add writes the new one)")
+        return FigureIndex(index)
 
     def figures_of(self, row):
         start = self.arrays["figure_start.npy"]
@@ -420,7 +463,7 @@ def with_map_column(folder, cfg, meta, name):
 
 # ----------------------------------------------------------------------------- --by
 POOL = 100  # candidates each weighted aspect brings (its top POOL), all scored by every aspect
-POSE_K = 200  # figures FAISS returns per query row (10 rows per figure with turns and mirror)
+POSE_K = 200  # figures FAISS returns per query row (6 rows a figure with turns and mirror)
 VERIFY_TOP = 100  # images verified by a similarity transform (aspects.verify): ~20 ms
 MISSING = {"pose": 0.0, "face": -1.0}  # the score of an image without figures (the minimum)
 

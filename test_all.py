@@ -3309,6 +3309,54 @@ def test_aspects_masked_joints_do_not_pull_unrelated_poses_together():
     assert aspects.pose_similarity(few, own[None])[0] == -1
 
 
+def test_aspects_pose_rows_stand_figures_up_but_keep_lying_apart():
+    """A figure turned by any angle stands up to the same joints (so a query needs only a few
+    small turns), while the rows' angle columns still rank the copy turned 15 degrees above the
+    same pose lying down (90): turned within the picture is the same pose, lying is another."""
+    rng = np.random.default_rng(4)
+    src = posed(painter.demo_pose(rng, "pointing", mirror=False, hide=()), 30, shift=(200, 150))
+    P, there = aspects.normalise_pose(src)
+    up, a = aspects.upright(P, there)
+    for deg in (15.0, 90.0, -140.0):
+        Pt, tt = aspects.normalise_pose(posed(src, 1.4, deg, (40, -30)))
+        up_t, a_t = aspects.upright(Pt, tt)
+        assert np.abs(up_t - up).max() < 1e-9  # the same joints, stood up
+        assert math.degrees(a_t[0] - a[0]) % 360 == pytest.approx(-deg % 360)
+    G = np.stack([posed(src, 1.0, d) for d in (90.0, 15.0, -90.0, 180.0)])
+    s = aspects.query_rows(src[None], turns=(0.0,)) @ aspects.pose_vectors(G).T
+    assert np.argmax(s[0]) == 1 and s[0, 1] > 0.99 and s[0, 1] - s[0, [0, 2, 3]].max() > 0.1
+    # the score equals the masked score and the angle's cosine, weighted
+    masked = 1 - ((up - aspects.upright(*aspects.normalise_pose(G[:1]))[0]) ** 2).sum((1, 2)) \
+        / (17 * aspects.POSE_TAU ** 2)
+    want = (1 - aspects.ANGLE_WEIGHT) * masked[0] + aspects.ANGLE_WEIGHT * math.cos(
+        math.radians(90))
+    assert s[0, 0] == pytest.approx(want, abs=1e-5)
+
+
+def test_figure_index_ivf_over_euclidean_rows_equals_inner_product(monkeypatch,
+                                                                   one_faiss_thread):
+    """by.FigureIndex's IVF form (rows made Euclidean, queries scaled): probing every list, the
+    ids and scores of the flat inner-product search; at its nprobe, most of them."""
+    monkeypatch.setattr(by, "POSE_IVF_FROM", 1000)
+    monkeypatch.setattr(by, "POSE_NPROBE", 8)
+    rng = np.random.default_rng(5)
+    G, _ = pose_gallery(rng, 1200)
+    raw = by.pose_index(G)
+    assert isinstance(raw, faiss.IndexIVFFlat) and raw.d == aspects.POSE_DIM + 1
+    ours = by.FigureIndex(raw)
+    flat = faiss.IndexFlatIP(aspects.POSE_DIM)
+    flat.add(aspects.pose_vectors(G))
+    xq = aspects.query_rows(G[rng.choice(len(G), 20, replace=False)], mirror=True)
+    D0, I0 = flat.search(xq, 20)
+    D8, I8 = ours.search(xq, 20)
+    assert np.mean([len(np.intersect1d(a, b)) / 20 for a, b in zip(I0, I8, strict=True)]) > 0.8
+    raw.nprobe = raw.nlist
+    D, I = ours.search(xq, 20)
+    assert (I == I0).mean() > 0.99 and D == pytest.approx(D0, abs=1e-4)
+    empty = by.FigureIndex(by.pose_index(G[:0]))
+    assert empty.search(xq[:2], 3)[1].shape == (2, 3)
+
+
 def test_aspects_verify_recovers_a_similarity_transform():
     rng = np.random.default_rng(3)
     q = posed(painter.demo_pose(rng, "pointing", mirror=False, hide=()), 40, shift=(100, 120))
@@ -4494,6 +4542,28 @@ def test_retrieve_by_pose_finds_the_mirrored_source_first(demo_figs, built_figs,
     assert meta[I[0, 0]]["path"] == rel and D[0, 0] > 0.99
     assert re.search(r"  1  (0\.9|1\.0)\d\d  .*\n        by pose (0\.9|1\.0)",
                      capsys.readouterr().out)
+
+
+def test_retrieve_by_pose_on_an_index_with_older_figure_rows(built_figs, tmp_path, capsys):
+    """A generation whose poses.faiss holds the 68-column rows of the first version: the figure
+    index is rebuilt in memory from figures.npy, with a line, and answers as a new one."""
+    meta = retrieve.open_index(built_figs)[1]
+    q = meta[3]["path"]
+    args = ["--query-id", q, "--by", "pose", "-k", "5", "--workers", "0"]
+    D_new, I_new = found([*args, "--index", str(built_figs)])
+    old = tmp_path / "old"
+    shutil.copytree(built_figs, old)
+    gen = faiss_index.generation(str(old))
+    faiss.write_index(faiss.IndexFlatIP(68), os.path.join(gen, "poses.faiss"))
+    with open(os.path.join(gen, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["aspect_files"]["poses.faiss"] = faiss_index.fingerprint(os.path.join(gen, "poses.faiss"))
+    with open(os.path.join(gen, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    capsys.readouterr()
+    D, I = found([*args, "--index", str(old)])
+    assert "rows from an older ArtExtract, rebuilt in memory" in capsys.readouterr().out
+    assert (I == I_new).all() and D == pytest.approx(D_new)
 
 
 def test_retrieve_by_aspects_scores_where_and_what_the_index_lacks(built, built_figs, capsys):
