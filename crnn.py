@@ -331,6 +331,21 @@ def report_text(res, args, n_val, skipped, notes=()):
     return "\n".join(lines + [metrics.NA_NOTE])
 
 
+def confusion_png(cm, names, task, path):
+    """The confusion PNG; past pages.GRID_MAX classes (a grid nobody can read, and a 1,000-class
+    one would be 12,000 px square) only the GRID_MAX classes in the most errors, as true or as
+    predicted, each row still divided by all of that class's images."""
+    title = f"{task}: rows true, columns predicted (row %)"
+    keep = np.arange(len(names))
+    if len(names) > pages.GRID_MAX:
+        off = cm - np.diag(np.diag(cm))
+        keep = np.sort(np.argsort(-(off.sum(0) + off.sum(1)), kind="stable")[:pages.GRID_MAX])
+        title = f"{task}: {len(keep)} of {len(names)} classes, those in the most errors (all in " \
+            f"confusion_{task}.csv); rows true, columns predicted (row % of all)"
+    pages.confusion_png(cm[np.ix_(keep, keep)], [names[i] for i in keep], title, path,
+                        cm.sum(1)[keep])
+
+
 def write_eval(out, res, table, idx, probs, text):
     os.makedirs(out, exist_ok=True)
     files.atomic_write(os.path.join(out, "report.txt"), text + "\n")
@@ -341,8 +356,7 @@ def write_eval(out, res, table, idx, probs, text):
         names = table.classes[t]
         files.write_csv(os.path.join(out, f"confusion_{t}.csv"), ["true \\ pred", *names],
                        [[n, *row.tolist()] for n, row in zip(names, r["confusion"], strict=True)])
-        pages.confusion_png(r["confusion"], names, f"{t}: rows true, columns predicted (row %)",
-                      os.path.join(out, f"confusion_{t}.png"))
+        confusion_png(r["confusion"], names, t, os.path.join(out, f"confusion_{t}.png"))
     header, rows = ["path"], [[table.paths[i]] for i in idx]
     for t in res:
         header += [f"{t}_true", f"{t}_pred", f"{t}_p_pred", f"{t}_p_true"]
@@ -635,7 +649,10 @@ def next_commands(args):
         f" --data {args.data}"
     which = data if os.path.abspath(args.out) == os.path.abspath(default_out(args.data)) \
         else f" --ckpt {best}"
-    print(f"next: python crnn.py --eval{which}                  # scores on the test split\n"
+    splits = {r.get("split") for r in files.read_manifest(args.data)}
+    on = "the test split" if "test" in splits else "the val split (no test split here" + (
+        ")" if "dev" in splits else "; best.pt was chosen on val: optimistic)")
+    print(f"next: python crnn.py --eval{which}                  # scores on {on}\n"
           f"      python crnn.py --predict IMAGE_OR_FOLDER{which}  # predictions.csv\n"
           f"      python retrieve.py --build --ckpt {best} --images {args.root} --manifest "
           f"{args.data} --index {os.path.join(args.out, 'index')}   # then --query IMAGE "

@@ -101,8 +101,9 @@ def contact_sheet(rows, path, thumb=THUMB, frame_first=False):
     save_png(sheet, path)
 
 
-def confusion_png(cm, names, title, path):
-    """Heat map of row-normalised counts (recall per true class), with counts in the cells."""
+def confusion_png(cm, names, title, path, totals=None):
+    """Heat map of row-normalised counts (recall per true class), with counts in the cells.
+    totals: each row's count when cm is a part of a larger matrix (default: cm's row sums)."""
     n = len(names)
     cell = max(12, min(44, 900 // max(n, 1)))  # px: 27 WikiArt styles get 33 px cells
     fnt, small = font(13), font(max(8, min(12, cell // 3)))
@@ -112,7 +113,8 @@ def confusion_png(cm, names, title, path):
     im = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(im)
     d.text((8, 6), title, fill="black", font=fnt)
-    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    total = cm.sum(1) if totals is None else np.asarray(totals)
+    rows = cm / np.maximum(total, 1)[:, None]
     for i in range(n):
         d.text((6, 30 + lab + i * cell + cell // 2 - 7), fit_text(names[i], fnt, lab - 10),
                fill="black", font=fnt)

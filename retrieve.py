@@ -616,7 +616,7 @@ def cmd_eval(args, device):
     cids = np.sort(rng.choice(n, size=min(n, args.eval_queries or 200), replace=False))
     keep, model = ({} if args.html else None), load_model(cfg, device)
     res["copy"] = eval_copies(model, index, meta, cfg, args, device, cids, keep)
-    res.update(eval_by(model, index, meta, cfg, args, device, cids))  # --by pose, light, layout
+    res.update(eval_by(model, index, meta, cfg, args, device, cids))  # --by: pose; copies
     res["labels"] = eval_labels(meta, I[drop_self(I, ids, 10)].reshape(len(ids), 10), ids, n)
     print(format_eval(res))
     files.atomic_write(os.path.join(args.index, "eval.json"),

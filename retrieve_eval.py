@@ -29,25 +29,47 @@ from index import search
 LABEL_COLUMNS = ("style", "artist", "genre", "attribution")
 
 
-def copy_of(im, rng):
+def copy_of(im, rng, K=None):
     """A seeded near-duplicate: crop 50-90% of the area (aspect 3:4..4:3), rotate +-10 deg,
     resize x0.6-1.4, jitter brightness/contrast/saturation x0.7-1.3, grayscale 20% of the
-    time, JPEG re-compression at quality 30-70."""
+    time, JPEG re-compression at quality 30-70. K: figures (m, 17, 3) in im's pixels: returns
+    (the copy, its figures: carried_figures), the same copy from the same draws."""
     w, h = im.size
     area, ratio = rng.uniform(0.5, 0.9), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     cw = min(w, round(math.sqrt(area * w * h * ratio)))
     ch = min(h, round(math.sqrt(area * w * h / ratio)))
     x0, y0 = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
-    im = im.crop((x0, y0, x0 + cw, y0 + ch)).rotate(rng.uniform(-10, 10), Image.BILINEAR)
+    deg = rng.uniform(-10, 10)
+    im = im.crop((x0, y0, x0 + cw, y0 + ch)).rotate(deg, Image.BILINEAR)
     s = rng.uniform(0.6, 1.4)
-    im = im.resize((max(16, round(cw * s)), max(16, round(ch * s))), Image.BILINEAR)
+    size = (max(16, round(cw * s)), max(16, round(ch * s)))
+    im = im.resize(size, Image.BILINEAR)
     for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
         im = enhance(im).enhance(rng.uniform(0.7, 1.3))
     if rng.random() < 0.2:
         im = im.convert("L").convert("RGB")
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=int(rng.integers(30, 71)))
-    return files.load_image(io.BytesIO(buf.getvalue()))
+    out = files.load_image(io.BytesIO(buf.getvalue()))
+    return out if K is None else (out, carried_figures(K, (x0, y0), (cw, ch), deg, size))
+
+
+def carried_figures(K, corner, crop, deg, size):
+    """The figures K (m, 17, 3) carried through copy_of's crop at corner, turn by deg (counter-
+    clockwise as seen, about the crop's centre, as PIL turns) and resize from crop to size;
+    joints the crop cut off are hidden, and a figure left with fewer than aspects.MIN_SHARED
+    joints is gone. (m', 17, 3) in the copy's pixels."""
+    K = np.array(K, np.float64).reshape(-1, 17, 3)
+    cx, cy = (crop[0] - 1) / 2, (crop[1] - 1) / 2
+    dx, dy, t = K[..., 0] - corner[0] - cx, K[..., 1] - corner[1] - cy, math.radians(deg)
+    x = cx + dx * math.cos(t) + dy * math.sin(t)
+    y = cy - dx * math.sin(t) + dy * math.cos(t)
+    K[..., 0] = (x + 0.5) * size[0] / crop[0] - 0.5  # pixel centres, as PIL resizes
+    K[..., 1] = (y + 0.5) * size[1] / crop[1] - 0.5
+    inside = (K[..., 0] >= 0) & (K[..., 1] >= 0) & (K[..., 0] <= size[0] - 1) & \
+        (K[..., 1] <= size[1] - 1)
+    K[..., 2] = np.where(inside, K[..., 2], 0)
+    return K[(K[..., 2] >= aspects.MIN_CONF).sum(1) >= aspects.MIN_SHARED]
 
 
 def original(cfg, rel):
@@ -123,6 +145,10 @@ EVAL_NOTE = ("{n} images indexed. * a sanity check only: 1.0 for any injective e
 POSE_NOTE = ("pose: {q} paintings with figures, each mirrored (half), turned <= 20 deg, scaled "
              "0.5-2x, joints jittered and 0-3 dropped, must find their source among all {n}; "
              "MRR over the top {depth}; by content: the same transformed pictures' embeddings.")
+COPY_FIGURES_NOTE = ("copy detection by pose/face: the copies of the paintings with figures, "
+                     "their figures carried through the copy's crop, turn and resize (not "
+                     "detected again); face: those with a head; a copy whose figures (heads) "
+                     "were all cut off misses.")
 
 
 def eval_table(res):
@@ -150,6 +176,8 @@ def format_eval(res):
     if "pose" in res:
         lines.append(POSE_NOTE.format(q=res["pose"]["queries"], n=res["n"],
                                       depth=res["pose"]["depth"]))
+    if set(res.get("aspect_copies", {})) & {"pose", "face"}:
+        lines.append(COPY_FIGURES_NOTE)
     return "\n".join(lines)
 
 
@@ -221,29 +249,50 @@ def eval_pose(store, model, index, meta, cfg, args, device):
 
 
 def eval_aspect_copies(store, meta, cfg, args, names, ids):
-    """Per model-free aspect (light, layout): the copy-detection copies (copy_of, the same seed)
-    searched by that aspect alone, computed on the copy: does it still find its painting?"""
-    rng, found = np.random.default_rng(args.seed), {a: [] for a in names}
+    """Per aspect: the copy-detection copies (copy_of, the same seed: the same copies) searched
+    by that aspect alone, computed on the copy: does it still find its painting? Light and
+    layout: of the copy's pixels; pose and face: the painting's stored figures carried through
+    the copy's crop, turn and resize (not detected again), asked of the copies of paintings
+    with figures (face: with a head); a copy whose figures (heads) were all cut off misses."""
+    rng, found = np.random.default_rng(args.seed), {a: ([], []) for a in names}
+    ctx = {"mirror": False}
     for j in ids:
-        small = by.thumb_of(copy_of(original(cfg, meta[j]["path"]), rng))
+        im, K = original(cfg, meta[j]["path"]), np.zeros((0, 17, 3))
+        if set(names) & set(by.FIGURE_ASPECTS):
+            (w, h), K = store.arrays["sizes.npy"][j], store.figures_of(j).astype(np.float64)
+            K[..., 0], K[..., 1] = K[..., 0] * im.width / w, K[..., 1] * im.height / h
+        copy, K2 = copy_of(im, rng, K)
+        small = by.thumb_of(copy)
         q = by.Query(meta[j]["path"], None, aspects.light_features(small),
-                     aspects.layout_vector(small))
+                     aspects.layout_vector(small), K2)
         for a in names:
-            s = (by.light_scores if a == "light" else by.layout_scores)(store, q)
-            found[a].append(np.argsort(-s, kind="stable")[:10])
-    return {a: {"queries": len(ids), **metrics.retrieval_metrics(np.array(I), np.asarray(ids),
-                                                                  ks=(1, 5))}
-            for a, I in found.items()}
+            if a in ("light", "layout"):
+                s = (by.light_scores if a == "light" else by.layout_scores)(store, q)
+                I = np.argsort(-s, kind="stable")[:10]
+            elif not can_ask(a, K):
+                continue  # a painting without figures (or heads) asks nothing of pose (face)
+            else:
+                I = by.rank(store, q, {a: 1.0}, 10, None, ctx)[1] if can_ask(a, K2) else \
+                    np.full(10, -1)
+            found[a][0].append(I), found[a][1].append(j)
+    return {a: {"queries": len(js), **metrics.retrieval_metrics(np.array(I).reshape(-1, 10),
+                                                                np.asarray(js), ks=(1, 5))}
+            for a, (I, js) in found.items() if js}
+
+
+def can_ask(aspect, K):
+    """Whether figures K (m, 17, 3) can be searched by aspect (pose: any; face: a head)."""
+    return len(K) > 0 and (aspect == "pose" or bool(np.abs(aspects.face_vectors(K)).any()))
 
 
 def eval_by(model, index, meta, cfg, args, device, cids):
-    """--eval --by: the pose protocol (pose), the copies searched by light or layout alone."""
+    """--eval --by: the pose protocol (pose); the copies searched by each asked aspect alone."""
     weights, res = by.parse_by(args.by), {}
     if "pose" in weights:  # figures transformed must find their painting
         res["pose"] = eval_pose(by.open_aspects(args.index, cfg, ["pose"]), model, index, meta,
                                 cfg, args, device)
-    plain = [a for a in weights if a in ("light", "layout")]
-    if plain and not args.where:
-        res["aspect_copies"] = eval_aspect_copies(by.open_aspects(args.index, cfg, plain), meta,
-                                                  cfg, args, plain, cids)
+    asked = [a for a in weights if a != "content"]
+    if asked and not args.where:
+        res["aspect_copies"] = eval_aspect_copies(by.open_aspects(args.index, cfg, asked), meta,
+                                                  cfg, args, asked, cids)
     return res

@@ -42,7 +42,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 import aspects
 import bench
@@ -2232,6 +2232,13 @@ def test_pages_many_classes_list_the_top_confusions(tmp_path):
     first = text.split('<ol class="confusions">')[1].split("</li>")[0]
     assert first == f"<li>true <b>artist_3</b> \u2192 predicted <b>artist_7</b>: {n3} of {n3} " \
         "(100%)"
+    cm = res["artist"]["confusion"]
+    crnn.confusion_png(cm, names, "artist", str(tmp_path / "cm.png"))  # GRID_MAX classes drawn
+    crnn.confusion_png(cm[:30, :30], names[:30], "artist", str(tmp_path / "cm30.png"))
+    with Image.open(tmp_path / "cm.png") as a, Image.open(tmp_path / "cm30.png") as b:
+        assert a.width < 1.2 * b.width and a.height < 1.2 * b.height  # not a 40 x 40 grid
+        top = np.asarray(a.convert("L"))[30:]
+        assert (top < 60).sum() > 0  # the 100% cell of 3 -> 7 is there (dark blue)
     res["artist"]["confusion"] = res["artist"]["confusion"][:6, :6]
     res["artist"]["report"]["per_class"] = res["artist"]["report"]["per_class"][:6]
     pages.eval_page(str(tmp_path / "r.html"), ["x"], res, [], 0)
@@ -2514,6 +2521,7 @@ def test_crnn_feature_cache_reused_and_rebuilt(demo, tmp_path, capsys):
                                                    f"{state['best']:.4f} after 1 epochs: "
                                                    f"{tmp_path / 'best.pt'}>")
     assert f"next: python crnn.py --eval --ckpt {tmp_path / 'best.pt'} " in out
+    assert "# scores on the val split (no test split here; best.pt was chosen on val" in out
     assert f"python retrieve.py --build --ckpt {tmp_path / 'best.pt'} --images " in out
     feats = np.load(tmp_path / "cache" / "train.npy", mmap_mode="r")
     assert feats.dtype == np.float16 and feats.shape[1:] == (512, 2, 2)  # 64 px / 32
@@ -4656,15 +4664,23 @@ def test_retrieve_eval_by_pose_beats_random_and_content(demo_figs, built_figs, c
     """Transformed figures find their painting: --by pose far above random; the table has the
     three rows; the transform carries the figures with the picture (each joint lands on its
     own painted colour in the turned, scaled, maybe mirrored image)."""
-    res = retrieve.main(["--eval", "--by", "pose=1,light=1", "--index", str(built_figs),
+    res = retrieve.main(["--eval", "--by", "pose=1,light=1,face=1", "--index", str(built_figs),
                          "--workers", "0", "--eval-queries", "12"])
     p, light = res["pose"], res["aspect_copies"]["light"]
     assert light["queries"] == 12 and light["top1"] > 0.3  # copies found by light alone (1/48)
+    rng = np.random.default_rng(0)  # the copies' ids, as --eval draws them (seed 0)
+    rng.choice(48, 48, replace=False)
+    cids = rng.choice(48, 12, replace=False)
+    with_figures = (np.diff(stored(built_figs, "figure_start.npy")) > 0)[cids].sum()
+    pose, face = res["aspect_copies"]["pose"], res["aspect_copies"]["face"]
+    assert pose["queries"] == with_figures >= face["queries"] > 0
+    assert pose["top1"] > 0.5 and pose["top1"] > face["top1"]  # carried figures: the pose holds
     assert p["queries"] == 12 and p["pose"]["top1"] >= 0.75 and p["pose"]["mrr"] >= 0.8
     assert p["pose"]["top1"] > 5 * p["random"]["top1"] and p["random"]["top1"] == 1 / 48
     out = capsys.readouterr().out
     assert re.search(r"pose: by pose +12 +\d\.\d{3}", out) and "pose: by content" in out
     assert re.search(r"copy detection by light +12 +\d\.\d{3}", out)
+    assert re.search(r"copy detection by pose +\d+ +\d\.\d{3}", out) and "carried" in out
     figs = poses.read_poses(demo_figs / "poses.json")
     rel, fs = next((r, f) for r, f in figs.items() if len(f) == 1)
     im = Image.open(demo_figs / "images" / rel).convert("RGB")
@@ -4675,6 +4691,32 @@ def test_retrieve_eval_by_pose_beats_random_and_content(demo_figs, built_figs, c
         im2, K2 = retrieve_eval.transformed_painting(im, K, np.random.default_rng(seed))
         x, y = K2[0, [5, 6, 11, 12], :2].mean(0)  # jitter moves joints, not the torso centre
         assert np.abs(np.asarray(im2)[int(y), int(x)].astype(int) - before).max() < 60, seed
+
+
+def test_copy_of_carries_the_figures_with_the_picture():
+    """copy_of with figures: the same copy as without (the same draws), and each joint lands
+    where its dot went in the cropped, turned, resized copy; joints cut off are hidden."""
+    rng = np.random.default_rng(9)
+    K = np.zeros((1, 17, 3))
+    K[0, :, :2], K[0, :, 2] = rng.uniform(10, 190, (17, 2)) * [1.2, 1.0], 1
+    for seed in range(6):
+        for j in (0, 7):
+            im = Image.new("RGB", (240, 200))
+            ImageDraw.Draw(im).ellipse([*(K[0, j, :2] - 3), *(K[0, j, :2] + 3)], fill="white")
+            plain = retrieve_eval.copy_of(im, np.random.default_rng(seed))
+            copy, K2 = retrieve_eval.copy_of(im, np.random.default_rng(seed), K)
+            assert (np.asarray(plain) == np.asarray(copy)).all()
+            if not len(K2):
+                continue
+            a = np.asarray(copy.convert("L"), np.float64)
+            ys, xs = np.nonzero(a > 0.5 * a.max())
+            if K2[0, j, 2] == 0:  # cut off: no dot left in the copy, or only a sliver at an edge
+                edge = np.minimum.reduce([xs, ys, a.shape[1] - 1 - xs, a.shape[0] - 1 - ys])
+                assert a.max() < 100 or edge.max() <= 4, (seed, j)
+                continue
+            w = a[ys, xs]
+            assert np.hypot((xs * w).sum() / w.sum() - K2[0, j, 0],
+                            (ys * w).sum() / w.sum() - K2[0, j, 1]) < 1.5, (seed, j)
 
 
 def test_retrieve_detector_build_stores_what_it_finds_and_a_crash_keeps_the_old(
