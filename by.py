@@ -333,11 +333,15 @@ def build_shard_aspects(shards, i, root, rows, cfg, args, device):
     tmp = f"{dst}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    source = figure_source(args) if set(names) & set(FIGURE_ASPECTS) else None
-    rec = {}
-    write_aspects(tmp, compute(rows, root, names, source, args, device), names, rec,
-                  source[2] if source else None, figure_index=False)
-    files.atomic_write(os.path.join(tmp, "aspects.json"), json.dumps(rec) + "\n")
+    try:  # an interrupt or a full disk leaves no half-written temp folder behind
+        source = figure_source(args) if set(names) & set(FIGURE_ASPECTS) else None
+        rec = {}
+        write_aspects(tmp, compute(rows, root, names, source, args, device), names, rec,
+                      source[2] if source else None, figure_index=False)
+        files.atomic_write(os.path.join(tmp, "aspects.json"), json.dumps(rec) + "\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)
 

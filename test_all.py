@@ -4574,6 +4574,22 @@ def test_retrieve_by_pose_on_an_index_with_older_figure_rows(built_figs, tmp_pat
     assert (I == I_new).all() and D == pytest.approx(D_new)
 
 
+def test_shard_aspects_interrupted_keep_the_old_and_leave_no_temp(tmp_path, monkeypatch):
+    old = tmp_path / "aspects.shard-0"
+    old.mkdir()
+    (old / "aspects.json").write_text("{}\n")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(by, "compute", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        by.build_shard_aspects(str(tmp_path), 0, str(tmp_path), [{"path": "a.jpg"}],
+                               {"aspects": ["content", "light"]},
+                               argparse.Namespace(aspects=None), None)
+    assert os.listdir(tmp_path) == ["aspects.shard-0"] and os.listdir(old) == ["aspects.json"]
+
+
 def test_retrieve_by_aspects_scores_where_and_what_the_index_lacks(built, built_figs, capsys):
     meta = retrieve.open_index(built_figs)[1]
     q = meta[3]["path"]
