@@ -66,10 +66,11 @@ def cmd_wikiart(args):
     print(wikiart.count_table(f"{task}: {sum(before.values())} labelled images in the lists",
                               before, classes[task]))
     held = set().union(*in_val.values()) if args.split == "official" else frozenset()
+    to_train = wikiart.train_counter(args)
     chosen, dropped, bad = wikiart.balanced_subset(labels, classes[task], task, args.per_class,
-                                           args.min_per_class, args.seed, source, held)
+                                           args.min_per_class, args.seed, source, held, to_train)
     wikiart.report_unusable(args.out, bad)
-    wikiart.report_small(chosen, dropped, args.min_per_class, held)
+    wikiart.report_small(chosen, dropped, args.min_per_class, held, to_train)
     if not chosen:
         raise UserError("nothing left after filtering (lower --min-per-class, or check --images)")
     groups = {p: wikiart.artist_of(p) for ps in chosen.values() for p in ps}
@@ -505,9 +506,10 @@ def write_hf_subset(args, shards, tasks):
     labels, classes, bad, painter_of = read_converted(shards, args.out, tasks)
     wikiart.report_unusable(args.out, bad)
     task = args.balance_on
+    to_train = wikiart.train_counter(args)
     chosen, dropped, _ = wikiart.balanced_subset(labels, classes[task], task, args.per_class,
-                                         args.min_per_class, args.seed)
-    wikiart.report_small(chosen, dropped, args.min_per_class)
+                                         args.min_per_class, args.seed, to_train=to_train)
+    wikiart.report_small(chosen, dropped, args.min_per_class, to_train=to_train)
     if not chosen:
         raise UserError("nothing left after filtering (lower --min-per-class)")
     split = wikiart.make_split(args, chosen, {}, painter_of)

@@ -1039,11 +1039,16 @@ def test_data_wikiart_small_classes_dropped_or_kept_by_name(tmp_path, capsys):
     base = ["wikiart", "--lists", str(tmp_path / "lists"), "--per-class", "0", "--split", "random"]
     data.main([*base, "--out", str(tmp_path / "a")])
     log = capsys.readouterr().out
-    assert "dropped class Tiny: 2 usable images < --min-per-class 5 (too few to learn)" in log
+    # its 2 images: 1 to val (--val-frac 0.1, at least 1), 1 left to train
+    assert "dropped class Tiny: 1 usable train images < --min-per-class 5 (too few to" in log
     assert "Tiny" not in {r["style"] for r in files.read_csv(tmp_path / "a" / "manifest.csv")}
     data.main([*base, "--out", str(tmp_path / "b"), "--min-per-class", "2"])
     log = capsys.readouterr().out
-    assert "warning: 1 class kept with fewer than 5 usable images" in log and "Tiny (2)" in log
+    assert "Tiny" in log  # 2 images, 1 to train: dropped below 2 as well
+    data.main([*base, "--out", str(tmp_path / "b"), "--min-per-class", "1"])
+    log = capsys.readouterr().out
+    assert "warning: 1 class kept with fewer than 5 usable train images" in log and \
+        "Tiny (1)" in log
     assert "Tiny" in {r["style"] for r in files.read_csv(tmp_path / "b" / "manifest.csv")}
 
 
@@ -1801,16 +1806,19 @@ def test_data_folder_labels_from_folder_names(demo, tmp_path, capsys):
 
 
 def test_data_folder_on_a_long_tail(demo_tail, tmp_path, capsys):
-    """The long-tailed demo's folders (72, 29, 11, 4, 2, 2 images per style): the styles under
-    --min-per-class are dropped by name, every style kept has a test and a dev image."""
+    """The long-tailed demo's folders (72, 29, 11, 4, 2, 2 images per style): the styles with
+    fewer than --min-per-class images left to train after the test and dev are taken out are
+    dropped by name, every style kept has a test and a dev image and >= 5 train images."""
     data.main(["folder", "--images", str(demo_tail / "images"), "--out", str(tmp_path / "m")])
     log = capsys.readouterr().out
     sizes = Counter(p.split("/")[0] for p in painter.scan_files(demo_tail / "images"))
-    small = [c for c, n in sizes.items() if n < wikiart.SMALL_CLASS]
-    assert len(small) == 3 and all(f"dropped class {c}: {sizes[c]} usable images" in log
-                                   for c in small)
+    small = [c for c, n in sizes.items() if n < 7]  # 7 = 1 test + 1 dev + 5 train
+    left = {2: 1, 4: 2}  # 2: 1 test, 1 train (no dev from 1); 4: 1 test, 1 dev, 2 train
+    assert len(small) == 3 and all(f"dropped class {c}: {left[sizes[c]]} usable train images"
+                                   in log for c in small)
     rows = files.read_csv(tmp_path / "m" / "manifest.csv")
-    assert len(rows) == sum(n for n in sizes.values() if n >= wikiart.SMALL_CLASS)
+    assert len(rows) == sum(n for n in sizes.values() if n >= 7)
+    assert min(Counter(r["style"] for r in rows if r["split"] == "train").values()) >= 5
     for c in set(sizes) - set(small):
         assert {r["split"] for r in rows if r["style"] == c} == {"train", "dev", "test"}
 
@@ -1842,12 +1850,12 @@ def test_data_csv_any_paths_and_labels(demo, tmp_path, capsys):
     assert table.tasks == ["style", "painter"] and len(table.classes["painter"]) == 6
     # --min-per-class per column: the first drops images, the others leave labels empty
     data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
-               "--label-cols", "style,painter", "--out", str(out), "--min-per-class", "19"])
-    got = files.read_csv(out / "manifest.csv")
-    kept = Counter(r["style"] for r in got)
-    assert min(kept.values()) >= 19 and len(kept) < 6
-    n = Counter(r["painter"] for r in got if r["painter"])
-    assert n and min(n.values()) >= 19 and any(not r["painter"] for r in got)
+               "--label-cols", "style,painter", "--out", str(out), "--min-per-class", "13"])
+    got = files.read_csv(out / "manifest.csv")  # styles of 27, 21, 19, 19, 18, 16 images
+    kept = Counter(r["style"] for r in got if r["split"] == "train")
+    assert min(kept.values()) >= 13 and len(kept) == 5  # 16: 3 test, 1 dev, 12 train
+    n = Counter(r["painter"] for r in got if r["painter"] and r["split"] == "train")
+    assert n and min(n.values()) >= 13 and any(not r["painter"] for r in got)
     with pytest.raises(SystemExit, match="--label-cols 'style,split'"):
         data.main(["csv", "--csv", str(tmp_path / "labels.csv"), "--path-col", "file",
                    "--label-cols", "style,split", "--out", str(out)])

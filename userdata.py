@@ -136,6 +136,18 @@ def group_of(rule, groups, labels, tasks):
     return {p: g.get(col) for p, g in groups.items() if p in labels}
 
 
+def train_counter(args):
+    """n -> how many of a class's n images own_split leaves to train (random: the stratified
+    test, then dev, taken out), for --min-per-class; None for whole groups."""
+    if args.split != "random":
+        return None
+
+    def left(n):
+        rest = n - wikiart.stratified_out(args.test_frac, n)
+        return rest - wikiart.stratified_out(args.dev_frac, rest)
+    return left
+
+
 def own_split(args, chosen, groups):
     """{path: train|dev|test}: random = a stratified --test-frac, then a stratified --dev-frac
     of the rest, per class of the first label column; by group = whole groups (wikiart's
@@ -158,20 +170,24 @@ def own_split(args, chosen, groups):
     return split
 
 
-def thin_labels(labels, kept, tasks, least):
-    """Labels of the other tasks' classes with fewer than `least` images among `kept` are left
-    empty (the images stay, for the first task): too few to learn or to score."""
+def thin_labels(labels, kept, tasks, least, split=None):
+    """Labels of the other tasks' classes with fewer than `least` images among `kept` (train
+    images where split {path: train|dev|test} is given: a random split's) are left empty (the
+    images stay, for the first task): too few to learn or to score. A group split counts all:
+    its held-out groups have no train image by design."""
     for t in tasks:
-        n = Counter(labels[p][t] for p in kept if labels[p].get(t))
-        small = {c for c, k in n.items() if k < least}
+        n = Counter(labels[p][t] for p in kept
+                    if labels[p].get(t) and (split is None or split[p] == "train"))
+        have = {labels[p][t] for p in kept if labels[p].get(t)}
+        small = {c for c in have if n[c] < least}
         if not small:
             continue
         for p in kept:
             if labels[p].get(t) in small:
                 del labels[p][t]
-        print(f"{t}: {len(small)} of {len(n)} classes have fewer than --min-per-class {least} "
-              f"images: their {sum(n[c] for c in small)} labels left empty "
-              f"(e.g. {sorted(small)[0]}); {len(n) - len(small)} classes kept")
+        print(f"{t}: {len(small)} of {len(have)} classes have fewer than --min-per-class {least} "
+              f"{'train ' if split else ''}images: their labels left empty "
+              f"(e.g. {sorted(small)[0]}); {len(have) - len(small)} classes kept")
 
 
 def write_manifest(args, labels, tasks, source, groups):
@@ -188,16 +204,19 @@ def write_manifest(args, labels, tasks, source, groups):
               f"(the first label column is the one every image needs)")
     print(wikiart.count_table(f"{task}: {sum(before.values())} labelled images", before,
                               classes[task]))
+    to_train = train_counter(args)
     chosen, dropped, bad = wikiart.balanced_subset(labels, classes[task], task, args.per_class,
-                                                   args.min_per_class, args.seed, source)
+                                                   args.min_per_class, args.seed, source,
+                                                   to_train=to_train)
     os.makedirs(args.out, exist_ok=True)
     wikiart.report_unusable(args.out, bad)
-    wikiart.report_small(chosen, dropped, args.min_per_class)
+    wikiart.report_small(chosen, dropped, args.min_per_class, to_train=to_train)
     if not chosen:
         raise UserError("nothing left after filtering (lower --min-per-class, or check --images)")
     kept = [p for ps in chosen.values() for p in ps]
     split = own_split(args, chosen, group_of(args.split, groups, labels, tasks))
-    thin_labels(labels, kept, tasks[1:], args.min_per_class)
+    thin_labels(labels, kept, tasks[1:], args.min_per_class,
+                split if args.split == "random" else None)
     wikiart.write_subset(args.out, tasks, task, labels, classes, split)
     root = getattr(args, "root", None) or args.images
     print("next: python crnn.py --train --data " + os.path.join(args.out, "manifest.csv")

@@ -124,10 +124,12 @@ def count_table(title, counts, names):
 
 
 def balanced_subset(labels, names, task, per_class, min_per_class, seed, source=None,
-                    held=frozenset()):
+                    held=frozenset(), to_train=None):
     """Per class of `task` (sorted, then seeded shuffle): up to per_class usable paths, plus
     every usable path in `held` (test images: never capped, not counted for the cap or for
-    min_per_class). Returns ({class: paths}, {dropped class: n}, [(path, why unusable)]).
+    min_per_class). to_train: n -> how many of a class's n paths the split will leave to train
+    (train_counter): min_per_class counts those. Returns ({class: paths}, {dropped class: the
+    count compared}, [(path, why unusable)]).
 
     With `source` (image_source), a path is usable when it is there and decodes; checking stops
     once a class has enough, so a 100-per-class subset of 81k images reads a few thousand files.
@@ -152,33 +154,53 @@ def balanced_subset(labels, names, task, per_class, min_per_class, seed, source=
                 bad.append((p, why))
                 continue
             (kept_held if p in held else keep).append(p)
-        if len(keep) < max(min_per_class, 1):
-            dropped[c] = len(keep)
+        capped = per_class and len(keep) >= per_class  # a large class, cut: --per-class rules
+        n = to_train(len(keep)) if to_train and not capped else len(keep)
+        if n < max(min_per_class, 1):
+            dropped[c] = n
         else:
             chosen[c] = keep + kept_held
     return chosen, dropped, bad
 
 
-def report_small(chosen, dropped, min_per_class, held=frozenset()):
+def report_small(chosen, dropped, min_per_class, held=frozenset(), to_train=None):
     """Names the classes balanced_subset dropped, and warns of the classes it kept with fewer
-    than SMALL_CLASS images that can go to train (held ones, the test lists, do not count)."""
-    what = "usable train images" if held else "usable images"
+    than SMALL_CLASS images that go to train (held ones, the test lists, do not count; nor do
+    those to_train says the split takes out)."""
+    what = "usable train images" if held or to_train else "usable images"
     for c, n in dropped.items():
         print(f"dropped class {c}: {n} {what} < --min-per-class {min_per_class}"
               + (" (too few to learn)" if n < SMALL_CLASS else ""))
     small = {c: sum(p not in held for p in ps) for c, ps in chosen.items()}
+    small = {c: to_train(n) if to_train else n for c, n in small.items()}
     small = {c: n for c, n in small.items() if n < SMALL_CLASS}
     if small:
         names = ", ".join(f"{c} ({n})" for c, n in sorted(small.items(), key=lambda x: x[1]))
         print(f"warning: {len(small)} class{'es' if len(small) > 1 else ''} kept with fewer than "
-              f"{SMALL_CLASS} {what}, too few to learn (--min-per-class {min_per_class} asks for "
-              f"them): {names}; the default --min-per-class {SMALL_CLASS} leaves them out")
+              f"{SMALL_CLASS} {what}, too few to learn (--min-per-class {min_per_class} or "
+              f"--per-class asks for them): {names}; the defaults leave them out")
 
 
 # ----------------------------------------------------------------------------- split rules
 # One split column shared by every task (a multi-task model must never train on an image
 # another task evaluates). random: today's train/val; official: the ArtGAN val lists are test,
 # as in the papers; artist: test and dev painters are never seen in training.
+
+def stratified_out(frac, n):
+    """How many of a class's n paths stratified_split sends out of train."""
+    n_out = round(frac * n)
+    return min(max(n_out, 1), n - 1) if frac > 0 and n >= 2 else n_out
+
+
+def train_counter(args):
+    """n -> how many of a class's n images (held test lists apart) go to train under --split,
+    for the --min-per-class floor; None where whole artists are split (no count per class)."""
+    if args.split == "official":
+        return lambda n: n - stratified_out(args.dev_frac, n)
+    if args.split == "random":
+        return lambda n: n - stratified_out(args.val_frac, n)
+    return None
+
 
 def stratified_split(chosen, frac, seed, name="val"):
     """{path: name|'train'}: per class, round(frac * n) to `name` (>= 1 when n >= 2)."""
@@ -187,9 +209,7 @@ def stratified_split(chosen, frac, seed, name="val"):
     for c in sorted(chosen):
         paths = sorted(chosen[c])
         rng.shuffle(paths)
-        n_out = round(frac * len(paths))
-        if frac > 0 and len(paths) >= 2:
-            n_out = min(max(n_out, 1), len(paths) - 1)
+        n_out = stratified_out(frac, len(paths))
         for i, p in enumerate(paths):
             split[p] = name if i < n_out else "train"
     return split
