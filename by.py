@@ -270,15 +270,23 @@ def build_aspects(gen, root, rows, cfg, args, device):
         cfg["aspects"] = names
         return
     source = figure_source(args) if set(names) & set(FIGURE_ASPECTS) else None
+    announce(source)
+    arrays = compute(rows, root, names, source, args, device)
+    write_aspects(gen, arrays, names, cfg, source[2] if source else None)
+    figures_line(arrays, cfg, len(rows))
+
+
+def announce(source):
     if source and source[0] == "detector":
         print(f"aspects: {aspects.DETECTOR} on every image ({source[2]['weights']} weights, "
               f"{source[2]['min_size']} px): ~0.3-1 img/s per CPU core, a GPU many times that")
-    arrays = compute(rows, root, names, source, args, device)
-    write_aspects(gen, arrays, names, cfg, source[2] if source else None)
-    if source:
+
+
+def figures_line(arrays, cfg, n):
+    if "figure_start.npy" in arrays:
         with_figures = int((np.diff(arrays["figure_start.npy"]) > 0).sum())
-        print(f"figures: {cfg['figures']['n']} in {with_figures} of {len(rows)} images "
-              f"({source[0]})")
+        print(f"figures: {cfg['figures']['n']} in {with_figures} of {n} images "
+              f"({cfg['figures']['source']})")
 
 
 def add_aspects(old_gen, gen, cfg, new_rows, root, args, device):
@@ -313,31 +321,37 @@ def join_arrays(parts):
     return out
 
 
-# A sharded build (retrieve.py --train-only, --build --shard I/N, --merge-shards): the plan
-# records the aspects; each shard computes its rows' into INDEX/shards/aspects.shard-I/ (a
-# temp folder renamed into place before the shard's json marks it done); the merge joins them.
+# ----------------------------------------------------------------------------- aspects in parts
+# A sharded build (retrieve.py --train-only, --build --shard I/N, --merge-shards) and a build
+# under torchrun compute the aspects in parts: each rank its own rows' (the keypoint detector
+# on every GPU, not on rank 0 alone) into INDEX/parts/<key>/aspects.part-R-of-N/, then rank 0
+# joins them into the generation (or into the shard's INDEX/shards/aspects.shard-I/, which the
+# merge joins in shard order). Each part folder is written through a temp folder renamed into
+# place, aspects.json last; a run again after a crash keeps the parts that hold the same
+# aspects from the same figure source.
 
 def shard_aspects_dir(shards, i):
     return os.path.join(shards, f"aspects.shard-{i}")
 
 
-def build_shard_aspects(shards, i, root, rows, cfg, args, device):
-    """--build --shard I/N: the plan's aspects of this shard's rows (those that embedded)."""
+def plan_aspects(cfg, args):
+    """--build --shard: the aspects the plan (cfg) records; another --aspects is one line."""
     names = index_aspects(cfg)
     if args.aspects and parse_aspects(args.aspects) != names:
         raise UserError(f"the trained index's plan has --aspects {','.join(names)}: drop "
                         "--aspects (or --train-only again)")
-    if names == ["content"]:
-        return
-    dst = shard_aspects_dir(shards, i)
+    return names
+
+
+def write_part(dst, arrays, names, figures):
+    """compute's arrays into folder dst, through a temp folder renamed into place: an
+    interrupt or a full disk leaves the old folder (or none), and no temp folder."""
     tmp = f"{dst}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    try:  # an interrupt or a full disk leaves no half-written temp folder behind
-        source = figure_source(args) if set(names) & set(FIGURE_ASPECTS) else None
+    try:
         rec = {}
-        write_aspects(tmp, compute(rows, root, names, source, args, device), names, rec,
-                      source[2] if source else None, figure_index=False)
+        write_aspects(tmp, arrays, names, rec, figures, figure_index=False)
         files.atomic_write(os.path.join(tmp, "aspects.json"), json.dumps(rec) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -346,26 +360,79 @@ def build_shard_aspects(shards, i, root, rows, cfg, args, device):
     os.replace(tmp, dst)
 
 
+def part_record(folder):
+    try:
+        with open(os.path.join(folder, "aspects.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def source_key(figures):
+    """A figure source's record without its count: what two parts must share to be joined."""
+    return {k: v for k, v in (figures or {}).items() if k != "n"}
+
+
+def compute_part(dst, root, rows, names, args, device):
+    """The aspects names of rows into part folder dst; a folder there that already holds
+    them, from the same figure source, is kept (returns False then)."""
+    source = figure_source(args) if set(names) & set(FIGURE_ASPECTS) else None
+    rec = part_record(dst)
+    if rec and rec.get("aspects") == names and \
+            source_key(rec.get("figures")) == source_key(source[2] if source else None):
+        return False
+    announce(source)
+    write_part(dst, compute(rows, root, names, source, args, device), names,
+               source[2] if source else None)
+    return True
+
+
+def read_parts(dirs, names, again):
+    """(arrays joined in order, figure source record) of the part folders dirs; a missing
+    one, or parts whose figures come from different sources, is one line (again: what to run
+    for part i of n)."""
+    parts, recs = [], []
+    for i, d in enumerate(dirs):
+        recs.append(part_record(d))
+        if recs[-1] is None:
+            raise UserError(f"{d}: missing or unreadable (--aspects {','.join(names)}): "
+                            f"{again(i, len(dirs))}")
+        parts.append({k: np.asarray(v) for k, v in load_arrays(d, recs[-1], names).items()})
+    figures = [source_key(r.get("figures")) for r in recs]
+    if any(f != figures[0] for f in figures):
+        raise UserError(f"the parts' figures come from different sources ({figures[0]} and "
+                        f"{next(f for f in figures if f != figures[0])}): build them alike")
+    return join_arrays(parts), figures[0] or None
+
+
+def join_parts_into(gen, dirs, names, cfg, n_rows):
+    """Rank 0 under torchrun: the ranks' aspect parts, in rank order, into generation gen."""
+    if names == ["content"]:
+        cfg["aspects"] = names
+        return
+    arrays, figures = read_parts(dirs, names, lambda i, n: f"rank {i} of {n} did not finish "
+                                 "its aspects: run the same torchrun command again")
+    write_aspects(gen, arrays, names, cfg, figures)
+    figures_line(arrays, cfg, n_rows)
+
+
+def join_parts_into_shard(shards, i, dirs, names):
+    """--build --shard I/N (any number of processes): the ranks' parts as the shard's aspects."""
+    if names == ["content"]:
+        return
+    arrays, figures = read_parts(dirs, names, lambda r, n: f"rank {r} of {n} did not finish "
+                                 "its aspects: run the same command again")
+    write_part(shard_aspects_dir(shards, i), arrays, names, figures)
+
+
 def merge_shard_aspects(gen, shards, n, cfg):
     """--merge-shards: the shards' aspects, in shard order, into generation gen."""
     names = index_aspects(cfg)
     if names == ["content"]:
         return
-    parts, recs = [], []
-    for i in range(n):
-        d = shard_aspects_dir(shards, i)
-        try:
-            with open(os.path.join(d, "aspects.json"), encoding="utf-8") as f:
-                recs.append(json.load(f))
-        except (OSError, ValueError):
-            raise UserError(f"{d}: missing or unreadable (the plan has --aspects "
-                            f"{','.join(names)}): build shard {i}/{n} again") from None
-        parts.append({k: np.asarray(v) for k, v in load_arrays(d, recs[-1], names).items()})
-    figures = [{k: v for k, v in (r.get("figures") or {}).items() if k != "n"} for r in recs]
-    if any(f != figures[0] for f in figures):
-        raise UserError(f"the shards' figures come from different sources ({figures[0]} and "
-                        f"{next(f for f in figures if f != figures[0])}): build them alike")
-    write_aspects(gen, join_arrays(parts), names, cfg, figures[0] or None)
+    arrays, figures = read_parts([shard_aspects_dir(shards, i) for i in range(n)], names,
+                                 lambda i, n: f"build shard {i}/{n} again")
+    write_aspects(gen, arrays, names, cfg, figures)
 
 
 def load_arrays(gen, cfg, names):

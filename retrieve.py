@@ -165,9 +165,13 @@ def build_job(args, device):
     return BuildJob(root, manifest, header, rows, cfg, model)
 
 
-def finish_build(w, emb, job, rows, args, device):
-    """Index the vectors in emb (rows: the rows that decoded), write and commit generation w."""
-    by.build_aspects(w.dir, job.root, rows, job.cfg, args, device)  # --aspects: their files
+def finish_build(w, emb, job, rows, args, device, parts=None):
+    """Index the vectors in emb (rows: the rows that decoded), write and commit generation w.
+    parts: the ranks' aspect folders (torchrun), else the aspects are computed here."""
+    if parts is None:
+        by.build_aspects(w.dir, job.root, rows, job.cfg, args, device)  # --aspects: their files
+    else:
+        by.join_parts_into(w.dir, parts, build_aspect_names(args), job.cfg, len(rows))
     icfg, index = index_from_vectors(np.load(emb, mmap_mode="r"), args)
     job.cfg.update(icfg, images=job.root, manifest=job.manifest, seed=args.seed,
                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -255,10 +259,11 @@ def parts_stem(index, purpose, cfg, root, rows):
     return os.path.join(index, "parts", f"{purpose}-{key}", "embeddings")
 
 
-def embed_shared(model, rows, root, cfg, args, device, purpose):
+def embed_shared(model, rows, root, cfg, args, device, purpose, aspects=None):
     """Embed rows, each rank its contiguous part (one process: all of them), keeping parts an
-    earlier run finished. Returns (parts stem, [each rank's part record, in rank order]) on
-    every rank, once all ranks are done."""
+    earlier run finished; aspects: the names (by.py) each rank also computes for its rows that
+    embedded, into aspect_parts(stem)[rank]. Returns (parts stem, [each rank's part record, in
+    rank order]) on every rank, once all ranks are done."""
     stem = parts_stem(args.index, purpose, cfg, root, rows)
     lo, hi = nets.rank_part(len(rows))
     got = nets.read_part(stem)
@@ -267,7 +272,18 @@ def embed_shared(model, rows, root, cfg, args, device, purpose):
         rec = {**got[0], "reused": True}
     else:
         rec = embed_part(model, rows, lo, hi, root, cfg, args, device, stem)
+    if aspects and aspects != ["content"]:
+        skipped = dict(rec["skipped"])
+        mine = [rows[i] for i in range(lo, hi) if i not in skipped]
+        rec["aspects_kept"] = not by.compute_part(aspect_parts(stem)[nets.rank()], root, mine,
+                                                  aspects, args, device)
     return stem, nets.all_gather_objects(rec)  # rank 0 waits here for the slowest rank
+
+
+def aspect_parts(stem):
+    """Each rank's aspects folder beside its embeddings part, in rank order."""
+    n = nets.world()
+    return [os.path.join(os.path.dirname(stem), f"aspects.part-{r}-of-{n}") for r in range(n)]
 
 
 def embed_part(model, rows, lo, hi, root, cfg, args, device, stem):
@@ -306,17 +322,23 @@ def report_parts(recs):
     """Print what each rank did; returns the embedding time, the slowest rank's seconds."""
     for r, rec in enumerate(recs):
         n = rec["stop"] - rec["start"]
+        kept = "; its aspects kept from an earlier run" if rec.get("aspects_kept") else ""
         if rec["reused"]:
-            print(f"rank {r}: {n} images kept from an earlier run")
+            print(f"rank {r}: {n} images kept from an earlier run{kept}")
         else:
             print(f"rank {r}: embedded {n} images in {rec['seconds']:.1f} s "
-                  f"({n / max(rec['seconds'], 1e-9):.1f} img/s)")
+                  f"({n / max(rec['seconds'], 1e-9):.1f} img/s){kept}")
     return max(0.0 if rec["reused"] else rec["seconds"] for rec in recs)
+
+
+def build_aspect_names(args):
+    return by.parse_aspects(args.aspects or by.DEFAULT_ASPECTS)
 
 
 def build_across_ranks(job, args, device):
     """--build under torchrun: every rank embeds its part; rank 0 alone writes the index."""
-    stem, recs = embed_shared(job.model, job.rows, job.root, job.cfg, args, device, "build")
+    stem, recs = embed_shared(job.model, job.rows, job.root, job.cfg, args, device, "build",
+                              build_aspect_names(args))
     if not nets.is_main():
         return None
     dt = report_parts(recs)
@@ -326,8 +348,8 @@ def build_across_ranks(job, args, device):
         files.write_csv(os.path.join(args.index, "skipped.csv"), ["path", "reason"], skipped)
         if not rows:
             raise UserError(f"none of the {len(job.rows)} images under {job.root} could be read")
-        finish_build(w, emb, job, rows, args, device)
-    remove_parts(stem)  # its vectors are in the generation now
+        finish_build(w, emb, job, rows, args, device, aspect_parts(stem))
+    remove_parts(stem)  # its vectors and aspects are in the generation now
     print(f"embedded {len(rows)} images on {nets.world()} processes in {dt:.1f} s "
           f"({len(rows) / max(dt, 1e-9):.1f} img/s)" + (
               f"; skipped {len(skipped)}, listed in {args.index}/skipped.csv" if skipped else ""))
@@ -408,14 +430,15 @@ def cmd_build_shard(args, device):
                         "--train-only, or point --images/--manifest at that collection")
     lo, hi = nets.rank_part(len(rows), i, n)
     rows, model = rows[lo:hi], load_model(cfg, device)
-    stem, recs = embed_shared(model, rows, root, cfg, args, device, f"shard-{i}-of-{n}")
+    names = by.plan_aspects(cfg, args)
+    stem, recs = embed_shared(model, rows, root, cfg, args, device, f"shard-{i}-of-{n}", names)
     if not nets.is_main():
         return None
     report_parts(recs)
     info = {"shard": i, "of": n, "start": lo, "stop": hi, "rows_sha256": plan["rows_sha256"],
             "config": {k: cfg.get(k) for k in MODEL_KEYS}}
     good, skipped = join_parts(stem, rows, shard_files(args.index, i)["embeddings"])
-    by.build_shard_aspects(shard_dir(args.index), i, root, good, cfg, args, device)
+    by.join_parts_into_shard(shard_dir(args.index), i, aspect_parts(stem), names)
     info = write_shard(args.index, info, good, skipped, header)
     remove_parts(stem)
     print(f"shard {i}/{n}: {info['n']} images (rows {lo}..{hi - 1}) in "

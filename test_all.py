@@ -4582,20 +4582,44 @@ def test_retrieve_by_pose_on_an_index_with_older_figure_rows(built_figs, tmp_pat
     assert (I == I_new).all() and D == pytest.approx(D_new)
 
 
-def test_shard_aspects_interrupted_keep_the_old_and_leave_no_temp(tmp_path, monkeypatch):
-    old = tmp_path / "aspects.shard-0"
+def test_aspect_arrays_split_in_parts_join_back(built_figs):
+    """The parts of --add, of shards and of torchrun ranks: a generation's aspect arrays cut at
+    a row join back to the same arrays (figure rows renumbered, figure starts shifted)."""
+    gen = faiss_index.generation(str(built_figs))
+    cfg = retrieve.open_index(built_figs)[0]
+    whole = {k: np.asarray(v) for k, v in by.load_arrays(gen, cfg, by.index_aspects(cfg)).items()}
+    start = whole["figure_start.npy"]
+    cut = int(np.flatnonzero(np.diff(start) > 0)[len(start) // 3])  # a row with figures
+    a, b = {}, {}
+    for k, v in whole.items():
+        if k == "figure_start.npy":
+            a[k], b[k] = v[:cut + 1], v[cut:] - v[cut]
+        elif k == "figure_image.npy":
+            f = start[cut]
+            a[k], b[k] = v[:f], v[f:] - cut
+        elif k in by.FIGURE_FILES or k == "faces.npy":
+            a[k], b[k] = v[:start[cut]], v[start[cut]:]
+        else:
+            a[k], b[k] = v[:cut], v[cut:]
+    joined = by.join_arrays([a, b])
+    assert joined.keys() == whole.keys() and len(a["figures.npy"]) and len(b["figures.npy"])
+    for k in whole:
+        np.testing.assert_array_equal(joined[k], whole[k])
+
+
+def test_aspect_parts_interrupted_keep_the_old_and_leave_no_temp(tmp_path, monkeypatch):
+    old = tmp_path / "aspects.part-0-of-2"
     old.mkdir()
-    (old / "aspects.json").write_text("{}\n")
+    (old / "aspects.json").write_text('{"aspects": ["content", "layout"]}\n')
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(by, "compute", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        by.build_shard_aspects(str(tmp_path), 0, str(tmp_path), [{"path": "a.jpg"}],
-                               {"aspects": ["content", "light"]},
-                               argparse.Namespace(aspects=None), None)
-    assert os.listdir(tmp_path) == ["aspects.shard-0"] and os.listdir(old) == ["aspects.json"]
+        by.compute_part(str(old), str(tmp_path), [{"path": "a.jpg"}], ["content", "light"],
+                        argparse.Namespace(aspects=None), None)
+    assert os.listdir(tmp_path) == ["aspects.part-0-of-2"] and os.listdir(old) == ["aspects.json"]
 
 
 def test_retrieve_by_aspects_scores_where_and_what_the_index_lacks(built, built_figs, capsys):
@@ -4807,12 +4831,12 @@ def test_retrieve_torchrun_resumes_a_dead_rank_and_equals_one_process(built, dem
         retrieve.main(argv)
     monkeypatch.undo()
     (folder,) = (index / "parts").iterdir()
-    assert sorted(os.listdir(folder)) == ["embeddings.part-0-of-2.json",
+    assert sorted(os.listdir(folder)) == ["aspects.part-0-of-2", "embeddings.part-0-of-2.json",
                                           "embeddings.part-0-of-2.npy"]
     (folder / "embeddings.part-1-of-2.npy").write_bytes(b"\x93NUMPY half a part")
     rc, out = torchrun("retrieve.py", *argv)
     assert rc == 0, out[-3000:]
-    assert "rank 0: 60 images kept from an earlier run" in out, out[-3000:]
+    assert "rank 0: 60 images kept from an earlier run; its aspects kept" in out, out[-3000:]
     assert "rank 1: embedded 60 images" in out and out.count("indexed 120 images") == 1
     assert sorted(os.listdir(index)) == ["CURRENT", "gen-1", "lock", "log.jsonl", "skipped.csv"]
     (cfg, meta, xb, ix), ref = retrieve.open_index(index), retrieve.open_index(built)
@@ -4820,6 +4844,27 @@ def test_retrieve_torchrun_resumes_a_dead_rank_and_equals_one_process(built, dem
     np.testing.assert_allclose(xb, ref[2], atol=1e-5)
     xq = np.ascontiguousarray(ref[2][::7])
     assert (ix.search(xq, 10)[1] == ref[3].search(xq, 10)[1]).all()
+    for f in ("sizes.npy", "light.npy", "layout.npy"):  # each rank its rows' aspects, joined
+        np.testing.assert_array_equal(stored(index, f), stored(built, f))
+
+
+def test_retrieve_torchrun_figures_per_rank_equal_one_process(demo_figs, built_figs, tmp_path):
+    """Under torchrun each rank finds its own rows' figures (here from --poses; the detector
+    runs the same way, on every rank's device) and rank 0 joins them: the generation's figure
+    arrays and figure index equal the one-process build's."""
+    index = tmp_path / "idx"
+    rc, out = torchrun("retrieve.py", "--build", "--images", str(demo_figs / "images"),
+                       "--manifest", str(demo_figs / "gallery.csv"), "--index", str(index),
+                       *RETRIEVE_FAST, "--device", "cpu", *ALL_ASPECTS, "--poses",
+                       str(demo_figs / "poses.json"))
+    assert rc == 0, out[-3000:]
+    n = len(stored(built_figs, "figures.npy"))
+    assert out.count(f"figures: {n} in ") == 1  # rank 0's line, after the join
+    for f in by.FIGURE_FILES + ("faces.npy", "light.npy", "sizes.npy"):
+        np.testing.assert_array_equal(stored(index, f), stored(built_figs, f))
+    cfg = retrieve.open_index(index)[0]
+    assert cfg["aspects"] == ALL_ASPECTS[1].split(",") and cfg["figures"]["n"] == n
+    assert not (index / "parts").exists()
 
 
 def shard_args(demo, manifest, index, *flags):
