@@ -12,6 +12,7 @@ Shell:
     python bench.py --only processes,merge               # torchrun build, sharded-index merge
     python bench.py --only layout            # the map's layout against PCA and sklearn t-SNE
     python bench.py --only aspects          # figure search, verification, --where
+    python bench.py --only detect           # the keypoint detector's images/s (pose, face)
     python bench.py --tiny                  # seconds: a smoke test, numbers mean little
 
 Notebook:
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+import aspects
 import crnn
 import data
 import embed
@@ -401,11 +403,37 @@ def bench_training(args, tmp):
                 cache_build_s=t_cache)]
 
 
+def bench_detector(args, tmp):
+    """The keypoint detector behind the pose and face aspects, as --build runs it (batches of
+    4): images/s at aspects.DETECT_SIZE against torchvision's default 800 px, on the same
+    pictures. Random weights (nothing can be downloaded here) with the score threshold at 0,
+    so that the keypoint head runs on its most boxes (aspects.MAX_FIGURES an image): a real
+    model's worst case, as it keeps only the boxes that are people."""
+    device = bench_device(args)
+    n, side = by_mode(args, (2, 160), (8, 640), (16, 1024))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (side, side * 4 // 3, 3), np.uint8))
+              for _ in range(n)]
+    rate = {}
+    for size in (800, aspects.DETECT_SIZE):
+        model = aspects.load_detector("none", size)
+        aspects.detect(model, images[:1], device, threshold=0.0)  # warm: allocations, kernels
+        dt = timed(lambda m=model: aspects.detect(m, images, device, threshold=0.0))
+        rate[size] = n / dt
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    note = (f"{n} pictures of {side * 4 // 3}x{side} on {device.type}"
+            f"{f' ({threads} threads)' if threads else ''}, random weights, keypoint head on "
+            f"{aspects.MAX_FIGURES} boxes an image; the build's pass also decodes (workers)")
+    return [row("detect", f"pose detector {aspects.DETECT_SIZE} px vs torchvision's 800 px",
+                rate[800], rate[aspects.DETECT_SIZE], "img/s", None, note=note)]
+
+
 # ----------------------------------------------------------------------------- command line
 
 SECTIONS = {"load": bench_loading, "embed": bench_embedding, "train": bench_training,
             "search": bench_search, "memory": bench_memory, "processes": bench_build_processes,
-            "merge": bench_merge, "layout": bench_layout, "aspects": bench_aspects}
+            "merge": bench_merge, "layout": bench_layout, "aspects": bench_aspects,
+            "detect": bench_detector}
 TINY_SECTIONS = "load,search,memory,aspects"  # --tiny: seconds, for tests; the numbers mean little
 
 
