@@ -27,6 +27,7 @@ config.json records them: "aspects", "aspect_files" (fingerprints), "figures" (t
 its weights, or the --poses file).
 """
 
+import hashlib
 import io
 import json
 import math
@@ -343,14 +344,15 @@ def plan_aspects(cfg, args):
     return names
 
 
-def write_part(dst, arrays, names, figures):
+def write_part(dst, arrays, names, figures, rows_key=None):
     """compute's arrays into folder dst, through a temp folder renamed into place: an
-    interrupt or a full disk leaves the old folder (or none), and no temp folder."""
+    interrupt or a full disk leaves the old folder (or none), and no temp folder. rows_key:
+    recorded, what a later run checks before it keeps the part (rows_key())."""
     tmp = f"{dst}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        rec = {}
+        rec = {"rows": rows_key} if rows_key else {}
         write_aspects(tmp, arrays, names, rec, figures, figure_index=False)
         files.atomic_write(os.path.join(tmp, "aspects.json"), json.dumps(rec) + "\n")
     except BaseException:
@@ -373,17 +375,21 @@ def source_key(figures):
     return {k: v for k, v in (figures or {}).items() if k != "n"}
 
 
+def rows_key(root, rows):
+    return hashlib.sha256("\n".join([root] + [r["path"] for r in rows]).encode()).hexdigest()
+
+
 def compute_part(dst, root, rows, names, args, device):
     """The aspects names of rows into part folder dst; a folder there that already holds
-    them, from the same figure source, is kept (returns False then)."""
+    them, for the same rows from the same figure source, is kept (returns False then)."""
     source = figure_source(args) if set(names) & set(FIGURE_ASPECTS) else None
-    rec = part_record(dst)
-    if rec and rec.get("aspects") == names and \
+    rec, key = part_record(dst), rows_key(root, rows)
+    if rec and rec.get("aspects") == names and rec.get("rows") == key and \
             source_key(rec.get("figures")) == source_key(source[2] if source else None):
         return False
     announce(source)
     write_part(dst, compute(rows, root, names, source, args, device), names,
-               source[2] if source else None)
+               source[2] if source else None, key)
     return True
 
 

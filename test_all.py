@@ -4607,6 +4607,23 @@ def test_aspect_arrays_split_in_parts_join_back(built_figs):
         np.testing.assert_array_equal(joined[k], whole[k])
 
 
+def test_aspect_part_is_kept_only_for_the_same_rows_and_source(demo, tmp_path):
+    """A torchrun build run again keeps a rank's aspects part only when it holds the same rows
+    (an image that now reads, or does not, shifts them) and aspects."""
+    rows = [{"path": p} for p in sorted(painter.scan_files(demo / "images"))[:3]]
+    args = argparse.Namespace(aspects=None, workers=0, batch_size=4, poses=None,
+                              pose_weights=None, seed=0)
+    dst, root, light = str(tmp_path / "aspects.part-0-of-1"), str(demo / "images"), \
+        ["content", "light"]
+    assert by.compute_part(dst, root, rows, light, args, torch.device("cpu"))
+    assert not by.compute_part(dst, root, rows, light, args, torch.device("cpu"))
+    assert by.compute_part(dst, root, rows[:2], light, args, torch.device("cpu"))
+    assert by.compute_part(dst, root, rows[:2], ["content", "layout"], args,
+                           torch.device("cpu"))
+    arrays, _ = by.read_parts([dst], ["content", "layout"], None)
+    assert len(arrays["layout.npy"]) == 2
+
+
 def test_aspect_parts_interrupted_keep_the_old_and_leave_no_temp(tmp_path, monkeypatch):
     old = tmp_path / "aspects.part-0-of-2"
     old.mkdir()
