@@ -51,7 +51,8 @@ ASPECTS = ("content", "layout", "light", "pose", "face")
 FIGURE_ASPECTS = ("pose", "face")
 DEFAULT_ASPECTS = "content,layout,light"  # the cheap ones: ~2 ms per image beside embedding
 THUMB_SIDE = 128  # px, the shorter side light and layout are computed at (rgb_array: 64 px)
-POSE_IVF_FROM = 50_000  # figures from which poses.faiss is IVF-Flat (nprobe POSE_NPROBE)
+POSE_IVF_FROM = 10_000  # figures from which poses.faiss is IVF-Flat (nprobe POSE_NPROBE):
+# flat takes 1 ms per query figure there, IVF 0.37 ms at recall@100 0.99 (1 FAISS thread)
 POSE_NPROBE = 32  # IVF1265 at 100k figures: recall@100 of flat 0.97 (bench.py --only aspects)
 FIGURE_FILES = ("figures.npy", "figure_boxes.npy", "figure_scores.npy", "figure_image.npy",
                 "figure_start.npy")
@@ -206,7 +207,7 @@ def pose_index(K):
         return index
     sq = (xb.astype(np.float64) ** 2).sum(1)
     xb = np.hstack([xb, np.sqrt(sq.max() - sq)[:, None]]).astype(np.float32)
-    nlist = round(4 * math.sqrt(len(xb)))
+    nlist = min(round(4 * math.sqrt(len(xb))), len(xb) // 39)  # k-means: 39 points a list
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(xb.shape[1]), xb.shape[1], nlist)
     sample = np.random.default_rng(0).choice(len(xb), min(len(xb), 100_000), replace=False)
     index.train(xb[np.sort(sample)])
