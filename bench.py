@@ -46,6 +46,7 @@ from PIL import Image
 
 import aspects
 import crnn
+import crnn_data
 import data
 import embed
 import files
@@ -361,7 +362,7 @@ def crnn_epochs(demo, out, flags):
     feature cache). Each record's img_per_s counts training only (crnn.py stops its clock before
     validation); time_s is the whole epoch: training, validation and checkpoint."""
     spent = []
-    with quiet(), stopwatch(crnn, "build_cache", spent):
+    with quiet(), stopwatch(crnn_data, "build_cache", spent):
         crnn.main(["--train", "--data", os.path.join(demo, "manifest.csv"), "--out", out,
                    "--weights", "none", *flags])
     with open(os.path.join(out, "log.jsonl"), encoding="utf-8") as f:

@@ -5038,6 +5038,16 @@ def test_bench_tiny_writes_valid_json(tmp_path, capsys):
     assert figure["recall_at_100"] == 1.0  # a flat figure index below POSE_IVF_FROM: exact
 
 
+def test_bench_training_times_the_feature_cache(demo, tmp_path):
+    """The train section's harness on crnn.py as it is: one frozen epoch, its log record and
+    the seconds the feature cache took (the section failed once a refactor moved the function
+    it times)."""
+    recs, spent = bench.crnn_epochs(str(demo), str(tmp_path / "f"), [
+        "--backbone", "resnet18", "--img-size", "64", "--epochs", "1", "--workers", "0",
+        "--freeze-backbone"])
+    assert len(recs) == 1 and recs[0]["img_per_s"] > 0 and spent > 0
+
+
 def test_bench_unknown_section_is_one_line_error():
     with pytest.raises(SystemExit, match="unknown section 'gpu'"):
         bench.main(["--tiny", "--only", "gpu"])
