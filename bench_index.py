@@ -31,6 +31,7 @@ import metrics
 import nets
 import painter
 import retrieve
+import retrieve_eval
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -424,17 +425,12 @@ def demo_figures(n, seed=0):
 
 def disturbed_figure(f, rng):
     """One figure (17, 3) as the pose protocol disturbs it: mirrored half the time, turned up
-    to 20 degrees, scaled 0.5-2x, joints jittered by 2.5% of the body size, 0-3 hidden."""
+    to 20 degrees, scaled 0.5-2x, then retrieve_eval.jittered (joints moved, 0-3 hidden)."""
     f = aspects.mirrored(f) if rng.random() < 0.5 else np.array(f, np.float64)
     z = (f[:, 0] + 1j * f[:, 1]) * rng.uniform(0.5, 2) * np.exp(1j * np.radians(
         rng.uniform(-20, 20)))
     f[:, 0], f[:, 1] = z.real, z.imag
-    there = f[:, 2] >= aspects.MIN_CONF
-    f[:, :2] += rng.normal(0, 0.025, (17, 2)) * aspects.body_size(f[None], there[None])[0]
-    shown = np.flatnonzero(there)
-    f[rng.choice(shown, min(int(rng.integers(0, 4)), max(len(shown) - 4, 0)), replace=False),
-      2] = 0
-    return f
+    return retrieve_eval.jittered(f[None], rng)[0]
 
 
 def bench_aspects(args, tmp):

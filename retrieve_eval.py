@@ -207,14 +207,20 @@ def transformed_painting(im, K, rng):
     out = out.resize((max(16, round(out.width * s)), max(16, round(out.height * s))),
                      Image.BILINEAR)
     K[..., :2] *= s
+    return out, jittered(K, rng)
+
+
+def jittered(K, rng):
+    """The figures K (m, 17, 3), in place: joints moved by POSE_JITTER of each body's size and
+    0-POSE_DROP of them hidden, never below 4 (aspects.MIN_SHARED). Returns K."""
     there = K[..., 2] >= aspects.MIN_CONF
     size = aspects.body_size(K, there)
     K[..., :2] += rng.normal(0, 1, K[..., :2].shape) * POSE_JITTER * size[:, None, None]
-    for f in K:  # views: dropped in place, never below 4 joints (aspects.MIN_SHARED)
+    for f in K:  # views: dropped in place
         shown = np.flatnonzero(f[:, 2] >= aspects.MIN_CONF)
         drop = min(int(rng.integers(0, POSE_DROP + 1)), max(len(shown) - 4, 0))
         f[rng.choice(shown, drop, replace=False), 2] = 0
-    return out, K
+    return K
 
 
 def eval_pose(store, model, index, meta, cfg, args, device):
